@@ -1,0 +1,364 @@
+"""Typed configuration shared by every side of m2d: cluster profiles, stage recipes, runs.
+
+A *cluster profile* (``clusters/NAME.yaml``) says where and how to run; a *stage recipe*
+(pretrain or SFT) says what to train. The orchestrator resolves both, plus ``--set``
+overrides, into one :class:`RunConfig`, which travels to the workers as JSON and is saved
+with every run. Everything is validated here, once: unknown keys are rejected by name and
+cross-field checks name the key to change.
+
+Secrets never live in these models: credentials come from the environment of the
+process that needs them, and the validators refuse values that look like credentials.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Stage = Literal["pretrain", "sft"]
+STAGES: tuple[Stage, ...] = ("pretrain", "sft")
+Precision = Literal["bf16", "fp16", "fp32"]
+Offload = Literal["none", "cpu"]
+NAMED_MASK_POLICIES = ("v2", "full", "isolated")
+
+# Environment variable names that carry credentials; Ray shows runtime_env in its
+# dashboard and logs, so such variables must reach workers another way.
+_SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|ACCESS_KEY|PRIVATE|CREDENTIAL|API_KEY")
+# The user rule syntax of mask2dit.attention: "text:own_text,own_video;video:...".
+_RULE_SYNTAX = re.compile(r"^text:[a-z_,]+;video:[a-z_,]+$")
+
+
+class KeyProblem(ValueError):
+    """A cross-field check failed; ``key`` is the dotted key (relative to the model) to fix."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def looks_secret(name: str) -> bool:
+    """True for an environment variable name that conventionally holds a credential."""
+    return bool(_SECRET_NAME.search(name.upper()))
+
+
+def _reject_userinfo(uri: str) -> str:
+    """Refuse ``scheme://user:password@host`` URIs: credentials belong in the environment."""
+    if "://" in uri and urlsplit(uri).password is not None:
+        raise ValueError("must not contain a password; give credentials through the environment")
+    return uri
+
+
+class RayConfig(_Strict):
+    """How the driver reaches Ray."""
+
+    address: str = Field(
+        "local",
+        description="'local' starts Ray inside the launching process; otherwise the Ray Jobs "
+        "(dashboard) address of a running cluster, e.g. http://head-node:8265.",
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if value == "local" or value.startswith(("http://", "https://")):
+            return value
+        raise ValueError(
+            "must be 'local' or the Ray dashboard address http(s)://HOST:8265 "
+            "(the Jobs API does not use ray:// client addresses)"
+        )
+
+
+class WorkersConfig(_Strict):
+    """The Ray Train workers: one DeepSpeed process per worker."""
+
+    num_workers: int = Field(ge=1, description="Data-parallel worker processes in all.")
+    nodes: int = Field(1, ge=1, description="Machines the workers are spread over.")
+    gpus_per_worker: int = Field(0, ge=0, description="0 (CPU workers) or 1.")
+    cpus_per_worker: int = Field(1, ge=1, description="CPU cores reserved per worker.")
+    gpu_type: str | None = Field(
+        None, description="Ray accelerator type the workers need, e.g. A100-80G or H100."
+    )
+
+    @model_validator(mode="after")
+    def _resources(self) -> WorkersConfig:
+        if self.gpus_per_worker > 1:
+            raise KeyProblem(
+                "gpus_per_worker",
+                "a DeepSpeed worker drives one GPU; set gpus_per_worker: 1 and raise num_workers",
+            )
+        if self.num_workers % self.nodes:
+            raise KeyProblem(
+                "num_workers",
+                f"{self.num_workers} workers cannot be spread evenly over {self.nodes} nodes; "
+                "make num_workers a multiple of nodes",
+            )
+        if self.gpu_type and not self.gpus_per_worker:
+            raise KeyProblem("gpu_type", "gpu_type needs gpus_per_worker: 1")
+        return self
+
+    @property
+    def workers_per_node(self) -> int:
+        """Workers placed on each node."""
+        return self.num_workers // self.nodes
+
+
+class DeepSpeedConfig(_Strict):
+    """DeepSpeed ZeRO settings; the DeepSpeed JSON is derived from these in one place."""
+
+    zero_stage: Literal[2, 3] = Field(2, description="ZeRO stage: 2 (the paper's) or 3.")
+    offload_optimizer: Offload = Field("none", description="Keep optimizer state on the CPU.")
+    offload_param: Offload = Field("none", description="Keep parameters on the CPU (ZeRO-3).")
+    micro_batch_per_gpu: int = Field(1, ge=1, description="Samples per worker per forward.")
+    gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    precision: Precision = Field("bf16", description="bf16 on GPUs; CPU workers use fp32.")
+    activation_checkpointing: bool = Field(True, description="Recompute each block's activations.")
+
+    @model_validator(mode="after")
+    def _offload(self) -> DeepSpeedConfig:
+        if self.offload_param != "none" and self.zero_stage != 3:
+            raise KeyProblem("offload_param", "parameter offload needs zero_stage: 3")
+        return self
+
+
+class StorageConfig(_Strict):
+    """Where checkpoints, configs and samples go. Credentials come from the environment
+    (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, instance roles, or the
+    credentials file named here)."""
+
+    root: str = Field(description="Local path, shared absolute path, or s3://bucket/prefix.")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto...).")
+    region: str | None = Field(None, description="Object-store region.")
+    credentials_file: str | None = Field(
+        None, description="Path, on every node, of an AWS-style credentials file."
+    )
+
+    @field_validator("root")
+    @classmethod
+    def _root(cls, value: str) -> str:
+        scheme = urlsplit(value).scheme if "://" in value else ""
+        if scheme not in ("", "file", "s3"):
+            raise ValueError(
+                f"scheme {scheme!r} is not supported; use a path or s3://bucket/prefix"
+            )
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return _reject_userinfo(value)
+
+    @property
+    def is_shared(self) -> bool:
+        """True where every node sees the same files (object store or absolute path)."""
+        return self.root.startswith(("s3://", "/", "file:///"))
+
+
+class TrackingConfig(_Strict):
+    """MLflow tracking. A token, if the server needs one, comes from MLFLOW_TRACKING_TOKEN."""
+
+    uri: str = Field(description="MLflow tracking URI: sqlite:///path.db, http(s)://host:port...")
+    experiment: str = Field("m2d", min_length=1, description="MLflow experiment name.")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        return _reject_userinfo(value)
+
+
+class FaultToleranceConfig(_Strict):
+    """Restarts and checkpoint cadence."""
+
+    max_failures: int = Field(0, ge=-1, description="Worker-group restarts; -1 for unlimited.")
+    checkpoint_every: int = Field(500, ge=1, description="Steps between checkpoints.")
+    keep_checkpoints: int = Field(3, ge=1, description="Checkpoints kept per run (latest K).")
+
+
+class ModelConfig(_Strict):
+    """Where the CogVideoX weights come from."""
+
+    source: str = Field(
+        description="'tiny' (a small model built from config, for tests and demos) or a "
+        "diffusers CogVideoX folder: local path or s3:// URI."
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must be 'tiny' or a diffusers folder path/URI")
+        return _reject_userinfo(value)
+
+
+class RuntimeEnvConfig(_Strict):
+    """What a remote job runs in. Never put credentials here: Ray displays it."""
+
+    image: str | None = Field(None, description="Container image for the job's workers.")
+    env_vars: dict[str, str] = Field(default_factory=dict, description="Non-secret env vars.")
+    pip: list[str] = Field(default_factory=list, description="Extra pip requirements.")
+
+    @field_validator("env_vars")
+    @classmethod
+    def _no_secrets(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if looks_secret(name):
+                raise ValueError(
+                    f"{name} looks like a credential; Ray shows runtime_env in its dashboard "
+                    "and logs, so set it in the workers' own environment instead"
+                )
+        return value
+
+
+class StageRecipe(_Strict):
+    """What one training stage does. Defaults are the paper's (METHOD.md section 6)."""
+
+    steps: int = Field(10_000, ge=1, description="Optimizer steps.")
+    global_batch: int = Field(8, ge=1, description="Samples per optimizer step, all workers.")
+    learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    weight_decay: float = Field(0.03, ge=0, description="AdamW weight decay.")
+    eps: float = Field(1e-10, gt=0, description="AdamW epsilon.")
+    warmup_steps: int = Field(100, ge=0, description="Linear warm-up, then constant.")
+    gradient_clipping: float = Field(
+        1.0,
+        ge=0,
+        description="Gradient-norm clip applied by DeepSpeed; 0 disables. (The reference "
+        "release passes 0.05, which never reached DeepSpeed, so it trained unclipped.)",
+    )
+    extension_prob: float = Field(
+        0.0, ge=0, le=1, description="Probability p of an extension step (SFT: 0.5)."
+    )
+    task_draw: Literal["per_step", "per_sample"] = Field(
+        "per_step", description="Draw the task once per step (reference) or per sample."
+    )
+    num_scenes: int = Field(3, ge=1, description="Scenes per training sample.")
+    frames: int = Field(49, ge=1, description="Video frames per scene (4k+1).")
+    height: int = Field(480, ge=16, description="Frame height in pixels (multiple of 16).")
+    width: int = Field(720, ge=16, description="Frame width in pixels (multiple of 16).")
+    mask_policy: str = Field("v2", description="v2, full, isolated, or a block rule.")
+    seed: int = Field(0, description="Seed of noise, timesteps, task draws and data order.")
+
+    @model_validator(mode="after")
+    def _shapes(self) -> StageRecipe:
+        if (self.frames - 1) % 4:
+            raise KeyProblem("frames", "the CogVideoX VAE needs 4k+1 frames (e.g. 9, 13, 49)")
+        for key in ("height", "width"):
+            if getattr(self, key) % 16:
+                raise KeyProblem(key, "must be a multiple of 16 (VAE 8x, patch 2x)")
+        if self.extension_prob > 0 and self.num_scenes < 2:
+            raise KeyProblem("extension_prob", "extension steps need num_scenes >= 2")
+        policy = self.mask_policy
+        if policy not in NAMED_MASK_POLICIES and not _RULE_SYNTAX.match(policy):
+            raise KeyProblem(
+                "mask_policy",
+                f"unknown policy {policy!r}; use one of {', '.join(NAMED_MASK_POLICIES)} "
+                "or a rule 'text:own_text,own_video;video:own_text,own_video,other_video'",
+            )
+        return self
+
+
+STAGE_DEFAULTS: dict[Stage, StageRecipe] = {
+    "pretrain": StageRecipe(),
+    "sft": StageRecipe(extension_prob=0.5),
+}
+
+
+class _Placement(_Strict):
+    """The sections a profile and a run share."""
+
+    ray: RayConfig = Field(default_factory=RayConfig)
+    workers: WorkersConfig
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    storage: StorageConfig
+    tracking: TrackingConfig
+    fault_tolerance: FaultToleranceConfig = Field(default_factory=FaultToleranceConfig)
+    model: ModelConfig
+    runtime_env: RuntimeEnvConfig = Field(default_factory=RuntimeEnvConfig)
+
+    @model_validator(mode="after")
+    def _placement(self) -> _Placement:
+        cpu = self.workers.gpus_per_worker == 0
+        if cpu and self.deepspeed.precision != "fp32":
+            raise KeyProblem(
+                "deepspeed.precision", "CPU workers train in fp32; set precision: fp32"
+            )
+        if cpu and "cpu" in (self.deepspeed.offload_optimizer, self.deepspeed.offload_param):
+            raise KeyProblem("deepspeed.offload_optimizer", "offload needs GPU workers")
+        if self.ray.address == "local" and self.workers.nodes > 1:
+            raise KeyProblem(
+                "workers.nodes", "a 'local' Ray runs on one node; set ray.address to the cluster"
+            )
+        if self.workers.nodes > 1 and not self.storage.is_shared:
+            raise KeyProblem(
+                "storage.root",
+                "workers on several nodes need shared storage: an s3:// URI or a shared "
+                "absolute path",
+            )
+        return self
+
+
+class ClusterProfile(_Placement):
+    """One ``clusters/NAME.yaml``: where and how to run, plus per-stage recipe overrides."""
+
+    description: str = Field("", description="One line shown by `m2d cluster list`.")
+    extends: str | None = Field(
+        None, description="Name of a profile in the same folder (or a path) this one refines."
+    )
+    stages: dict[Stage, StageRecipe] = Field(
+        default_factory=dict,
+        description="Recipe keys this cluster changes, per stage (e.g. global_batch).",
+    )
+
+    def recipe(self, stage: Stage) -> StageRecipe:
+        """The stage recipe: paper defaults, then the keys this profile sets."""
+        override = self.stages.get(stage)
+        if override is None:
+            return STAGE_DEFAULTS[stage]
+        changed = override.model_dump(include=override.model_fields_set)
+        return StageRecipe.model_validate({**STAGE_DEFAULTS[stage].model_dump(), **changed})
+
+
+class RunConfig(_Placement):
+    """Everything one training run needs, resolved: saved with the run and sent to workers."""
+
+    cluster: str = Field(description="Name of the profile this run came from.")
+    stage: Stage
+    recipe: StageRecipe
+
+    @model_validator(mode="after")
+    def _global_batch(self) -> RunConfig:
+        ds, workers = self.deepspeed, self.workers
+        product = ds.micro_batch_per_gpu * ds.gradient_accumulation * workers.num_workers
+        if product != self.recipe.global_batch:
+            raise KeyProblem(
+                "recipe.global_batch",
+                f"global batch {self.recipe.global_batch} != micro_batch_per_gpu "
+                f"{ds.micro_batch_per_gpu} x gradient_accumulation {ds.gradient_accumulation} "
+                f"x num_workers {workers.num_workers} = {product}; set "
+                f"stages.{self.stage}.global_batch: {product} or change "
+                "deepspeed.gradient_accumulation / deepspeed.micro_batch_per_gpu",
+            )
+        return self
+
+
+def resolve_run(
+    profile: ClusterProfile, cluster: str, stage: Stage, overrides: dict[str, Any] | None = None
+) -> RunConfig:
+    """Profile + the stage's recipe + ``--set`` overrides (a nested dict), validated."""
+    data = profile.model_dump(exclude={"description", "extends", "stages"})
+    data.update(cluster=cluster, stage=stage, recipe=profile.recipe(stage).model_dump())
+    return RunConfig.model_validate(deep_merge(data, overrides or {}))
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """A new dict: ``update`` over ``base``, merging nested dicts, replacing everything else."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

@@ -1,0 +1,23 @@
+"""The exception hierarchy every part of m2d raises for problems a user can fix.
+
+The classes keep their message in ``args`` only, so they pickle across Ray processes
+(a Ray worker's error reaches the driver as the same type with the same text).
+"""
+
+from __future__ import annotations
+
+
+class M2DError(Exception):
+    """Base of all m2d errors: the message is one line that names the fix."""
+
+
+class ConfigError(M2DError):
+    """A cluster profile, stage recipe or `--set` override is invalid."""
+
+
+class DataError(M2DError):
+    """A manifest, video or dataset cannot be used."""
+
+
+class StorageError(M2DError):
+    """A storage location (local path or object store) cannot be reached or written."""

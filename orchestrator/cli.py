@@ -1,0 +1,78 @@
+"""The ``m2d`` command: one click group whose subcommands load on first use.
+
+Each subcommand lives in ``orchestrator.commands.<module>`` and is imported only when
+invoked (click's "lazy loading" pattern), so ``m2d --help`` never pays for torch, Ray or
+DeepSpeed. Register a new command by adding one line to ``COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from infra.errors import M2DError
+
+# name -> "module:attribute" of a click command or group.
+COMMANDS = {
+    "cluster": (
+        "orchestrator.commands.cluster:cluster",
+        "List, show and validate cluster profiles.",
+    ),
+    "launch": ("orchestrator.commands.launch:launch", "Launch a training stage on a cluster."),
+}
+
+
+class UserError(click.ClickException):
+    """A mistake the user can fix: one line on stderr, exit status 2, no traceback."""
+
+    exit_code = 2
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported by name on first use."""
+
+    def __init__(self, *args, lazy_commands: dict[str, tuple[str, str]], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy_commands = lazy_commands
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy_commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.lazy_commands:
+            return super().get_command(ctx, cmd_name)
+        module_name, attribute = self.lazy_commands[cmd_name][0].split(":")
+        return getattr(importlib.import_module(module_name), attribute)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Short help from the registry, so `m2d --help` imports no command module.
+        rows = [(name, self.lazy_commands[name][1]) for name in sorted(self.lazy_commands)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except M2DError as exc:
+            raise UserError(str(exc)) from None
+
+
+@click.group(cls=LazyGroup, lazy_commands=COMMANDS)
+@click.option(
+    "--clusters-dir",
+    envvar="M2D_CLUSTERS_DIR",
+    type=click.Path(file_okay=False),
+    help="Folder of cluster profiles (default: ./clusters, else the repository's).",
+)
+@click.version_option(package_name="m2d")
+@click.pass_context
+def cli(ctx: click.Context, clusters_dir: str | None) -> None:
+    """m2d: train and sample Mask²DiT multi-scene video models on Ray + DeepSpeed clusters."""
+    ctx.obj = {"clusters_dir": clusters_dir}
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli()
