@@ -108,15 +108,19 @@ def parse_overrides(assignments: list[str] | tuple[str, ...]) -> dict[str, Any]:
 def _check_known(key: KeyPath, assignment: str) -> None:
     model: Any = RunConfig
     for depth, part in enumerate(key):
-        if get_origin(model) is dict:
-            model = get_args(model)[1]
-            continue
-        fields = _model_fields(model)
-        if part not in fields:
+        child = _child(model, part)
+        if child is None:
             parent = ".".join(key[:depth]) or "the run config"
-            hint = _did_you_mean(part, list(fields))
+            hint = _did_you_mean(part, list(_model_fields(model)))
             raise ConfigError(f"--set {assignment}: {parent} has no key {part!r}{hint}")
-        model = fields[part]
+        model = child
+
+
+def _child(model: Any, part: str) -> Any:
+    """The type under key ``part`` of a model or ``dict[...]`` type; None if it has none."""
+    if get_origin(model) is dict:
+        return get_args(model)[1]
+    return _model_fields(model).get(part)
 
 
 def _model_fields(model: Any) -> dict[str, Any]:
@@ -216,10 +220,7 @@ def _error_message(error: dict[str, Any], model: type[BaseModel]) -> str:
 
 def _allowed_keys(model: Any, key: KeyPath) -> list[str]:
     for part in key:
-        if get_origin(model) is dict:
-            model = get_args(model)[1]
-        else:
-            model = _model_fields(model).get(part)
+        model = _child(model, part)
     return list(_model_fields(model))
 
 
