@@ -1,0 +1,117 @@
+"""Resolving a run: recipes, --set overrides, the DeepSpeed JSON, and --dry-run output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from infra.deepspeed_config import deepspeed_config
+from orchestrator import profiles
+from orchestrator.cli import cli
+
+CLUSTERS = Path(__file__).resolve().parents[2] / "clusters"
+
+
+def _run(cluster: str, stage: str, *assignments: str):
+    loaded = profiles.load_profile(CLUSTERS / f"{cluster}.yaml")
+    return profiles.resolve(loaded, stage, profiles.parse_overrides(list(assignments)))
+
+
+def test_set_overrides_typed_values():
+    run = _run(
+        "a100x8",
+        "sft",
+        "recipe.steps=123",
+        "recipe.betas=[0.8, 0.95]",
+        "deepspeed.zero_stage=3",
+        "deepspeed.offload_param=cpu",
+        "runtime_env.env_vars.NCCL_DEBUG=INFO",
+    )
+    assert run.recipe.steps == 123 and run.recipe.betas == (0.8, 0.95)
+    assert run.deepspeed.zero_stage == 3 and run.deepspeed.offload_param == "cpu"
+    assert run.runtime_env.env_vars == {"HF_HUB_OFFLINE": "1", "NCCL_DEBUG": "INFO"}
+    assert run.recipe.extension_prob == 0.5  # the sft default survives
+
+
+@pytest.mark.parametrize(
+    ("assignment", "message"),
+    [
+        ("recipe.stpes=5", "recipe has no key 'stpes'; did you mean 'steps'?"),
+        ("deepspeed.zero_stag=3", "did you mean 'zero_stage'?"),
+        ("recipes.steps=5", "the run config has no key 'recipes'; did you mean 'recipe'?"),
+        ("recipe.steps", "expected KEY.PATH=VALUE"),
+    ],
+)
+def test_set_refuses_unknown_keys(assignment, message):
+    result = CliRunner().invoke(
+        cli, ["launch", "--cluster", "local", "--stage", "sft", "--set", assignment, "--dry-run"]
+    )
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_set_value_errors_name_the_override():
+    result = CliRunner().invoke(
+        cli,
+        ["launch", "--cluster", "local", "--stage", "sft", "--set", "recipe.global_batch=3"],
+    )
+    assert result.exit_code == 2
+    assert "--set: recipe.global_batch: global batch 3 != micro_batch_per_gpu 1" in result.output
+
+
+def _deepspeed_parse(config: dict, world_size: int, monkeypatch):
+    """DeepSpeed's own config parser, with the world size the run would have."""
+    from deepspeed.runtime import config as ds_config_module
+
+    monkeypatch.setattr(ds_config_module.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(ds_config_module.dist, "get_world_size", lambda *a: world_size)
+    return ds_config_module.DeepSpeedConfig(config)
+
+
+@pytest.mark.parametrize(
+    ("cluster", "assignments"),
+    [
+        ("local", ()),
+        ("a100x8", ()),
+        ("a100x64", ("deepspeed.gradient_accumulation=2", "recipe.global_batch=128")),
+        ("a100x8", ("deepspeed.zero_stage=3", "deepspeed.offload_param=cpu")),
+        ("a100x8", ("deepspeed.precision=fp16", "deepspeed.offload_optimizer=cpu")),
+    ],
+)
+def test_deepspeed_accepts_the_derived_config(cluster, assignments, monkeypatch):
+    run = _run(cluster, "pretrain", *assignments)
+    parsed = _deepspeed_parse(deepspeed_config(run), run.workers.num_workers, monkeypatch)
+    ds = run.deepspeed
+    assert parsed.train_batch_size == run.recipe.global_batch
+    assert parsed.gradient_accumulation_steps == ds.gradient_accumulation
+    assert parsed.train_micro_batch_size_per_gpu == ds.micro_batch_per_gpu
+    assert parsed.zero_optimization_stage == ds.zero_stage
+    assert parsed.bfloat16_config.enabled == (ds.precision == "bf16")
+    assert parsed.float16_config.enabled == (ds.precision == "fp16")
+    assert parsed.gradient_clipping == run.recipe.gradient_clipping
+    assert parsed.optimizer_params["lr"] == run.recipe.learning_rate
+    offload = parsed.zero_config.offload_param
+    assert (offload is not None and offload.device == "cpu") == (ds.offload_param == "cpu")
+
+
+def test_dry_run_prints_config_and_deepspeed_json_without_secrets(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "t0ken-value")
+    result = CliRunner().invoke(
+        cli, ["launch", "--cluster", "a100x64", "--stage", "pretrain", "--dry-run"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "s3cr3t-value" not in result.output and "t0ken-value" not in result.output
+    assert "AWS_SECRET_ACCESS_KEY: set" in result.output
+    assert "cluster: a100x64" in result.output and "stage: pretrain" in result.output
+    ds_json = json.loads(result.output.split("# DeepSpeed config\n", 1)[1])
+    assert ds_json["train_batch_size"] == 64 and ds_json["bf16"]["enabled"] is True
+
+
+def test_launch_without_dry_run_says_it_is_not_built_yet():
+    result = CliRunner().invoke(cli, ["launch", "--cluster", "local", "--stage", "pretrain"])
+    assert result.exit_code == 1
+    assert "not built yet" in result.output
