@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     "POLICIES",
@@ -401,14 +402,20 @@ def _select_kernels(q: torch.Tensor):
 
 
 def _merge(out, lse, rows: slice, out_t, lse_t) -> None:
-    """Fold one term's (out_t, lse_t) into rows of (out, lse) exactly, in float32 or wider."""
-    lse_old = lse[:, :, rows]
-    lse_new = torch.logaddexp(lse_old, lse_t)
-    w_old = torch.exp(lse_old - lse_new).unsqueeze(-1)
-    w_new = torch.exp(lse_t - lse_new).unsqueeze(-1)
-    merged = out[:, :, rows].to(lse.dtype) * w_old + out_t.to(lse.dtype) * w_new
-    out[:, :, rows] = merged.to(out.dtype)
-    lse[:, :, rows] = lse_new
+    """Fold one term's (out_t, lse_t) into rows of (out, lse) exactly, in float32 or wider.
+
+    With d = lse_t - lse_old the new term's share of the row's softmax mass is sigmoid(d),
+    so out <- lerp(out, out_t, sigmoid(d)) and lse <- lse_old + softplus(d). Few ops and
+    in place: each op is a parallel region, which costs on a busy CPU.
+    """
+    out_rows, lse_rows = out[:, :, rows], lse[:, :, rows]
+    d = lse_t - lse_rows
+    share = torch.sigmoid(d).unsqueeze(-1)
+    if out.dtype == lse.dtype:
+        out_rows.lerp_(out_t, share)
+    else:  # low-precision output: merge in float32, round once
+        out_rows.copy_(torch.lerp(out_rows.to(lse.dtype), out_t.to(lse.dtype), share))
+    lse_rows.add_(F.softplus(d))
 
 
 def _grouped_forward(q, k, v, terms, scale, forward):
