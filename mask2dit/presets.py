@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from diffusers import CogVideoXTransformer3DModel
 
-__all__ = ["PRESETS", "build_transformer", "preset_config"]
+__all__ = ["COGVIDEOX_SCHEDULER", "PRESETS", "build_transformer", "preset_config"]
 
 _TINY: dict[str, Any] = {
     "num_attention_heads": 2,
@@ -39,6 +39,23 @@ PRESETS: dict[str, dict[str, Any]] = {
     # CogVideoX-2B style: 3D sin-cos embedding added to video tokens, no RoPE. The stock
     # model then needs text length == max_text_seq_length (12 = 3 scenes x 4 tokens).
     "tiny_sincos": {**_TINY, "use_rotary_positional_embeddings": False},
+}
+
+
+# The noise schedule CogVideoX-5B ships (its scheduler/scheduler_config.json): v-prediction
+# with zero-terminal-SNR rescaling. Used where no pretrained folder gives one.
+COGVIDEOX_SCHEDULER: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": True,
+    "steps_offset": 0,
+    "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True,
+    "snr_shift_scale": 1.0,
+    "timestep_spacing": "trailing",
 }
 
 
