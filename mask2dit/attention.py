@@ -317,24 +317,9 @@ def _cuda_forward(q, k, v, scale):
 
 
 def _cuda_backward(d_out, q, k, v, out, lse, aux, scale):
-    seed, offset = aux
-    return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-        d_out,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        None,
-        None,
-        q.shape[2],
-        k.shape[2],
-        0.0,
-        False,
-        seed,
-        offset,
-        scale=scale,
-    )
+    # cum_seq_q/k are None for dense (non-varlen) inputs, as the forward returns them
+    args = (d_out, q, k, v, out, lse, None, None, q.shape[2], k.shape[2], 0.0, False, *aux)
+    return torch.ops.aten._scaled_dot_product_flash_attention_backward(*args, scale=scale)
 
 
 def _chunks(q_len: int, k_len: int):
@@ -376,22 +361,17 @@ def _fallback_backward(d_out, q, k, v, out, lse, aux, scale):
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
+_CPU_FLASH_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_CUDA_FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def _select_kernels(q: torch.Tensor):
+    flash_head_dim = q.shape[-1] % 8 == 0 and q.shape[-1] <= 256  # FlashAttention-2 limits
     if _FORCE_FALLBACK:
         return _fallback_forward, _fallback_backward
-    if q.device.type == "cpu" and q.dtype in (
-        torch.float32,
-        torch.float64,
-        torch.bfloat16,
-        torch.float16,
-    ):
+    if q.device.type == "cpu" and q.dtype in _CPU_FLASH_DTYPES:
         return _cpu_forward, _cpu_backward
-    if (
-        q.device.type == "cuda"
-        and q.dtype in (torch.float16, torch.bfloat16)
-        and q.shape[-1] % 8 == 0
-        and q.shape[-1] <= 256
-    ):
+    if q.device.type == "cuda" and q.dtype in _CUDA_FLASH_DTYPES and flash_head_dim:
         return _cuda_forward, _cuda_backward
     # fp32 on CUDA, other devices: exact but slower. (The efficient-attention kernel would
     # serve CUDA fp32 but pads its lse; production runs bf16.)
@@ -459,16 +439,9 @@ class _MaskedAttention(torch.autograd.Function):
         for t, aux in zip(ctx.terms, ctx.auxes, strict=True):
             r, c = t.rows, t.keys
             # lse slices must be contiguous for the fused kernels (as in torch's ring attention)
-            dq_t, dk_t, dv_t = ctx.backward_kernel(
-                d_out[:, :, r],
-                q[:, :, r],
-                k[:, :, c],
-                v[:, :, c],
-                out[:, :, r],
-                lse[:, :, r].contiguous(),
-                aux,
-                ctx.scale,
-            )
+            sliced = (d_out[:, :, r], q[:, :, r], k[:, :, c], v[:, :, c], out[:, :, r])
+            lse_r = lse[:, :, r].contiguous()
+            dq_t, dk_t, dv_t = ctx.backward_kernel(*sliced, lse_r, aux, ctx.scale)
             dq[:, :, r] += dq_t
             dk[:, :, c] += dk_t
             dv[:, :, c] += dv_t

@@ -301,6 +301,24 @@ def test_kernels_get_views_of_the_video_keys_not_copies(monkeypatch):
         assert v_t.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
 
 
+def test_cuda_kernel_calls_fit_the_op_schemas_on_meta(monkeypatch):
+    """Without a GPU: the CUDA flash-attention calls run on meta tensors (schemas, shapes,
+    dtypes, forward -> backward plumbing). Numerics are only checked by the gpu test."""
+    monkeypatch.setattr(
+        attn, "_select_kernels", lambda q: (attn._cuda_forward, attn._cuda_backward)
+    )
+    layout = SceneLayout([3, 5, 2], [16, 8, 24], 8)
+    shape = (2, 4, layout.seq_len, 64)
+    q, k, v = (
+        torch.empty(shape, device="meta", dtype=torch.bfloat16, requires_grad=True)
+        for _ in range(3)
+    )
+    out = masked_attention(q, k, v, layout, "v2")
+    assert (out.shape, out.dtype, out.device.type) == (shape, torch.bfloat16, "meta")
+    for grad in torch.autograd.grad(out, (q, k, v), torch.empty_like(out)):
+        assert (grad.shape, grad.dtype) == (shape, torch.bfloat16)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -317,3 +335,11 @@ def test_cuda_matches_reference(dtype):
     grads_ref = torch.autograd.grad(ref, (q64, k64, v64), grad)
     for g, g_ref in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(g.cpu().double(), g_ref, atol=10 * tol, rtol=0)
+
+
+def test_kernel_selection():
+    assert attn._select_kernels(torch.empty(1, 1, 4, 16))[0] is attn._cpu_forward
+    # no fused kernel for meta tensors (or any unknown device): the exact pure-torch pair
+    assert attn._select_kernels(torch.empty(1, 1, 4, 16, device="meta"))[0] is (
+        attn._fallback_forward
+    )
