@@ -18,17 +18,16 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mask2dit.policy import resolve_policy  # pure Python: validating needs no torch
+
 Stage = Literal["pretrain", "sft"]
 STAGES: tuple[Stage, ...] = ("pretrain", "sft")
 Precision = Literal["bf16", "fp16", "fp32"]
 Offload = Literal["none", "cpu"]
-NAMED_MASK_POLICIES = ("v2", "full", "isolated")
 
 # Environment variable names that carry credentials; Ray shows runtime_env in its
 # dashboard and logs, so such variables must reach workers another way.
 _SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|ACCESS_KEY|PRIVATE|CREDENTIAL|API_KEY")
-# The user rule syntax of mask2dit.attention: "text:own_text,own_video;video:...".
-_RULE_SYNTAX = re.compile(r"^text:[a-z_,]+;video:[a-z_,]+$")
 
 
 class KeyProblem(ValueError):
@@ -250,13 +249,10 @@ class StageRecipe(_Strict):
                 raise KeyProblem(key, "must be a multiple of 16 (VAE 8x, patch 2x)")
         if self.extension_prob > 0 and self.num_scenes < 2:
             raise KeyProblem("extension_prob", "extension steps need num_scenes >= 2")
-        policy = self.mask_policy
-        if policy not in NAMED_MASK_POLICIES and not _RULE_SYNTAX.match(policy):
-            raise KeyProblem(
-                "mask_policy",
-                f"unknown policy {policy!r}; use one of {', '.join(NAMED_MASK_POLICIES)} "
-                "or a rule 'text:own_text,own_video;video:own_text,own_video,other_video'",
-            )
+        try:
+            resolve_policy(self.mask_policy)
+        except ValueError as exc:
+            raise KeyProblem("mask_policy", str(exc)) from None
         return self
 
 

@@ -189,7 +189,7 @@ MALFORMED = {
     "extends-missing-parent": ("extends: nowhere\n" + VALID, ["{f}:1:", "extends", "nowhere"]),
     "unknown-mask-policy": (
         VALID.replace("global_batch: 2\n  sft", "global_batch: 2\n    mask_policy: v3\n  sft"),
-        ["stages.pretrain.mask_policy", "unknown policy 'v3'"],
+        ["stages.pretrain.mask_policy", "unknown mask policy 'v3'"],
     ),
 }
 
