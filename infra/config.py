@@ -184,6 +184,10 @@ class ModelConfig(_Strict):
         "diffusers CogVideoX folder: local path or s3:// URI."
     )
 
+    text_tokens: int = Field(
+        226, ge=1, description="T5 tokens per scene prompt (CogVideoX: 226; pad or truncate)."
+    )
+
     @field_validator("source")
     @classmethod
     def _source(cls, value: str) -> str:

@@ -1,0 +1,54 @@
+"""Storage over fsspec: one way to open local paths and ``s3://`` URIs everywhere.
+
+Credentials are never passed here: s3fs (botocore) reads them from the environment
+(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN), an instance role, or the
+``AWS_SHARED_CREDENTIALS_FILE`` that ``storage.credentials_file`` points to.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import fsspec
+
+from infra.config import StorageConfig
+from infra.errors import StorageError
+
+
+def storage_options(storage: StorageConfig | None) -> dict[str, Any]:
+    """fsspec options for the profile's object store (endpoint and region only)."""
+    if storage is None:
+        return {}
+    client_kwargs: dict[str, Any] = {}
+    if storage.endpoint_url:
+        client_kwargs["endpoint_url"] = storage.endpoint_url
+    if storage.region:
+        client_kwargs["region_name"] = storage.region
+    if storage.credentials_file:
+        os.environ.setdefault("AWS_SHARED_CREDENTIALS_FILE", storage.credentials_file)
+    return {"client_kwargs": client_kwargs} if client_kwargs else {}
+
+
+def filesystem(
+    uri: str, storage: StorageConfig | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem of ``uri`` and the path inside it.
+
+    Options apply to object stores only; local paths need none.
+    """
+    options = storage_options(storage) if is_remote(uri) else {}
+    try:
+        return fsspec.core.url_to_fs(uri, **options)
+    except (ImportError, ValueError) as exc:
+        raise StorageError(f"{uri}: cannot open this location ({exc})") from None
+
+
+def is_remote(uri: str) -> bool:
+    """True for object-store URIs (``s3://...``), False for local paths and file://."""
+    return "://" in uri and not uri.startswith("file://")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or URI with '/'."""
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
