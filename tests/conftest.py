@@ -79,9 +79,7 @@ def s3_bucket(s3_endpoint) -> str:
     import boto3
 
     name = f"m2d-test-{time.monotonic_ns()}"
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(
-        Bucket=name
-    )
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
     return name
 
 
