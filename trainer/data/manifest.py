@@ -1,0 +1,332 @@
+"""Training manifests: pre-training clip tables and SFT shot groups, local or on S3.
+
+Pre-training (CSV, JSONL or Parquet): one row per single-scene clip with
+``path, caption, num_frames, fps, width, height`` and optional ``start, end`` seconds
+for clips cut from longer files (Panda-70M style); ``num_frames`` counts the frames of
+the clip (of the cut, when it has one). SFT (JSON list or JSONL): one group of ordered
+shots per entry, ``{"id": ..., "shots": [{<the same columns>}, ...]}``.
+
+Paths are relative to the manifest's folder, absolute, or URIs. Unusable rows are
+skipped and counted by reason; a manifest that cannot be read at all is a DataError.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import posixpath
+import sys
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from infra.config import StorageConfig
+from infra.errors import DataError
+from infra.storage import filesystem, is_remote
+
+REQUIRED = ("path", "caption", "num_frames", "fps", "width", "height")
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One single-scene clip: a whole file, or the ``start``..``end`` seconds of one."""
+
+    path: str
+    caption: str
+    num_frames: int
+    fps: float
+    width: int
+    height: int
+    start: float | None = None
+    end: float | None = None
+
+
+@dataclass(frozen=True)
+class ShotGroup:
+    """Ordered shots of one source video (SFT); consecutive shots make a story."""
+
+    id: str
+    shots: tuple[Clip, ...]
+
+
+class SkipCounts:
+    """How many rows, stories or files were skipped, by reason."""
+
+    def __init__(self, counts: dict[str, int] | None = None) -> None:
+        self._counts: Counter[str] = Counter(counts or {})
+
+    def add(self, reason: str, count: int = 1) -> None:
+        """Count ``count`` more skips for ``reason``."""
+        self._counts[reason] += count
+
+    def merge(self, other: SkipCounts) -> SkipCounts:
+        """Add another tally into this one; returns self."""
+        self._counts.update(other._counts)
+        return self
+
+    def as_dict(self) -> dict[str, int]:
+        """Reason -> count, sorted by reason (JSON-serialisable)."""
+        return dict(sorted(self._counts.items()))
+
+    @property
+    def total(self) -> int:
+        """All skips together."""
+        return sum(self._counts.values())
+
+    def __getitem__(self, reason: str) -> int:
+        return self._counts[reason]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SkipCounts) and self.as_dict() == other.as_dict()
+
+    def __repr__(self) -> str:
+        return f"SkipCounts({self.as_dict()})"
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.as_dict().items()) or "none"
+
+
+class _BadRow(Exception):
+    """A manifest row that cannot be used; ``args[0]`` is the skip reason."""
+
+
+def read_clips(uri: str, storage: StorageConfig | None = None) -> tuple[list[Clip], SkipCounts]:
+    """Clips of a pre-training manifest (CSV, JSONL or Parquet) and the rows skipped."""
+    rows, columns = _read_table(uri, storage)
+    missing = [c for c in REQUIRED if c not in columns]
+    if missing:
+        raise DataError(
+            f"{uri}: missing required column(s) {', '.join(missing)}; "
+            f"a pre-training manifest needs {', '.join(REQUIRED)}"
+        )
+    base, clips, skips = _base(uri), [], SkipCounts()
+    for row in rows:
+        try:
+            clips.append(_clip(row, base))
+        except _BadRow as bad:
+            skips.add(bad.args[0])
+    if not clips:
+        raise DataError(f"{uri}: no usable rows (skipped: {skips}); fix the manifest")
+    return clips, skips
+
+
+def read_shot_groups(
+    uri: str, num_scenes: int, storage: StorageConfig | None = None
+) -> tuple[list[ShotGroup], SkipCounts]:
+    """Shot groups of an SFT manifest (JSON or JSONL) with at least ``num_scenes`` shots.
+
+    A bad shot is skipped and splits its group there (the shots on either side are not
+    consecutive); parts shorter than ``num_scenes`` are dropped, and a group left with
+    none is counted as ``group_too_short``.
+    """
+    base, groups, skips = _base(uri), [], SkipCounts()
+    for number, entry in enumerate(_read_groups(uri, storage)):
+        if not isinstance(entry, dict) or not isinstance(entry.get("shots"), list):
+            skips.add("bad_group")
+            continue
+        group_id = str(entry.get("id") or f"group{number}")
+        runs = _usable_runs(entry["shots"], base, skips)
+        long_runs = [run for run in runs if len(run) >= num_scenes]
+        if not long_runs:
+            skips.add("group_too_short")
+        for part, run in enumerate(long_runs):
+            part_id = group_id if len(long_runs) == 1 else f"{group_id}/{part}"
+            groups.append(ShotGroup(part_id, tuple(run)))
+    if not groups:
+        raise DataError(
+            f"{uri}: no group has {num_scenes} usable consecutive shots (skipped: {skips}); "
+            "fix the manifest or lower the number of scenes"
+        )
+    return groups, skips
+
+
+def _usable_runs(shots: list, base: str, skips: SkipCounts) -> list[list[Clip]]:
+    runs: list[list[Clip]] = [[]]
+    for shot in shots:
+        try:
+            runs[-1].append(_clip(shot, base))
+        except _BadRow as bad:
+            skips.add(bad.args[0])
+            runs.append([])
+    return [run for run in runs if run]
+
+
+def _clip(row: Any, base: str) -> Clip:
+    """A Clip from one manifest row, or _BadRow(reason)."""
+    if not isinstance(row, dict):
+        raise _BadRow("bad_row")
+    path = _text(row.get("path"))
+    if not path:
+        raise _BadRow("missing_path")
+    caption = _text(row.get("caption"))
+    if not caption:
+        raise _BadRow("empty_caption")
+    start, end = _seconds(row, "start"), _seconds(row, "end")
+    if start is not None and end is not None and end <= start:
+        raise _BadRow("bad_start_end")
+    return Clip(
+        path=_resolve(path, base),
+        caption=caption,
+        num_frames=_positive(row, "num_frames", int),
+        fps=_positive(row, "fps", float),
+        width=_positive(row, "width", int),
+        height=_positive(row, "height", int),
+        start=start,
+        end=end,
+    )
+
+
+def _text(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value).strip()
+
+
+def _number(value: Any, column: str, kind: type) -> float | int | None:
+    """``value`` as ``kind``, None when empty; _BadRow(bad_<column>) when not a number."""
+    if _text(value) == "":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise _BadRow(f"bad_{column}") from None
+    if not math.isfinite(number) or (kind is int and number != int(number)):
+        raise _BadRow(f"bad_{column}")
+    return int(number) if kind is int else number
+
+
+def _positive(row: dict, column: str, kind: type) -> float | int:
+    number = _number(row.get(column), column, kind)
+    if number is None or number <= 0:
+        raise _BadRow(f"bad_{column}")
+    return number
+
+
+def _seconds(row: dict, column: str) -> float | None:
+    number = _number(row.get(column), column, float)
+    if number is not None and number < 0:
+        raise _BadRow(f"bad_{column}")
+    return number
+
+
+def _base(uri: str) -> str:
+    """The folder that relative paths in the manifest at ``uri`` start from."""
+    if is_remote(uri):
+        return posixpath.dirname(uri)
+    return os.path.dirname(os.path.abspath(uri.removeprefix("file://")))
+
+
+def _resolve(path: str, base: str) -> str:
+    if "://" in path or os.path.isabs(path):
+        return path
+    if is_remote(base):
+        scheme, rest = base.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(f'{rest}/{path}')}"
+    return os.path.normpath(os.path.join(base, path))
+
+
+def _read_bytes(uri: str, storage: StorageConfig | None) -> bytes:
+    fs, path = filesystem(uri, storage)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise DataError(f"{uri}: manifest not found; check the path") from None
+    except (IsADirectoryError, OSError) as exc:
+        raise DataError(f"{uri}: cannot read the manifest ({exc})") from None
+
+
+def _suffix(uri: str) -> str:
+    return posixpath.splitext(uri.split("?", 1)[0])[1].lower()
+
+
+def _read_table(uri: str, storage: StorageConfig | None) -> tuple[Iterable[dict], set[str]]:
+    """Rows (dicts) and column names of a CSV, JSONL or Parquet table."""
+    suffix = _suffix(uri)
+    if suffix not in (".csv", ".jsonl", ".ndjson", ".parquet"):
+        raise DataError(f"{uri}: unknown manifest format {suffix!r}; use .csv, .jsonl or .parquet")
+    data = _read_bytes(uri, storage)
+    if suffix == ".parquet":
+        return _parquet_rows(data, uri)
+    text = _decode(data, uri)
+    if suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text))
+        return list(reader), set(reader.fieldnames or ())
+    rows = list(_json_lines(text))
+    return rows, {key for row in rows if isinstance(row, dict) for key in row}
+
+
+def _parquet_rows(data: bytes, uri: str) -> tuple[list[dict], set[str]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{uri}: cannot read the Parquet manifest ({exc})") from None
+    return table.to_pylist(), set(table.column_names)
+
+
+def _decode(data: bytes, uri: str) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise DataError(f"{uri}: manifest is not UTF-8 text; write it as UTF-8") from None
+
+
+def _json_lines(text: str) -> Iterator[Any]:
+    """Parsed lines; an unparseable line becomes None (skipped as bad_row)."""
+    for line in text.splitlines():
+        if line.strip():
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                yield None
+
+
+def _read_groups(uri: str, storage: StorageConfig | None) -> list[Any]:
+    suffix = _suffix(uri)
+    if suffix not in (".json", ".jsonl", ".ndjson"):
+        raise DataError(f"{uri}: unknown SFT manifest format {suffix!r}; use .json or .jsonl")
+    text = _decode(_read_bytes(uri, storage), uri)
+    if suffix != ".json":
+        return list(_json_lines(text))
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{uri}: not valid JSON ({exc}); fix the manifest") from None
+    groups = data.get("groups") if isinstance(data, dict) else data
+    if not isinstance(groups, list):
+        raise DataError(f'{uri}: expected a list of groups (or {{"groups": [...]}})')
+    return groups
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m trainer.data.manifest MANIFEST [--scenes N]``: counts and skips."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="trainer.data.manifest", description=main.__doc__)
+    parser.add_argument("manifest")
+    parser.add_argument("--scenes", type=int, default=None, help="read as SFT shot groups")
+    parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint")
+    args = parser.parse_args(argv)
+    storage = StorageConfig(root=args.manifest, endpoint_url=args.endpoint_url)
+    try:
+        if args.scenes:
+            groups, skips = read_shot_groups(args.manifest, args.scenes, storage)
+            shots = sum(len(g.shots) for g in groups)
+            print(f"{len(groups)} groups, {shots} shots; skipped: {skips}")
+        else:
+            clips, skips = read_clips(args.manifest, storage)
+            print(f"{len(clips)} clips; skipped: {skips}")
+    except DataError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
