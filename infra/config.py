@@ -196,6 +196,15 @@ class ModelConfig(_Strict):
         return _reject_userinfo(value)
 
 
+class DataConfig(_Strict):
+    """Training data: one manifest per stage (local path or s3:// URI)."""
+
+    pretrain: str | None = Field(
+        None, description="Pre-training manifest of single clips (CSV, JSONL or Parquet)."
+    )
+    sft: str | None = Field(None, description="SFT manifest of ordered shot groups (JSON/JSONL).")
+
+
 class RuntimeEnvConfig(_Strict):
     """What a remote job runs in. Never put credentials here: Ray displays it."""
 
@@ -276,6 +285,7 @@ class _Placement(_Strict):
     tracking: TrackingConfig
     fault_tolerance: FaultToleranceConfig = Field(default_factory=FaultToleranceConfig)
     model: ModelConfig
+    data: DataConfig = Field(default_factory=DataConfig)
     runtime_env: RuntimeEnvConfig = Field(default_factory=RuntimeEnvConfig)
 
     @model_validator(mode="after")
@@ -327,6 +337,9 @@ class RunConfig(_Placement):
     cluster: str = Field(description="Name of the profile this run came from.")
     stage: Stage
     recipe: StageRecipe
+    init_from: str | None = Field(
+        None, description="Checkpoint folder whose model weights start this run (SFT)."
+    )
 
     @model_validator(mode="after")
     def _global_batch(self) -> RunConfig:

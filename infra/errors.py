@@ -21,3 +21,7 @@ class DataError(M2DError):
 
 class StorageError(M2DError):
     """A storage location (local path or object store) cannot be reached or written."""
+
+
+class ServiceError(M2DError):
+    """A service m2d talks to (Ray, MLflow) cannot be reached or refused the request."""

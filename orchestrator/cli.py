@@ -20,6 +20,10 @@ COMMANDS = {
         "List, show and validate cluster profiles.",
     ),
     "launch": ("orchestrator.commands.launch:launch", "Launch a training stage on a cluster."),
+    "logs": ("orchestrator.commands.status:logs", "Print (or follow) a run's output."),
+    "runs": ("orchestrator.commands.status:runs_", "Table of recent runs."),
+    "status": ("orchestrator.commands.status:status", "State of a run."),
+    "stop": ("orchestrator.commands.status:stop", "Stop a run (checkpoints stay)."),
 }
 
 

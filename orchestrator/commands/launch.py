@@ -1,4 +1,4 @@
-"""``m2d launch``: resolve a cluster profile and a stage recipe into a run and submit it."""
+"""``m2d launch``: resolve a cluster profile and a stage recipe into a run and start it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import yaml
 
 from infra.config import STAGES, RunConfig, looks_secret
 from infra.deepspeed_config import deepspeed_config
-from orchestrator import profiles
+from infra.errors import ConfigError
+from orchestrator import profiles, runs, submit
 
 # Credentials the workers read from their own environment, never from config.
 CREDENTIAL_VARS = (
@@ -26,7 +27,7 @@ CREDENTIAL_VARS = (
 def credential_status() -> dict[str, str]:
     """Which credential variables are set here: names only, never values."""
     names = {*CREDENTIAL_VARS, *(name for name in os.environ if looks_secret(name))}
-    relevant = sorted(name for name in names if name.startswith(("AWS_", "MLFLOW_")))
+    relevant = sorted(name for name in names if name.startswith(("AWS_", "MLFLOW_", "RAY_")))
     return {name: "set" if os.environ.get(name) else "unset" for name in relevant}
 
 
@@ -43,9 +44,54 @@ def render_dry_run(run: RunConfig) -> str:
     return "\n".join(parts) + "\n"
 
 
+def _resolve_new_run(ctx, cluster_name, stage, assignments, from_run) -> RunConfig:
+    if not (cluster_name and stage):
+        raise click.UsageError("give --cluster and --stage (or --resume RUN)")
+    directory = profiles.clusters_dir(ctx.find_root().obj["clusters_dir"])
+    loaded = profiles.load_profile(profiles.find_profile(cluster_name, directory))
+    run = profiles.resolve(loaded, stage, profiles.parse_overrides(assignments))
+    if stage == "sft":
+        source = runs.load_record(from_run) if from_run else _latest_pretrain(cluster_name)
+        run = run.model_copy(update={"init_from": runs.latest_checkpoint(source)})
+    elif from_run:
+        raise click.UsageError("--from applies to --stage sft only")
+    return run
+
+
+def _latest_pretrain(cluster_name: str) -> runs.RunRecord:
+    from orchestrator.commands.status import state_of
+
+    for record in runs.recent_records(limit=200):
+        same = record.cluster == cluster_name and record.stage == "pretrain"
+        if same and state_of(record) == "SUCCEEDED":
+            return record
+    raise ConfigError(
+        f"no finished pretrain run of cluster {cluster_name!r} to start SFT from; run "
+        f"`m2d launch --cluster {cluster_name} --stage pretrain` first or pass --from RUN"
+    )
+
+
+def _start(record: runs.RunRecord, run: RunConfig, follow: bool) -> int:
+    click.echo(f"run {record.name}: {run.stage} on {run.cluster} -> {record.run_dir}")
+    click.echo(f"MLflow: {run.tracking.uri} (experiment {run.tracking.experiment})")
+    if record.kind == "local":
+        return submit.run_local(record, echo=click.echo)
+    submit.submit_remote(record, run)
+    click.echo(f"submitted to {run.ray.address}; follow with `m2d logs {record.name} -f`")
+    if follow:
+        return _follow_remote(record)
+    return 0
+
+
+def _follow_remote(record: runs.RunRecord) -> int:
+    from orchestrator.commands.status import follow_remote_logs
+
+    return follow_remote_logs(record)
+
+
 @click.command()
-@click.option("--cluster", "cluster_name", required=True, help="Profile name in clusters/.")
-@click.option("--stage", type=click.Choice(STAGES), required=True, help="Training stage.")
+@click.option("--cluster", "cluster_name", help="Profile name in clusters/.")
+@click.option("--stage", type=click.Choice(STAGES), help="Training stage.")
 @click.option(
     "--set",
     "assignments",
@@ -54,18 +100,46 @@ def render_dry_run(run: RunConfig) -> str:
     help="Override one resolved key, e.g. recipe.steps=200 or deepspeed.zero_stage=3.",
 )
 @click.option("--dry-run", is_flag=True, help="Print the resolved run and DeepSpeed JSON only.")
+@click.option("--name", help="Run name (default CLUSTER-STAGE-UTCTIME).")
+@click.option("--resume", "resume_name", metavar="RUN", help="Continue RUN from its checkpoint.")
+@click.option("--from", "from_run", metavar="RUN", help="SFT: start from this pretrain run.")
+@click.option("--follow", is_flag=True, help="Remote runs: stream the job's logs until it ends.")
 @click.pass_context
 def launch(
-    ctx: click.Context, cluster_name: str, stage: str, assignments: tuple[str, ...], dry_run: bool
+    ctx: click.Context,
+    cluster_name: str | None,
+    stage: str | None,
+    assignments: tuple[str, ...],
+    dry_run: bool,
+    name: str | None,
+    resume_name: str | None,
+    from_run: str | None,
+    follow: bool,
 ) -> None:
-    """Launch STAGE (pretrain or sft) on cluster CLUSTER."""
-    directory = profiles.clusters_dir(ctx.find_root().obj["clusters_dir"])
-    loaded = profiles.load_profile(profiles.find_profile(cluster_name, directory))
-    run = profiles.resolve(loaded, stage, profiles.parse_overrides(assignments))
-    if dry_run:
-        click.echo(render_dry_run(run), nl=False)
-        return
-    raise click.ClickException(
-        "submitting training jobs is not built yet (issue 5: the Ray Train + DeepSpeed job); "
-        "use --dry-run to see the resolved run"
-    )
+    """Launch STAGE (pretrain or sft) on cluster CLUSTER, or --resume a run."""
+    if resume_name:
+        if cluster_name or stage or assignments or from_run:
+            raise click.UsageError("--resume takes no --cluster/--stage/--set/--from")
+        record = runs.load_record(resume_name)
+        run = runs.read_run_config(record)
+    else:
+        run = _resolve_new_run(ctx, cluster_name, stage, assignments, from_run)
+        if dry_run:
+            click.echo(render_dry_run(run), nl=False)
+            return
+        run_name = runs.new_run_name(run, name)
+        record = runs.RunRecord(
+            name=run_name,
+            cluster=run.cluster,
+            stage=run.stage,
+            run_dir=runs.run_dir(run, run_name),
+            config_uri=runs.create_run_folder(run, run_name),
+            kind="local" if run.ray.address == "local" else "remote",
+            address=run.ray.address,
+            tracking_uri=run.tracking.uri,
+            experiment=run.tracking.experiment,
+            storage=run.storage.model_dump(),
+        )
+    code = _start(record, run, follow)
+    if code:
+        raise click.ClickException(f"run {record.name} failed (exit {code}); see the log above")

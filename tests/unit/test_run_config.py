@@ -109,9 +109,3 @@ def test_dry_run_prints_config_and_deepspeed_json_without_secrets(monkeypatch):
     assert "cluster: a100x64" in result.output and "stage: pretrain" in result.output
     ds_json = json.loads(result.output.split("# DeepSpeed config\n", 1)[1])
     assert ds_json["train_batch_size"] == 64 and ds_json["bf16"]["enabled"] is True
-
-
-def test_launch_without_dry_run_says_it_is_not_built_yet():
-    result = CliRunner().invoke(cli, ["launch", "--cluster", "local", "--stage", "pretrain"])
-    assert result.exit_code == 1
-    assert "not built yet" in result.output

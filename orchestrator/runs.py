@@ -1,0 +1,142 @@
+"""Run bookkeeping: names, run folders on storage, and the local registry of launches.
+
+A run lives in ``{storage.root}/{run name}/``: the orchestrator writes
+``run_config.json`` there before anything starts, the training job adds its checkpoints
+(Ray Train uses the same folder as its experiment directory). The registry
+(``$M2D_HOME/runs/{name}.json``, default ``~/.m2d``) remembers where each launch went -
+local process or remote Ray job - so ``m2d status/logs/stop/runs`` can find it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from infra.config import RunConfig, StorageConfig
+from infra.errors import ConfigError
+from infra.storage import filesystem, join
+
+RUN_CONFIG_FILE = "run_config.json"
+
+
+@dataclass
+class RunRecord:
+    """What the registry keeps about one launch."""
+
+    name: str
+    cluster: str
+    stage: str
+    run_dir: str
+    config_uri: str
+    kind: str  # "local" (a child process here) or "remote" (a Ray job)
+    address: str = "local"
+    submitted_at: float = field(default_factory=time.time)
+    pid: int | None = None
+    exit_code: int | None = None
+    log_path: str | None = None
+    tracking_uri: str | None = None
+    experiment: str | None = None
+    storage: dict = field(default_factory=dict)  # StorageConfig fields: endpoint, region
+
+    @property
+    def storage_config(self) -> StorageConfig | None:
+        """How to reach the run folder (object-store endpoint and region)."""
+        return StorageConfig(**self.storage) if self.storage else None
+
+    def save(self) -> None:
+        """Write (or rewrite) this record into the registry."""
+        path = registry_dir() / f"{self.name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.replace(path)
+
+
+def registry_dir() -> Path:
+    """Where launch records live: ``$M2D_HOME/runs`` (default ``~/.m2d/runs``)."""
+    return Path(os.environ.get("M2D_HOME", Path.home() / ".m2d")) / "runs"
+
+
+def load_record(name: str) -> RunRecord:
+    """The registry record of run ``name``; a ConfigError naming known runs if absent."""
+    path = registry_dir() / f"{name}.json"
+    if not path.is_file():
+        known = [p.stem for p in recent_records(limit=5)]
+        hint = f" (recent: {', '.join(known)})" if known else ""
+        raise ConfigError(f"no run named {name!r} in {registry_dir()}{hint}; see `m2d runs`")
+    return RunRecord(**json.loads(path.read_text()))
+
+
+def recent_records(limit: int = 20) -> list[RunRecord]:
+    """The newest launch records first."""
+    paths = sorted(registry_dir().glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    return [RunRecord(**json.loads(p.read_text())) for p in paths[:limit]]
+
+
+def new_run_name(run: RunConfig, explicit: str | None = None) -> str:
+    """``{cluster}-{stage}-{UTC time}`` unless the user named the run."""
+    if explicit:
+        if "/" in explicit or explicit.startswith("."):
+            raise ConfigError(
+                f"--name {explicit!r}: a run name cannot contain '/' or start with '.'"
+            )
+        return explicit
+    return f"{run.cluster}-{run.stage}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+
+
+def run_dir(run: RunConfig, name: str) -> str:
+    """The run's folder on storage (absolute for local roots, so workers agree on it)."""
+    root = run.storage.root
+    if "://" not in root:
+        root = str(Path(root).resolve())
+    return join(root, name)
+
+
+def create_run_folder(run: RunConfig, name: str) -> str:
+    """Make the run folder and write ``run_config.json``; never touch an existing run.
+
+    Returns the URI of the config file.
+    """
+    folder = run_dir(run, name)
+    fs, path = filesystem(folder, run.storage)
+    if fs.exists(path):
+        raise ConfigError(
+            f"run {name!r} already exists at {folder}; continue it with `m2d launch --resume "
+            f"{name}` or pick another --name"
+        )
+    fs.makedirs(path, exist_ok=True)
+    config_path = join(path, RUN_CONFIG_FILE)
+    with fs.open(config_path, "w") as handle:
+        handle.write(run.model_dump_json(indent=2))
+    return join(folder, RUN_CONFIG_FILE)
+
+
+def read_run_config(record: RunRecord) -> RunConfig:
+    """Read back a run's saved config (for resume)."""
+    config_uri = record.config_uri
+    fs, path = filesystem(config_uri, record.storage_config)
+    if not fs.exists(path):
+        raise ConfigError(f"{config_uri}: the run's config is missing; was the run folder moved?")
+    with fs.open(path) as handle:
+        return RunConfig.model_validate_json(handle.read())
+
+
+def checkpoints(record: RunRecord) -> list[str]:
+    """The run's checkpoint folders, oldest first (Ray Train names sort by time)."""
+    fs, path = filesystem(record.run_dir, record.storage_config)
+    if not fs.exists(path):
+        return []
+    folders = (e["name"] for e in fs.ls(path, detail=True) if e["type"] == "directory")
+    names = sorted(name.rstrip("/").rsplit("/", 1)[-1] for name in folders)
+    return [join(record.run_dir, name) for name in names if name.startswith("checkpoint_")]
+
+
+def latest_checkpoint(record: RunRecord) -> str:
+    """The newest checkpoint of a run; a ConfigError if it has none."""
+    found = checkpoints(record)
+    if not found:
+        raise ConfigError(f"run {record.name} has no checkpoint yet (looked in {record.run_dir})")
+    return found[-1]

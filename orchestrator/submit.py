@@ -1,0 +1,135 @@
+"""Starting the training job: a child process here (`local`) or a Ray job (remote).
+
+Both run the same entry point, ``python -m trainer.job --config RUN_CONFIG_URI``; the
+orchestrator never imports the trainer. Credentials are never put in the job's runtime
+environment (Ray shows it in the dashboard and logs): a local child inherits this
+process's environment, remote workers read their own.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from typing import Any
+
+from infra.config import RunConfig
+from infra.errors import ServiceError
+from orchestrator.runs import RunRecord, registry_dir
+
+JOB_MODULE = "trainer.job"
+
+
+def job_command(config_uri: str, python: str = "python") -> list[str]:
+    """The job entry point's command line."""
+    return [python, "-m", JOB_MODULE, "--config", config_uri]
+
+
+def run_local(record: RunRecord, echo=sys.stdout.write) -> int:
+    """Run the job in the foreground; its output goes to ``echo`` and the run's log file."""
+    record.log_path = str(registry_dir() / f"{record.name}.log")
+    process = subprocess.Popen(
+        job_command(record.config_uri, python=sys.executable),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        start_new_session=True,  # `m2d stop` ends the whole group, Ray workers included
+    )
+    record.pid, record.exit_code = process.pid, None
+    record.save()
+    try:
+        with open(record.log_path, "a") as log:
+            for line in process.stdout:
+                echo(line)
+                log.write(line)
+                log.flush()
+        record.exit_code = process.wait()
+    except KeyboardInterrupt:
+        stop_local(record)
+        record.exit_code = process.wait()
+    record.save()
+    return record.exit_code
+
+
+def stop_local(record: RunRecord) -> bool:
+    """Send SIGTERM to a local run's process group; False if it was not running."""
+    if record.pid is None or not _alive(record.pid):
+        return False
+    os.killpg(record.pid, signal.SIGTERM)
+    return True
+
+
+def local_state(record: RunRecord) -> str:
+    """SUCCEEDED / FAILED / RUNNING / LOST (the launching process died first)."""
+    if record.exit_code is not None:
+        return "SUCCEEDED" if record.exit_code == 0 else f"FAILED (exit {record.exit_code})"
+    if record.pid is not None and _alive(record.pid):
+        return "RUNNING"
+    return "LOST"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def runtime_env(run: RunConfig) -> dict[str, Any]:
+    """The Ray runtime_env of a remote job: image, pip and non-secret env vars only."""
+    env: dict[str, Any] = {}
+    if run.runtime_env.env_vars:
+        env["env_vars"] = dict(run.runtime_env.env_vars)
+    if run.runtime_env.pip:
+        env["pip"] = list(run.runtime_env.pip)
+    if run.runtime_env.image:
+        env["image_uri"] = run.runtime_env.image
+    return env
+
+
+def job_client(address: str):
+    """A Ray Jobs client; the auth token comes from RAY_AUTH_TOKEN(_PATH) or ~/.ray."""
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError...
+        raise ServiceError(
+            f"cannot reach the Ray cluster at {address} ({_first_line(exc)}); check that it "
+            "runs and that ray.address in the cluster profile is its dashboard address"
+        ) from None
+
+
+def submit_remote(record: RunRecord, run: RunConfig) -> None:
+    """Submit the job to a remote Ray cluster through the Jobs API; returns at once."""
+    client = job_client(run.ray.address)
+    try:
+        client.submit_job(
+            entrypoint=shlex.join(job_command(record.config_uri)),
+            submission_id=record.name,
+            runtime_env=runtime_env(run),
+            metadata={"m2d_run": record.name, "cluster": run.cluster, "stage": run.stage},
+        )
+    except Exception as exc:
+        raise ServiceError(f"Ray refused the job {record.name}: {_first_line(exc)}") from None
+    record.save()
+
+
+def remote_call(record: RunRecord, method: str, *args):
+    """Call a JobSubmissionClient method for this run, as a one-line ServiceError on failure."""
+    client = job_client(record.address)
+    try:
+        return getattr(client, method)(record.name, *args)
+    except Exception as exc:
+        raise ServiceError(f"{method} for run {record.name}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
