@@ -19,6 +19,7 @@ COMMANDS = {
         "orchestrator.commands.cluster:cluster",
         "List, show and validate cluster profiles.",
     ),
+    "dashboard": ("orchestrator.commands.dashboard:dashboard", "Open the MLflow UI."),
     "launch": ("orchestrator.commands.launch:launch", "Launch a training stage on a cluster."),
     "logs": ("orchestrator.commands.status:logs", "Print (or follow) a run's output."),
     "runs": ("orchestrator.commands.status:runs_", "Table of recent runs."),
