@@ -21,6 +21,7 @@ COMMANDS = {
     ),
     "dashboard": ("orchestrator.commands.dashboard:dashboard", "Open the MLflow UI."),
     "launch": ("orchestrator.commands.launch:launch", "Launch a training stage on a cluster."),
+    "data": ("orchestrator.commands.data:data", "Synthesize and inspect training data."),
     "logs": ("orchestrator.commands.status:logs", "Print (or follow) a run's output."),
     "runs": ("orchestrator.commands.status:runs_", "Table of recent runs."),
     "status": ("orchestrator.commands.status:status", "State of a run."),
