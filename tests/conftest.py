@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +34,8 @@ def _wait_http(url: str, process: subprocess.Popen, timeout: float = 60.0) -> No
         try:
             urllib.request.urlopen(url, timeout=2)
             return
+        except urllib.error.HTTPError:
+            return  # it answered (e.g. 401 before the auth token): it is up
         except OSError:
             time.sleep(0.2)
     raise RuntimeError(f"service did not answer at {url} within {timeout:.0f}s")
@@ -115,3 +119,52 @@ def mlflow_server(tmp_path_factory) -> Iterator[str]:
     finally:
         _stop(process)
         shutil.rmtree(root / "artifacts", ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory) -> Iterator[str]:
+    """A real Ray head (`ray start --head --block`) on 127.0.0.1 with token auth on.
+
+    Yields the dashboard (Jobs API) address. The token lives in a temporary file that
+    this process and its children find through RAY_AUTH_TOKEN_PATH.
+    """
+    root = tmp_path_factory.mktemp("ray")
+    token_path = root / "auth_token"
+    token_path.write_text(secrets.token_hex(16))
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path))
+    port, dashboard_port = free_port(), free_port()
+    log = (root / "ray.log").open("w")
+    process = subprocess.Popen(
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dashboard_port),
+            "--num-cpus",
+            "2",
+            "--disable-usage-stats",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        _wait_http(f"{address}/api/version", process, timeout=120)
+        yield address
+    finally:
+        _stop(process)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
