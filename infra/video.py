@@ -173,7 +173,7 @@ def _decode_wanted(container, wanted: list[int], cut: float, end: float | None, 
             "the file is truncated or the manifest's num_frames is wrong",
             "truncated",
         )
-    if end is not None and cut + wanted[-1] / float(fps) >= end + 1e-6:
+    if end is not None and cut + wanted[-1] / float(fps) > end - 1e-6:
         raise VideoError(f"{uri}: frame {wanted[-1]} lies after end={end:g}s", "too_short")
     return frames
 
