@@ -152,7 +152,10 @@ def test_skip_counts_add_merge_and_serialise():
     a, b = SkipCounts(), SkipCounts({"missing": 2})
     a.add("missing")
     a.add("zero_byte", 3)
-    assert a.merge(b) is a
-    assert a.as_dict() == {"missing": 3, "zero_byte": 3} and a.total == 6 and a["other"] == 0
-    assert SkipCounts(json.loads(json.dumps(a.as_dict()))) == a
-    assert str(a) == "missing=3, zero_byte=3" and str(SkipCounts()) == "none"
+    merged = a.merge(b)
+    # merge leaves both inputs alone, so calling it again never double counts.
+    assert a.as_dict() == {"missing": 1, "zero_byte": 3} and b.as_dict() == {"missing": 2}
+    assert merged.as_dict() == {"missing": 3, "zero_byte": 3} and a.merge(b) == merged
+    assert merged.total == 6 and merged["other"] == 0
+    assert SkipCounts(json.loads(json.dumps(merged.as_dict()))) == merged
+    assert str(merged) == "missing=3, zero_byte=3" and str(SkipCounts()) == "none"

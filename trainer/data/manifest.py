@@ -64,9 +64,8 @@ class SkipCounts:
         self._counts[reason] += count
 
     def merge(self, other: SkipCounts) -> SkipCounts:
-        """Add another tally into this one; returns self."""
-        self._counts.update(other._counts)
-        return self
+        """A new tally with the counts of both (neither input changes)."""
+        return SkipCounts(self._counts + other._counts)
 
     def as_dict(self) -> dict[str, int]:
         """Reason -> count, sorted by reason (JSON-serialisable)."""
