@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 
 import pytest
+import torch
 
 from infra.errors import DataError
+from infra.video import write_video
+from trainer.data.loader import StoryLoader
 from trainer.data.manifest import Clip, ShotGroup
 from trainer.data.samplers import PretrainSampler, SFTSampler
 
@@ -112,3 +116,117 @@ def test_state_from_other_data_is_refused():
 def test_too_little_data_for_the_ranks_is_a_data_error():
     with pytest.raises(DataError, match="cannot feed 8 ranks"):
         PretrainSampler(CLIPS[:6], num_scenes=3, seed=0, rank=0, world_size=8)
+
+
+# --- StoryLoader: decoding real files through the samplers ---------------------------
+
+
+def numbered(k: int) -> torch.Tensor:
+    """A 32x48 frame whose three gray strips spell k in base 8 (robust to compression)."""
+    frame = torch.zeros(32, 48, 3, dtype=torch.uint8)
+    for strip, digit in enumerate((k // 64, (k // 8) % 8, k % 8)):
+        frame[:, strip * 16 : (strip + 1) * 16] = 32 * digit + 16
+    return frame
+
+
+def number_of(frame_CHW: torch.Tensor) -> int:
+    digits = [int(frame_CHW[:, :, s * 16 + 4 : s * 16 + 12].float().mean()) // 32 for s in range(3)]
+    return digits[0] * 64 + digits[1] * 8 + digits[2]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Good numbered clips and one file of every bad kind, each with its manifest row."""
+    root = tmp_path_factory.mktemp("corpus")
+    good = torch.stack([numbered(k) for k in range(60)])
+    for name in ("good0", "good1", "good2"):
+        write_video(str(root / f"{name}.mp4"), good, fps=8)
+    data = (root / "good0.mp4").read_bytes()
+    (root / "zero.mp4").write_bytes(b"")
+    (root / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    (root / "random.mp4").write_bytes(random.Random(1).randbytes(3000))
+    (root / "text.mp4").write_text("hello")
+
+    def good_clip(name: str, frames: int = 60) -> Clip:
+        return Clip(str(root / f"{name}.mp4"), name, frames, 8.0, 48, 32)
+
+    bad = {  # name -> (clip, the reason the loader must count)
+        "missing": (good_clip("absent"), "missing"),
+        "zero": (good_clip("zero"), "zero_byte"),
+        "truncated_file": (good_clip("truncated"), "undecodable"),  # moov atom cut off
+        "random": (good_clip("random"), "undecodable"),
+        "text": (good_clip("text"), "undecodable"),
+        "too_short": (good_clip("good0", frames=10), "too_short"),  # span holds 8 < 9
+        "overstated": (good_clip("good1", frames=4000), "truncated"),  # the file ends early
+    }
+    return [good_clip(n) for n in ("good0", "good1", "good2")], bad
+
+
+def bad_clips(bad) -> list[Clip]:
+    return [clip for clip, _ in bad.values()]
+
+
+def test_pretrain_loader_decodes_frames_at_the_recipes_indices(corpus):
+    good, _ = corpus
+    sampler = PretrainSampler(good, num_scenes=3, seed=0)
+    decoded = next(StoryLoader(sampler, frames=9, height=32, width=48, stage="pretrain"))
+    assert sorted(c.caption for c in decoded.story.clips) == ["good0", "good1", "good2"]
+    for video in decoded.videos:
+        assert video.shape == (9, 3, 32, 48) and video.dtype == torch.uint8
+        numbers = [number_of(frame) for frame in video]
+        # 60 frames, span [3, 57): stride 3 needs 25 frames, so starts lie in 3 .. 32.
+        assert numbers == list(range(numbers[0], numbers[0] + 25, 3)) and 3 <= numbers[0] <= 32
+
+
+def test_sft_loader_uses_the_whole_shot_and_resizes(corpus):
+    good, _ = corpus
+    sampler = SFTSampler([ShotGroup("g", tuple(good))], num_scenes=2, seed=0)
+    decoded = next(StoryLoader(sampler, frames=49, height=16, width=16, stage="sft"))
+    assert len(decoded.videos) == 2
+    assert all(v.shape == (49, 3, 16, 16) for v in decoded.videos)  # stride 1 over 60 frames
+
+
+def test_bad_data_of_every_kind_is_skipped_and_counted(corpus):
+    good, bad = corpus
+    sampler = PretrainSampler([*good, *bad_clips(bad)], num_scenes=1, seed=3)
+    loader = StoryLoader(sampler, frames=9, height=32, width=48, stage="pretrain")
+    stories = take(loader, 4)  # 3 good per epoch: the 4th finishes epoch 0 for certain
+    assert all(d.story.clips[0] in good for d in stories)
+    counts = loader.skips.as_dict()
+    assert set(counts) == {reason for _, reason in bad.values()}
+    assert counts["undecodable"] >= 3 and loader.skips.total >= len(bad)
+    assert loader.state_dict()["skips"] == counts
+
+
+def test_sft_story_with_a_bad_shot_is_skipped(corpus):
+    good, bad = corpus
+    groups = [ShotGroup("ok", tuple(good[:2])), ShotGroup("broken", (good[0], bad["missing"][0]))]
+    loader = StoryLoader(SFTSampler(groups, 2, seed=0), frames=9, height=8, width=8, stage="sft")
+    assert {d.story.id.split("@")[0] for d in take(loader, 3)} == {"ok"}
+    assert loader.skips["missing"] >= 2
+
+
+def test_an_all_broken_dataset_is_an_error_not_an_endless_loop(corpus):
+    _, bad = corpus
+    sampler = PretrainSampler(bad_clips(bad), num_scenes=1, seed=0)
+    loader = StoryLoader(sampler, 9, 32, 48, "pretrain", max_consecutive_skips=20)
+    with pytest.raises(DataError, match="20 stories in a row"):
+        next(loader)
+
+
+def test_loader_resume_is_exact_including_frame_choice(corpus):
+    good, bad = corpus
+    clips = [*good, bad["missing"][0]]
+
+    def loader():
+        return StoryLoader(PretrainSampler(clips, 1, seed=5), 9, 32, 48, "pretrain", seed=11)
+
+    reference = [(d.story.id, [v.clone() for v in d.videos]) for d in take(loader(), 7)]
+    first = loader()
+    take(first, 4)
+    resumed = loader()
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    rest = [(d.story.id, d.videos) for d in take(resumed, 3)]
+    assert [r[0] for r in rest] == [r[0] for r in reference[4:]]
+    for (_, videos), (_, expected) in zip(rest, reference[4:], strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(videos, expected, strict=True))
