@@ -1,14 +1,19 @@
-"""Manifests: the three table formats, SFT groups, relative paths, and bad rows by reason."""
+"""Manifests (three table formats, SFT groups, bad rows by reason) and the synthetic dataset."""
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
+import torch
 
 from infra.errors import DataError
+from infra.video import read_frames
 from trainer.data.manifest import Clip, ShotGroup, SkipCounts, read_clips, read_shot_groups
+from trainer.data.synth import COLORS, synthesize
+from trainer.data.synth import main as synth_main
 
 GOOD = {"path": "a.mp4", "caption": "Actor1 (a red square) waves.", "num_frames": 60, "fps": 24}
 GOOD = {**GOOD, "width": 64, "height": 48}
@@ -159,3 +164,73 @@ def test_skip_counts_add_merge_and_serialise():
     assert merged.total == 6 and merged["other"] == 0
     assert SkipCounts(json.loads(json.dumps(merged.as_dict()))) == merged
     assert str(merged) == "missing=3, zero_byte=3" and str(SkipCounts()) == "none"
+
+
+# --- the synthetic dataset: real files, both manifests, recurring characters ----------
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    synthesize(str(out), stories=4, scenes=3, frames=9, height=32, width=48, seed=0)
+    return out
+
+
+def test_synth_writes_both_manifests_over_real_videos(synth_dir):
+    clips, skips = read_clips(str(synth_dir / "pretrain.jsonl"))
+    groups, group_skips = read_shot_groups(str(synth_dir / "sft.jsonl"), num_scenes=3)
+    assert len(clips) == 16 and len(groups) == 4 and skips.total == group_skips.total == 0
+    assert all(len(g.shots) == 4 for g in groups)  # scenes + 1 shots: windows can move
+    assert [s for g in groups for s in g.shots] == clips
+    frames = read_frames(clips[5].path, list(range(9)))
+    assert frames.shape == (9, 32, 48, 3) and (clips[5].width, clips[5].height) == (48, 32)
+
+
+def test_synth_characters_recur_in_every_shot_of_a_story(synth_dir):
+    groups, _ = read_shot_groups(str(synth_dir / "sft.jsonl"), num_scenes=3)
+    for group in groups:
+        casts = [re.findall(r"Actor\d \((an? \w+ \w+)\)", shot.caption) for shot in group.shots]
+        assert casts[0] and all(cast == casts[0] for cast in casts)
+        for shot in group.shots:
+            frame = read_frames(shot.path, [0])[0].int()
+            for description in casts[0]:
+                color = torch.tensor(COLORS[description.split()[1]])
+                # The actor's color is on screen (up to compression error).
+                assert ((frame - color).abs().max(dim=-1).values <= 40).any(), description
+
+
+def test_synth_is_deterministic_in_its_seed(synth_dir, tmp_path):
+    synthesize(str(tmp_path / "same"), stories=4, scenes=3, frames=9, height=32, width=48)
+    synthesize(str(tmp_path / "other"), stories=4, scenes=3, frames=9, height=32, width=48, seed=1)
+    same = (tmp_path / "same" / "sft.jsonl").read_text()
+    assert same == (synth_dir / "sft.jsonl").read_text()
+    assert same != (tmp_path / "other" / "sft.jsonl").read_text()
+    shot = "videos/story002/shot3.mp4"
+    assert torch.equal(
+        read_frames(str(synth_dir / shot), [0, 8]),
+        read_frames(str(tmp_path / "same" / shot), [0, 8]),
+    )
+
+
+def test_m2d_data_synth_and_inspect_run_the_jobs(tmp_path):
+    from click.testing import CliRunner
+
+    from orchestrator.cli import cli
+
+    runner = CliRunner()
+    out = tmp_path / "cli"
+    result = runner.invoke(
+        cli, ["data", "synth", "--out", str(out), "--stories", "2", "--frames", "5"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "wrote 2 stories, 8 shots" in result.output
+    assert len(read_clips(str(out / "pretrain.jsonl"))[0]) == 8
+    missing = runner.invoke(cli, ["data", "inspect", str(tmp_path / "none.jsonl")])
+    assert missing.exit_code == 2 and "manifest not found" in missing.output
+    assert missing.output.count("\n") == 1
+
+
+def test_synth_main_refuses_odd_sizes_with_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        synth_main(["--out", str(tmp_path), "--size", "31x32"])
+    assert info.value.code == 2 and "even" in capsys.readouterr().err

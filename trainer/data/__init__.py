@@ -1,19 +1,30 @@
-"""Training data: manifests, story samplers, and the decoding loader (issue 4)."""
+"""Training data: manifests, story samplers, and the decoding loader (issue 4).
 
-from trainer.data.loader import DecodedStory, StoryLoader, decode_clip
-from trainer.data.manifest import Clip, ShotGroup, SkipCounts, read_clips, read_shot_groups
-from trainer.data.samplers import PretrainSampler, SFTSampler, Story
+Names load lazily, so ``python -m trainer.data.manifest`` does not import torch.
+"""
 
-__all__ = [
-    "Clip",
-    "DecodedStory",
-    "PretrainSampler",
-    "SFTSampler",
-    "ShotGroup",
-    "SkipCounts",
-    "Story",
-    "StoryLoader",
-    "decode_clip",
-    "read_clips",
-    "read_shot_groups",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Clip": "manifest",
+    "ShotGroup": "manifest",
+    "SkipCounts": "manifest",
+    "read_clips": "manifest",
+    "read_shot_groups": "manifest",
+    "PretrainSampler": "samplers",
+    "SFTSampler": "samplers",
+    "Story": "samplers",
+    "DecodedStory": "loader",
+    "StoryLoader": "loader",
+    "decode_clip": "loader",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'trainer.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"trainer.data.{_EXPORTS[name]}"), name)

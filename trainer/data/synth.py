@@ -70,37 +70,42 @@ def _mask(shape: str, height: int, width: int, cy: float, cx: float, r: float) -
 def render_shot(
     actors: list[Actor],
     moves: list[str],
-    starts: list[tuple[float, float]],
     background: str,
     frames: int,
     height: int,
     width: int,
+    rng: random.Random,
 ) -> torch.Tensor:
-    """uint8 (frames, height, width, 3): each actor glides from its start in its direction."""
-    radius = max(2.0, min(height, width) / 8)
-    # Travel about half the frame over the shot, so motion is visible but stays inside.
-    step = 0.5 * min(height, width) / max(frames - 1, 1)
+    """uint8 (frames, height, width, 3): each actor glides in its direction.
+
+    Actor i keeps to its own vertical band of the frame, so actors never hide each other.
+    """
+    band = width / len(actors)
+    radius = max(2.0, min(height / 8, band / 5))
     video = torch.empty(frames, height, width, 3, dtype=torch.uint8)
     video[:] = torch.tensor(BACKGROUNDS[background], dtype=torch.uint8)
+    paths = [_path(move, i * band, band, height, frames, rng) for i, move in enumerate(moves)]
     for t in range(frames):
-        for actor, move, (cy, cx) in zip(actors, moves, starts, strict=True):
-            dx, dy = DIRECTIONS[move]
-            mask = _mask(actor.shape, height, width, cy + dy * step * t, cx + dx * step * t, radius)
+        for actor, path in zip(actors, paths, strict=True):
+            cy, cx = path(t)
+            mask = _mask(actor.shape, height, width, cy, cx, radius)
             video[t][mask] = torch.tensor(COLORS[actor.color], dtype=torch.uint8)
     return video
 
 
-def _start(move: str, rng: random.Random, height: int, width: int) -> tuple[float, float]:
-    """A start point from which a quarter-to-half frame of travel stays in view."""
+def _path(move: str, left: float, band: float, height: int, frames: int, rng: random.Random):
+    """t -> (y, x): half the band (or height) of travel over the shot, staying in view."""
     dx, dy = DIRECTIONS[move]
-    return _along(height, dy, rng), _along(width, dx, rng)
+    y0, x0 = _start(height, dy, rng), left + _start(band, dx, rng)
+    step_y, step_x = 0.5 * height / max(frames - 1, 1), 0.5 * band / max(frames - 1, 1)
+    return lambda t: (y0 + dy * step_y * t, x0 + dx * step_x * t)
 
 
-def _along(size: int, direction: int, rng: random.Random) -> float:
+def _start(size: float, direction: int, rng: random.Random) -> float:
     # Start on the far side of the way the actor moves; across it, anywhere central.
     if direction:
         return size * (0.75 if direction < 0 else 0.25)
-    return size * rng.uniform(0.3, 0.7)
+    return size * rng.uniform(0.35, 0.65)
 
 
 def caption(actors: list[Actor], moves: list[str], background: str) -> str:
@@ -113,8 +118,9 @@ def caption(actors: list[Actor], moves: list[str], background: str) -> str:
 
 
 def _story_cast(rng: random.Random) -> list[Actor]:
-    pairs = [(c, s) for c in COLORS for s in SHAPES]
-    return [Actor(c, s) for c, s in rng.sample(pairs, rng.choice((1, 2)))]
+    # Distinct colors, so each character is identifiable by color alone.
+    colors = rng.sample(sorted(COLORS), rng.choice((1, 2)))
+    return [Actor(color, rng.choice(SHAPES)) for color in colors]
 
 
 def synthesize(
@@ -160,8 +166,7 @@ def _write_story(out, story_id, rng, shots, frames, height, width, fps, storage)
     for shot in range(shots):
         background = rng.choice(sorted(BACKGROUNDS))
         moves = [rng.choice(sorted(DIRECTIONS)) for _ in actors]
-        starts = [_start(move, rng, height, width) for move in moves]
-        video = render_shot(actors, moves, starts, background, frames, height, width)
+        video = render_shot(actors, moves, background, frames, height, width, rng)
         path = f"videos/{story_id}/shot{shot}.mp4"
         write_video(join(out, path), video, fps, storage)
         rows.append(
