@@ -165,6 +165,8 @@ def _decode_wanted(container, wanted: list[int], cut: float, end: float | None, 
     fps = stream.average_rate or stream.guessed_rate
     if not fps:
         raise VideoError(f"{uri}: no frame rate in the stream; re-encode it")
+    if end is not None and cut + wanted[-1] / float(fps) > end - 1e-6:
+        raise VideoError(f"{uri}: frame {wanted[-1]} lies after end={end:g}s", "too_short")
     origin = float(stream.start_time * stream.time_base) if stream.start_time else 0.0
     origin += cut
     frames, first = _collect(container, stream, wanted, origin, float(fps), seek=True)
@@ -178,8 +180,6 @@ def _decode_wanted(container, wanted: list[int], cut: float, end: float | None, 
             "the file is truncated or the manifest's num_frames is wrong",
             "truncated",
         )
-    if end is not None and cut + wanted[-1] / float(fps) > end - 1e-6:
-        raise VideoError(f"{uri}: frame {wanted[-1]} lies after end={end:g}s", "too_short")
     return frames
 
 
