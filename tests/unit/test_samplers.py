@@ -156,7 +156,7 @@ def corpus(tmp_path_factory):
         "truncated_file": (good_clip("truncated"), "undecodable"),  # moov atom cut off
         "random": (good_clip("random"), "undecodable"),
         "text": (good_clip("text"), "undecodable"),
-        "too_short": (good_clip("good0", frames=10), "too_short"),  # span holds 8 < 9
+        "too_short": (good_clip("good0", frames=8), "too_short"),  # 8 < 9 frames asked
         "overstated": (good_clip("good1", frames=4000), "truncated"),  # the file ends early
     }
     return [good_clip(n) for n in ("good0", "good1", "good2")], bad
@@ -198,12 +198,15 @@ def test_bad_data_of_every_kind_is_skipped_and_counted(corpus):
     assert loader.state_dict()["skips"] == counts
 
 
-def test_sft_story_with_a_bad_shot_is_skipped(corpus):
+def test_sft_stories_with_a_bad_shot_of_every_kind_are_skipped(corpus):
     good, bad = corpus
-    groups = [ShotGroup("ok", tuple(good[:2])), ShotGroup("broken", (good[0], bad["missing"][0]))]
+    groups = [ShotGroup("ok", tuple(good[:2]))]
+    groups += [ShotGroup(name, (good[0], clip)) for name, (clip, _) in bad.items()]
     loader = StoryLoader(SFTSampler(groups, 2, seed=0), frames=9, height=8, width=8, stage="sft")
-    assert {d.story.id.split("@")[0] for d in take(loader, 3)} == {"ok"}
-    assert loader.skips["missing"] >= 2
+    # One usable story per epoch: the second one ends epoch 0, which held every bad group.
+    assert {d.story.id.split("@")[0] for d in take(loader, 2)} == {"ok"}
+    assert set(loader.skips.as_dict()) == {reason for _, reason in bad.values()}
+    assert loader.skips.total >= len(bad)
 
 
 def test_an_all_broken_dataset_is_an_error_not_an_endless_loop(corpus):
