@@ -23,8 +23,6 @@ from infra.config import StorageConfig
 from infra.errors import DataError
 from infra.storage import filesystem, is_remote
 
-# Frames resized per interpolate call: bounds float memory for long, large clips.
-_RESIZE_CHUNK = 8
 # Object-store read block: big enough for a GOP of a 480p clip, small enough that
 # reading the index at the end of an mp4 does not fetch the whole object.
 _REMOTE_BLOCK_SIZE = 4 * 2**20
@@ -101,22 +99,21 @@ def resize_center_crop(frames_THWC_uint8: torch.Tensor, height: int, width: int)
     source_h, source_w = frames_TCHW.shape[-2:]
     new_h, new_w = cover_size(source_h, source_w, height, width)
     if (new_h, new_w) != (source_h, source_w):
-        frames_TCHW = torch.cat(
-            [_resize(chunk, new_h, new_w) for chunk in frames_TCHW.split(_RESIZE_CHUNK)]
-        )
+        frames_TCHW = _resize(frames_TCHW, new_h, new_w)
     top, left = (new_h - height) // 2, (new_w - width) // 2
     return frames_TCHW[:, :, top : top + height, left : left + width].contiguous()
 
 
 def _resize(frames_TCHW_uint8: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    resized = F.interpolate(
-        frames_TCHW_uint8.float(),
+    # uint8 in channels-last memory (a permuted THWC decode) takes torch's vectorised
+    # uint8 kernel, about 7x faster on CPU than resizing in float and within 1 level of it.
+    return F.interpolate(
+        frames_TCHW_uint8.contiguous(memory_format=torch.channels_last),
         size=(height, width),
         mode="bilinear",
         align_corners=False,
         antialias=True,
     )
-    return resized.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def read_frames(
