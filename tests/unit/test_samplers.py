@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import random
@@ -11,7 +12,7 @@ import torch
 
 from infra.errors import DataError
 from infra.video import write_video
-from trainer.data.loader import StoryLoader
+from trainer.data.loader import StoryLoader, clip_frame_count, decode_clip
 from trainer.data.manifest import Clip, ShotGroup
 from trainer.data.samplers import PretrainSampler, SFTSampler
 
@@ -176,6 +177,17 @@ def test_pretrain_loader_decodes_frames_at_the_recipes_indices(corpus):
         numbers = [number_of(frame) for frame in video]
         # 60 frames, span [3, 57): stride 3 needs 25 frames, so starts lie in 3 .. 32.
         assert numbers == list(range(numbers[0], numbers[0] + 25, 3)) and 3 <= numbers[0] <= 32
+
+
+def test_a_cut_clip_samples_inside_its_start_end(corpus):
+    # good0 at 8 fps, seconds 2..6: file frames 16..47, 32 frames. Span [1.6, 30.4) of the
+    # cut is frames [2, 30), 28 frames: 9 at stride 3 need 25, so it starts at cut frame 2..5.
+    cut = dataclasses.replace(corpus[0][0], start=2.0, end=6.0)
+    assert clip_frame_count(cut) == 32
+    for seed in range(4):
+        video = decode_clip(cut, 9, 32, 48, (0.05, 0.95), random.Random(seed))
+        numbers = [number_of(frame) for frame in video]
+        assert 18 <= numbers[0] <= 21 and numbers == list(range(numbers[0], numbers[0] + 25, 3))
 
 
 def test_sft_loader_uses_the_whole_shot_and_resizes(corpus):
