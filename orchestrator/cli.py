@@ -20,6 +20,7 @@ COMMANDS = {
         "List, show and validate cluster profiles.",
     ),
     "dashboard": ("orchestrator.commands.dashboard:dashboard", "Open the MLflow UI."),
+    "export": ("orchestrator.commands.export:export", "Export a checkpoint for diffusers."),
     "launch": ("orchestrator.commands.launch:launch", "Launch a training stage on a cluster."),
     "data": ("orchestrator.commands.data:data", "Synthesize and inspect training data."),
     "logs": ("orchestrator.commands.status:logs", "Print (or follow) a run's output."),

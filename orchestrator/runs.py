@@ -20,6 +20,7 @@ from infra.errors import ConfigError
 from infra.storage import filesystem, join
 
 RUN_CONFIG_FILE = "run_config.json"
+TRAINER_STATE_FILE = "trainer_state.json"  # written into every checkpoint by the trainer
 
 
 @dataclass
@@ -140,3 +141,13 @@ def latest_checkpoint(record: RunRecord) -> str:
     if not found:
         raise ConfigError(f"run {record.name} has no checkpoint yet (looked in {record.run_dir})")
     return found[-1]
+
+
+def checkpoint_step(checkpoint_uri: str, record: RunRecord) -> int | None:
+    """The training step a checkpoint was taken at (its trainer_state.json), if readable."""
+    fs, path = filesystem(join(checkpoint_uri, TRAINER_STATE_FILE), record.storage_config)
+    try:
+        with fs.open(path) as handle:
+            return int(json.load(handle)["step"])
+    except (OSError, KeyError, ValueError):
+        return None

@@ -1,0 +1,92 @@
+"""Export a training checkpoint as a diffusers CogVideoX transformer folder.
+
+ZeRO shards are consolidated with DeepSpeed's own ``zero_to_fp32`` reader, the weights are
+loaded (strictly) into a stock ``CogVideoXTransformer3DModel`` built from the run's model
+config, and written with ``save_pretrained`` (safetensors) - so plain diffusers loads it.
+
+    python -m trainer.export --checkpoint URI --out DIR [--storage-json JSON]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import CogVideoXTransformer3DModel
+
+from infra.config import RunConfig, StorageConfig
+from infra.errors import M2DError, StorageError
+from infra.storage import filesystem, is_remote, join
+from mask2dit.presets import preset_config
+from trainer.checkpoint import DEEPSPEED_TAG, RUN_CONFIG
+from trainer.components import resolve_model_folder
+
+# The engine wraps Mask2DiT, whose only submodule is the stock transformer.
+_PREFIX = "transformer."
+
+
+def transformer_config(run: RunConfig) -> dict:
+    """The stock transformer config of the run's model source."""
+    if run.model.source == "tiny":
+        return preset_config("tiny")
+    folder = resolve_model_folder(run.model.source, run.storage)
+    return dict(CogVideoXTransformer3DModel.load_config(folder / "transformer"))
+
+
+def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of the checkpoint's transformer, keys as in stock CogVideoX."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG)
+    return {key.removeprefix(_PREFIX): value for key, value in state.items()}
+
+
+def export_checkpoint(checkpoint_uri: str, out: Path, storage: StorageConfig | None) -> Path:
+    """Write the checkpoint's transformer to ``out``; ``out`` must not hold anything yet."""
+    if out.exists() and any(out.iterdir()):
+        raise StorageError(f"{out} is not empty; export into a new folder (nothing overwritten)")
+    with tempfile.TemporaryDirectory(prefix="m2d-export-") as tmp:
+        local = _local_copy(checkpoint_uri, Path(tmp), storage)
+        run = RunConfig.model_validate_json((local / RUN_CONFIG).read_text())
+        model = CogVideoXTransformer3DModel.from_config(transformer_config(run))
+        model.load_state_dict(consolidated_state_dict(local), strict=True)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def _local_copy(uri: str, tmp: Path, storage: StorageConfig | None) -> Path:
+    if not is_remote(uri):
+        local = Path(uri.removeprefix("file://"))
+        if not (local / RUN_CONFIG).is_file():
+            raise StorageError(f"{uri}: not a checkpoint folder (no {RUN_CONFIG})")
+        return local
+    fs, path = filesystem(uri, storage)
+    if not fs.exists(join(path, RUN_CONFIG)):
+        raise StorageError(f"{uri}: not a checkpoint folder (no {RUN_CONFIG})")
+    fs.get(path.rstrip("/") + "/", str(tmp / "checkpoint"), recursive=True)
+    return tmp / "checkpoint"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; user errors print one line and exit 2."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="Checkpoint folder (path or URI).")
+    parser.add_argument("--out", required=True, type=Path, help="New diffusers folder.")
+    parser.add_argument("--storage-json", help="StorageConfig of the checkpoint's store.")
+    args = parser.parse_args(argv)
+    storage = StorageConfig(**json.loads(args.storage_json)) if args.storage_json else None
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, storage)
+    except M2DError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported {args.checkpoint} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
