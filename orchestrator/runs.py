@@ -89,11 +89,8 @@ def new_run_name(run: RunConfig, explicit: str | None = None) -> str:
 
 
 def run_dir(run: RunConfig, name: str) -> str:
-    """The run's folder on storage (absolute for local roots, so workers agree on it)."""
-    root = run.storage.root
-    if "://" not in root:
-        root = str(Path(root).resolve())
-    return join(root, name)
+    """The run's folder on storage."""
+    return join(run.storage.root, name)
 
 
 def create_run_folder(run: RunConfig, name: str) -> str:
@@ -151,3 +148,30 @@ def checkpoint_step(checkpoint_uri: str, record: RunRecord) -> int | None:
             return int(json.load(handle)["step"])
     except (OSError, KeyError, ValueError):
         return None
+
+
+def with_absolute_paths(run: RunConfig) -> RunConfig:
+    """Local relative paths made absolute, so a job started elsewhere finds the same files.
+
+    Covers the storage root, the data manifests, a local model folder and a relative
+    sqlite tracking store; URIs are left as they are.
+    """
+
+    def absolute(value: str | None) -> str | None:
+        if value is None or "://" in value or value == "tiny":
+            return value
+        return str(Path(value).expanduser().resolve())
+
+    tracking = run.tracking.uri
+    if tracking.startswith("sqlite:///") and not tracking.startswith("sqlite:////"):
+        tracking = "sqlite:///" + absolute(tracking.removeprefix("sqlite:///"))
+    return run.model_copy(
+        update={
+            "storage": run.storage.model_copy(update={"root": absolute(run.storage.root)}),
+            "data": run.data.model_copy(
+                update={"pretrain": absolute(run.data.pretrain), "sft": absolute(run.data.sft)}
+            ),
+            "model": run.model.model_copy(update={"source": absolute(run.model.source)}),
+            "tracking": run.tracking.model_copy(update={"uri": tracking}),
+        }
+    )

@@ -50,6 +50,7 @@ def _resolve_new_run(ctx, cluster_name, stage, assignments, from_run) -> RunConf
     directory = profiles.clusters_dir(ctx.find_root().obj["clusters_dir"])
     loaded = profiles.load_profile(profiles.find_profile(cluster_name, directory))
     run = profiles.resolve(loaded, stage, profiles.parse_overrides(assignments))
+    run = runs.with_absolute_paths(run)
     if stage == "sft":
         source = runs.load_record(from_run) if from_run else _latest_pretrain(cluster_name)
         run = run.model_copy(update={"init_from": runs.latest_checkpoint(source)})

@@ -23,7 +23,7 @@ def m2d_home(tmp_path, monkeypatch):
 def _local_run(tmp_path, stage="pretrain"):
     loaded = profiles.load_profile(CLUSTERS / "local.yaml")
     root = {"storage": {"root": str(tmp_path / "runs")}}
-    return profiles.resolve(loaded, stage, root)
+    return runs.with_absolute_paths(profiles.resolve(loaded, stage, root))
 
 
 def test_run_folder_holds_the_resolved_config(tmp_path):
@@ -129,3 +129,18 @@ def test_runs_table_and_status_of_a_finished_local_run(tmp_path):
     assert table.exit_code == 0 and "done" in table.output and "SUCCEEDED" in table.output
     status = CliRunner().invoke(cli, ["status", "done"])
     assert "state:      SUCCEEDED" in status.output
+
+
+def test_relative_local_paths_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    loaded = profiles.load_profile(CLUSTERS / "local.yaml")
+    run = runs.with_absolute_paths(profiles.resolve(loaded, "pretrain", {}))
+    assert run.storage.root == str(tmp_path / "runs")
+    assert run.data.pretrain == str(tmp_path / "data" / "synth" / "pretrain.jsonl")
+    assert run.tracking.uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    assert run.model.source == "tiny"
+    remote = runs.with_absolute_paths(
+        profiles.resolve(profiles.load_profile(CLUSTERS / "a100x64.yaml"), "pretrain", {})
+    )
+    assert remote.storage.root == "s3://m2d-checkpoints/runs"
+    assert remote.tracking.uri == "http://mlflow.internal:5000"
