@@ -1,0 +1,58 @@
+"""The DeepSpeed engine of a run, over the Mask²DiT transformer.
+
+The DeepSpeed JSON comes from :func:`infra.deepspeed_config.deepspeed_config` only. Its
+``AdamW`` optimizer and ``WarmupLR`` scheduler are built by DeepSpeed itself; on the CPU
+accelerator the ``AdamW`` entry resolves to DeepSpeed's CPU ``FusedAdam`` op (a small C++
+extension compiled on first use and cached), so CPU and GPU runs take the same path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from infra.config import RunConfig
+from infra.deepspeed_config import deepspeed_config
+from infra.logging import get_logger
+
+__all__ = ["build_engine", "device_and_dtype"]
+
+log = get_logger("trainer.engine")
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def device_and_dtype(run: RunConfig) -> tuple[torch.device, torch.dtype]:
+    """This worker's device (its GPU, or the CPU) and the run's compute dtype."""
+    if run.workers.gpus_per_worker > 0 and torch.cuda.is_available():
+        import ray.train.torch
+
+        return ray.train.torch.get_device(), _DTYPES[run.deepspeed.precision]
+    return torch.device("cpu"), torch.float32
+
+
+def build_engine(run: RunConfig, transformer: torch.nn.Module) -> Any:
+    """``deepspeed.initialize`` over ``transformer`` with the run's DeepSpeed config.
+
+    Needs an initialised ``torch.distributed`` process group (Ray Train's, or gloo in a
+    single-process test). Turns on per-block activation checkpointing when configured.
+    """
+    import deepspeed
+
+    if run.deepspeed.activation_checkpointing:
+        transformer.transformer.enable_gradient_checkpointing()
+    parameters = [p for p in transformer.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(
+        model=transformer,
+        model_parameters=parameters,
+        config=deepspeed_config(run),
+        dist_init_required=False,
+    )
+    log.info(
+        "DeepSpeed ZeRO-%d engine: %s optimizer, %d trainable parameters",
+        run.deepspeed.zero_stage,
+        type(engine.optimizer).__name__,
+        sum(p.numel() for p in parameters),
+    )
+    return engine

@@ -1,0 +1,285 @@
+"""The training job's entry point: one run folder in, a fitted Ray Train run out.
+
+    python -m trainer.job --config URI [--data-pretrain URI] [--data-sft URI]
+                          [--synthetic-data] [--endpoint-url URL]
+
+``URI`` is ``{storage.root}/{run_name}/run_config.json`` (a path or ``s3://``), written by
+the orchestrator; the run's name is that folder's name and Ray Train keeps its state and
+checkpoints in the same folder. Run it locally as a subprocess or as a Ray Jobs
+entrypoint: ``ray.init()`` joins the cluster named by ``RAY_ADDRESS`` or starts a local
+Ray. Running it again on the same folder resumes from the latest checkpoint, in the same
+MLflow run (its id is kept in ``mlflow_run.json`` beside the config).
+
+Exit status: 0 finished, 1 training failed, 2 a problem the user can fix (bad config,
+missing data or storage); the last line printed says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from infra.config import RunConfig, StorageConfig
+from infra.errors import ConfigError, M2DError, StorageError
+from infra.logging import get_logger
+from infra.storage import filesystem, is_remote, storage_options
+from infra.tracking import Tracker
+
+__all__ = ["RunFolder", "main", "ray_run_config", "read_run_folder", "scaling_config"]
+
+log = get_logger("trainer.job")
+
+MLFLOW_RUN_FILE = "mlflow_run.json"
+
+
+@dataclass
+class RunFolder:
+    """The run's folder on storage: its URI, name, parent (Ray's storage path) and config."""
+
+    uri: str
+    name: str
+    parent: str
+    run: RunConfig
+
+
+def read_run_folder(config_uri: str, endpoint_url: str | None = None) -> RunFolder:
+    """Read and validate ``run_config.json``; the run is named after its folder."""
+    probe = StorageConfig(root=config_uri, endpoint_url=endpoint_url)
+    fs, path = filesystem(config_uri, probe)
+    try:
+        with fs.open(path, "r") as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{config_uri}: no run config there; give the run_config.json the launcher wrote"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise StorageError(f"{config_uri}: cannot read the run config ({exc})") from None
+    try:
+        run = RunConfig.model_validate(data)
+    except ValueError as exc:
+        first = str(exc).splitlines()
+        raise ConfigError(f"{config_uri}: invalid run config: {' '.join(first[:3])}") from None
+    folder = config_uri.rstrip("/").rsplit("/", 1)[0]
+    parent, name = folder.rsplit("/", 1) if "/" in folder else (".", folder)
+    if not is_remote(parent):
+        parent = os.path.abspath(parent.removeprefix("file://"))
+    return RunFolder(uri=folder, name=name, parent=parent, run=run)
+
+
+def scaling_config(run: RunConfig) -> Any:
+    """Ray Train workers from the profile's ``workers`` section."""
+    from ray.train import ScalingConfig
+
+    workers = run.workers
+    resources: dict[str, float] = {"CPU": workers.cpus_per_worker}
+    if workers.gpus_per_worker:
+        resources["GPU"] = workers.gpus_per_worker
+    return ScalingConfig(
+        num_workers=workers.num_workers,
+        use_gpu=workers.gpus_per_worker > 0,
+        resources_per_worker=resources,
+        accelerator_type=workers.gpu_type,
+    )
+
+
+def ray_run_config(folder: RunFolder, callbacks: list[Any] | None = None) -> Any:
+    """Ray Train's RunConfig: the run's folder as storage, restarts and checkpoint retention."""
+    import ray.train
+
+    ft = folder.run.fault_tolerance
+    storage_path, storage_fs = _ray_storage(folder.parent, folder.run.storage)
+    return ray.train.RunConfig(
+        name=folder.name,
+        storage_path=storage_path,
+        storage_filesystem=storage_fs,
+        failure_config=ray.train.FailureConfig(max_failures=ft.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=ft.keep_checkpoints),
+        callbacks=callbacks or [],
+    )
+
+
+def _ray_storage(parent: str, storage: StorageConfig) -> tuple[str, Any]:
+    """(storage_path, pyarrow filesystem or None): s3:// goes through s3fs for endpoint/region."""
+    if not is_remote(parent):
+        return parent, None
+    import pyarrow.fs
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**storage_options(storage))
+    handler = pyarrow.fs.FSSpecHandler(fs)
+    return parent.split("://", 1)[1], pyarrow.fs.PyFileSystem(handler)
+
+
+def mlflow_run(folder: RunFolder, tags: dict[str, str]) -> Tracker:
+    """The run's MLflow run: reused when ``mlflow_run.json`` exists (resume), else created."""
+    fs, path = filesystem(f"{folder.uri}/{MLFLOW_RUN_FILE}", folder.run.storage)
+    if fs.exists(path):
+        with fs.open(path, "r") as handle:
+            tracker = Tracker(folder.run.tracking.uri, json.load(handle)["run_id"])
+        tracker.reopen()
+        tracker.set_tags(tags)
+        return tracker
+    tracker = Tracker.create(folder.run, folder.name, tags)
+    with fs.open(path, "w") as handle:
+        json.dump({"run_id": tracker.run_id}, handle)
+    return tracker
+
+
+def git_commit() -> str:
+    """The commit of the code that runs (``M2D_GIT_COMMIT`` wins; 'unknown' outside git)."""
+    if os.environ.get("M2D_GIT_COMMIT"):
+        return os.environ["M2D_GIT_COMMIT"]
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(
+            ["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def _progress_callback(steps: int, tracker: Tracker) -> Any:
+    """A controller-side callback: progress line per report, checkpoint paths into MLflow."""
+    from ray.train import UserCallback
+
+    class Progress(UserCallback):
+        def __init__(self) -> None:
+            self.start = time.monotonic()
+            self.first_step: int | None = None
+
+        def after_report(self, run_context: Any, metrics: list, checkpoint: Any) -> None:
+            rank0 = metrics[0] if metrics else {}
+            step = int(rank0.get("step", 0))
+            if self.first_step is None:
+                self.first_step, self.start = step, time.monotonic()
+            done = step - self.first_step
+            eta = (time.monotonic() - self.start) / done * (steps - step) if done else 0.0
+            print(
+                f"[m2d] step {step}/{steps} loss {rank0.get('loss', float('nan')):.4f} "
+                f"{rank0.get('samples_per_s', 0.0):.2f} samples/s ETA {eta:.0f}s",
+                flush=True,
+            )
+            if checkpoint is not None:
+                tracker.set_tags({"checkpoint": checkpoint.path, "checkpoint_step": str(step)})
+
+    return Progress()
+
+
+def fit(folder: RunFolder, data: dict[str, Any]) -> Any:
+    """Run (or resume) the run's TorchTrainer; returns Ray Train's Result."""
+    from ray.train.torch import TorchTrainer
+
+    from trainer.loop import train_loop_per_worker
+
+    _init_ray()
+    tags = {"git_commit": git_commit(), "ray_job_id": _ray_job_id()}
+    tracker = mlflow_run(folder, tags)
+    log.info("MLflow run %s", tracker.url)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "run": folder.run.model_dump(mode="json"),
+            "data": data,
+            "mlflow_run_id": tracker.run_id,
+        },
+        scaling_config=scaling_config(folder.run),
+        run_config=ray_run_config(folder, [_progress_callback(folder.run.recipe.steps, tracker)]),
+    )
+    result = trainer.fit()
+    tracker.finish("FAILED" if result.error else "FINISHED")
+    return result, tracker
+
+
+def _init_ray() -> None:
+    """Join the cluster of ``RAY_ADDRESS`` (Ray Jobs sets it), else start Ray on 127.0.0.1."""
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(ignore_reinit_error=True)
+    else:
+        # "local" starts a fresh Ray even where another left /tmp/ray/ray_current_cluster;
+        # loopback because the detected node address may not be routable (containers).
+        ray.init(
+            address="local",
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            ignore_reinit_error=True,
+        )
+
+
+def _ray_job_id() -> str:
+    import ray
+
+    return os.environ.get("RAY_JOB_SUBMISSION_ID") or ray.get_runtime_context().get_job_id()
+
+
+def _data(args: argparse.Namespace) -> dict[str, Any]:
+    if args.synthetic_data:
+        return {"synthetic": True}
+    return {k: v for k, v in (("pretrain", args.data_pretrain), ("sft", args.data_sft)) if v}
+
+
+def summary(folder: RunFolder, result: Any, tracker: Tracker) -> str:
+    """The one line printed at the end."""
+    metrics = result.metrics or {}
+    checkpoint = result.checkpoint.path if result.checkpoint else "none"
+    return (
+        f"run {folder.name} {'failed' if result.error else 'finished'}: "
+        f"step {int(metrics.get('step', 0))}/{folder.run.recipe.steps}, "
+        f"loss {metrics.get('loss', float('nan')):.4f}, checkpoint {checkpoint}, "
+        f"mlflow {tracker.url}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.job", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--config", required=True, help="URI of the run's run_config.json")
+    parser.add_argument("--data-pretrain", help="pretrain manifest URI (clips)")
+    parser.add_argument("--data-sft", help="SFT manifest URI (shot groups)")
+    parser.add_argument("--synthetic-data", action="store_true", help="random stories, no files")
+    parser.add_argument("--endpoint-url", help="S3 endpoint for reading the config URI")
+    args = parser.parse_args(argv)
+    try:
+        folder = read_run_folder(args.config, args.endpoint_url)
+        result, tracker = fit(folder, _data(args))
+    except M2DError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(summary(folder, result, tracker), flush=True)
+    if result.error:
+        print(f"error: {_first_line(result.error)}", file=sys.stderr)
+        return 2 if isinstance(_root_cause(result.error), M2DError) else 1
+    return 0
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The worker's own exception inside Ray Train's wrappers, where one is attached."""
+    seen = error
+    for attr in ("worker_failures", "cause", "__cause__"):
+        inner = getattr(seen, attr, None)
+        if isinstance(inner, dict) and inner:
+            inner = next(iter(inner.values()))
+        if isinstance(inner, BaseException):
+            seen = _root_cause(inner)
+            break
+    return seen
+
+
+def _first_line(error: BaseException) -> str:
+    root = _root_cause(error)
+    text = str(root).strip().splitlines()
+    return f"{type(root).__name__}: {text[-1] if text else ''}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

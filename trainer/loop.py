@@ -1,0 +1,245 @@
+"""The per-worker train loop that ``ray.train.torch.TorchTrainer`` runs.
+
+``train_loop_per_worker(config)`` takes ``config = {"run": RunConfig JSON, "data":
+{"pretrain": uri, "sft": uri} | {"synthetic": true}, "mlflow_run_id": str | None,
+"git_commit": str | None}``. One optimizer step: for each micro-batch, encode the scene
+videos and captions with the frozen VAE and T5, noise them for the step's task
+(``mask2dit.tasks``), predict v with the Mask²DiT transformer inside DeepSpeed, and
+backpropagate the task loss; DeepSpeed steps AdamW and the warm-up schedule at the
+accumulation boundary. Metrics go to ``ray.train.report`` every step and, from rank 0,
+to MLflow. Every ``fault_tolerance.checkpoint_every`` steps and at the end all ranks save
+a checkpoint (``trainer.checkpoint``) and report it; a (re)started worker group resumes
+from the latest reported checkpoint.
+"""
+
+from __future__ import annotations
+
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from infra.config import RunConfig
+from infra.logging import get_logger
+from infra.tracking import Tracker
+from mask2dit.tasks import TaskSampler, prepare_training_batch, task_loss
+from trainer.batches import StoryBatches, make_batches
+from trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from trainer.components import Components, load_components
+from trainer.encode import encode_prompts, encode_videos
+from trainer.engine import build_engine, device_and_dtype
+
+__all__ = ["Worker", "step_seed", "train_loop_per_worker"]
+
+log = get_logger("trainer.loop")
+
+_MASK63 = (1 << 63) - 1
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point: build, resume if a checkpoint exists, train to the end."""
+    import ray.train
+
+    context = ray.train.get_context()
+    run = RunConfig.model_validate(config["run"])
+    worker = Worker(run, config, context.get_world_rank(), context.get_world_size())
+    worker.restore(ray.train.get_checkpoint())
+    worker.train()
+
+
+def step_seed(seed: int, step: int, rank: int, micro: int = 0) -> int:
+    """Seed of the (step, rank, micro-batch) noise stream: independent of earlier draws."""
+    h = seed & _MASK63
+    for key in (step, rank, micro):
+        h = (h * 6364136223846793005 + key + 1442695040888963407) & _MASK63
+    return h
+
+
+class Worker:
+    """One DeepSpeed rank: components, engine, data, tasks and the loop state."""
+
+    def __init__(self, run: RunConfig, config: dict[str, Any], rank: int, world: int) -> None:
+        self.run, self.rank, self.world = run, rank, world
+        self.device, self.dtype = device_and_dtype(run)
+        if self.device.type == "cpu":
+            torch.set_num_threads(run.workers.cpus_per_worker)
+        self.parts: Components = load_components(
+            run.model,
+            run.storage,
+            self.device,
+            self.dtype,
+            policy=run.recipe.mask_policy,
+            seed=run.recipe.seed,
+        )
+        self.engine = build_engine(run, self.parts.transformer)
+        self.batches: StoryBatches = make_batches(run, config.get("data"), rank, world)
+        recipe = run.recipe
+        self.tasks = TaskSampler(
+            recipe.extension_prob, recipe.seed, per_sample=recipe.task_draw == "per_sample"
+        )
+        self.state = TrainerState(world_size=world, mlflow_run_id=config.get("mlflow_run_id"))
+        self.tracker: Tracker | None = None
+
+    def restore(self, checkpoint: Any) -> None:
+        """Resume engine, data position, RNGs and step from a Ray checkpoint (if any)."""
+        if checkpoint is None:
+            return
+        run_id = self.state.mlflow_run_id
+        with checkpoint.as_directory() as folder:
+            self.state, data_state = load_checkpoint(
+                Path(folder), self.engine, self.rank, self.world
+            )
+        self.batches.load_state_dict(data_state)
+        self.state.mlflow_run_id = run_id or self.state.mlflow_run_id
+        log.info("rank %d resumed at step %d", self.rank, self.state.step)
+
+    def train(self) -> None:
+        """Run optimizer steps until ``recipe.steps``, reporting and checkpointing."""
+        if self.rank == 0 and self.state.mlflow_run_id:
+            self.tracker = Tracker(self.run.tracking.uri, self.state.mlflow_run_id)
+        steps, every = self.run.recipe.steps, self.run.fault_tolerance.checkpoint_every
+        while self.state.step < steps:
+            metrics = self.train_step()
+            self.state.step += 1
+            done = self.state.step
+            if done % every == 0 or done == steps:
+                self.report(metrics, checkpoint=True)
+            else:
+                self.report(metrics)
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over ``gradient_accumulation`` micro-batches; its metrics."""
+        start = time.perf_counter()
+        lr = float(self.engine.get_lr()[0])
+        totals = torch.zeros(6, dtype=torch.float64)  # loss, normal sum/n, ext sum/n, samples
+        tokens = 0
+        for micro in range(self.run.deepspeed.gradient_accumulation):
+            loss, extension, batch_tokens = self._micro_step(micro)
+            totals += _loss_totals(loss, extension)
+            tokens += batch_tokens
+        totals = self._all_reduce(totals)
+        elapsed = time.perf_counter() - start
+        samples = totals[5].item()
+        return {
+            "step": self.state.step + 1,  # steps completed, as MLflow's step axis
+            "loss": (totals[0] / samples).item(),
+            "loss_normal": _ratio(totals[1], totals[2]),
+            "loss_extension": _ratio(totals[3], totals[4]),
+            "lr": lr,
+            "grad_norm": _float(self.engine.get_global_grad_norm()),
+            "samples_per_s": samples / elapsed,
+            "tokens_per_s": tokens * self.world / elapsed,
+            "step_time_s": elapsed,
+            **self._peak_memory(),
+        }
+
+    def _micro_step(self, micro: int) -> tuple[Any, torch.Tensor, int]:
+        """Forward and backward of one micro-batch: its TaskLoss, task mask, token count."""
+        videos, captions = self.batches.next()
+        step, recipe = self.state.step, self.run.recipe
+        generator = torch.Generator().manual_seed(step_seed(recipe.seed, step, self.rank, micro))
+        latents, scene_frames = encode_videos(self.parts.vae, videos, generator)
+        text = encode_prompts(
+            self.parts.tokenizer, self.parts.text_encoder, captions, self.run.model.text_tokens
+        )
+        batch_size = latents.shape[0]
+        # per_sample draws are keyed by rank; fold the micro-batch in so each differs.
+        draw_rank = self.rank * self.run.deepspeed.gradient_accumulation + micro
+        extension = self.tasks.draw(step, batch_size, rank=draw_rank)
+        batch = prepare_training_batch(
+            latents, scene_frames, extension, self.parts.scheduler, generator
+        )
+        pred = self.engine(
+            batch.noisy_latents, text.to(latents.dtype), batch.timesteps, scene_frames
+        )
+        loss = task_loss(pred, batch.target, batch.loss_mask, batch.extension)
+        self.engine.backward(loss.loss)
+        self.engine.step()
+        patch = self.parts.transformer.config.patch_size
+        video_tokens = latents.shape[1] * (latents.shape[3] // patch) * (latents.shape[4] // patch)
+        return loss, batch.extension.cpu(), batch_size * (video_tokens + text.shape[1])
+
+    def _all_reduce(self, totals: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            on_device = totals.to(self.device)
+            dist.all_reduce(on_device)
+            return on_device.cpu()
+        return totals
+
+    def _peak_memory(self) -> dict[str, float]:
+        """Peak memory of every rank in MiB (GPU allocator peak, or the process's max RSS)."""
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peaks = torch.zeros(self.world, dtype=torch.float64, device=self.device)
+        peaks[self.rank] = peak
+        if self.world > 1:
+            dist.all_reduce(peaks)
+        memory = {f"peak_memory_mib_rank{r}": p for r, p in enumerate(peaks.tolist())}
+        return {"peak_memory_mib": max(memory.values()), **memory}
+
+    def report(self, metrics: dict[str, float], checkpoint: bool = False) -> None:
+        """``ray.train.report`` on every rank (with a checkpoint when asked); MLflow on rank 0."""
+        import ray.train
+
+        metrics = {k: v for k, v in metrics.items() if v is not None}
+        if self.tracker is not None:
+            self.tracker.log_metrics(metrics, step=self.state.step)
+        if not checkpoint:
+            ray.train.report(metrics)
+            return
+        skips = {f"data_skipped_{k}": float(v) for k, v in self.batches.skip_counts().items()}
+        with tempfile.TemporaryDirectory(prefix="m2d-ckpt-") as folder:
+            save_checkpoint(
+                Path(folder),
+                self.engine,
+                self.run,
+                self.state,
+                self.rank,
+                self.batches.state_dict(),
+            )
+            ray.train.report(
+                {**metrics, **skips},
+                checkpoint=ray.train.Checkpoint.from_directory(folder),
+                checkpoint_dir_name=f"checkpoint_{self.state.step:08d}",
+            )
+        if self.tracker is not None and skips:
+            self.tracker.log_metrics(skips, step=self.state.step)
+        self._progress(metrics)
+
+    def _progress(self, metrics: dict[str, float]) -> None:
+        if self.rank == 0:
+            log.info(
+                "step %d/%d loss %.4f %.2f samples/s",
+                self.state.step,
+                self.run.recipe.steps,
+                metrics["loss"],
+                metrics["samples_per_s"],
+            )
+
+
+def _loss_totals(loss: Any, extension: torch.Tensor) -> torch.Tensor:
+    """(loss sum, normal sum, normal n, extension sum, extension n, samples) of a micro-batch."""
+    n_ext = int(extension.sum())
+    n_normal = extension.numel() - n_ext
+    normal = 0.0 if loss.normal is None else loss.normal.item() * n_normal
+    ext = 0.0 if loss.extension is None else loss.extension.item() * n_ext
+    total = loss.loss.item() * extension.numel()
+    return torch.tensor(
+        [total, normal, n_normal, ext, n_ext, extension.numel()], dtype=torch.float64
+    )
+
+
+def _ratio(total: torch.Tensor, count: torch.Tensor) -> float | None:
+    return (total / count).item() if count.item() > 0 else None
+
+
+def _float(value: Any) -> float | None:
+    if value is None:
+        return None
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
