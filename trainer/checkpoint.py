@@ -23,10 +23,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from infra.config import RunConfig
-from infra.errors import ConfigError
+from infra.config import RunConfig, StorageConfig
+from infra.errors import ConfigError, StorageError
+from infra.storage import filesystem, is_remote
 
-__all__ = ["DEEPSPEED_TAG", "TrainerState", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "DEEPSPEED_TAG",
+    "TrainerState",
+    "consolidated_weights",
+    "fetch_checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
+]
 
 DEEPSPEED_TAG = "deepspeed"
 RUN_CONFIG = "run_config.json"
@@ -97,3 +105,31 @@ def _set_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"])
+
+
+def fetch_checkpoint(uri: str, storage: StorageConfig | None, into: Path) -> Path:
+    """A local folder holding checkpoint ``uri`` (copied from an object store if remote)."""
+    if not is_remote(uri):
+        folder = Path(uri.removeprefix("file://"))
+    else:
+        fs, path = filesystem(uri, storage)
+        folder = into / "checkpoint"
+        try:
+            fs.get(f"{path.rstrip('/')}/", str(folder), recursive=True)
+        except OSError as exc:
+            raise StorageError(f"{uri}: cannot download the checkpoint ({exc})") from None
+    if not (folder / DEEPSPEED_TAG).is_dir():
+        raise ConfigError(
+            f"{uri}: not an m2d checkpoint (no {DEEPSPEED_TAG}/ folder); give a "
+            "checkpoint_NNNNNNNN folder of a finished run"
+        )
+    return folder
+
+
+def consolidated_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The fp32 transformer state dict of a ZeRO-2 or ZeRO-3 checkpoint, in CogVideoX keys."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DEEPSPEED_TAG)
+    # The engine wraps Mask2DiT, whose only submodule is the stock transformer.
+    return {k.removeprefix("transformer."): v for k, v in state.items()}

@@ -1,7 +1,8 @@
 """The training job's entry point: one run folder in, a fitted Ray Train run out.
 
     python -m trainer.job --config URI [--data-pretrain URI] [--data-sft URI]
-                          [--synthetic-data] [--endpoint-url URL]
+                          [--synthetic-data] [--init-from CHECKPOINT_URI]
+                          [--endpoint-url URL]
 
 ``URI`` is ``{storage.root}/{run_name}/run_config.json`` (a path or ``s3://``), written by
 the orchestrator; the run's name is that folder's name and Ray Train keeps its state and
@@ -173,7 +174,7 @@ def _progress_callback(steps: int, tracker: Tracker) -> Any:
     return Progress()
 
 
-def fit(folder: RunFolder, data: dict[str, Any]) -> Any:
+def fit(folder: RunFolder, data: dict[str, Any], init_from: str | None = None) -> Any:
     """Run (or resume) the run's TorchTrainer; returns Ray Train's Result."""
     from ray.train.torch import TorchTrainer
 
@@ -189,6 +190,7 @@ def fit(folder: RunFolder, data: dict[str, Any]) -> Any:
             "run": folder.run.model_dump(mode="json"),
             "data": data,
             "mlflow_run_id": tracker.run_id,
+            "init_from": init_from,
         },
         scaling_config=scaling_config(folder.run),
         run_config=ray_run_config(folder, [_progress_callback(folder.run.recipe.steps, tracker)]),
@@ -221,10 +223,17 @@ def _ray_job_id() -> str:
     return os.environ.get("RAY_JOB_SUBMISSION_ID") or ray.get_runtime_context().get_job_id()
 
 
-def _data(args: argparse.Namespace) -> dict[str, Any]:
+def _data(args: argparse.Namespace, run: RunConfig) -> dict[str, Any]:
+    """The loop's ``data`` entry; the stage's manifest must be given (checked here, early)."""
     if args.synthetic_data:
         return {"synthetic": True}
-    return {k: v for k, v in (("pretrain", args.data_pretrain), ("sft", args.data_sft)) if v}
+    data = {k: v for k, v in (("pretrain", args.data_pretrain), ("sft", args.data_sft)) if v}
+    if run.stage not in data:
+        raise ConfigError(
+            f"stage {run.stage} needs its manifest: pass --data-{run.stage} URI "
+            "(or --synthetic-data for a run without files)"
+        )
+    return data
 
 
 def summary(folder: RunFolder, result: Any, tracker: Tracker) -> str:
@@ -248,10 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-sft", help="SFT manifest URI (shot groups)")
     parser.add_argument("--synthetic-data", action="store_true", help="random stories, no files")
     parser.add_argument("--endpoint-url", help="S3 endpoint for reading the config URI")
+    parser.add_argument(
+        "--init-from", help="checkpoint folder URI whose weights a new run starts from"
+    )
     args = parser.parse_args(argv)
     try:
         folder = read_run_folder(args.config, args.endpoint_url)
-        result, tracker = fit(folder, _data(args))
+        result, tracker = fit(folder, _data(args, folder.run), args.init_from)
     except M2DError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -265,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
 def _root_cause(error: BaseException) -> BaseException:
     """The worker's own exception inside Ray Train's wrappers, where one is attached."""
     seen = error
-    for attr in ("worker_failures", "cause", "__cause__"):
+    for attr in ("worker_failures", "_base_exc", "cause", "__cause__"):
         inner = getattr(seen, attr, None)
         if isinstance(inner, dict) and inner:
             inner = next(iter(inner.values()))

@@ -2,8 +2,11 @@
 
 ``train_loop_per_worker(config)`` takes ``config = {"run": RunConfig JSON, "data":
 {"pretrain": uri, "sft": uri} | {"synthetic": true}, "mlflow_run_id": str | None,
-"git_commit": str | None}``. One optimizer step: for each micro-batch, encode the scene
-videos and captions with the frozen VAE and T5, noise them for the step's task
+"init_from": checkpoint URI | None}`` (``init_from``: the weights a fresh run starts
+from, e.g. SFT from a pretrain checkpoint; ignored when resuming).
+
+One optimizer step: for each micro-batch, encode the scene videos and captions with the
+frozen VAE and T5, noise them for the step's task
 (``mask2dit.tasks``), predict v with the Mask²DiT transformer inside DeepSpeed, and
 backpropagate the task loss; DeepSpeed steps AdamW and the warm-up schedule at the
 accumulation boundary. Metrics go to ``ray.train.report`` every step and, from rank 0,
@@ -28,7 +31,13 @@ from infra.logging import get_logger
 from infra.tracking import Tracker
 from mask2dit.tasks import TaskSampler, prepare_training_batch, task_loss
 from trainer.batches import StoryBatches, make_batches
-from trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from trainer.checkpoint import (
+    TrainerState,
+    consolidated_weights,
+    fetch_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from trainer.components import Components, load_components
 from trainer.encode import encode_prompts, encode_videos
 from trainer.engine import build_engine, device_and_dtype
@@ -75,6 +84,8 @@ class Worker:
             policy=run.recipe.mask_policy,
             seed=run.recipe.seed,
         )
+        if config.get("init_from"):
+            self._init_weights(config["init_from"])
         self.engine = build_engine(run, self.parts.transformer)
         self.batches: StoryBatches = make_batches(run, config.get("data"), rank, world)
         recipe = run.recipe
@@ -83,6 +94,13 @@ class Worker:
         )
         self.state = TrainerState(world_size=world, mlflow_run_id=config.get("mlflow_run_id"))
         self.tracker: Tracker | None = None
+
+    def _init_weights(self, uri: str) -> None:
+        """Start from another run's checkpoint (stage chaining: SFT from pretrain)."""
+        with tempfile.TemporaryDirectory(prefix="m2d-init-") as scratch:
+            weights = consolidated_weights(fetch_checkpoint(uri, self.run.storage, Path(scratch)))
+        self.parts.transformer.transformer.load_state_dict(weights, strict=True)
+        log.info("rank %d initialised the transformer from %s", self.rank, uri)
 
     def restore(self, checkpoint: Any) -> None:
         """Resume engine, data position, RNGs and step from a Ray checkpoint (if any)."""

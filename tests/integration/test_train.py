@@ -1,0 +1,211 @@
+"""The training job for real: Ray Train, 2 CPU workers, DeepSpeed ZeRO, S3 and MLflow servers.
+
+Small on purpose (tiny model, 3 scenes x 9 frames at 32x32, 4 steps): each run costs
+about a minute of Ray and DeepSpeed start-up on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from infra.config import ClusterProfile, RunConfig, resolve_run
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 4
+PER_STEP_METRICS = (
+    "loss",
+    "lr",
+    "grad_norm",
+    "samples_per_s",
+    "tokens_per_s",
+    "step_time_s",
+    "peak_memory_mib",
+    "peak_memory_mib_rank0",
+    "peak_memory_mib_rank1",
+)
+
+
+@pytest.fixture(scope="module")
+def synth_data(tmp_path_factory) -> Path:
+    """Real mp4 stories and both manifests from the data package's generator."""
+    out = tmp_path_factory.mktemp("data")
+    args = ["--out", str(out), "--stories", "4", "--scenes", "3", "--frames", "17"]
+    subprocess.run(
+        [sys.executable, "-m", "trainer.data.synth", *args, "--size", "32x32", "--seed", "0"],
+        check=True,
+        cwd=ROOT,
+    )
+    return out
+
+
+def make_run(storage: dict, tracking_uri: str, stage: str = "pretrain", **changes) -> RunConfig:
+    """The `local` profile's run for ``stage``, shrunk to STEPS steps."""
+    profile = ClusterProfile.model_validate(
+        yaml.safe_load((ROOT / "clusters/local.yaml").read_text())
+    )
+    overrides = {
+        "recipe": {"steps": STEPS, "warmup_steps": 1},
+        "fault_tolerance": {"checkpoint_every": 2, "keep_checkpoints": 2, "max_failures": 0},
+        "storage": storage,
+        "tracking": {"uri": tracking_uri, "experiment": "m2d-it"},
+    }
+    for key, value in changes.items():
+        section, name = key.split("__")
+        overrides.setdefault(section, {})[name] = value
+    return resolve_run(profile, "local", stage, overrides)
+
+
+def run_job(config_uri: str, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run(
+        [sys.executable, "-m", "trainer.job", "--config", config_uri, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def module_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    states = torch.load(checkpoint / "deepspeed" / "mp_rank_00_model_states.pt", weights_only=False)
+    return states["module"]
+
+
+def mlflow_client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+@pytest.fixture(scope="module")
+def s3_pretrain(s3_endpoint, mlflow_server, synth_data, tmp_path_factory):
+    """A ZeRO-2 pretrain run of STEPS steps through `python -m trainer.job`, stored in S3."""
+    import boto3
+    import s3fs
+
+    bucket = f"m2d-train-{os.getpid()}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(
+        Bucket=bucket
+    )
+    storage = {"root": f"s3://{bucket}/runs", "endpoint_url": s3_endpoint}
+    run = make_run(storage, mlflow_server)
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    fs.pipe(f"{bucket}/runs/pre-z2/run_config.json", run.model_dump_json().encode())
+    done = run_job(
+        f"s3://{bucket}/runs/pre-z2/run_config.json",
+        "--data-pretrain",
+        str(synth_data / "pretrain.jsonl"),
+        "--endpoint-url",
+        s3_endpoint,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    local = tmp_path_factory.mktemp("s3copy")
+    fs.get(f"{bucket}/runs/pre-z2/", str(local), recursive=True)
+    return {"stdout": done.stdout, "fs": fs, "bucket": bucket, "local": local, "run": run}
+
+
+def test_pretrain_zero2_checkpoints_in_s3_and_metrics_in_mlflow(s3_pretrain, mlflow_server):
+    fs, bucket = s3_pretrain["fs"], s3_pretrain["bucket"]
+    summary = s3_pretrain["stdout"].strip().splitlines()[-1]
+    assert summary.startswith(f"run pre-z2 finished: step {STEPS}/{STEPS}"), summary
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/runs/pre-z2"))
+    assert [n for n in names if n.startswith("checkpoint_0")] == [
+        "checkpoint_00000002",
+        "checkpoint_00000004",
+    ]
+    final = f"{bucket}/runs/pre-z2/checkpoint_00000004"
+    shards = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{final}/deepspeed"))
+    assert shards == [
+        "mp_rank_00_model_states.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{final}/ranks")) == [
+        "rank_0.pt",
+        "rank_1.pt",
+    ]
+    state = json.loads(fs.cat(f"{final}/trainer_state.json"))
+    assert state["step"] == STEPS and state["world_size"] == 2
+    saved_run = RunConfig.model_validate_json(fs.cat(f"{final}/run_config.json"))
+    assert saved_run == s3_pretrain["run"]
+
+    client = mlflow_client(mlflow_server)
+    run = client.get_run(state["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["cluster"] == "local" and run.data.tags["stage"] == "pretrain"
+    assert len(run.data.tags["git_commit"]) == 40
+    assert run.data.tags["checkpoint"].endswith("checkpoint_00000004")
+    assert run.data.params["recipe.steps"] == str(STEPS)
+    assert run.data.params["storage.endpoint_url"] == s3_pretrain["run"].storage.endpoint_url
+    for key in PER_STEP_METRICS:
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == list(range(1, STEPS + 1)), key
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert all(0 < loss < 10 for loss in losses)
+    assert not client.get_metric_history(run.info.run_id, "loss_extension")  # pretrain
+
+
+def test_resume_equals_uninterrupted_run(s3_pretrain, mlflow_server, synth_data, tmp_path):
+    """STEPS/2 steps, stop, resume to STEPS == the uninterrupted STEPS-step run (S3 one)."""
+    from trainer.job import fit, read_run_folder
+
+    folder_path = tmp_path / "runs" / "pre-resume"
+    folder_path.mkdir(parents=True)
+    config = folder_path / "run_config.json"
+    data = {"pretrain": str(synth_data / "pretrain.jsonl")}
+    storage = {"root": str(tmp_path / "runs")}
+    for steps in (STEPS // 2, STEPS):
+        config.write_text(make_run(storage, mlflow_server, recipe__steps=steps).model_dump_json())
+        result, tracker = fit(read_run_folder(str(config)), data)
+        assert result.error is None
+    resumed = module_weights(folder_path / "checkpoint_00000004")
+    reference = module_weights(s3_pretrain["local"] / "checkpoint_00000004")
+    assert resumed.keys() == reference.keys()
+    for key in reference:
+        assert torch.equal(resumed[key], reference[key]), key
+    # One MLflow run across the stop, each step logged once.
+    history = mlflow_client(mlflow_server).get_metric_history(tracker.run_id, "loss")
+    assert [m.step for m in history] == list(range(1, STEPS + 1))
+
+
+def test_sft_zero3_per_sample_tasks(mlflow_server, synth_data, tmp_path):
+    root = tmp_path / "runs"
+    (root / "sft-z3").mkdir(parents=True)
+    run = make_run(
+        {"root": str(root)},
+        mlflow_server,
+        stage="sft",
+        deepspeed__zero_stage=3,
+        recipe__task_draw="per_sample",
+    )
+    config = root / "sft-z3" / "run_config.json"
+    config.write_text(run.model_dump_json())
+    done = run_job(str(config), "--data-sft", str(synth_data / "sft.jsonl"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = json.loads((root / "sft-z3" / "checkpoint_00000004" / "trainer_state.json").read_text())
+    client = mlflow_client(mlflow_server)
+    normal = client.get_metric_history(state["mlflow_run_id"], "loss_normal")
+    extension = client.get_metric_history(state["mlflow_run_id"], "loss_extension")
+    assert normal and extension  # 8 per-sample draws at p = 0.5 (seed 0) give both tasks
+    shards = sorted(
+        p.name for p in (root / "sft-z3" / "checkpoint_00000004" / "deepspeed").iterdir()
+    )
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in shards
+
+
+def test_bad_config_exits_2_with_one_line(tmp_path):
+    done = run_job(str(tmp_path / "nope" / "run_config.json"))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "no run config there" in done.stderr
