@@ -31,6 +31,7 @@ __all__ = [
     "DEEPSPEED_TAG",
     "TrainerState",
     "consolidated_weights",
+    "export_transformer",
     "fetch_checkpoint",
     "load_checkpoint",
     "save_checkpoint",
@@ -133,3 +134,24 @@ def consolidated_weights(folder: Path) -> dict[str, torch.Tensor]:
     state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DEEPSPEED_TAG)
     # The engine wraps Mask2DiT, whose only submodule is the stock transformer.
     return {k.removeprefix("transformer."): v for k, v in state.items()}
+
+
+def export_transformer(uri: str, out: str | Path, storage: StorageConfig | None = None) -> Path:
+    """Write checkpoint ``uri``'s transformer as a stock diffusers folder (safetensors).
+
+    ``CogVideoXTransformer3DModel.from_pretrained(out)`` loads the result.
+    """
+    import tempfile
+
+    from diffusers import CogVideoXTransformer3DModel
+
+    from trainer.components import transformer_config
+
+    with tempfile.TemporaryDirectory(prefix="m2d-export-") as scratch:
+        folder = fetch_checkpoint(uri, storage, Path(scratch))
+        run = RunConfig.model_validate_json((folder / RUN_CONFIG).read_text())
+        weights = consolidated_weights(folder)
+    model = CogVideoXTransformer3DModel.from_config(transformer_config(run.model, run.storage))
+    model.load_state_dict(weights, strict=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    return Path(out)

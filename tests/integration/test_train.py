@@ -209,3 +209,19 @@ def test_bad_config_exits_2_with_one_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "no run config there" in done.stderr
+
+
+def test_export_from_s3_loads_in_stock_diffusers(s3_pretrain, tmp_path):
+    from diffusers import CogVideoXTransformer3DModel
+
+    from trainer.checkpoint import export_transformer
+
+    run = s3_pretrain["run"]
+    uri = f"s3://{s3_pretrain['bucket']}/runs/pre-z2/checkpoint_00000004"
+    export_transformer(uri, tmp_path / "export", run.storage)
+    assert (tmp_path / "export" / "diffusion_pytorch_model.safetensors").is_file()
+    stock = CogVideoXTransformer3DModel.from_pretrained(tmp_path / "export").state_dict()
+    trained = module_weights(s3_pretrain["local"] / "checkpoint_00000004")
+    assert {f"transformer.{k}" for k in stock} == set(trained)
+    for key, value in stock.items():
+        assert torch.equal(value, trained[f"transformer.{key}"]), key
