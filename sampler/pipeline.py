@@ -110,8 +110,11 @@ class MultiScenePipeline:
     ) -> MultiScenePipeline:
         """Move (and optionally cast) every model, in eval mode; returns ``self``."""
         for module in (self.transformer, self.vae, self.text_encoder):
-            # diffusers warns on to(dtype=None)-style no-op casts, so cast only when asked.
-            module.to(device=device) if dtype is None else module.to(device=device, dtype=dtype)
+            # Without dtype each model keeps its own (e.g. a float32 VAE next to bf16 DiT).
+            if dtype is None:
+                module.to(device=device)
+            else:
+                module.to(device=device, dtype=dtype)
             module.eval()
         return self
 
