@@ -1,9 +1,15 @@
 """The DeepSpeed engine of a run, over the Mask²DiT transformer.
 
-The DeepSpeed JSON comes from :func:`infra.deepspeed_config.deepspeed_config` only. Its
-``AdamW`` optimizer and ``WarmupLR`` scheduler are built by DeepSpeed itself; on the CPU
-accelerator the ``AdamW`` entry resolves to DeepSpeed's CPU ``FusedAdam`` op (a small C++
-extension compiled on first use and cached), so CPU and GPU runs take the same path.
+The DeepSpeed JSON comes from :func:`infra.deepspeed_config.deepspeed_config` only. On GPU
+workers DeepSpeed builds its ``AdamW`` optimizer and ``WarmupLR`` scheduler from it.
+
+On CPU workers the config's ``AdamW`` does work - it resolves to DeepSpeed's CPU
+``FusedAdam`` op, a C++ extension compiled on first use - but that op keeps beta1^t and
+beta2^t as running products and recomputes them with ``pow`` when the step jumps, as it
+does after ``load_checkpoint``. A resumed run then differs from an uninterrupted one in
+the last bits after its first step, which breaks exact resume. CPU workers therefore get
+a ``torch.optim.AdamW`` built from the *same* config entry's params (bias correction from
+the step count every step), and the scheduler stays DeepSpeed's, from the config.
 """
 
 from __future__ import annotations
@@ -43,10 +49,15 @@ def build_engine(run: RunConfig, transformer: torch.nn.Module) -> Any:
     if run.deepspeed.activation_checkpointing:
         transformer.transformer.enable_gradient_checkpointing()
     parameters = [p for p in transformer.parameters() if p.requires_grad]
+    config = deepspeed_config(run)
+    optimizer = None
+    if run.workers.gpus_per_worker == 0:
+        optimizer, config = _cpu_optimizer(config, parameters)
     engine, _, _, _ = deepspeed.initialize(
         model=transformer,
-        model_parameters=parameters,
-        config=deepspeed_config(run),
+        optimizer=optimizer,
+        model_parameters=None if optimizer is not None else parameters,
+        config=config,
         dist_init_required=False,
     )
     log.info(
@@ -56,3 +67,21 @@ def build_engine(run: RunConfig, transformer: torch.nn.Module) -> Any:
         sum(p.numel() for p in parameters),
     )
     return engine
+
+
+def _cpu_optimizer(
+    config: dict[str, Any], parameters: list[torch.nn.Parameter]
+) -> tuple[torch.optim.Optimizer, dict[str, Any]]:
+    """``torch.optim.AdamW`` from the config's AdamW entry, and the config without it."""
+    entry = config["optimizer"]
+    if entry["type"] != "AdamW":
+        raise ValueError(f"CPU workers expect the AdamW optimizer entry, got {entry['type']}")
+    params = entry["params"]
+    optimizer = torch.optim.AdamW(
+        parameters,
+        lr=params["lr"],
+        betas=tuple(params["betas"]),
+        eps=params["eps"],
+        weight_decay=params["weight_decay"],
+    )
+    return optimizer, {key: value for key, value in config.items() if key != "optimizer"}

@@ -1,7 +1,9 @@
 """The training job for real: Ray Train, 2 CPU workers, DeepSpeed ZeRO, S3 and MLflow servers.
 
-Small on purpose (tiny model, 3 scenes x 9 frames at 32x32, 4 steps): each run costs
-about a minute of Ray and DeepSpeed start-up on a 2-core machine.
+Small on purpose (tiny model, 3 scenes x 9 frames at 32x32, 6 steps): each run costs
+about a minute of Ray and DeepSpeed start-up on a 2-core machine. Six steps because
+DeepSpeed's WarmupLR gives lr 0 to the first two; the resume test stops after step 3,
+once the weights have really moved.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from infra.config import ClusterProfile, RunConfig, resolve_run
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = 4
+STEPS = 6
+EVERY = 3
 PER_STEP_METRICS = (
     "loss",
     "lr",
@@ -55,7 +58,7 @@ def make_run(storage: dict, tracking_uri: str, stage: str = "pretrain", **change
     )
     overrides = {
         "recipe": {"steps": STEPS, "warmup_steps": 1},
-        "fault_tolerance": {"checkpoint_every": 2, "keep_checkpoints": 2, "max_failures": 0},
+        "fault_tolerance": {"checkpoint_every": EVERY, "keep_checkpoints": 2, "max_failures": 0},
         "storage": storage,
         "tracking": {"uri": tracking_uri, "experiment": "m2d-it"},
     }
@@ -121,10 +124,10 @@ def test_pretrain_zero2_checkpoints_in_s3_and_metrics_in_mlflow(s3_pretrain, mlf
     assert summary.startswith(f"run pre-z2 finished: step {STEPS}/{STEPS}"), summary
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/runs/pre-z2"))
     assert [n for n in names if n.startswith("checkpoint_0")] == [
-        "checkpoint_00000002",
-        "checkpoint_00000004",
+        "checkpoint_00000003",
+        "checkpoint_00000006",
     ]
-    final = f"{bucket}/runs/pre-z2/checkpoint_00000004"
+    final = f"{bucket}/runs/pre-z2/checkpoint_00000006"
     shards = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{final}/deepspeed"))
     assert shards == [
         "mp_rank_00_model_states.pt",
@@ -145,7 +148,7 @@ def test_pretrain_zero2_checkpoints_in_s3_and_metrics_in_mlflow(s3_pretrain, mlf
     assert run.info.status == "FINISHED"
     assert run.data.tags["cluster"] == "local" and run.data.tags["stage"] == "pretrain"
     assert len(run.data.tags["git_commit"]) == 40
-    assert run.data.tags["checkpoint"].endswith("checkpoint_00000004")
+    assert run.data.tags["checkpoint"].endswith("checkpoint_00000006")
     assert run.data.params["recipe.steps"] == str(STEPS)
     assert run.data.params["storage.endpoint_url"] == s3_pretrain["run"].storage.endpoint_url
     for key in PER_STEP_METRICS:
@@ -157,7 +160,7 @@ def test_pretrain_zero2_checkpoints_in_s3_and_metrics_in_mlflow(s3_pretrain, mlf
 
 
 def test_resume_equals_uninterrupted_run(s3_pretrain, mlflow_server, synth_data, tmp_path):
-    """STEPS/2 steps, stop, resume to STEPS == the uninterrupted STEPS-step run (S3 one)."""
+    """EVERY steps, stop, resume to STEPS == the uninterrupted STEPS-step run (S3 one)."""
     from trainer.job import fit, read_run_folder
 
     folder_path = tmp_path / "runs" / "pre-resume"
@@ -165,15 +168,17 @@ def test_resume_equals_uninterrupted_run(s3_pretrain, mlflow_server, synth_data,
     config = folder_path / "run_config.json"
     data = {"pretrain": str(synth_data / "pretrain.jsonl")}
     storage = {"root": str(tmp_path / "runs")}
-    for steps in (STEPS // 2, STEPS):
+    for steps in (EVERY, STEPS):
         config.write_text(make_run(storage, mlflow_server, recipe__steps=steps).model_dump_json())
         result, tracker = fit(read_run_folder(str(config)), data)
         assert result.error is None
-    resumed = module_weights(folder_path / "checkpoint_00000004")
-    reference = module_weights(s3_pretrain["local"] / "checkpoint_00000004")
+    resumed = module_weights(folder_path / "checkpoint_00000006")
+    reference = module_weights(s3_pretrain["local"] / "checkpoint_00000006")
     assert resumed.keys() == reference.keys()
     for key in reference:
         assert torch.equal(resumed[key], reference[key]), key
+    stopped = module_weights(folder_path / f"checkpoint_{EVERY:08d}")
+    assert any(not torch.equal(stopped[k], reference[k]) for k in reference)  # it trained on
     # One MLflow run across the stop, each step logged once.
     history = mlflow_client(mlflow_server).get_metric_history(tracker.run_id, "loss")
     assert [m.step for m in history] == list(range(1, STEPS + 1))
@@ -193,13 +198,13 @@ def test_sft_zero3_per_sample_tasks(mlflow_server, synth_data, tmp_path):
     config.write_text(run.model_dump_json())
     done = run_job(str(config), "--data-sft", str(synth_data / "sft.jsonl"))
     assert done.returncode == 0, done.stderr[-3000:]
-    state = json.loads((root / "sft-z3" / "checkpoint_00000004" / "trainer_state.json").read_text())
+    state = json.loads((root / "sft-z3" / "checkpoint_00000006" / "trainer_state.json").read_text())
     client = mlflow_client(mlflow_server)
     normal = client.get_metric_history(state["mlflow_run_id"], "loss_normal")
     extension = client.get_metric_history(state["mlflow_run_id"], "loss_extension")
-    assert normal and extension  # 8 per-sample draws at p = 0.5 (seed 0) give both tasks
+    assert normal and extension  # 12 per-sample draws at p = 0.5 (seed 0) give both tasks
     shards = sorted(
-        p.name for p in (root / "sft-z3" / "checkpoint_00000004" / "deepspeed").iterdir()
+        p.name for p in (root / "sft-z3" / "checkpoint_00000006" / "deepspeed").iterdir()
     )
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in shards
 
@@ -217,11 +222,11 @@ def test_export_from_s3_loads_in_stock_diffusers(s3_pretrain, tmp_path):
     from trainer.checkpoint import export_transformer
 
     run = s3_pretrain["run"]
-    uri = f"s3://{s3_pretrain['bucket']}/runs/pre-z2/checkpoint_00000004"
+    uri = f"s3://{s3_pretrain['bucket']}/runs/pre-z2/checkpoint_00000006"
     export_transformer(uri, tmp_path / "export", run.storage)
     assert (tmp_path / "export" / "diffusion_pytorch_model.safetensors").is_file()
     stock = CogVideoXTransformer3DModel.from_pretrained(tmp_path / "export").state_dict()
-    trained = module_weights(s3_pretrain["local"] / "checkpoint_00000004")
+    trained = module_weights(s3_pretrain["local"] / "checkpoint_00000006")
     assert {f"transformer.{k}" for k in stock} == set(trained)
     for key, value in stock.items():
         assert torch.equal(value, trained[f"transformer.{key}"]), key
