@@ -30,8 +30,6 @@ from infra.storage import filesystem, is_remote
 __all__ = [
     "DEEPSPEED_TAG",
     "TrainerState",
-    "consolidated_weights",
-    "export_transformer",
     "fetch_checkpoint",
     "load_checkpoint",
     "save_checkpoint",
@@ -125,33 +123,3 @@ def fetch_checkpoint(uri: str, storage: StorageConfig | None, into: Path) -> Pat
             "checkpoint_NNNNNNNN folder of a finished run"
         )
     return folder
-
-
-def consolidated_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """The fp32 transformer state dict of a ZeRO-2 or ZeRO-3 checkpoint, in CogVideoX keys."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DEEPSPEED_TAG)
-    # The engine wraps Mask2DiT, whose only submodule is the stock transformer.
-    return {k.removeprefix("transformer."): v for k, v in state.items()}
-
-
-def export_transformer(uri: str, out: str | Path, storage: StorageConfig | None = None) -> Path:
-    """Write checkpoint ``uri``'s transformer as a stock diffusers folder (safetensors).
-
-    ``CogVideoXTransformer3DModel.from_pretrained(out)`` loads the result.
-    """
-    import tempfile
-
-    from diffusers import CogVideoXTransformer3DModel
-
-    from trainer.components import transformer_config
-
-    with tempfile.TemporaryDirectory(prefix="m2d-export-") as scratch:
-        folder = fetch_checkpoint(uri, storage, Path(scratch))
-        run = RunConfig.model_validate_json((folder / RUN_CONFIG).read_text())
-        weights = consolidated_weights(folder)
-    model = CogVideoXTransformer3DModel.from_config(transformer_config(run.model, run.storage))
-    model.load_state_dict(weights, strict=True)
-    model.save_pretrained(str(out), safe_serialization=True)
-    return Path(out)

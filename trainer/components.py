@@ -33,7 +33,6 @@ __all__ = [
     "load_components",
     "resolve_model_folder",
     "save_tiny_pretrained",
-    "transformer_config",
 ]
 
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -103,16 +102,6 @@ def load_components(
         tokenizer=tokenizer,
         scheduler=scheduler,
     )
-
-
-def transformer_config(model: ModelConfig, storage: StorageConfig | None = None) -> dict:
-    """The ``CogVideoXTransformer3DModel`` config of ``model.source`` (no weights loaded)."""
-    if model.source == "tiny":
-        return preset_config(TINY_PRESET)
-    from diffusers import CogVideoXTransformer3DModel
-
-    root = resolve_model_folder(model.source, storage)
-    return dict(CogVideoXTransformer3DModel.load_config(root / "transformer"))
 
 
 def save_tiny_pretrained(path: str | os.PathLike, seed: int = 0) -> Path:

@@ -31,16 +31,11 @@ from infra.logging import get_logger
 from infra.tracking import Tracker
 from mask2dit.tasks import TaskSampler, prepare_training_batch, task_loss
 from trainer.batches import StoryBatches, make_batches
-from trainer.checkpoint import (
-    TrainerState,
-    consolidated_weights,
-    fetch_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
+from trainer.checkpoint import TrainerState, fetch_checkpoint, load_checkpoint, save_checkpoint
 from trainer.components import Components, load_components
 from trainer.encode import encode_prompts, encode_videos
 from trainer.engine import build_engine, device_and_dtype
+from trainer.export import consolidated_state_dict
 
 __all__ = ["Worker", "step_seed", "train_loop_per_worker"]
 
@@ -98,7 +93,8 @@ class Worker:
     def _init_weights(self, uri: str) -> None:
         """Start from another run's checkpoint (stage chaining: SFT from pretrain)."""
         with tempfile.TemporaryDirectory(prefix="m2d-init-") as scratch:
-            weights = consolidated_weights(fetch_checkpoint(uri, self.run.storage, Path(scratch)))
+            folder = fetch_checkpoint(uri, self.run.storage, Path(scratch))
+            weights = consolidated_state_dict(folder)
         self.parts.transformer.transformer.load_state_dict(weights, strict=True)
         log.info("rank %d initialised the transformer from %s", self.rank, uri)
 

@@ -184,7 +184,8 @@ def test_resume_equals_uninterrupted_run(s3_pretrain, mlflow_server, synth_data,
     assert [m.step for m in history] == list(range(1, STEPS + 1))
 
 
-def test_sft_zero3_per_sample_tasks(mlflow_server, synth_data, tmp_path):
+def test_sft_zero3_from_pretrain_checkpoint(s3_pretrain, mlflow_server, synth_data, tmp_path):
+    """Stage chaining: SFT (ZeRO-3, per-sample task draws) starts from the ZeRO-2 pretrain."""
     root = tmp_path / "runs"
     (root / "sft-z3").mkdir(parents=True)
     run = make_run(
@@ -196,8 +197,12 @@ def test_sft_zero3_per_sample_tasks(mlflow_server, synth_data, tmp_path):
     )
     config = root / "sft-z3" / "run_config.json"
     config.write_text(run.model_dump_json())
-    done = run_job(str(config), "--data-sft", str(synth_data / "sft.jsonl"))
+    pretrained = s3_pretrain["local"] / f"checkpoint_{STEPS:08d}"
+    done = run_job(
+        str(config), "--data-sft", str(synth_data / "sft.jsonl"), "--init-from", str(pretrained)
+    )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert f"initialised the transformer from {pretrained}" in done.stdout + done.stderr
     state = json.loads((root / "sft-z3" / "checkpoint_00000006" / "trainer_state.json").read_text())
     client = mlflow_client(mlflow_server)
     normal = client.get_metric_history(state["mlflow_run_id"], "loss_normal")
@@ -219,11 +224,11 @@ def test_bad_config_exits_2_with_one_line(tmp_path):
 def test_export_from_s3_loads_in_stock_diffusers(s3_pretrain, tmp_path):
     from diffusers import CogVideoXTransformer3DModel
 
-    from trainer.checkpoint import export_transformer
+    from trainer.export import export_checkpoint
 
     run = s3_pretrain["run"]
     uri = f"s3://{s3_pretrain['bucket']}/runs/pre-z2/checkpoint_00000006"
-    export_transformer(uri, tmp_path / "export", run.storage)
+    export_checkpoint(uri, tmp_path / "export", run.storage)
     assert (tmp_path / "export" / "diffusion_pytorch_model.safetensors").is_file()
     stock = CogVideoXTransformer3DModel.from_pretrained(tmp_path / "export").state_dict()
     trained = module_weights(s3_pretrain["local"] / "checkpoint_00000006")
