@@ -5,7 +5,8 @@
                           [--endpoint-url URL]
 
 ``URI`` is ``{storage.root}/{run_name}/run_config.json`` (a path or ``s3://``), written by
-the orchestrator; the run's name is that folder's name and Ray Train keeps its state and
+the orchestrator; the flags override its ``data`` and ``init_from`` keys. The run's name
+is that folder's name and Ray Train keeps its state and
 checkpoints in the same folder. Run it locally as a subprocess or as a Ray Jobs
 entrypoint: ``ray.init()`` joins the cluster named by ``RAY_ADDRESS`` or starts a local
 Ray. Running it again on the same folder resumes from the latest checkpoint, in the same
@@ -224,14 +225,19 @@ def _ray_job_id() -> str:
 
 
 def _data(args: argparse.Namespace, run: RunConfig) -> dict[str, Any]:
-    """The loop's ``data`` entry; the stage's manifest must be given (checked here, early)."""
+    """The loop's ``data`` entry: the run's ``data`` section, command-line flags over it.
+
+    The stage's manifest must be given; checked here, before any worker starts.
+    """
     if args.synthetic_data:
         return {"synthetic": True}
-    data = {k: v for k, v in (("pretrain", args.data_pretrain), ("sft", args.data_sft)) if v}
+    flags = {"pretrain": args.data_pretrain, "sft": args.data_sft}
+    data = {k: v for k, v in run.data.model_dump().items() if v}
+    data.update({k: v for k, v in flags.items() if v})
     if run.stage not in data:
         raise ConfigError(
-            f"stage {run.stage} needs its manifest: pass --data-{run.stage} URI "
-            "(or --synthetic-data for a run without files)"
+            f"stage {run.stage} needs its manifest: set data.{run.stage} in the run config "
+            f"or pass --data-{run.stage} URI (or --synthetic-data for a run without files)"
         )
     return data
 
@@ -253,17 +259,18 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m trainer.job", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--config", required=True, help="URI of the run's run_config.json")
-    parser.add_argument("--data-pretrain", help="pretrain manifest URI (clips)")
-    parser.add_argument("--data-sft", help="SFT manifest URI (shot groups)")
+    parser.add_argument("--data-pretrain", help="pretrain manifest URI (default: data.pretrain)")
+    parser.add_argument("--data-sft", help="SFT manifest URI (default: data.sft)")
     parser.add_argument("--synthetic-data", action="store_true", help="random stories, no files")
     parser.add_argument("--endpoint-url", help="S3 endpoint for reading the config URI")
     parser.add_argument(
-        "--init-from", help="checkpoint folder URI whose weights a new run starts from"
+        "--init-from", help="checkpoint folder whose weights a new run starts from (init_from)"
     )
     args = parser.parse_args(argv)
     try:
         folder = read_run_folder(args.config, args.endpoint_url)
-        result, tracker = fit(folder, _data(args, folder.run), args.init_from)
+        init_from = args.init_from or folder.run.init_from
+        result, tracker = fit(folder, _data(args, folder.run), init_from)
     except M2DError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -185,22 +185,24 @@ def test_resume_equals_uninterrupted_run(s3_pretrain, mlflow_server, synth_data,
 
 
 def test_sft_zero3_from_pretrain_checkpoint(s3_pretrain, mlflow_server, synth_data, tmp_path):
-    """Stage chaining: SFT (ZeRO-3, per-sample task draws) starts from the ZeRO-2 pretrain."""
+    """Stage chaining: SFT (ZeRO-3, per-sample task draws) starts from the ZeRO-2 pretrain.
+
+    Data and init_from come from the run config alone, as the launcher writes it.
+    """
     root = tmp_path / "runs"
     (root / "sft-z3").mkdir(parents=True)
+    pretrained = s3_pretrain["local"] / f"checkpoint_{STEPS:08d}"
     run = make_run(
         {"root": str(root)},
         mlflow_server,
         stage="sft",
         deepspeed__zero_stage=3,
         recipe__task_draw="per_sample",
-    )
+        data__sft=str(synth_data / "sft.jsonl"),
+    ).model_copy(update={"init_from": str(pretrained)})
     config = root / "sft-z3" / "run_config.json"
     config.write_text(run.model_dump_json())
-    pretrained = s3_pretrain["local"] / f"checkpoint_{STEPS:08d}"
-    done = run_job(
-        str(config), "--data-sft", str(synth_data / "sft.jsonl"), "--init-from", str(pretrained)
-    )
+    done = run_job(str(config))
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"initialised the transformer from {pretrained}" in done.stdout + done.stderr
     state = json.loads((root / "sft-z3" / "checkpoint_00000006" / "trainer_state.json").read_text())
@@ -219,6 +221,18 @@ def test_bad_config_exits_2_with_one_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "no run config there" in done.stderr
+
+
+def test_missing_manifest_exits_2_before_ray_starts(tmp_path, mlflow_server):
+    (tmp_path / "runs" / "no-data").mkdir(parents=True)
+    config = tmp_path / "runs" / "no-data" / "run_config.json"
+    config.write_text(make_run({"root": str(tmp_path / "runs")}, mlflow_server).model_dump_json())
+    done = run_job(str(config))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: stage pretrain needs its manifest: set data.pretrain in the run config or pass "
+        "--data-pretrain URI (or --synthetic-data for a run without files)"
+    )
 
 
 def test_export_from_s3_loads_in_stock_diffusers(s3_pretrain, tmp_path):
