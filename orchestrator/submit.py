@@ -22,16 +22,18 @@ from orchestrator.runs import RunRecord, registry_dir
 JOB_MODULE = "trainer.job"
 
 
-def job_command(config_uri: str, python: str = "python") -> list[str]:
-    """The job entry point's command line."""
-    return [python, "-m", JOB_MODULE, "--config", config_uri]
+def job_command(record: RunRecord, python: str = "python") -> list[str]:
+    """The job entry point's command line (the endpoint lets it read an S3 config)."""
+    command = [python, "-m", JOB_MODULE, "--config", record.config_uri]
+    endpoint = record.storage.get("endpoint_url")
+    return [*command, "--endpoint-url", endpoint] if endpoint else command
 
 
 def run_local(record: RunRecord, echo=sys.stdout.write) -> int:
     """Run the job in the foreground; its output goes to ``echo`` and the run's log file."""
     record.log_path = str(registry_dir() / f"{record.name}.log")
     process = subprocess.Popen(
-        job_command(record.config_uri, python=sys.executable),
+        job_command(record, python=sys.executable),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -111,7 +113,7 @@ def submit_remote(record: RunRecord, run: RunConfig) -> None:
     client = job_client(run.ray.address)
     try:
         client.submit_job(
-            entrypoint=shlex.join(job_command(record.config_uri)),
+            entrypoint=shlex.join(job_command(record)),
             submission_id=record.name,
             runtime_env=runtime_env(run),
             metadata={"m2d_run": record.name, "cluster": run.cluster, "stage": run.stage},

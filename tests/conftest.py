@@ -135,6 +135,8 @@ def ray_head(tmp_path_factory) -> Iterator[str]:
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path))
     port, dashboard_port = free_port(), free_port()
     log = (root / "ray.log").open("w")
+    # Jobs run `python -m ...`: this virtualenv's python, as an image's would be.
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     process = subprocess.Popen(
         [
             str(BIN / "ray"),
@@ -156,6 +158,7 @@ def ray_head(tmp_path_factory) -> Iterator[str]:
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        env=env,
     )
     address = f"http://127.0.0.1:{dashboard_port}"
     try:

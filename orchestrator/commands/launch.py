@@ -128,6 +128,8 @@ def launch(
         if dry_run:
             click.echo(render_dry_run(run), nl=False)
             return
+        if run.ray.address != "local":
+            submit.job_client(run.ray.address)  # an unreachable cluster fails before any write
         run_name = runs.new_run_name(run, name)
         record = runs.RunRecord(
             name=run_name,
