@@ -175,8 +175,19 @@ def _progress_callback(steps: int, tracker: Tracker) -> Any:
     return Progress()
 
 
-def fit(folder: RunFolder, data: dict[str, Any], init_from: str | None = None) -> Any:
-    """Run (or resume) the run's TorchTrainer; returns Ray Train's Result."""
+@dataclass
+class Outcome:
+    """How a fit ended: last metrics and checkpoint, or the error."""
+
+    tracker: Tracker
+    metrics: dict[str, Any]
+    checkpoint: Any
+    error: BaseException | None
+
+
+def fit(folder: RunFolder, data: dict[str, Any], init_from: str | None = None) -> Outcome:
+    """Run (or resume) the run's TorchTrainer until it finishes or fails."""
+    import ray.train
     from ray.train.torch import TorchTrainer
 
     from trainer.loop import train_loop_per_worker
@@ -196,9 +207,13 @@ def fit(folder: RunFolder, data: dict[str, Any], init_from: str | None = None) -
         scaling_config=scaling_config(folder.run),
         run_config=ray_run_config(folder, [_progress_callback(folder.run.recipe.steps, tracker)]),
     )
-    result = trainer.fit()
-    tracker.finish("FAILED" if result.error else "FINISHED")
-    return result, tracker
+    try:
+        result = trainer.fit()
+        outcome = Outcome(tracker, result.metrics or {}, result.checkpoint, result.error)
+    except ray.train.TrainingFailedError as exc:  # V2 raises where V1 returned result.error
+        outcome = Outcome(tracker, {}, None, exc)
+    tracker.finish("FAILED" if outcome.error else "FINISHED")
+    return outcome
 
 
 def _init_ray() -> None:
@@ -242,15 +257,15 @@ def _data(args: argparse.Namespace, run: RunConfig) -> dict[str, Any]:
     return data
 
 
-def summary(folder: RunFolder, result: Any, tracker: Tracker) -> str:
+def summary(folder: RunFolder, outcome: Outcome) -> str:
     """The one line printed at the end."""
-    metrics = result.metrics or {}
-    checkpoint = result.checkpoint.path if result.checkpoint else "none"
+    metrics = outcome.metrics
+    checkpoint = outcome.checkpoint.path if outcome.checkpoint else "none"
     return (
-        f"run {folder.name} {'failed' if result.error else 'finished'}: "
+        f"run {folder.name} {'failed' if outcome.error else 'finished'}: "
         f"step {int(metrics.get('step', 0))}/{folder.run.recipe.steps}, "
         f"loss {metrics.get('loss', float('nan')):.4f}, checkpoint {checkpoint}, "
-        f"mlflow {tracker.url}"
+        f"mlflow {outcome.tracker.url}"
     )
 
 
@@ -270,14 +285,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         folder = read_run_folder(args.config, args.endpoint_url)
         init_from = args.init_from or folder.run.init_from
-        result, tracker = fit(folder, _data(args, folder.run), init_from)
+        outcome = fit(folder, _data(args, folder.run), init_from)
     except M2DError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(summary(folder, result, tracker), flush=True)
-    if result.error:
-        print(f"error: {_first_line(result.error)}", file=sys.stderr)
-        return 2 if isinstance(_root_cause(result.error), M2DError) else 1
+    print(summary(folder, outcome), flush=True)
+    if outcome.error:
+        print(f"error: {_first_line(outcome.error)}", file=sys.stderr)
+        return 2 if isinstance(_root_cause(outcome.error), M2DError) else 1
     return 0
 
 

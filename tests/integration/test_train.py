@@ -170,8 +170,8 @@ def test_resume_equals_uninterrupted_run(s3_pretrain, mlflow_server, synth_data,
     storage = {"root": str(tmp_path / "runs")}
     for steps in (EVERY, STEPS):
         config.write_text(make_run(storage, mlflow_server, recipe__steps=steps).model_dump_json())
-        result, tracker = fit(read_run_folder(str(config)), data)
-        assert result.error is None
+        outcome = fit(read_run_folder(str(config)), data)
+        assert outcome.error is None
     resumed = module_weights(folder_path / "checkpoint_00000006")
     reference = module_weights(s3_pretrain["local"] / "checkpoint_00000006")
     assert resumed.keys() == reference.keys()
@@ -180,7 +180,7 @@ def test_resume_equals_uninterrupted_run(s3_pretrain, mlflow_server, synth_data,
     stopped = module_weights(folder_path / f"checkpoint_{EVERY:08d}")
     assert any(not torch.equal(stopped[k], reference[k]) for k in reference)  # it trained on
     # One MLflow run across the stop, each step logged once.
-    history = mlflow_client(mlflow_server).get_metric_history(tracker.run_id, "loss")
+    history = mlflow_client(mlflow_server).get_metric_history(outcome.tracker.run_id, "loss")
     assert [m.step for m in history] == list(range(1, STEPS + 1))
 
 
@@ -226,7 +226,10 @@ def test_bad_config_exits_2_with_one_line(tmp_path):
 def test_missing_manifest_exits_2_before_ray_starts(tmp_path, mlflow_server):
     (tmp_path / "runs" / "no-data").mkdir(parents=True)
     config = tmp_path / "runs" / "no-data" / "run_config.json"
-    config.write_text(make_run({"root": str(tmp_path / "runs")}, mlflow_server).model_dump_json())
+    run = make_run(
+        {"root": str(tmp_path / "runs")}, mlflow_server, data__pretrain=None, data__sft=None
+    )
+    config.write_text(run.model_dump_json())
     done = run_job(str(config))
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == (
@@ -249,3 +252,17 @@ def test_export_from_s3_loads_in_stock_diffusers(s3_pretrain, tmp_path):
     assert {f"transformer.{k}" for k in stock} == set(trained)
     for key, value in stock.items():
         assert torch.equal(value, trained[f"transformer.{key}"]), key
+
+
+def test_worker_side_user_error_exits_2_with_its_message(tmp_path, mlflow_server):
+    (tmp_path / "runs" / "bad-data").mkdir(parents=True)
+    config = tmp_path / "runs" / "bad-data" / "run_config.json"
+    missing = tmp_path / "nope.jsonl"
+    run = make_run({"root": str(tmp_path / "runs")}, mlflow_server, data__pretrain=str(missing))
+    config.write_text(run.model_dump_json())
+    done = run_job(str(config))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1].startswith("run bad-data failed: step 0/")
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: DataError: {missing}: manifest not found; check the path"
+    )
