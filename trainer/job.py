@@ -289,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     except M2DError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    import ray
+
+    ray.shutdown()  # flushes the workers' streamed logs, so the summary comes last
     print(summary(folder, outcome), flush=True)
     if outcome.error:
         print(f"error: {_first_line(outcome.error)}", file=sys.stderr)
