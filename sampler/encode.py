@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from infra.logging import get_logger
+from mask2dit.encoding import encode_prompt_batch, encode_video
 
 __all__ = [
     "PromptEmbeds",
@@ -46,11 +47,6 @@ class PromptEmbeds:
         return len(self.truncated)
 
 
-def _token_counts(tokenizer: Any, prompts: Sequence[str]) -> list[int]:
-    ids = tokenizer(list(prompts), add_special_tokens=True).input_ids
-    return [len(row) for row in ids]
-
-
 @torch.no_grad()
 def encode_scene_prompts(
     tokenizer: Any,
@@ -69,15 +65,7 @@ def encode_scene_prompts(
     """
     if not prompts or any(not isinstance(p, str) for p in prompts):
         raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
-    ids = tokenizer(
-        list(prompts),
-        padding="max_length",
-        max_length=text_tokens,
-        truncation=True,
-        add_special_tokens=True,
-        return_tensors="pt",
-    ).input_ids
-    truncated = tuple(count > text_tokens for count in _token_counts(tokenizer, prompts))
+    embeds_nLD, truncated = encode_prompt_batch(tokenizer, text_encoder, prompts, text_tokens)
     for index, cut in enumerate(truncated):
         if cut:
             _log.warning(
@@ -87,8 +75,6 @@ def encode_scene_prompts(
                 text_tokens,
                 prompts[index],
             )
-    param = next(text_encoder.parameters())
-    embeds_nLD = text_encoder(ids.to(param.device))[0]
     embeds = embeds_nLD.reshape(1, -1, embeds_nLD.shape[-1]).to(device=device, dtype=dtype)
     return PromptEmbeds(embeds=embeds, text_tokens=text_tokens, truncated=truncated)
 
@@ -111,11 +97,7 @@ def encode_context_video(
             f"a context video must be uint8 (T, H, W, 3), got {frames_THWC.dtype} "
             f"{tuple(frames_THWC.shape)}"
         )
-    param = next(vae.parameters())
-    pixels = frames_THWC.permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0  # (1, 3, T, H, W)
-    dist = vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist
-    z_1CfHW = dist.sample(generator) if sample else dist.mode()
-    return z_1CfHW.permute(0, 2, 1, 3, 4) * vae.config.scaling_factor
+    return encode_video(vae, frames_THWC.permute(3, 0, 1, 2)[None], generator, sample)
 
 
 @torch.no_grad()

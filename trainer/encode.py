@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from mask2dit.encoding import encode_prompt_batch, encode_video
+
 __all__ = ["encode_prompts", "encode_videos"]
 
 
@@ -30,23 +32,13 @@ def encode_videos(
     """
     if not videos:
         raise ValueError("videos must hold at least one scene")
-    param = next(vae.parameters())
-    latents, scene_frames = [], []
+    latents = []
     for video_BTCHW in videos:
         if video_BTCHW.ndim != 5 or video_BTCHW.shape[2] != 3:
             raise ValueError(f"each scene must be (B, T, 3, H, W), got {tuple(video_BTCHW.shape)}")
-        pixels = _to_unit_range(video_BTCHW).to(device=param.device, dtype=param.dtype)
-        dist = vae.encode(pixels.permute(0, 2, 1, 3, 4)).latent_dist  # VAE takes (B, 3, T, H, W)
-        z_BCFhw = dist.sample(generator) if sample else dist.mode()
-        latents.append(z_BCFhw.permute(0, 2, 1, 3, 4) * vae.config.scaling_factor)
-        scene_frames.append(z_BCFhw.shape[2])
+        latents.append(encode_video(vae, video_BTCHW.transpose(1, 2), generator, sample))
+    scene_frames = [z.shape[1] for z in latents]
     return torch.cat(latents, dim=1), scene_frames
-
-
-def _to_unit_range(video: torch.Tensor) -> torch.Tensor:
-    if video.dtype == torch.uint8:
-        return video.float() / 127.5 - 1.0
-    return video.float()
 
 
 @torch.no_grad()
@@ -65,14 +57,5 @@ def encode_prompts(
     if len(num_scenes) != 1:
         raise ValueError(f"every sample needs the same number of scene captions, got {num_scenes}")
     flat = [caption for scenes in captions for caption in scenes]
-    ids = tokenizer(
-        flat,
-        padding="max_length",
-        max_length=text_tokens,
-        truncation=True,
-        add_special_tokens=True,
-        return_tensors="pt",
-    ).input_ids
-    param = next(text_encoder.parameters())
-    embeds = text_encoder(ids.to(param.device))[0]
+    embeds, _ = encode_prompt_batch(tokenizer, text_encoder, flat, text_tokens)
     return embeds.reshape(len(captions), -1, embeds.shape[-1])
