@@ -26,29 +26,42 @@ def deepspeed_config(run: RunConfig) -> dict[str, Any]:
         "zero_optimization": _zero(run),
         "bf16": {"enabled": ds.precision == "bf16"},
         "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": recipe.learning_rate,
-                "betas": list(recipe.betas),
-                "eps": recipe.eps,
-                "weight_decay": recipe.weight_decay,
-            },
-        },
-        # Constant after a linear warm-up: the recipe's schedule.
-        "scheduler": {
-            "type": "WarmupLR",
-            "params": {
-                "warmup_min_lr": 0.0,
-                "warmup_max_lr": recipe.learning_rate,
-                "warmup_num_steps": recipe.warmup_steps,
-                "warmup_type": "linear",
-            },
-        },
+        "optimizer": {"type": "AdamW", "params": _adamw(run)},
+        "scheduler": _schedule(run),
         "steps_per_print": _QUIET_STEPS,
         "wall_clock_breakdown": False,
     }
     return config
+
+
+def _adamw(run: RunConfig) -> dict[str, Any]:
+    recipe = run.recipe
+    params: dict[str, Any] = {
+        "lr": recipe.learning_rate,
+        "betas": list(recipe.betas),
+        "eps": recipe.eps,
+        "weight_decay": recipe.weight_decay,
+    }
+    if run.workers.gpus_per_worker == 0:
+        # DeepSpeed's compiled CPU Adam recomputes beta^t after load_checkpoint and drifts in
+        # the last bits, so a resumed CPU run would not equal an uninterrupted one.
+        params["torch_adam"] = True
+    return params
+
+
+def _schedule(run: RunConfig) -> dict[str, Any]:
+    """Constant after a linear warm-up: the recipe's schedule (no warm-up: constant)."""
+    recipe = run.recipe
+    return {
+        "type": "WarmupLR",
+        "params": {
+            # DeepSpeed needs >= 1 warm-up step; starting at the peak makes it constant.
+            "warmup_min_lr": 0.0 if recipe.warmup_steps else recipe.learning_rate,
+            "warmup_max_lr": recipe.learning_rate,
+            "warmup_num_steps": max(recipe.warmup_steps, 1),
+            "warmup_type": "linear",
+        },
+    }
 
 
 def _zero(run: RunConfig) -> dict[str, Any]:

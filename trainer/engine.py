@@ -49,15 +49,10 @@ def build_engine(run: RunConfig, transformer: torch.nn.Module) -> Any:
     if run.deepspeed.activation_checkpointing:
         transformer.transformer.enable_gradient_checkpointing()
     parameters = [p for p in transformer.parameters() if p.requires_grad]
-    config = deepspeed_config(run)
-    optimizer = None
-    if run.workers.gpus_per_worker == 0:
-        optimizer, config = _cpu_optimizer(config, parameters)
     engine, _, _, _ = deepspeed.initialize(
         model=transformer,
-        optimizer=optimizer,
-        model_parameters=None if optimizer is not None else parameters,
-        config=config,
+        model_parameters=parameters,
+        config=deepspeed_config(run),
         dist_init_required=False,
     )
     log.info(
@@ -67,21 +62,3 @@ def build_engine(run: RunConfig, transformer: torch.nn.Module) -> Any:
         sum(p.numel() for p in parameters),
     )
     return engine
-
-
-def _cpu_optimizer(
-    config: dict[str, Any], parameters: list[torch.nn.Parameter]
-) -> tuple[torch.optim.Optimizer, dict[str, Any]]:
-    """``torch.optim.AdamW`` from the config's AdamW entry, and the config without it."""
-    entry = config["optimizer"]
-    if entry["type"] != "AdamW":
-        raise ValueError(f"CPU workers expect the AdamW optimizer entry, got {entry['type']}")
-    params = entry["params"]
-    optimizer = torch.optim.AdamW(
-        parameters,
-        lr=params["lr"],
-        betas=tuple(params["betas"]),
-        eps=params["eps"],
-        weight_decay=params["weight_decay"],
-    )
-    return optimizer, {key: value for key, value in config.items() if key != "optimizer"}

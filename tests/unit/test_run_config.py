@@ -109,3 +109,15 @@ def test_dry_run_prints_config_and_deepspeed_json_without_secrets(monkeypatch):
     assert "cluster: a100x64" in result.output and "stage: pretrain" in result.output
     ds_json = json.loads(result.output.split("# DeepSpeed config\n", 1)[1])
     assert ds_json["train_batch_size"] == 64 and ds_json["bf16"]["enabled"] is True
+
+
+def test_schedule_and_optimizer_follow_the_recipe():
+    no_warmup = deepspeed_config(_run("local", "pretrain", "recipe.warmup_steps=0"))
+    params = no_warmup["scheduler"]["params"]
+    assert params["warmup_min_lr"] == params["warmup_max_lr"] == 1e-3  # constant from step 0
+    assert params["warmup_num_steps"] == 1
+    warm = deepspeed_config(_run("a100x8", "pretrain"))["scheduler"]["params"]
+    assert (warm["warmup_min_lr"], warm["warmup_num_steps"]) == (0.0, 100)
+    # CPU workers get torch's AdamW (bit-exact across resume); GPU workers DeepSpeed's.
+    assert no_warmup["optimizer"]["params"]["torch_adam"] is True
+    assert "torch_adam" not in deepspeed_config(_run("a100x8", "sft"))["optimizer"]["params"]
