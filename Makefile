@@ -18,13 +18,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Until the training job exists (issue 5) the demo shows what runs today: the profiles,
-# the resolved local run, and the method core training a tiny model in one process.
+# The main job on the embedded `local` cluster: synthetic stories, pre-training, then SFT
+# from the pre-trained checkpoint (each a Ray Train + DeepSpeed run on 2 CPU workers,
+# logged to MLflow in runs/mlflow.db: `m2d dashboard --cluster local` shows it).
+DEMO_DATA := data/synth
+
 demo: $(STAMP)
-	$(VENV)/bin/m2d cluster validate
-	$(VENV)/bin/m2d launch --cluster local --stage sft --dry-run
-	@echo "== launching jobs is not built yet (issue 5); the method core on a tiny model:"
-	$(PY) -m mask2dit.demo
+	test -f $(DEMO_DATA)/sft.jsonl || $(VENV)/bin/m2d data synth --out $(DEMO_DATA) --stories 12 --frames 20
+	$(VENV)/bin/m2d launch --cluster local --stage pretrain
+	$(VENV)/bin/m2d launch --cluster local --stage sft
+	$(VENV)/bin/m2d runs --limit 2
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
