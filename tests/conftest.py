@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -63,18 +64,13 @@ def s3_endpoint(tmp_path_factory) -> Iterator[str]:
         start_new_session=True,
     )
     endpoint = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
+    dummy = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
     try:
-        _wait_http(f"{endpoint}/moto-api/", process)
-        yield endpoint
+        with mock.patch.dict(os.environ, dummy):
+            _wait_http(f"{endpoint}/moto-api/", process)
+            yield endpoint
     finally:
         _stop(process)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @pytest.fixture
@@ -131,12 +127,11 @@ def ray_head(tmp_path_factory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("ray")
     token_path = root / "auth_token"
     token_path.write_text(secrets.token_hex(16))
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path))
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
     port, dashboard_port = free_port(), free_port()
     log = (root / "ray.log").open("w")
     # Jobs run `python -m ...`: this virtualenv's python, as an image's would be.
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**os.environ, **auth, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     process = subprocess.Popen(
         [
             str(BIN / "ray"),
@@ -162,12 +157,8 @@ def ray_head(tmp_path_factory) -> Iterator[str]:
     )
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
-        _wait_http(f"{address}/api/version", process, timeout=120)
-        yield address
+        with mock.patch.dict(os.environ, auth):
+            _wait_http(f"{address}/api/version", process, timeout=120)
+            yield address
     finally:
         _stop(process)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
