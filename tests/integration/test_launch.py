@@ -42,10 +42,12 @@ def workspace(tmp_path_factory, mlflow_server):
 
 
 def m2d(workspace, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    # The Ray head fixture may have started after the workspace: pass its token along.
+    auth = {k: v for k, v in os.environ.items() if k.startswith("RAY_AUTH_")}
     return subprocess.run(
         [*M2D, *args],
         cwd=ROOT,
-        env=workspace["env"],
+        env={**workspace["env"], **auth},
         capture_output=True,
         text=True,
         timeout=timeout,
