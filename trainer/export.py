@@ -20,9 +20,8 @@ from diffusers import CogVideoXTransformer3DModel
 
 from infra.config import RunConfig, StorageConfig
 from infra.errors import M2DError, StorageError
-from infra.storage import filesystem, is_remote, join
 from mask2dit.presets import preset_config
-from trainer.checkpoint import DEEPSPEED_TAG, RUN_CONFIG
+from trainer.checkpoint import DEEPSPEED_TAG, RUN_CONFIG, fetch_checkpoint
 from trainer.components import resolve_model_folder
 
 # The engine wraps Mask2DiT, whose only submodule is the stock transformer.
@@ -50,25 +49,12 @@ def export_checkpoint(checkpoint_uri: str, out: Path, storage: StorageConfig | N
     if out.exists() and any(out.iterdir()):
         raise StorageError(f"{out} is not empty; export into a new folder (nothing overwritten)")
     with tempfile.TemporaryDirectory(prefix="m2d-export-") as tmp:
-        local = _local_copy(checkpoint_uri, Path(tmp), storage)
+        local = fetch_checkpoint(checkpoint_uri, storage, Path(tmp))
         run = RunConfig.model_validate_json((local / RUN_CONFIG).read_text())
         model = CogVideoXTransformer3DModel.from_config(transformer_config(run))
         model.load_state_dict(consolidated_state_dict(local), strict=True)
     model.save_pretrained(out, safe_serialization=True)
     return out
-
-
-def _local_copy(uri: str, tmp: Path, storage: StorageConfig | None) -> Path:
-    if not is_remote(uri):
-        local = Path(uri.removeprefix("file://"))
-        if not (local / RUN_CONFIG).is_file():
-            raise StorageError(f"{uri}: not a checkpoint folder (no {RUN_CONFIG})")
-        return local
-    fs, path = filesystem(uri, storage)
-    if not fs.exists(join(path, RUN_CONFIG)):
-        raise StorageError(f"{uri}: not a checkpoint folder (no {RUN_CONFIG})")
-    fs.get(path.rstrip("/") + "/", str(tmp / "checkpoint"), recursive=True)
-    return tmp / "checkpoint"
 
 
 def main(argv: list[str] | None = None) -> int:
