@@ -65,3 +65,8 @@ def inspect(manifest, scenes, endpoint_url) -> None:
     if endpoint_url:
         args += ["--endpoint-url", endpoint_url]
     run_job("trainer.data.manifest", args)
+
+
+from orchestrator.commands.data_filter import filter_  # noqa: E402
+
+data.add_command(filter_)

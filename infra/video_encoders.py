@@ -1,0 +1,228 @@
+"""Video encoders behind one small interface, shared by the data filter and evaluation.
+
+A :class:`VideoEncoder` turns one clip into a 1-D embedding; cosine similarity between
+embeddings says how alike two clips look (the SFT filter compares adjacent scenes, an
+evaluation compares generated scenes). Encoders are registered by name and built with
+:func:`load_encoder` from a local folder or an ``s3://`` URI; remote folders are copied
+once into a local cache first (``M2D_ENCODER_CACHE``, default a temp folder).
+
+Encoders:
+
+- ``xclip``: transformers' X-CLIP (``XCLIPModel.get_video_features``). The folder is what
+  ``save_pretrained`` writes. Frames go through the folder's image processor
+  (``preprocessor_config.json``), as ``XCLIPProcessor`` sends video frames through its
+  image processor; X-CLIP needs no tokenizer for video, so none is loaded. A folder
+  without a processor config gets the image processor transformers maps X-CLIP to
+  (``CLIPImageProcessor`` with its defaults) sized to ``vision_config.image_size``.
+
+Shape legend: T frames, C = 3 RGB channels, H height, W width, D embedding size.
+torch and transformers load inside functions, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from infra.config import StorageConfig
+from infra.errors import ConfigError, DataError, StorageError
+from infra.storage import filesystem, is_remote
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "VideoEncoder",
+    "encoder_names",
+    "load_encoder",
+    "local_folder",
+    "register_encoder",
+    "uniform_frame_indices",
+]
+
+
+@runtime_checkable
+class VideoEncoder(Protocol):
+    """One clip in, one embedding out.
+
+    ``num_frames`` is how many frames ``embed`` takes: sample that many from a clip
+    (:func:`uniform_frame_indices`) before calling it.
+    """
+
+    name: str
+
+    @property
+    def num_frames(self) -> int: ...
+
+    def embed(self, frames_TCHW: torch.Tensor) -> torch.Tensor:
+        """The clip's embedding, float32 (D,). Frames are uint8, or float in [0, 1]."""
+        ...
+
+
+# name -> factory(uri, storage) building the encoder from a folder.
+_REGISTRY: dict[str, Callable[[str, StorageConfig | None], VideoEncoder]] = {}
+
+
+def register_encoder(name: str):
+    """Class decorator: register ``cls.from_pretrained(uri, storage)`` under ``name``."""
+
+    def decorate(cls):
+        _REGISTRY[name] = cls.from_pretrained
+        return cls
+
+    return decorate
+
+
+def encoder_names() -> list[str]:
+    """The registered encoder names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def check_encoder_name(name: str) -> None:
+    """ConfigError naming the choices when ``name`` is not a registered encoder."""
+    if name not in _REGISTRY:
+        raise ConfigError(
+            f"unknown video encoder {name!r}; choose one of: {', '.join(encoder_names())}"
+        )
+
+
+def load_encoder(name: str, uri: str, storage: StorageConfig | None = None) -> VideoEncoder:
+    """The encoder ``name`` loaded from the folder at ``uri`` (path or ``s3://``)."""
+    check_encoder_name(name)
+    return _REGISTRY[name](uri, storage)
+
+
+def uniform_frame_indices(total_frames: int, count: int) -> list[int]:
+    """``count`` frame indices spread evenly over a clip: the middle of equal segments.
+
+    Raises DataError when the clip has fewer than ``count`` frames.
+    """
+    if count < 1:
+        raise ValueError("count must be >= 1")
+    if total_frames < count:
+        raise DataError(f"clip has {total_frames} frames, the encoder needs {count}")
+    return [int((2 * i + 1) * total_frames / (2 * count)) for i in range(count)]
+
+
+def local_folder(
+    uri: str, storage: StorageConfig | None = None, cache_dir: str | None = None
+) -> Path:
+    """The local folder of ``uri``: the path itself, or a cached copy of an ``s3://`` folder.
+
+    The cache key includes the objects' names, sizes and ETags, so a changed upload is
+    fetched again. Concurrent callers (one per actor) race safely through a rename.
+    """
+    if not is_remote(uri):
+        folder = Path(uri.removeprefix("file://")).expanduser()
+        if not folder.is_dir():
+            raise DataError(f"{uri}: encoder folder not found; give a local folder or s3:// URI")
+        return folder
+    fs, path = filesystem(uri, storage)
+    try:
+        listing = fs.find(path, detail=True)
+    except OSError as exc:
+        raise StorageError(f"{uri}: cannot list the encoder folder ({exc})") from None
+    if not listing:
+        raise DataError(f"{uri}: encoder folder not found or empty; upload it first")
+    stamp = sorted((k, v.get("size"), str(v.get("ETag", ""))) for k, v in listing.items())
+    key = hashlib.sha256(repr((uri, stamp)).encode()).hexdigest()[:16]
+    cache = Path(cache_dir or _default_cache())
+    target = cache / key
+    if target.is_dir():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=cache, prefix=".download-"))
+    try:
+        for name in listing:
+            local = staging / name[len(path.rstrip("/")) + 1 :]
+            local.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(name, str(local))
+        os.replace(staging, target)
+    except OSError as exc:
+        if target.is_dir():  # another actor finished first
+            return target
+        raise StorageError(f"{uri}: encoder download failed ({exc})") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _default_cache() -> str:
+    return os.environ.get("M2D_ENCODER_CACHE", os.path.join(tempfile.gettempdir(), "m2d-encoders"))
+
+
+def _as_uint8(frames_TCHW: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    if frames_TCHW.ndim != 4 or frames_TCHW.shape[1] != 3:
+        raise ValueError(f"expected frames shaped (T, 3, H, W), got {tuple(frames_TCHW.shape)}")
+    if frames_TCHW.dtype == torch.uint8:
+        return frames_TCHW
+    return (frames_TCHW.float() * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+@register_encoder("xclip")
+class XCLIPEncoder:
+    """transformers' X-CLIP video tower: ``get_video_features`` of ``num_frames`` frames."""
+
+    name = "xclip"
+
+    def __init__(self, model, image_processor) -> None:
+        self.model = model.eval()
+        self.image_processor = image_processor
+
+    @classmethod
+    def from_pretrained(cls, uri: str, storage: StorageConfig | None = None) -> XCLIPEncoder:
+        """Load a ``save_pretrained`` folder (local or ``s3://``) on the best device."""
+        import torch
+        from transformers import XCLIPModel
+
+        folder = local_folder(uri, storage)
+        if not (folder / "config.json").is_file():
+            raise DataError(f"{uri}: no config.json; save the model with save_pretrained")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = XCLIPModel.from_pretrained(folder).to(device)
+        return cls(model, _image_processor(folder, model.config.vision_config.image_size))
+
+    @property
+    def num_frames(self) -> int:
+        """Frames per clip: the size of the model's frame position table."""
+        return int(self.model.config.vision_config.num_frames)
+
+    def embed(self, frames_TCHW: torch.Tensor) -> torch.Tensor:
+        """The clip's X-CLIP video embedding, float32 (projection_dim,)."""
+        import torch
+
+        frames = _as_uint8(frames_TCHW)
+        if frames.shape[0] != self.num_frames:
+            raise ValueError(f"X-CLIP takes {self.num_frames} frames, got {frames.shape[0]}")
+        pixels = self.image_processor(
+            images=list(frames), input_data_format="channels_first", return_tensors="pt"
+        )["pixel_values"]
+        parameter = next(self.model.parameters())
+        pixels_BTCHW = pixels.unsqueeze(0).to(parameter.device, parameter.dtype)
+        with torch.inference_mode():
+            output = self.model.get_video_features(pixel_values=pixels_BTCHW)
+        # transformers 5 returns a ModelOutput whose pooler_output is the video embedding.
+        features = getattr(output, "pooler_output", output)
+        return features[0].float().cpu()
+
+
+def _image_processor(folder: Path, image_size: int):
+    """The folder's image processor, else transformers' X-CLIP default sized to the model."""
+    from transformers import AutoImageProcessor
+
+    if (folder / "preprocessor_config.json").is_file():
+        return AutoImageProcessor.from_pretrained(folder)
+    try:
+        from transformers import CLIPImageProcessorPil as processor_class
+    except ImportError:  # an older transformers names the PIL processor plainly
+        from transformers import CLIPImageProcessor as processor_class
+    return processor_class(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )

@@ -1,0 +1,486 @@
+"""Inter-scene similarity filter for SFT manifests (``m2d data filter``, METHOD section 6).
+
+Every shot of an SFT manifest is embedded with a video encoder (``infra.video_encoders``;
+``encoder.num_frames`` frames spread evenly over the shot) by a Ray Data actor pool, one
+encoder per actor. Adjacent shots of a group are compared by cosine similarity.
+
+Windows and the output manifest: SFT trains on windows of ``n`` consecutive shots, and
+a window is kept when all its ``n - 1`` adjacent similarities are >= the threshold. The
+output cannot list windows (the SFT sampler draws a window from a group), so each group
+is cut wherever an adjacent similarity is below the threshold (or a shot could not be
+embedded: that shot is dropped), and the resulting maximal runs with at least ``n``
+shots are written as groups. Every window of every output group is then a kept window,
+and every kept window of the input lies in exactly one output group: "windows kept"
+counts both. A group cut into several runs keeps its id when one run survives, else its
+runs get ids ``ID/0``, ``ID/1``... (as the manifest reader names split groups). Each
+output group also carries ``similarities`` (its adjacent similarities, for auditing).
+
+Shots are written with the manifest reader's columns (extra columns are not kept) and
+their paths relative to the output manifest's folder when the file lies under it,
+otherwise as absolute paths or URIs. Bad rows and bad videos are skipped and counted by
+the reasons of ``trainer.data.manifest`` and ``infra.video``.
+
+    python -m trainer.data.filter --manifest URI --encoder xclip --encoder-path URI \\
+        --out URI [--scenes 3] [--threshold 0.7] [--min-frames N] [--histogram URI] \\
+        [--endpoint-url URL] [--tracking-uri URI --experiment NAME] [--num-actors K]
+
+Writes the manifest (never over an existing file), a PNG histogram of all adjacent
+similarities with the threshold drawn (default: beside the manifest, ``.png``), and one
+summary line; with ``--tracking-uri`` also an MLflow run with the counts and histogram.
+Exit status: 0 done, 2 a problem the user can fix (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import json
+import math
+import os
+import posixpath
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from infra.config import StorageConfig
+from infra.errors import DataError, M2DError
+from infra.logging import get_logger
+from infra.storage import filesystem, is_remote
+from infra.video_encoders import check_encoder_name
+from trainer.data.manifest import Clip, ShotGroup, SkipCounts, read_shot_groups
+
+log = get_logger("data.filter")
+
+MANIFEST_SUFFIXES = (".json", ".jsonl", ".ndjson")
+
+
+# ---------------------------------------------------------------- window logic (pure)
+
+
+def kept_runs(
+    similarities: Sequence[float | None],
+    threshold: float,
+    num_scenes: int,
+    usable: Sequence[bool] | None = None,
+) -> list[range]:
+    """Maximal runs of shots whose adjacent similarities are all >= ``threshold``.
+
+    ``similarities[i]`` compares shots ``i`` and ``i + 1`` (None: not comparable);
+    ``usable[i]`` False drops shot ``i``. Only runs of >= ``num_scenes`` shots are kept.
+    """
+    count = len(similarities) + 1
+    usable = [True] * count if usable is None else list(usable)
+    if len(usable) != count:
+        raise ValueError("usable needs one entry per shot: len(similarities) + 1")
+    runs, start = [], None
+    for shot in range(count):
+        linked = shot > 0 and _passes(similarities[shot - 1], threshold)
+        if start is not None and not (usable[shot] and linked):
+            runs.append(range(start, shot))
+            start = None
+        if start is None and usable[shot]:
+            start = shot
+    if start is not None:
+        runs.append(range(start, count))
+    return [run for run in runs if len(run) >= num_scenes]
+
+
+def _passes(similarity: float | None, threshold: float) -> bool:
+    return similarity is not None and not math.isnan(similarity) and similarity >= threshold
+
+
+def window_count(length: int, num_scenes: int) -> int:
+    """Windows of ``num_scenes`` consecutive shots in a run of ``length`` shots."""
+    return max(length - num_scenes + 1, 0)
+
+
+def adjacent_similarities(embeddings: Sequence) -> list[float | None]:
+    """Cosine similarity of each shot's embedding with the next one (None if either is)."""
+    import torch.nn.functional as F
+
+    pairs = itertools.pairwise(embeddings)
+    return [
+        None if a is None or b is None else float(F.cosine_similarity(a, b, dim=0))
+        for a, b in pairs
+    ]
+
+
+# ---------------------------------------------------------------- embedding (Ray actors)
+
+
+class ShotEmbedder:
+    """Ray Data callable class: one encoder per actor; a batch of shots -> embeddings.
+
+    Output columns: ``key`` (as given), ``embedding`` (float32 bytes, empty when the shot
+    was skipped) and ``reason`` (the skip reason, empty when embedded).
+    """
+
+    def __init__(self, encoder: str, encoder_path: str, storage: StorageConfig | None) -> None:
+        from infra.video_encoders import load_encoder
+
+        self.storage = storage
+        self.encoder = load_encoder(encoder, encoder_path, storage)
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        embeddings, reasons = [], []
+        for row in zip(*(batch[name] for name in ("path", "frames", "start", "end")), strict=True):
+            embedding, reason = self._embed(*row)
+            embeddings.append(embedding)
+            reasons.append(reason)
+        return {
+            "key": batch["key"],
+            "embedding": np.array(embeddings, dtype=object),
+            "reason": np.array(reasons, dtype=object),
+        }
+
+    def _embed(self, path: str, frames: int, start: float, end: float) -> tuple[bytes, str]:
+        from infra.video import VideoError, read_frames
+        from infra.video_encoders import uniform_frame_indices
+
+        try:
+            indices = uniform_frame_indices(int(frames), self.encoder.num_frames)
+        except DataError:
+            return b"", "too_short"
+        cut = {"start": _optional(start), "end": _optional(end)}
+        try:
+            frames_THWC = read_frames(str(path), indices, self.storage, **cut)
+        except VideoError as exc:
+            log.warning("skipped shot %s: %s", path, exc)
+            return b"", exc.reason
+        embedding = self.encoder.embed(frames_THWC.permute(0, 3, 1, 2))
+        return embedding.numpy().astype("float32").tobytes(), ""
+
+
+def _optional(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def shot_rows(groups: Sequence[ShotGroup], min_frames: int) -> list[dict]:
+    """One Ray Data row per shot; shots under ``min_frames`` claim 0 frames (too_short)."""
+    from trainer.data.loader import clip_frame_count
+
+    rows = []
+    for g, group in enumerate(groups):
+        for s, shot in enumerate(group.shots):
+            frames = clip_frame_count(shot)
+            rows.append(
+                {
+                    "key": f"{g}:{s}",
+                    "path": shot.path,
+                    "frames": frames if frames >= min_frames else 0,
+                    "start": math.nan if shot.start is None else shot.start,
+                    "end": math.nan if shot.end is None else shot.end,
+                }
+            )
+    return rows
+
+
+def embed_shots(
+    rows: list[dict], args: argparse.Namespace, storage: StorageConfig | None
+) -> dict[str, tuple[bytes, str]]:
+    """key -> (embedding bytes, skip reason), from an actor pool of ``args.num_actors``."""
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    dataset = ray.data.from_items(rows).map_batches(
+        ShotEmbedder,
+        fn_constructor_kwargs={
+            "encoder": args.encoder,
+            "encoder_path": args.encoder_path,
+            "storage": storage,
+        },
+        compute=ray.data.ActorPoolStrategy(size=args.num_actors),
+        batch_size=args.batch_size,
+        batch_format="numpy",
+        num_cpus=1,
+    )
+    return {row["key"]: (row["embedding"], row["reason"]) for row in dataset.iter_rows()}
+
+
+def _init_ray(num_actors: int) -> bool:
+    """Join ``RAY_ADDRESS`` (Ray Jobs sets it), else start a small local Ray on 127.0.0.1.
+
+    Returns True when this call connected (so the caller shuts Ray down again).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        # "local" starts a fresh Ray even where another left /tmp/ray/ray_current_cluster.
+        ray.init(
+            address="local",
+            num_cpus=num_actors + 1,
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+    return True
+
+
+# ---------------------------------------------------------------- the job
+
+
+@dataclass
+class Result:
+    """What the filter did: the output groups, all similarities, and the counts."""
+
+    groups: list[dict]
+    similarities: list[float]
+    counts: dict[str, int]
+    skips: SkipCounts = field(default_factory=SkipCounts)
+
+    def summary(self, threshold: float, num_scenes: int) -> str:
+        c = self.counts
+        return (
+            f"groups in {c['groups_in']}, out {c['groups_out']}; windows of {num_scenes} kept "
+            f"{c['windows_kept']} of {c['windows_in']} (threshold {threshold:g}); "
+            f"shots embedded {c['shots_embedded']} of {c['shots_in']}; skipped: {self.skips}"
+        )
+
+
+def filter_groups(
+    groups: Sequence[ShotGroup],
+    embedded: dict[str, tuple[bytes, str]],
+    threshold: float,
+    num_scenes: int,
+) -> Result:
+    """Cut groups into kept runs from per-shot embeddings (``embed_shots`` output)."""
+    import numpy as np
+    import torch
+
+    out, similarities, skips = [], [], SkipCounts()
+    counts = dict.fromkeys(("groups_in", "groups_out", "windows_in", "windows_kept"), 0)
+    counts.update(groups_in=len(groups), shots_in=0, shots_embedded=0)
+    for g, group in enumerate(groups):
+        embeddings = []
+        for s in range(len(group.shots)):
+            data, reason = embedded[f"{g}:{s}"]
+            if reason:
+                skips.add(reason)
+            vector = np.frombuffer(data, dtype=np.float32) if not reason else None
+            embeddings.append(None if vector is None else torch.from_numpy(vector.copy()))
+        sims = adjacent_similarities(embeddings)
+        similarities += [value for value in sims if value is not None]
+        usable = [e is not None for e in embeddings]
+        runs = kept_runs(sims, threshold, num_scenes, usable)
+        out += _output_groups(group, runs, sims)
+        counts["shots_in"] += len(group.shots)
+        counts["shots_embedded"] += sum(usable)
+        counts["windows_in"] += window_count(len(group.shots), num_scenes)
+        counts["windows_kept"] += sum(window_count(len(run), num_scenes) for run in runs)
+    counts["groups_out"] = len(out)
+    return Result(out, similarities, counts, skips)
+
+
+def _output_groups(group: ShotGroup, runs: list[range], sims: list) -> list[dict]:
+    return [
+        {
+            "id": group.id if len(runs) == 1 else f"{group.id}/{part}",
+            "shots": [group.shots[s] for s in run],
+            "similarities": [round(sims[s], 6) for s in run[:-1]],
+        }
+        for part, run in enumerate(runs)
+    ]
+
+
+def shot_record(clip: Clip, base: str) -> dict:
+    """A manifest row for ``clip``, its path relative to ``base`` when it lies under it."""
+    record = {
+        "path": _relative(clip.path, base),
+        "caption": clip.caption,
+        "num_frames": clip.num_frames,
+        "fps": clip.fps,
+        "width": clip.width,
+        "height": clip.height,
+    }
+    record.update({k: v for k, v in (("start", clip.start), ("end", clip.end)) if v is not None})
+    return record
+
+
+def _relative(path: str, base: str) -> str:
+    if is_remote(path) != is_remote(base):
+        return path
+    if is_remote(path):
+        prefix = base.rstrip("/") + "/"
+        return path[len(prefix) :] if path.startswith(prefix) else path
+    relative = os.path.relpath(path, base)
+    return path if relative.startswith("..") else relative
+
+
+def manifest_text(groups: list[dict], out: str) -> str:
+    """The output manifest in the format ``out``'s suffix names (JSON list or JSONL)."""
+    base = _folder(out)
+    records = [
+        {**group, "shots": [shot_record(shot, base) for shot in group["shots"]]} for group in groups
+    ]
+    if _suffix(out) == ".json":
+        return json.dumps(records, indent=1) + "\n"
+    return "".join(json.dumps(record) + "\n" for record in records)
+
+
+def histogram_png(similarities: list[float], threshold: float, title: str) -> bytes:
+    """A PNG histogram of ``similarities`` with the threshold as a vertical line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
+    low = min([0.0, threshold, *similarities])
+    axes.hist(similarities, bins=40, range=(low, 1.0), color="tab:blue")
+    axes.axvline(threshold, color="tab:red", linestyle="--", label=f"threshold {threshold:g}")
+    axes.set(xlabel="adjacent-scene cosine similarity", ylabel="shot pairs", title=title)
+    axes.legend()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _folder(uri: str) -> str:
+    if is_remote(uri):
+        return posixpath.dirname(uri)
+    return os.path.dirname(os.path.abspath(uri.removeprefix("file://")))
+
+
+def _suffix(uri: str) -> str:
+    return posixpath.splitext(uri)[1].lower()
+
+
+def default_histogram(out: str) -> str:
+    """``.../sft.filtered.jsonl`` -> ``.../sft.filtered.png``."""
+    return posixpath.splitext(out)[0] + ".png"
+
+
+def check_args(args: argparse.Namespace, storage: StorageConfig | None) -> None:
+    """Fail before any work on what the user can fix: values, names, existing outputs."""
+    if args.scenes < 1 or args.num_actors < 1 or args.batch_size < 1:
+        raise DataError("--scenes, --num-actors and --batch-size must be >= 1")
+    if not -1.0 <= args.threshold <= 1.0:
+        raise DataError(f"--threshold {args.threshold:g} is not a cosine similarity in [-1, 1]")
+    if _suffix(args.out) not in MANIFEST_SUFFIXES:
+        raise DataError(f"--out {args.out}: name it .json or .jsonl (an SFT manifest)")
+    check_encoder_name(args.encoder)
+    for uri, what in ((args.out, "--out"), (args.histogram, "--histogram")):
+        fs, path = filesystem(uri, storage)
+        if fs.exists(path):
+            raise DataError(f"{what} {uri} already exists; remove it or choose another name")
+    fs, path = filesystem(args.encoder_path, storage)
+    if not fs.exists(path):
+        raise DataError(f"--encoder-path {args.encoder_path}: not found")
+
+
+def run(args: argparse.Namespace) -> Result:
+    """The whole job: read, embed on Ray, cut groups, write; returns what it did."""
+    storage = StorageConfig(root=args.manifest, endpoint_url=args.endpoint_url)
+    check_args(args, storage)
+    groups, read_skips = read_shot_groups(args.manifest, args.scenes, storage)
+    embedded = _embed_on_ray(shot_rows(groups, args.min_frames), args, storage)
+    result = filter_groups(groups, embedded, args.threshold, args.scenes)
+    result.skips = read_skips.merge(result.skips)
+    title = (
+        f"{len(result.similarities)} adjacent pairs, {result.counts['windows_kept']} windows kept"
+    )
+    png = histogram_png(result.similarities, args.threshold, title)
+    _write(args.histogram, png, storage)
+    _write(args.out, manifest_text(result.groups, args.out).encode(), storage)
+    if args.tracking_uri:
+        _track(args, result, png)
+    return result
+
+
+def _embed_on_ray(
+    rows: list[dict], args: argparse.Namespace, storage: StorageConfig | None
+) -> dict[str, tuple[bytes, str]]:
+    import ray
+
+    started = _init_ray(args.num_actors)
+    try:
+        return embed_shots(rows, args, storage)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _write(uri: str, data: bytes, storage: StorageConfig | None) -> None:
+    fs, path = filesystem(uri, storage)
+    if not is_remote(uri):
+        fs.makedirs(fs._parent(path), exist_ok=True)
+    try:
+        with fs.open(path, "wb") as handle:
+            handle.write(data)
+    except OSError as exc:
+        raise DataError(f"{uri}: cannot write ({exc})") from None
+
+
+def _track(args: argparse.Namespace, result: Result, png: bytes) -> None:
+    """One MLflow run with the job's params, counts (metrics) and histogram (artifact)."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    from infra.tracking import Tracker, flatten
+
+    client = MlflowClient(tracking_uri=args.tracking_uri)
+    experiment = client.get_experiment_by_name(args.experiment)
+    experiment_id = (
+        experiment.experiment_id if experiment else client.create_experiment(args.experiment)
+    )
+    created = client.create_run(experiment_id, run_name="data-filter", tags={"stage": "filter"})
+    tracker = Tracker(args.tracking_uri, created.info.run_id)
+    params = {k: v for k, v in vars(args).items() if k not in ("tracking_uri", "experiment")}
+    tracker.log_params(flatten(params))
+    skips = {f"skipped.{reason}": n for reason, n in result.skips.as_dict().items()}
+    tracker.log_metrics({**result.counts, **skips, "skipped": result.skips.total}, step=0)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "similarities.png")
+        with open(path, "wb") as handle:
+            handle.write(png)
+        tracker.client.log_artifact(tracker.run_id, path)
+    tracker.finish()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The job's command line (the orchestrator's ``m2d data filter`` passes it through)."""
+    parser = argparse.ArgumentParser(prog="trainer.data.filter", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--manifest", required=True, help="SFT manifest (.json/.jsonl), path or URI"
+    )
+    parser.add_argument("--encoder", default="xclip", help="registered video encoder")
+    parser.add_argument("--encoder-path", required=True, help="encoder folder, path or s3:// URI")
+    parser.add_argument("--out", required=True, help="filtered manifest (.json/.jsonl) to write")
+    parser.add_argument("--scenes", type=int, default=3, help="scenes per SFT window (n)")
+    parser.add_argument("--threshold", type=float, default=0.7, help="min adjacent similarity")
+    parser.add_argument("--min-frames", type=int, default=1, help="skip shorter shots")
+    parser.add_argument("--histogram", default=None, help="PNG to write [default: OUT as .png]")
+    parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
+    parser.add_argument("--experiment", default="m2d-data", help="MLflow experiment")
+    parser.add_argument("--num-actors", type=int, default=1, help="encoder actors (one each)")
+    parser.add_argument("--batch-size", type=int, default=8, help="shots per actor batch")
+    args = parser.parse_args(argv)
+    args.histogram = args.histogram or default_histogram(args.out)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the job; a user mistake prints one ``Error:`` line and returns 2."""
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except M2DError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} and {args.histogram}")
+    print(result.summary(args.threshold, args.scenes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
