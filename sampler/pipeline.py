@@ -16,10 +16,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler
+from diffusers import AutoencoderKLCogVideoX
 from diffusers.utils.torch_utils import randn_tensor
-from transformers import AutoTokenizer, T5EncoderModel
+from transformers import T5EncoderModel
 
+from mask2dit.components import ModelParts, load_parts
 from mask2dit.model import Mask2DiT
 from sampler.denoise import SCHEDULERS, Scheduler, StoryText, build_scheduler, denoise
 from sampler.encode import (
@@ -91,19 +92,26 @@ class MultiScenePipeline:
         ``dpm`` over the folder's scheduler config. ``dtype`` defaults to bf16 on CUDA
         (as CogVideoX runs) and float32 elsewhere. ``kwargs`` go to the constructor.
         """
-        from diffusers import CogVideoXTransformer3DModel
-
         device = torch.device(device)
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        load = {"torch_dtype": dtype}
-        transformer = CogVideoXTransformer3DModel.from_pretrained(f"{path}/transformer", **load)
-        vae = AutoencoderKLCogVideoX.from_pretrained(f"{path}/vae", **load)
-        text_encoder = T5EncoderModel.from_pretrained(f"{path}/text_encoder", **load)
-        tokenizer = AutoTokenizer.from_pretrained(f"{path}/tokenizer")
-        config = CogVideoXDDIMScheduler.load_config(f"{path}/scheduler")
-        parts = (vae, text_encoder, tokenizer, build_scheduler(scheduler, config))
-        return cls(Mask2DiT(transformer, policy=policy), *parts, **kwargs).to(device)
+        parts = load_parts(path, dtype)
+        return cls.from_parts(parts, scheduler=scheduler, policy=policy, **kwargs).to(device)
+
+    @classmethod
+    def from_parts(
+        cls, parts: ModelParts, *, scheduler: str = "ddim", policy: str = "v2", **kwargs: Any
+    ) -> MultiScenePipeline:
+        """Wrap loaded parts (``mask2dit.components``); ``scheduler`` is ``ddim`` or ``dpm``
+        over the parts' scheduler config."""
+        return cls(
+            Mask2DiT(parts.transformer, policy=policy),
+            parts.vae,
+            parts.text_encoder,
+            parts.tokenizer,
+            build_scheduler(scheduler, parts.scheduler.config),
+            **kwargs,
+        )
 
     def to(
         self, device: torch.device | str, dtype: torch.dtype | None = None

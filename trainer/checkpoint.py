@@ -1,12 +1,7 @@
 """Checkpoints of a run: DeepSpeed shards of every rank plus what exact resume needs.
 
-Layout of one checkpoint folder (Ray Train merges the folders every rank reports):
-
-    deepspeed/            ``engine.save_checkpoint(dir, tag="deepspeed")``: model states
-                          (rank 0) and each rank's ZeRO optimizer shard
-    run_config.json       the resolved run config (rank 0; holds no secrets)
-    trainer_state.json    step, world size, MLflow run id (rank 0)
-    ranks/rank_R.pt       rank R's data position and RNG states
+Each rank writes its part of the folder (layout in ``infra.checkpoints``, which readers
+use); Ray Train merges the folders every rank reports.
 
 Task draws and noise are functions of (seed, step, rank), so with the data position and
 the RNG states a resumed run takes exactly the steps the uninterrupted run takes.
@@ -23,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from infra.config import RunConfig, StorageConfig
-from infra.errors import ConfigError, StorageError
-from infra.storage import filesystem, is_remote
+from infra.checkpoints import DEEPSPEED_TAG, RUN_CONFIG, TRAINER_STATE, fetch_checkpoint
+from infra.config import RunConfig
+from infra.errors import ConfigError
 
 __all__ = [
     "DEEPSPEED_TAG",
@@ -34,10 +29,6 @@ __all__ = [
     "load_checkpoint",
     "save_checkpoint",
 ]
-
-DEEPSPEED_TAG = "deepspeed"
-RUN_CONFIG = "run_config.json"
-TRAINER_STATE = "trainer_state.json"
 
 
 @dataclass
@@ -104,22 +95,3 @@ def _set_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"])
-
-
-def fetch_checkpoint(uri: str, storage: StorageConfig | None, into: Path) -> Path:
-    """A local folder holding checkpoint ``uri`` (copied from an object store if remote)."""
-    if not is_remote(uri):
-        folder = Path(uri.removeprefix("file://"))
-    else:
-        fs, path = filesystem(uri, storage)
-        folder = into / "checkpoint"
-        try:
-            fs.get(f"{path.rstrip('/')}/", str(folder), recursive=True)
-        except OSError as exc:
-            raise StorageError(f"{uri}: cannot download the checkpoint ({exc})") from None
-    if not (folder / DEEPSPEED_TAG).is_dir():
-        raise ConfigError(
-            f"{uri}: not an m2d checkpoint (no {DEEPSPEED_TAG}/ folder); give a "
-            "checkpoint_NNNNNNNN folder of a finished run"
-        )
-    return folder

@@ -15,17 +15,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
 from diffusers import CogVideoXTransformer3DModel
 
+from infra.checkpoints import consolidated_state_dict, fetch_checkpoint, read_run_config
 from infra.config import RunConfig, StorageConfig
 from infra.errors import M2DError, StorageError
+from infra.model_store import resolve_model_folder
 from mask2dit.presets import preset_config
-from trainer.checkpoint import DEEPSPEED_TAG, RUN_CONFIG, fetch_checkpoint
-from trainer.components import resolve_model_folder
-
-# The engine wraps Mask2DiT, whose only submodule is the stock transformer.
-_PREFIX = "transformer."
 
 
 def transformer_config(run: RunConfig) -> dict:
@@ -36,21 +32,13 @@ def transformer_config(run: RunConfig) -> dict:
     return dict(CogVideoXTransformer3DModel.load_config(folder / "transformer"))
 
 
-def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of the checkpoint's transformer, keys as in stock CogVideoX."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG)
-    return {key.removeprefix(_PREFIX): value for key, value in state.items()}
-
-
 def export_checkpoint(checkpoint_uri: str, out: Path, storage: StorageConfig | None) -> Path:
     """Write the checkpoint's transformer to ``out``; ``out`` must not hold anything yet."""
     if out.exists() and any(out.iterdir()):
         raise StorageError(f"{out} is not empty; export into a new folder (nothing overwritten)")
     with tempfile.TemporaryDirectory(prefix="m2d-export-") as tmp:
         local = fetch_checkpoint(checkpoint_uri, storage, Path(tmp))
-        run = RunConfig.model_validate_json((local / RUN_CONFIG).read_text())
+        run = read_run_config(local)
         model = CogVideoXTransformer3DModel.from_config(transformer_config(run))
         model.load_state_dict(consolidated_state_dict(local), strict=True)
     model.save_pretrained(out, safe_serialization=True)

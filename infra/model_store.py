@@ -1,0 +1,96 @@
+"""Where a model source lives: a local diffusers CogVideoX folder, or an ``s3://`` copy of one.
+
+A model folder has the subfolders ``transformer``, ``vae``, ``text_encoder``, ``tokenizer``
+and ``scheduler``. Remote folders are copied once into a local cache (``M2D_MODEL_CACHE``,
+default a temp folder), so the training workers and the sampler's actors load them with
+the stock ``from_pretrained``. Needs no torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from infra.config import StorageConfig
+from infra.errors import ConfigError, StorageError
+from infra.storage import filesystem, is_remote
+
+__all__ = ["SUBFOLDERS", "resolve_model_folder"]
+
+SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def resolve_model_folder(
+    source: str,
+    storage: StorageConfig | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    subfolders: tuple[str, ...] = SUBFOLDERS,
+) -> Path:
+    """The local folder of ``source``: the path itself, or an ``s3://`` copy in the cache.
+
+    Raises ``ConfigError`` when the folder or one of ``subfolders`` is missing.
+    """
+    if not is_remote(source):
+        root = Path(source.removeprefix("file://")).expanduser()
+        _check_local_folder(root, source, subfolders)
+        return root
+    return _download(source, storage, Path(cache_dir or _default_cache()), subfolders)
+
+
+def _check_local_folder(root: Path, source: str, subfolders: tuple[str, ...]) -> None:
+    if not root.is_dir():
+        raise ConfigError(
+            f"model.source {source}: no such folder; give a diffusers CogVideoX folder "
+            "(path or s3:// URI) or 'tiny'"
+        )
+    missing = [name for name in subfolders if not (root / name).is_dir()]
+    if missing:
+        raise ConfigError(
+            f"model.source {source}: missing subfolder(s) {', '.join(missing)}; a diffusers "
+            f"CogVideoX folder has {', '.join(SUBFOLDERS)}"
+        )
+
+
+def _default_cache() -> str:
+    return os.environ.get("M2D_MODEL_CACHE", os.path.join(tempfile.gettempdir(), "m2d-models"))
+
+
+def _download(
+    source: str, storage: StorageConfig | None, cache: Path, subfolders: tuple[str, ...]
+) -> Path:
+    """Copy ``source`` into ``cache`` once; concurrent ranks race safely via rename."""
+    key = f"{source}|{','.join(subfolders)}"
+    target = cache / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if target.is_dir():
+        return target
+    fs, path = filesystem(source, storage)
+    try:
+        listed = set(fs.ls(path, detail=False))
+    except FileNotFoundError:
+        listed = set()
+    except OSError as exc:
+        raise StorageError(f"model.source {source}: cannot list ({exc})") from None
+    present = {name.rstrip("/").rsplit("/", 1)[-1] for name in listed}
+    missing = [name for name in subfolders if name not in present]
+    if missing:
+        raise ConfigError(
+            f"model.source {source}: missing subfolder(s) {', '.join(missing)}; upload a "
+            f"diffusers CogVideoX folder with {', '.join(SUBFOLDERS)}"
+        )
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=cache, prefix=".download-"))
+    try:
+        for name in subfolders:
+            fs.get(f"{path.rstrip('/')}/{name}", str(staging / name), recursive=True)
+        os.replace(staging, target)
+    except OSError as exc:
+        if target.is_dir():  # another rank finished first
+            return target
+        raise StorageError(f"model.source {source}: download failed ({exc})") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -1,0 +1,101 @@
+"""The five parts of a CogVideoX model, built tiny from config dicts or loaded from a folder.
+
+A diffusers CogVideoX folder has the subfolders ``transformer``, ``vae``, ``text_encoder``
+(T5), ``tokenizer`` and ``scheduler``. The ``tiny`` parts are built from small config
+dicts (nothing is downloaded) with weights drawn from a seed, so a training run and a
+sampler that share the seed share the frozen VAE and T5; ``save_parts`` writes them as
+such a folder, so tests exercise the real loading path. Storage (S3 copies) is not this
+module's business: ``infra.model_store`` turns a URI into a local folder first.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+from transformers import AutoTokenizer, ByT5Tokenizer, T5Config, T5EncoderModel
+
+from mask2dit.presets import COGVIDEOX_SCHEDULER, build_transformer, preset_config
+
+__all__ = ["TINY_PRESET", "ModelParts", "load_parts", "save_parts", "tiny_parts"]
+
+TINY_PRESET = "tiny"
+
+# A 4-level CogVideoX VAE: 8x spatial and 4x temporal compression (4k+1 -> k+1 frames),
+# as diffusers' own VAE tests build it; latent channels match the tiny transformer.
+_TINY_VAE: dict[str, Any] = {
+    "block_out_channels": (8, 8, 8, 8),
+    "layers_per_block": 1,
+    "norm_num_groups": 2,
+    "temporal_compression_ratio": 4,
+    "sample_height": 32,
+    "sample_width": 32,
+}
+_TINY_T5: dict[str, Any] = {
+    "d_kv": 8,
+    "d_ff": 32,
+    "num_layers": 1,
+    "num_heads": 2,
+    "relative_attention_num_buckets": 8,
+    "dropout_rate": 0.0,
+}
+
+
+class ModelParts(NamedTuple):
+    """A stock CogVideoX transformer and the frozen parts around it."""
+
+    transformer: CogVideoXTransformer3DModel
+    vae: AutoencoderKLCogVideoX
+    text_encoder: T5EncoderModel
+    tokenizer: Any
+    scheduler: CogVideoXDDIMScheduler
+
+
+def tiny_parts(seed: int = 0) -> ModelParts:
+    """Tiny transformer, VAE, T5, tokenizer and scheduler, weights drawn from ``seed``."""
+    cfg = preset_config(TINY_PRESET)
+    tokenizer = ByT5Tokenizer()
+    transformer = build_transformer(TINY_PRESET, seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKLCogVideoX(latent_channels=cfg["in_channels"], **_TINY_VAE)
+        t5 = T5Config(vocab_size=len(tokenizer), d_model=cfg["text_embed_dim"], **_TINY_T5)
+        text_encoder = T5EncoderModel(t5)
+    scheduler = CogVideoXDDIMScheduler(**COGVIDEOX_SCHEDULER)
+    return ModelParts(transformer, vae, text_encoder, tokenizer, scheduler)
+
+
+def load_parts(
+    root: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    *,
+    transformer: CogVideoXTransformer3DModel | None = None,
+) -> ModelParts:
+    """Load the parts from a local diffusers CogVideoX folder.
+
+    ``dtype`` casts the models on load (``None`` keeps the saved dtype). A given
+    ``transformer`` replaces the folder's (whose subfolder is then not read): a trained
+    or exported transformer sampled with a base model's VAE and T5.
+    """
+    root = Path(root)
+    load = {} if dtype is None else {"torch_dtype": dtype}
+    if transformer is None:
+        transformer = CogVideoXTransformer3DModel.from_pretrained(root / "transformer", **load)
+    return ModelParts(
+        transformer=transformer,
+        vae=AutoencoderKLCogVideoX.from_pretrained(root / "vae", **load),
+        text_encoder=T5EncoderModel.from_pretrained(root / "text_encoder", **load),
+        tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer"),
+        scheduler=CogVideoXDDIMScheduler.from_pretrained(root / "scheduler"),
+    )
+
+
+def save_parts(parts: ModelParts, root: str | os.PathLike) -> Path:
+    """Write the parts as a diffusers CogVideoX folder; returns its path."""
+    root = Path(root)
+    for name, part in parts._asdict().items():
+        part.save_pretrained(root / name)
+    return root
