@@ -197,12 +197,23 @@ class ModelConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    """Training data: one manifest per stage (local path or s3:// URI)."""
+    """Training data: one manifest per stage (local path or s3:// URI), and optionally the
+    stage's latents precomputed from it by `m2d data precompute`, read instead of decoding."""
 
     pretrain: str | None = Field(
         None, description="Pre-training manifest of single clips (CSV, JSONL or Parquet)."
     )
     sft: str | None = Field(None, description="SFT manifest of ordered shot groups (JSON/JSONL).")
+    pretrain_latents: str | None = Field(
+        None,
+        description="Folder (or s3:// prefix) of pre-training latents written by `m2d data "
+        "precompute --stage pretrain`; when set, training reads it instead of decoding videos.",
+    )
+    sft_latents: str | None = Field(
+        None,
+        description="Folder (or s3:// prefix) of SFT latents written by `m2d data precompute "
+        "--stage sft`; when set, training reads it instead of decoding videos.",
+    )
 
 
 class RuntimeEnvConfig(_Strict):

@@ -2,31 +2,54 @@
 
 :func:`make_batches` returns a :class:`StoryBatches`: ``next()`` gives one micro-batch as
 (videos, captions) - videos a list over scenes of uint8 (B, T, 3, H, W), captions
-``[B][n]`` strings - and ``state_dict()`` / ``load_state_dict()`` carry the data position
-through checkpoints. The source is the stage's manifest through ``trainer.data``
-(``data = {"pretrain": uri, "sft": uri}``), or, with ``data = {"synthetic": true}``,
-seeded random stories for smoke runs that need no files.
+``[B][n]`` strings - or, from precomputed latents, an :class:`EncodedBatch`; and
+``state_dict()`` / ``load_state_dict()`` carry the data position through checkpoints.
+:func:`encode_batch` turns either into the step's latents and text embeddings. The source
+is, in this order: ``data = {"synthetic": true}`` (seeded random stories for smoke runs
+that need no files), the stage's precomputed latents (``data["<stage>_latents"]``, written
+by ``trainer.data.precompute``), or the stage's manifest (``data["<stage>"]``) decoded on
+the fly. Both file sources draw stories with the same samplers, so sharding across ranks
+and exact resume are the same.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
 from infra.config import RunConfig
 from infra.errors import ConfigError
+from infra.logging import get_logger
+from trainer.encode import encode_prompts, encode_videos
 
-__all__ = ["Batch", "StoryBatches", "make_batches"]
+__all__ = ["Batch", "EncodedBatch", "StoryBatches", "encode_batch", "make_batches"]
+
+log = get_logger("trainer.batches")
 
 Batch = tuple[list[torch.Tensor], list[list[str]]]
+
+
+@dataclass
+class EncodedBatch:
+    """A micro-batch of precomputed stories: per scene the VAE posterior, and T5 text.
+
+    ``means``/``logvars``: a list over scenes of (B, C, f, h, w); ``text``: (B, n * L, D);
+    ``captions``: ``[B][n]`` strings (for logs and tests).
+    """
+
+    means: list[torch.Tensor]
+    logvars: list[torch.Tensor]
+    text: torch.Tensor
+    captions: list[list[str]]
 
 
 class StoryBatches(Protocol):
     """Micro-batches of stories for one worker, with a resumable position."""
 
-    def next(self) -> Batch: ...
+    def next(self) -> Batch | EncodedBatch: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -42,11 +65,13 @@ def make_batches(
     data = dict(data or {})
     if data.get("synthetic"):
         return SyntheticStories(run, rank)
+    if data.get(f"{run.stage}_latents"):
+        return PrecomputedStories(run, data[f"{run.stage}_latents"], rank, world_size)
     uri = data.get(run.stage)
     if not uri:
         raise ConfigError(
-            f"no {run.stage} manifest: pass --data-{run.stage} URI to the job (or "
-            "data.synthetic for a smoke run without files)"
+            f"no {run.stage} manifest: pass --data-{run.stage} URI to the job, set "
+            f"data.{run.stage}_latents, or data.synthetic for a smoke run without files"
         )
     return ManifestStories(run, uri, rank, world_size)
 
@@ -123,6 +148,89 @@ class ManifestStories:
 
     def skip_counts(self) -> dict[str, int]:
         return self.read_skips.merge(self.loader.skips).as_dict()
+
+
+class PrecomputedStories:
+    """Stories from precomputed latents: the decode path's samplers over the index's entries.
+
+    The index holds the clips (pre-training) or shot groups (SFT) that decoded; the same
+    sampler classes draw stories from them, and each scene's tensors are read from its
+    shard instead of decoding and encoding the video.
+    """
+
+    def __init__(self, run: RunConfig, uri: str, rank: int, world_size: int) -> None:
+        from trainer.data import latents, samplers
+
+        r = run.recipe
+        self.index = latents.read_index(uri, run.storage)
+        expected = {"stage": run.stage, "frames": r.frames, "height": r.height, "width": r.width}
+        expected["text_tokens"] = run.model.text_tokens
+        if run.stage == "sft":
+            expected["num_scenes"] = r.num_scenes
+        latents.check_recipe(self.index, expected)
+        if self.index.settings.model_source != run.model.source:
+            log.warning(
+                "latents at %s were encoded with model %s, this run uses %s: make sure "
+                "the VAE and T5 are the same",
+                uri,
+                self.index.settings.model_source,
+                run.model.source,
+            )
+        self.entries = {entry.clip(): entry for entry in self.index.entries}
+        if run.stage == "pretrain":
+            clips = [entry.clip() for entry in self.index.entries]
+            sampler = samplers.PretrainSampler(clips, r.num_scenes, r.seed, rank, world_size)
+        else:
+            groups = self.index.groups()
+            sampler = samplers.SFTSampler(groups, r.num_scenes, r.seed, rank, world_size)
+        self.sampler = sampler
+        self.reader = latents.ShardReader(self.index.uri, run.storage)
+        self.batch_size = run.deepspeed.micro_batch_per_gpu
+
+    def next(self) -> EncodedBatch:
+        stories = [next(self.sampler) for _ in range(self.batch_size)]
+        scenes = [[self.reader.read(self.entries[clip]) for clip in s.clips] for s in stories]
+        num_scenes = len(scenes[0])
+        means = [torch.stack([story[i]["mean"] for story in scenes]) for i in range(num_scenes)]
+        logvars = [torch.stack([s[i]["logvar"] for s in scenes]) for i in range(num_scenes)]
+        text = torch.stack([torch.cat([scene["text"] for scene in s]) for s in scenes])
+        return EncodedBatch(means, logvars, text, [_captions(story) for story in stories])
+
+    def state_dict(self) -> dict[str, Any]:
+        # The decode path's layout, so a run can switch sources when the clips are the same.
+        skips = self.index.skips.as_dict()
+        return {"loader": {"sampler": self.sampler.state_dict(), "skips": skips}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.sampler.load_state_dict(state["loader"]["sampler"])
+
+    def skip_counts(self) -> dict[str, int]:
+        return self.index.skips.as_dict()
+
+
+@torch.no_grad()
+def encode_batch(
+    parts: Any, batch: Batch | EncodedBatch, generator: torch.Generator, text_tokens: int
+) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+    """The step's inputs: latents (B, F, C, h, w), latent frames per scene, text (B, nL, D).
+
+    ``parts`` holds the frozen ``vae``, ``tokenizer`` and ``text_encoder``. Pixel batches
+    are encoded (VAE per scene, T5 per caption); precomputed ones sample their stored
+    posterior with the same ``generator``, scene by scene, as the VAE path does.
+    """
+    if isinstance(batch, EncodedBatch):
+        from trainer.data.latents import sample_latents
+
+        scenes = [
+            sample_latents(parts.vae, mean, logvar, generator)
+            for mean, logvar in zip(batch.means, batch.logvars, strict=True)
+        ]
+        text = batch.text.to(next(parts.text_encoder.parameters()).device)
+        return torch.cat(scenes, dim=1), [z.shape[1] for z in scenes], text
+    videos, captions = batch
+    latents, scene_frames = encode_videos(parts.vae, videos, generator)
+    text = encode_prompts(parts.tokenizer, parts.text_encoder, captions, text_tokens)
+    return latents, scene_frames, text
 
 
 def _captions(story: Any) -> list[str]:

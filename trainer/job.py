@@ -38,6 +38,7 @@ __all__ = ["RunFolder", "main", "ray_run_config", "read_run_folder", "scaling_co
 log = get_logger("trainer.job")
 
 MLFLOW_RUN_FILE = "mlflow_run.json"
+TRAINER_STATE_FILE = "trainer_state.json"  # in every checkpoint (trainer.checkpoint)
 
 
 @dataclass
@@ -128,10 +129,38 @@ def mlflow_run(folder: RunFolder, tags: dict[str, str]) -> Tracker:
         tracker.reopen()
         tracker.set_tags(tags)
         return tracker
+    parent = _parent_run_id(folder.run)
+    if parent:
+        tags = {**tags, "mlflow.parentRunId": parent}  # MLflow nests the SFT under it
     tracker = Tracker.create(folder.run, folder.name, tags)
     with fs.open(path, "w") as handle:
         json.dump({"run_id": tracker.run_id}, handle)
     return tracker
+
+
+def _parent_run_id(run: RunConfig) -> str | None:
+    """The MLflow run of the checkpoint this run starts from (``init_from``), if it is in
+    this run's tracking store; read from the checkpoint's ``trainer_state.json``."""
+    if not run.init_from:
+        return None
+    try:
+        fs, path = filesystem(f"{run.init_from.rstrip('/')}/{TRAINER_STATE_FILE}", run.storage)
+        with fs.open(path, "r") as handle:
+            parent = json.load(handle).get("mlflow_run_id")
+    except (OSError, ValueError) as exc:
+        log.warning("no parent MLflow run: cannot read %s's trainer state (%s)", run.init_from, exc)
+        return None
+    if not parent:
+        return None
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri=run.tracking.uri).get_run(parent)
+    except MlflowException:
+        log.warning("parent MLflow run %s is not in %s; not nesting", parent, run.tracking.uri)
+        return None
+    return parent
 
 
 def git_commit() -> str:
@@ -148,8 +177,9 @@ def git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
-def _progress_callback(steps: int, tracker: Tracker) -> Any:
-    """A controller-side callback: progress line per report, checkpoint paths into MLflow."""
+def _progress_callback(folder: RunFolder, tracker: Tracker) -> Any:
+    """A controller-side callback: progress line per report, checkpoints into MLflow."""
+    steps = folder.run.recipe.steps
     from ray.train import UserCallback
 
     class Progress(UserCallback):
@@ -170,7 +200,8 @@ def _progress_callback(steps: int, tracker: Tracker) -> Any:
                 flush=True,
             )
             if checkpoint is not None:
-                tracker.set_tags({"checkpoint": checkpoint.path, "checkpoint_step": str(step)})
+                name = checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
+                tracker.log_checkpoint(f"{folder.parent}/{folder.name}/{name}", step)
 
     return Progress()
 
@@ -205,7 +236,7 @@ def fit(folder: RunFolder, data: dict[str, Any], init_from: str | None = None) -
             "init_from": init_from,
         },
         scaling_config=scaling_config(folder.run),
-        run_config=ray_run_config(folder, [_progress_callback(folder.run.recipe.steps, tracker)]),
+        run_config=ray_run_config(folder, [_progress_callback(folder, tracker)]),
     )
     try:
         result = trainer.fit()
@@ -249,10 +280,11 @@ def _data(args: argparse.Namespace, run: RunConfig) -> dict[str, Any]:
     flags = {"pretrain": args.data_pretrain, "sft": args.data_sft}
     data = {k: v for k, v in run.data.model_dump().items() if v}
     data.update({k: v for k, v in flags.items() if v})
-    if run.stage not in data:
+    if run.stage not in data and f"{run.stage}_latents" not in data:
         raise ConfigError(
             f"stage {run.stage} needs its manifest: set data.{run.stage} in the run config "
-            f"or pass --data-{run.stage} URI (or --synthetic-data for a run without files)"
+            f"or pass --data-{run.stage} URI (or set data.{run.stage}_latents to precomputed "
+            "latents, or --synthetic-data for a run without files)"
         )
     return data
 

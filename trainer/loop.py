@@ -31,10 +31,9 @@ from infra.config import RunConfig
 from infra.logging import get_logger
 from infra.tracking import Tracker
 from mask2dit.tasks import TaskSampler, prepare_training_batch, task_loss
-from trainer.batches import StoryBatches, make_batches
+from trainer.batches import StoryBatches, encode_batch, make_batches
 from trainer.checkpoint import TrainerState, fetch_checkpoint, load_checkpoint, save_checkpoint
 from trainer.components import Components, load_components
-from trainer.encode import encode_prompts, encode_videos
 from trainer.engine import build_engine, device_and_dtype
 from trainer.export import consolidated_state_dict
 
@@ -156,12 +155,10 @@ class Worker:
 
     def _micro_step(self, micro: int) -> tuple[Any, torch.Tensor, int]:
         """Forward and backward of one micro-batch: its TaskLoss, task mask, token count."""
-        videos, captions = self.batches.next()
         step, recipe = self.state.step, self.run.recipe
         generator = torch.Generator().manual_seed(step_seed(recipe.seed, step, self.rank, micro))
-        latents, scene_frames = encode_videos(self.parts.vae, videos, generator)
-        text = encode_prompts(
-            self.parts.tokenizer, self.parts.text_encoder, captions, self.run.model.text_tokens
+        latents, scene_frames, text = encode_batch(
+            self.parts, self.batches.next(), generator, self.run.model.text_tokens
         )
         batch_size = latents.shape[0]
         # per_sample draws are keyed by rank; fold the micro-batch in so each differs.
@@ -210,7 +207,10 @@ class Worker:
         if not checkpoint:
             ray.train.report(metrics)
             return
-        skips = {f"data_skipped_{k}": float(v) for k, v in self.batches.skip_counts().items()}
+        # Rank 0's view: the manifest's skipped rows plus the stories its loader skipped.
+        counts = self.batches.skip_counts()
+        skips = {f"data_skipped_{k}": float(v) for k, v in counts.items()}
+        skips["data_skipped_total"] = float(sum(counts.values()))
         with tempfile.TemporaryDirectory(prefix="m2d-ckpt-") as folder:
             save_checkpoint(
                 Path(folder),
@@ -225,7 +225,7 @@ class Worker:
                 checkpoint=ray.train.Checkpoint.from_directory(folder),
                 checkpoint_dir_name=f"checkpoint_{self.state.step:08d}",
             )
-        if self.tracker is not None and skips:
+        if self.tracker is not None:
             self.tracker.log_metrics(skips, step=self.state.step)
         self._progress(metrics)
 

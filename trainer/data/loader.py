@@ -53,7 +53,21 @@ def decode_clip(
     storage: StorageConfig | None = None,
 ) -> torch.Tensor:
     """One clip as uint8 (frames, 3, height, width); VideoError(reason) if unusable."""
-    indices = sample_frame_indices(clip_frame_count(clip), frames, MAX_STRIDE, span, rng)
+    indices = clip_frame_indices(clip, frames, span, rng)
+    return decode_frames(clip, indices, height, width, storage)
+
+
+def clip_frame_indices(
+    clip: Clip, frames: int, span: tuple[float, float] | None, rng: random.Random | None = None
+) -> list[int]:
+    """The frames of ``clip`` that training reads (VideoError ``too_short`` if too few)."""
+    return sample_frame_indices(clip_frame_count(clip), frames, MAX_STRIDE, span, rng)
+
+
+def decode_frames(
+    clip: Clip, indices: list[int], height: int, width: int, storage: StorageConfig | None = None
+) -> torch.Tensor:
+    """The frames at ``indices`` of ``clip``, resized and center-cropped: uint8 (T, 3, H, W)."""
     raw = read_frames(clip.path, indices, storage, start=clip.start, end=clip.end)
     return resize_center_crop(raw, height, width)
 
