@@ -332,7 +332,9 @@ def histogram_png(similarities: list[float], threshold: float, title: str) -> by
     from matplotlib import pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
-    low = min([0.0, threshold, *similarities])
+    # From the lowest value (or the threshold) rounded down to 0.1, so a narrow spread
+    # near 1 still gets readable bins.
+    low = max(math.floor(min([threshold, *similarities]) * 10) / 10, -1.0)
     axes.hist(similarities, bins=40, range=(low, 1.0), color="tab:blue")
     axes.axvline(threshold, color="tab:red", linestyle="--", label=f"threshold {threshold:g}")
     axes.set(xlabel="adjacent-scene cosine similarity", ylabel="shot pairs", title=title)
