@@ -70,3 +70,7 @@ def inspect(manifest, scenes, endpoint_url) -> None:
 from orchestrator.commands.data_filter import filter_  # noqa: E402
 
 data.add_command(filter_)
+
+from orchestrator.commands.data_precompute import precompute  # noqa: E402
+
+data.add_command(precompute)

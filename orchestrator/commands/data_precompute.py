@@ -1,0 +1,75 @@
+"""``m2d data precompute``: encode a stage's clips and captions once, for training to read.
+
+The cluster profile gives the model, the stage recipe's frames/size/scenes/seed, the
+storage endpoint and MLflow; the work runs in ``trainer.data.precompute`` as a subprocess
+(the orchestrator imports neither torch nor Ray). Set ``data.<stage>_latents`` to the
+output (in the profile or with ``m2d launch --set``) to train from it.
+"""
+
+from __future__ import annotations
+
+import click
+
+from infra.config import STAGES, RunConfig
+from orchestrator import profiles, runs
+from orchestrator.commands.data import run_job
+
+
+@click.command()
+@click.option("--cluster", "cluster_name", default="local", show_default=True, help="Profile.")
+@click.option("--stage", type=click.Choice(STAGES), required=True, help="Recipe to encode for.")
+@click.option("--out", required=True, help="Output folder or s3:// prefix (new, or this job's).")
+@click.option("--manifest", default=None, help="Manifest [default: the profile's data.STAGE].")
+@click.option("--shard-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--num-actors", type=click.IntRange(min=1), default=None, help="Encoder actors.")
+@click.option("--set", "assignments", multiple=True, help="Override a config key: KEY.PATH=VALUE.")
+@click.option("--no-tracking", is_flag=True, help="Do not log the counts to MLflow.")
+@click.pass_context
+def precompute(
+    ctx, cluster_name, stage, out, manifest, shard_size, num_actors, assignments, no_tracking
+) -> None:
+    """Write VAE latents and T5 embeddings of every clip (SFT: every shot) to --out.
+
+    Idempotent: rerun the same command to resume a killed job; finished shards are kept.
+    """
+    run = _resolve(ctx, cluster_name, stage, assignments)
+    manifest = manifest or getattr(run.data, stage)
+    if not manifest:
+        raise click.UsageError(f"give --manifest (the profile {cluster_name} sets no data.{stage})")
+    args = job_args(run, manifest, out, shard_size, num_actors, tracking=not no_tracking)
+    run_job("trainer.data.precompute", args)
+    click.echo(
+        f"train from it: m2d launch --cluster {cluster_name} --stage {stage} "
+        f"--set data.{stage}_latents={out}"
+    )
+
+
+def _resolve(ctx: click.Context, cluster_name: str, stage: str, assignments) -> RunConfig:
+    directory = profiles.clusters_dir(ctx.find_root().obj["clusters_dir"])
+    loaded = profiles.load_profile(profiles.find_profile(cluster_name, directory))
+    run = profiles.resolve(loaded, stage, profiles.parse_overrides(assignments))
+    return runs.with_absolute_paths(run)
+
+
+def job_args(
+    run: RunConfig,
+    manifest: str,
+    out: str,
+    shard_size: int = 64,
+    num_actors: int | None = None,
+    tracking: bool = True,
+) -> list[str]:
+    """The job's command line: the run's model and recipe, the storage and MLflow."""
+    recipe, gpu = run.recipe, run.workers.gpus_per_worker > 0
+    args = ["--manifest", manifest, "--stage", run.stage, "--out", out]
+    args += ["--model-source", run.model.source, "--text-tokens", str(run.model.text_tokens)]
+    args += ["--frames", str(recipe.frames), "--size", f"{recipe.height}x{recipe.width}"]
+    args += ["--scenes", str(recipe.num_scenes), "--seed", str(recipe.seed)]
+    args += ["--dtype", run.deepspeed.precision if gpu else "fp32"]
+    args += ["--device", "cuda" if gpu else "cpu", "--shard-size", str(shard_size)]
+    args += ["--num-actors", str(num_actors or run.workers.num_workers)]
+    if run.storage.endpoint_url:
+        args += ["--endpoint-url", run.storage.endpoint_url]
+    if tracking:
+        args += ["--tracking-uri", run.tracking.uri, "--experiment", run.tracking.experiment]
+    return args

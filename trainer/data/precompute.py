@@ -1,0 +1,540 @@
+"""The latent precompute job: every clip through the CogVideoX VAE, every caption through T5.
+
+    python -m trainer.data.precompute --manifest URI --stage pretrain|sft --out URI
+        --model-source tiny|FOLDER [--text-tokens N] [--frames N] [--size HxW]
+        [--scenes N] [--seed N] [--dtype fp32|bf16|fp16] [--device cpu|cuda]
+        [--shard-size K] [--num-actors K] [--gpus-per-actor G]
+        [--endpoint-url URL] [--tracking-uri URI] [--experiment NAME]
+
+``m2d data precompute --cluster NAME`` fills the model and recipe flags from a cluster
+profile. A Ray Data pipeline runs ``--num-actors`` encoder actors (each holding the frozen
+VAE and T5); each actor encodes whole shards of ``--shard-size`` entries - pre-training
+clips, or SFT shots of every group - and writes them (format: ``trainer.data.latents``).
+Frames are chosen as training does (``--frames`` at the largest stride up to 3, the 5%..95%
+span for pre-training clips, then resize and center-crop to ``--size``); the window of
+each entry is drawn once, seeded by ``--seed`` and the entry.
+
+Idempotent: a shard counts as finished once its ``.json`` sidecar exists, and finished
+shards are skipped, so a killed job rerun with the same arguments resumes; the index is
+written last. Bad samples are skipped and counted by reason (the manifest's and the video
+reader's reasons); the counts are printed and, with ``--tracking-uri``, logged to MLflow.
+Exit status: 0 done, 2 a problem the user can fix (the last line says which).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from infra.config import KeyProblem, StageRecipe, StorageConfig
+from infra.errors import ConfigError, DataError, M2DError
+from infra.logging import get_logger
+from infra.storage import filesystem, is_remote, join
+from trainer.data.latents import SETTINGS, Entry, Settings, shard_uri, write_atomic, write_index
+from trainer.data.manifest import Clip, SkipCounts, read_clips, read_shot_groups
+
+__all__ = ["Item", "build_index", "encode_shard", "main", "plan_items", "prepare_out"]
+
+log = get_logger("data.precompute")
+
+SPANS = {"pretrain": (0.05, 0.95), "sft": None}  # as trainer.data.loader.SPANS
+TEXT_BATCH = 32
+_FLAGS = {"height": "--size", "width": "--size", "num_scenes": "--scenes"}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One entry to encode: a pre-training clip, or shot ``shot`` of SFT group ``group``."""
+
+    key: str
+    group: str
+    shot: int
+    clip: Clip
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "group": self.group, "shot": self.shot, **asdict(self.clip)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Item:
+        data = dict(data)
+        key, group, shot = data.pop("key"), data.pop("group"), data.pop("shot")
+        return cls(key, group, shot, Clip(**data))
+
+
+# ---------------------------------------------------------------------------- planning
+
+
+def manifest_sha1(uri: str, storage: StorageConfig | None) -> str:
+    """Fingerprint of the manifest's bytes: a rerun on a changed manifest is refused."""
+    fs, path = filesystem(uri, storage)
+    try:
+        return hashlib.sha1(fs.cat_file(path)).hexdigest()
+    except FileNotFoundError:
+        raise DataError(f"{uri}: manifest not found; check --manifest") from None
+
+
+def plan_items(settings: Settings, storage: StorageConfig | None) -> tuple[list[Item], SkipCounts]:
+    """Every entry to encode, in manifest order, and the manifest rows skipped."""
+    if settings.stage == "pretrain":
+        clips, skips = read_clips(settings.manifest, storage)
+        return [Item(f"c{i:08d}", "", 0, clip) for i, clip in enumerate(clips)], skips
+    groups, skips = read_shot_groups(settings.manifest, settings.num_scenes, storage)
+    items = [
+        Item(f"g{g:07d}s{s:04d}", group.id, s, shot)
+        for g, group in enumerate(groups)
+        for s, shot in enumerate(group.shots)
+    ]
+    return items, skips
+
+
+def shard_tasks(items: list[Item], shard_size: int) -> list[tuple[str, list[Item]]]:
+    """Consecutive runs of ``shard_size`` items, named by position (stable across reruns)."""
+    return [
+        (f"{n:06d}", items[start : start + shard_size])
+        for n, start in enumerate(range(0, len(items), shard_size))
+    ]
+
+
+def prepare_out(out: str, settings: Settings, storage: StorageConfig | None) -> bool:
+    """Claim ``out`` for these settings; True when it already holds this precompute.
+
+    A folder with other settings, or one that is not a precompute's, is an error: nothing
+    there is overwritten.
+    """
+    fs, path = filesystem(join(out, SETTINGS), storage)
+    if fs.exists(path):
+        existing = Settings.from_dict(json.loads(fs.cat_file(path)))
+        differences = existing.differences(settings)
+        if differences:
+            raise ConfigError(
+                f"{join(out, SETTINGS)}: {out} holds a precompute with other settings "
+                f"({'; '.join(differences)}); rerun with those or choose another --out"
+            )
+        return True
+    out_fs, out_path = filesystem(out, storage)
+    if out_fs.exists(out_path) and out_fs.ls(out_path, detail=False):
+        raise ConfigError(
+            f"{out}: exists and is not a precompute folder (no {SETTINGS}); choose a new or "
+            "empty --out, nothing there is overwritten"
+        )
+    write_atomic(join(out, SETTINGS), settings.to_json().encode(), storage)
+    return False
+
+
+def finished_shards(out: str, storage: StorageConfig | None) -> set[str]:
+    """Names of the shards whose sidecar exists."""
+    fs, path = filesystem(join(out, "shards"), storage)
+    try:
+        names = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return set()
+    return {os.path.basename(n)[: -len(".json")] for n in names if n.endswith(".json")}
+
+
+# ---------------------------------------------------------------------------- encoding
+
+
+def encode_shard(
+    parts: Any,
+    settings: Settings,
+    out: str,
+    name: str,
+    items: list[Item],
+    storage: StorageConfig | None = None,
+) -> dict[str, Any]:
+    """Decode and encode one shard's items; write its tensors, then its sidecar.
+
+    Returns the sidecar: ``{"shard", "entries": [Entry fields], "skips": {reason: n}}``.
+    """
+    import torch
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+    entries, skips = [], SkipCounts()
+    for item in items:
+        encoded = _encode_item(parts.vae, settings, item, storage)
+        if isinstance(encoded, str):
+            skips.add(encoded)
+            continue
+        indices, mean, logvar = encoded
+        tensors[f"{item.key}.mean"], tensors[f"{item.key}.logvar"] = mean, logvar
+        stride = indices[1] - indices[0] if len(indices) > 1 else 1
+        entries.append(_entry(item, name, indices[0], stride))
+    texts = _encode_captions(parts, [e["caption"] for e in entries], settings.text_tokens)
+    for entry, text in zip(entries, texts, strict=True):
+        tensors[f"{entry['key']}.text"] = text
+    if tensors:
+        write_atomic(shard_uri(out, name, "safetensors"), save(tensors), storage)
+    sidecar = {"shard": name, "entries": entries, "skips": skips.as_dict()}
+    write_atomic(shard_uri(out, name, "json"), json.dumps(sidecar).encode(), storage)
+    return sidecar
+
+
+def _encode_item(vae: Any, settings: Settings, item: Item, storage: StorageConfig | None):
+    """(frame indices, mean, logvar) of one entry, or the skip reason."""
+    from infra.video import VideoError
+    from trainer.data.loader import clip_frame_indices, decode_frames
+
+    rng = random.Random(f"frames:{settings.seed}:{item.key}")
+    try:
+        indices = clip_frame_indices(item.clip, settings.frames, SPANS[settings.stage], rng)
+        video_TCHW = decode_frames(item.clip, indices, settings.height, settings.width, storage)
+    except VideoError as exc:
+        log.warning("skipped %s (%s): %s", item.key, exc.reason, exc)
+        return exc.reason
+    mean, logvar = posterior(vae, video_TCHW[None].transpose(1, 2))
+    return indices, mean[0].cpu().clone(), logvar[0].cpu().clone()
+
+
+def posterior(vae: Any, video_B3THW: Any) -> tuple[Any, Any]:
+    """The VAE posterior's (mean, logvar), each (B, C, f, h, w), of one scene's pixels.
+
+    The input is prepared exactly as ``mask2dit.encoding.encode_video`` prepares it.
+    """
+    import torch
+
+    from mask2dit.encoding import to_unit_range
+
+    param = next(vae.parameters())
+    with torch.no_grad():
+        pixels = to_unit_range(video_B3THW).to(device=param.device, dtype=param.dtype)
+        parameters = vae.encode(pixels).latent_dist.parameters
+    return parameters.chunk(2, dim=1)
+
+
+def _encode_captions(parts: Any, captions: list[str], text_tokens: int) -> list[Any]:
+    from mask2dit.encoding import encode_prompt_batch
+
+    texts = []
+    for start in range(0, len(captions), TEXT_BATCH):
+        chunk = captions[start : start + TEXT_BATCH]
+        embeds, _ = encode_prompt_batch(parts.tokenizer, parts.text_encoder, chunk, text_tokens)
+        texts.extend(row.cpu().clone() for row in embeds)
+    return texts
+
+
+def _entry(item: Item, shard: str, frame_start: int, frame_stride: int) -> dict[str, Any]:
+    """An Entry's fields (JSON): where the tensors are, the clip, its frame window."""
+    entry = {"key": item.key, "shard": shard, "group": item.group, "shot": item.shot}
+    entry.update(asdict(item.clip), frame_start=frame_start, frame_stride=frame_stride)
+    return entry
+
+
+def load_encoders(settings: Settings, storage: StorageConfig | None, device: str) -> Any:
+    """The frozen VAE and T5 (with tokenizer) of ``settings.model_source``."""
+    import torch
+
+    from infra.config import ModelConfig
+    from trainer.components import load_components
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    model = ModelConfig(source=settings.model_source, text_tokens=settings.text_tokens)
+    parts = load_components(model, storage, torch.device(device), dtype[settings.dtype])
+    parts.transformer = None  # only the frozen encoders are needed; free the rest
+    return parts
+
+
+class ShardEncoder:
+    """A Ray Data actor: loads the encoders once, then encodes one shard per call."""
+
+    def __init__(self, settings: dict, storage: dict | None, out: str, device: str) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        self.settings = Settings.from_dict(settings)
+        self.storage = StorageConfig.model_validate(storage) if storage else None
+        self.out = out
+        self.parts = load_encoders(self.settings, self.storage, device)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        names, kept, skipped = [], [], []
+        for name, items in zip(batch["name"], batch["items"], strict=True):
+            tasks = [Item.from_dict(i) for i in json.loads(items)]
+            sidecar = encode_shard(self.parts, self.settings, self.out, name, tasks, self.storage)
+            names.append(name)
+            kept.append(len(sidecar["entries"]))
+            skipped.append(sum(sidecar["skips"].values()))
+        return {"name": names, "kept": kept, "skipped": skipped}
+
+
+# ---------------------------------------------------------------------------- the job
+
+
+def run_pending(
+    pending: list[tuple[str, list[Item]]],
+    settings: Settings,
+    out: str,
+    storage: StorageConfig | None,
+    options: argparse.Namespace,
+) -> None:
+    """Encode the pending shards on a pool of Ray Data actors, printing progress."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    _init_ray()
+    DataContext.get_current().enable_progress_bars = False
+    rows = [{"name": n, "items": json.dumps([i.to_dict() for i in items])} for n, items in pending]
+    dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
+    storage_json = storage.model_dump() if storage else None
+    encoded = dataset.map_batches(
+        ShardEncoder,
+        batch_size=1,
+        compute=ActorPoolStrategy(size=max(1, min(options.num_actors, len(rows)))),
+        fn_constructor_kwargs={
+            "settings": asdict(settings),
+            "storage": storage_json,
+            "out": out,
+            "device": options.device,
+        },
+        num_cpus=1,
+        num_gpus=options.gpus_per_actor,
+    )
+    try:
+        for done, row in enumerate(encoded.iter_rows(), start=1):
+            print(
+                f"shard {row['name']}: {row['kept']} encoded, {row['skipped']} skipped "
+                f"({done}/{len(rows)})",
+                flush=True,
+            )
+    except Exception as exc:
+        raise _user_error(exc) or exc from None
+
+
+def _user_error(error: BaseException | None) -> M2DError | None:
+    """The M2DError (bad model folder, storage...) inside Ray's wrappers, if there is one."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, M2DError):
+            # Ray subclasses the user's error per task; rebuild our own class from the text.
+            ours = next(c for c in type(error).__mro__ if c.__module__.startswith("infra."))
+            return ours(str(error).strip().splitlines()[-1])
+        seen.add(id(error))
+        error = error.__cause__ or getattr(error, "cause", None) or error.__context__
+    return None
+
+
+def _init_ray() -> None:
+    """Join the cluster of ``RAY_ADDRESS`` (Ray Jobs sets it), else start Ray on 127.0.0.1."""
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(ignore_reinit_error=True, log_to_driver=True)
+    else:
+        ray.init(
+            address="local",
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            ignore_reinit_error=True,
+        )
+
+
+def build_index(
+    out: str,
+    settings: Settings,
+    names: list[str],
+    read_skips: SkipCounts,
+    storage: StorageConfig | None = None,
+) -> tuple[list[Entry], SkipCounts]:
+    """Gather every shard's sidecar into ``index.parquet``; (entries, all skips)."""
+    entries, skips = [], read_skips
+    for name in names:
+        fs, path = filesystem(shard_uri(out, name, "json"), storage)
+        sidecar = json.loads(fs.cat_file(path))
+        entries += [Entry(**e) for e in sidecar["entries"]]
+        skips = skips.merge(SkipCounts(sidecar["skips"]))
+    if settings.stage == "sft":
+        entries = split_groups(entries, settings.num_scenes, skips)
+    if not entries:
+        raise DataError(
+            f"{settings.manifest}: no clip could be encoded (skipped: {skips}); fix the "
+            "manifest's paths and files"
+        )
+    write_index(out, settings, entries, skips, storage)
+    return entries, skips
+
+
+def split_groups(entries: list[Entry], num_scenes: int, skips: SkipCounts) -> list[Entry]:
+    """SFT groups cut where a shot failed, parts shorter than ``num_scenes`` dropped.
+
+    As ``trainer.data.manifest.read_shot_groups`` does for bad rows: the shots on either
+    side of a bad one are not consecutive. A group left with no part counts as
+    ``group_too_short``.
+    """
+    by_group: dict[str, list[Entry]] = {}
+    for entry in entries:
+        by_group.setdefault(entry.group, []).append(entry)
+    kept = []
+    for group, shots in by_group.items():
+        runs: list[list[Entry]] = []
+        for entry in sorted(shots, key=lambda e: e.shot):
+            if runs and runs[-1][-1].shot == entry.shot - 1:
+                runs[-1].append(entry)
+            else:
+                runs.append([entry])
+        long_runs = [run for run in runs if len(run) >= num_scenes]
+        if not long_runs:
+            skips.add("group_too_short")
+        for part, run in enumerate(long_runs):
+            name = group if len(long_runs) == 1 else f"{group}/{part}"
+            kept += [_with_group(e, name) for e in run]
+    return kept
+
+
+def _with_group(entry: Entry, group: str) -> Entry:
+    return Entry(**{**asdict(entry), "group": group})
+
+
+def precompute(
+    settings: Settings,
+    out: str,
+    storage: StorageConfig | None,
+    options: argparse.Namespace,
+    runner: Callable[..., None] | None = None,
+) -> dict:
+    """The whole job: claim ``out``, encode pending shards, write the index; a summary.
+
+    ``runner(pending, settings, out, storage, options)`` encodes the pending shards
+    (default: :func:`run_pending`, on Ray Data).
+    """
+    resumed = prepare_out(out, settings, storage)
+    items, read_skips = plan_items(settings, storage)
+    tasks = shard_tasks(items, settings.shard_size)
+    finished = finished_shards(out, storage)
+    pending = [(name, shard) for name, shard in tasks if name not in finished]
+    if resumed:
+        print(f"resuming {out}: {len(tasks) - len(pending)} of {len(tasks)} shards finished")
+    if pending:
+        (runner or run_pending)(pending, settings, out, storage, options)
+    entries, skips = build_index(out, settings, [n for n, _ in tasks], read_skips, storage)
+    return {
+        "items": len(items),
+        "entries": len(entries),
+        "shards": len(tasks),
+        "encoded_shards": len(pending),
+        "skips": skips,
+    }
+
+
+def log_to_mlflow(uri: str, experiment: str, settings: Settings, summary: dict) -> str:
+    """One MLflow run with the settings as params and the counts as metrics; its id."""
+    from mlflow.tracking import MlflowClient
+
+    from infra.tracking import Tracker, flatten
+
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    tags = {"job": "precompute", "stage": settings.stage}
+    run = client.create_run(experiment_id, run_name=f"precompute-{settings.stage}", tags=tags)
+    tracker = Tracker(uri, run.info.run_id)
+    tracker.log_params(flatten(asdict(settings)))
+    metrics = {k: summary[k] for k in ("items", "entries", "shards", "encoded_shards")}
+    metrics.update({f"skipped_{k}": v for k, v in summary["skips"].as_dict().items()})
+    metrics["skipped"] = summary["skips"].total
+    tracker.log_metrics(metrics, step=0)
+    tracker.finish()
+    return run.info.run_id
+
+
+def _size(text: str) -> tuple[int, int]:
+    height, sep, width = text.lower().partition("x")
+    if not sep or not height.isdigit() or not width.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HEIGHTxWIDTH, e.g. 480x720")
+    return int(height), int(width)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    defaults = StageRecipe()
+    p = argparse.ArgumentParser(prog="python -m trainer.data.precompute", description=__doc__)
+    p.add_argument("--manifest", required=True, help="pretrain or SFT manifest (path or s3://)")
+    p.add_argument("--stage", required=True, choices=("pretrain", "sft"))
+    p.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    p.add_argument("--model-source", required=True, help="'tiny' or a diffusers CogVideoX folder")
+    p.add_argument("--text-tokens", type=int, default=226, help="T5 tokens per caption")
+    p.add_argument("--frames", type=int, default=defaults.frames, help="frames per clip (4k+1)")
+    p.add_argument("--size", type=_size, default=(defaults.height, defaults.width))
+    p.add_argument("--scenes", type=int, default=defaults.num_scenes, help="SFT window length")
+    p.add_argument("--seed", type=int, default=0, help="seed of the frame windows")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if any")
+    p.add_argument("--shard-size", type=int, default=64, help="entries per shard")
+    p.add_argument("--num-actors", type=int, default=1, help="encoder actors (one model each)")
+    p.add_argument("--gpus-per-actor", type=float, default=None, help="default: 1 on cuda")
+    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for the counts")
+    p.add_argument("--experiment", default="m2d", help="MLflow experiment")
+    args = p.parse_args(argv)
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.gpus_per_actor is None:
+        args.gpus_per_actor = 1 if args.device == "cuda" else 0
+    return args
+
+
+def settings_from(args: argparse.Namespace, storage: StorageConfig | None) -> Settings:
+    """Validated settings; a ConfigError names the flag to change."""
+    for flag in ("shard_size", "num_actors", "text_tokens"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1")
+    height, width = args.size
+    try:  # the recipe's own checks (4k+1 frames, sizes a multiple of 16)
+        StageRecipe(frames=args.frames, height=height, width=width, num_scenes=args.scenes)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        problem = error.get("ctx", {}).get("error")
+        key = problem.key if isinstance(problem, KeyProblem) else str(error["loc"][0])
+        message = str(problem) if problem else error["msg"]
+        raise ConfigError(f"{_FLAGS.get(key, '--' + key)}: {message}") from None
+    return Settings(
+        manifest=args.manifest,
+        manifest_sha1=manifest_sha1(args.manifest, storage),
+        stage=args.stage,
+        model_source=args.model_source,
+        text_tokens=args.text_tokens,
+        frames=args.frames,
+        height=height,
+        width=width,
+        num_scenes=args.scenes,
+        seed=args.seed,
+        dtype=args.dtype,
+        shard_size=args.shard_size,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    storage = None
+    if args.endpoint_url or is_remote(args.out) or is_remote(args.manifest):
+        storage = StorageConfig(root=args.out, endpoint_url=args.endpoint_url)
+    try:
+        settings = settings_from(args, storage)
+        summary = precompute(settings, args.out, storage, args)
+        run_id = None
+        if args.tracking_uri:
+            run_id = log_to_mlflow(args.tracking_uri, args.experiment, settings, summary)
+    except M2DError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
+    mlflow = f", mlflow run {run_id}" if run_id else ""
+    print(
+        f"precomputed {summary['entries']} of {summary['items']} {args.stage} entries in "
+        f"{summary['shards']} shards ({summary['encoded_shards']} encoded now) to {args.out}; "
+        f"skipped: {summary['skips']}{mlflow}",
+        flush=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
