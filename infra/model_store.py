@@ -18,7 +18,7 @@ from infra.config import StorageConfig
 from infra.errors import ConfigError, StorageError
 from infra.storage import filesystem, is_remote
 
-__all__ = ["SUBFOLDERS", "resolve_model_folder"]
+__all__ = ["SUBFOLDERS", "fetch_folder", "resolve_model_folder"]
 
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -62,11 +62,7 @@ def _default_cache() -> str:
 def _download(
     source: str, storage: StorageConfig | None, cache: Path, subfolders: tuple[str, ...]
 ) -> Path:
-    """Copy ``source`` into ``cache`` once; concurrent ranks race safely via rename."""
-    key = f"{source}|{','.join(subfolders)}"
-    target = cache / hashlib.sha256(key.encode()).hexdigest()[:16]
-    if target.is_dir():
-        return target
+    """Check that ``source`` has ``subfolders``, then copy it into ``cache`` once."""
     fs, path = filesystem(source, storage)
     try:
         listed = set(fs.ls(path, detail=False))
@@ -81,16 +77,30 @@ def _download(
             f"model.source {source}: missing subfolder(s) {', '.join(missing)}; upload a "
             f"diffusers CogVideoX folder with {', '.join(SUBFOLDERS)}"
         )
+    return fetch_folder(source, storage, cache)
+
+
+def fetch_folder(
+    uri: str, storage: StorageConfig | None = None, cache_dir: str | os.PathLike | None = None
+) -> Path:
+    """A local copy of the folder ``uri`` (the folder itself when local), made once per
+    cache; concurrent processes race safely: each copies aside, the first rename wins."""
+    if not is_remote(uri):
+        return Path(uri.removeprefix("file://")).expanduser()
+    cache = Path(cache_dir or _default_cache())
+    target = cache / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if target.is_dir():
+        return target
+    fs, path = filesystem(uri, storage)
     cache.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=cache, prefix=".download-"))
     try:
-        for name in subfolders:
-            fs.get(f"{path.rstrip('/')}/{name}", str(staging / name), recursive=True)
-        os.replace(staging, target)
+        fs.get(f"{path.rstrip('/')}/", str(staging / "folder"), recursive=True)
+        os.replace(staging / "folder", target)
     except OSError as exc:
-        if target.is_dir():  # another rank finished first
+        if target.is_dir():  # another process finished first
             return target
-        raise StorageError(f"model.source {source}: download failed ({exc})") from None
+        raise StorageError(f"{uri}: download failed ({exc})") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

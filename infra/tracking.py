@@ -8,10 +8,11 @@ holds no credentials, and keys that look like credentials are dropped anyway).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
-from infra.config import RunConfig, looks_secret
+from infra.config import RunConfig, TrackingConfig, looks_secret
 
 __all__ = ["Tracker", "flatten", "run_params"]
 
@@ -53,20 +54,33 @@ class Tracker:
     def create(
         cls, run: RunConfig, run_name: str, tags: Mapping[str, str] | None = None
     ) -> Tracker:
-        """Create the MLflow run of ``run`` (experiment created if missing), log its params."""
+        """Create the MLflow run of a training ``run``, with its params."""
+        all_tags = {"cluster": run.cluster, "stage": run.stage, **(tags or {})}
+        return cls.start(run.tracking, run_name, tags=all_tags, params=run_params(run))
+
+    @classmethod
+    def start(
+        cls,
+        tracking: TrackingConfig,
+        run_name: str,
+        tags: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> Tracker:
+        """Create an MLflow run in ``tracking.experiment`` (created if missing)."""
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=run.tracking.uri)
-        experiment = client.get_experiment_by_name(run.tracking.experiment)
+        client = MlflowClient(tracking_uri=tracking.uri)
+        experiment = client.get_experiment_by_name(tracking.experiment)
         experiment_id = (
             experiment.experiment_id
             if experiment is not None
-            else client.create_experiment(run.tracking.experiment)
+            else client.create_experiment(
+                tracking.experiment, artifact_location=_artifact_location(tracking.uri)
+            )
         )
-        all_tags = {"cluster": run.cluster, "stage": run.stage, **(tags or {})}
-        created = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
-        tracker = cls(run.tracking.uri, created.info.run_id)
-        tracker.log_params(run_params(run))
+        created = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
+        tracker = cls(tracking.uri, created.info.run_id)
+        tracker.log_params(params or {})
         return tracker
 
     @property
@@ -100,6 +114,37 @@ class Tracker:
         for start in range(0, len(items), _METRIC_BATCH):
             self.client.log_batch(self.run_id, metrics=items[start : start + _METRIC_BATCH])
 
+    def log_checkpoint(self, uri: str, step: int) -> None:
+        """Record a reported checkpoint: an artifact ``checkpoints/<name>.json`` holding its
+        URI, step and time, and the tags ``checkpoint.latest`` / ``checkpoint.latest_step``.
+        """
+        import time
+
+        name = uri.rstrip("/").rsplit("/", 1)[-1]
+        record = {
+            "uri": uri,
+            "step": step,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        self.client.log_dict(self.run_id, record, f"checkpoints/{name}.json")
+        self.set_tags({"checkpoint.latest": uri, "checkpoint.latest_step": str(step)})
+
+    def last_step(self, key: str) -> int:
+        """The highest step at which metric ``key`` was logged (0 if never)."""
+        history = self.client.get_metric_history(self.run_id, key)
+        return max((m.step for m in history), default=0)
+
+    def log_image(self, path: str | os.PathLike, key: str, step: int) -> None:
+        """Log an image file under ``key`` at ``step`` (the UI's step slider pages them)."""
+        from PIL import Image
+
+        with Image.open(path) as image:
+            self.client.log_image(self.run_id, image.convert("RGB"), key=key, step=step)
+
+    def log_artifacts(self, local_dir: str | os.PathLike, artifact_path: str) -> None:
+        """Upload a local folder's files under ``artifact_path``."""
+        self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+
     def set_tags(self, tags: Mapping[str, str]) -> None:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, str(value))
@@ -111,3 +156,14 @@ class Tracker:
     def reopen(self) -> None:
         """Mark a resumed run as running again."""
         self.client.update_run(self.run_id, status="RUNNING")
+
+
+def _artifact_location(uri: str) -> str | None:
+    """Artifacts of a sqlite store go beside the database (MLflow's default is ./mlruns in
+    whatever folder the job happens to start in); a server decides for itself."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    import os
+
+    database = uri.removeprefix("sqlite:///")
+    return os.path.join(os.path.dirname(os.path.abspath(database)), "mlartifacts")

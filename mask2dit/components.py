@@ -20,7 +20,15 @@ from transformers import AutoTokenizer, ByT5Tokenizer, T5Config, T5EncoderModel
 
 from mask2dit.presets import COGVIDEOX_SCHEDULER, build_transformer, preset_config
 
-__all__ = ["TINY_PRESET", "ModelParts", "load_parts", "save_parts", "tiny_parts"]
+__all__ = [
+    "TINY_PRESET",
+    "ModelParts",
+    "load_parts",
+    "load_transformer",
+    "save_parts",
+    "tiny_parts",
+    "transformer_config",
+]
 
 TINY_PRESET = "tiny"
 
@@ -99,3 +107,20 @@ def save_parts(parts: ModelParts, root: str | os.PathLike) -> Path:
     for name, part in parts._asdict().items():
         part.save_pretrained(root / name)
     return root
+
+
+def transformer_config(folder: str | os.PathLike | None) -> dict[str, Any]:
+    """The stock transformer config of a model folder, or of the tiny preset for ``None``."""
+    if folder is None:
+        return preset_config(TINY_PRESET)
+    return dict(CogVideoXTransformer3DModel.load_config(Path(folder) / "transformer"))
+
+
+def load_transformer(
+    config: dict[str, Any], state_dict: dict[str, torch.Tensor]
+) -> CogVideoXTransformer3DModel:
+    """A stock transformer from its config with exactly these weights (strict: a missing
+    or unexpected key is an error, never a silently random layer)."""
+    model = CogVideoXTransformer3DModel.from_config(config)
+    model.load_state_dict(state_dict, strict=True)
+    return model

@@ -15,21 +15,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-from diffusers import CogVideoXTransformer3DModel
-
 from infra.checkpoints import consolidated_state_dict, fetch_checkpoint, read_run_config
-from infra.config import RunConfig, StorageConfig
+from infra.config import StorageConfig
 from infra.errors import M2DError, StorageError
 from infra.model_store import resolve_model_folder
-from mask2dit.presets import preset_config
+from mask2dit.components import load_transformer, transformer_config
 
 
-def transformer_config(run: RunConfig) -> dict:
-    """The stock transformer config of the run's model source."""
+def checkpoint_config(checkpoint: Path) -> dict:
+    """The stock transformer config of a checkpoint's run (its model source's)."""
+    run = read_run_config(checkpoint)
     if run.model.source == "tiny":
-        return preset_config("tiny")
-    folder = resolve_model_folder(run.model.source, run.storage)
-    return dict(CogVideoXTransformer3DModel.load_config(folder / "transformer"))
+        return transformer_config(None)
+    return transformer_config(resolve_model_folder(run.model.source, run.storage))
 
 
 def export_checkpoint(checkpoint_uri: str, out: Path, storage: StorageConfig | None) -> Path:
@@ -38,9 +36,7 @@ def export_checkpoint(checkpoint_uri: str, out: Path, storage: StorageConfig | N
         raise StorageError(f"{out} is not empty; export into a new folder (nothing overwritten)")
     with tempfile.TemporaryDirectory(prefix="m2d-export-") as tmp:
         local = fetch_checkpoint(checkpoint_uri, storage, Path(tmp))
-        run = read_run_config(local)
-        model = CogVideoXTransformer3DModel.from_config(transformer_config(run))
-        model.load_state_dict(consolidated_state_dict(local), strict=True)
+        model = load_transformer(checkpoint_config(local), consolidated_state_dict(local))
     model.save_pretrained(out, safe_serialization=True)
     return out
 

@@ -1,0 +1,219 @@
+"""The sample-batch items: what one (checkpoint, story, seed) renders and where it goes.
+
+An item's folder is ``OUT/<checkpoint>/<story>/<seed>/`` with ``scene_XX.mp4`` per scene,
+``story.mp4`` (the scenes one after another), ``preview.gif`` and ``contact.png`` (small,
+for MLflow) and ``meta.json`` - written last, so an item is finished exactly when its
+meta.json exists. A rerun skips finished items whose meta.json records the same inputs,
+refuses (naming the folder) when they differ, and re-renders them only with
+``overwrite``; a half-written item (no meta.json) is rendered again.
+
+Randomness is a function of the seed alone (a CPU ``torch.Generator`` per item), so an
+item renders the same on any actor, in any order, in a first run or a resumed one.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from infra.config import StorageConfig
+from infra.errors import ConfigError, DataError
+from infra.sample_spec import CheckpointSpec, SampleJobSpec
+from infra.storage import filesystem, join
+from infra.video import read_frames, resize_center_crop, write_video
+from sampler.models import CheckpointInfo
+from sampler.params import SamplingParams, StoryOutput
+from sampler.pipeline import MultiScenePipeline
+from sampler.previews import write_contact_sheet, write_gif
+from sampler.prompts import Story
+
+__all__ = [
+    "FPS",
+    "META",
+    "Item",
+    "item_uri",
+    "plan_items",
+    "render_story",
+    "sampling_params",
+    "write_item",
+]
+
+FPS = 8  # CogVideoX's frame rate
+META = "meta.json"
+_PREVIEW_SIDE = 256  # longest side of the MLflow previews
+
+
+@dataclass(frozen=True)
+class Item:
+    """One unit of work: a story rendered by a checkpoint with a seed."""
+
+    checkpoint: str
+    story: str
+    seed: int
+
+
+def item_uri(out: str, item: Item) -> str:
+    """The item's output folder."""
+    return join(out, item.checkpoint, item.story, str(item.seed))
+
+
+def sampling_params(spec: SampleJobSpec, info: CheckpointInfo) -> SamplingParams:
+    """The spec's settings; frames, size and text length default to the checkpoint's."""
+    frames = spec.frames or info.recipe.frames
+    if (frames - 1) % 8:
+        raise ConfigError(
+            f"--frames {frames}: the CogVideoX VAE decodes 8k+1 frames per scene back to the "
+            "same count; use 9, 17, 25, 33, 41 or 49"
+        )
+    return SamplingParams(
+        num_inference_steps=spec.steps,
+        guidance_scale=spec.guidance,
+        negative_prompt=spec.negative_prompt,
+        text_tokens=info.model.text_tokens,
+        num_frames=frames,
+        height=spec.height or info.recipe.height,
+        width=spec.width or info.recipe.width,
+        policy=info.recipe.mask_policy,
+    )
+
+
+def inputs_record(
+    story: Story, seed: int, checkpoint: CheckpointSpec, mode: str, params: SamplingParams
+) -> dict[str, Any]:
+    """What an item's output depends on; meta.json keeps it and a rerun compares it."""
+    return {
+        "story": story.id,
+        "seed": seed,
+        "mode": mode,
+        "prompts": list(story.prompts),
+        "context_videos": list(story.context_videos),
+        "checkpoint": checkpoint.uri,
+        "params": params.to_dict(),
+    }
+
+
+def plan_items(
+    spec: SampleJobSpec,
+    stories: list[Story],
+    params: dict[str, SamplingParams],
+) -> tuple[list[Item], int]:
+    """The items still to render (in checkpoint order) and the count of finished ones."""
+    todo, finished = [], 0
+    for checkpoint in spec.checkpoints:
+        for story in stories:
+            for seed in spec.seeds:
+                item = Item(checkpoint.label, story.id, seed)
+                wanted = inputs_record(story, seed, checkpoint, spec.mode, params[item.checkpoint])
+                if _finished(spec, item, wanted):
+                    finished += 1
+                else:
+                    todo.append(item)
+    return todo, finished
+
+
+def _finished(spec: SampleJobSpec, item: Item, wanted: dict[str, Any]) -> bool:
+    fs, path = filesystem(item_uri(spec.out, item), spec.storage)
+    meta_path = f"{path}/{META}"
+    if spec.overwrite or not fs.exists(meta_path):
+        return False
+    try:
+        found = json.loads(fs.cat_file(meta_path))["inputs"]
+    except (ValueError, KeyError):
+        found = None
+    if found != wanted:
+        raise DataError(
+            f"{item_uri(spec.out, item)} holds a sample rendered with other inputs "
+            f"({_first_difference(found, wanted)}); write to a new --out or pass --overwrite"
+        )
+    return True
+
+
+def _first_difference(found: dict | None, wanted: dict) -> str:
+    if not isinstance(found, dict):
+        return "unreadable meta.json"
+    for key, value in wanted.items():
+        if found.get(key) != value:
+            if isinstance(value, dict) and isinstance(found.get(key), dict):
+                return _first_difference(found[key], value)
+            return f"{key}: {found.get(key)!r} there, {value!r} now"
+    return "extra keys"
+
+
+def render_story(
+    pipeline: MultiScenePipeline,
+    story: Story,
+    seed: int,
+    params: SamplingParams,
+    mode: str,
+    storage: StorageConfig | None,
+) -> StoryOutput:
+    """Sample one story: all scenes in one pass (``fixed``), or scene by scene from its
+    context videos or, without any, from a first scene generated alone (``extend``)."""
+    generator = torch.Generator().manual_seed(seed)
+    if story.context_videos:
+        videos = [_context_video(uri, params, storage) for uri in story.context_videos]
+        return pipeline.extend(story.prompts, videos, params, generator=generator)
+    if mode == "fixed" or len(story.prompts) == 1:
+        return pipeline.generate(story.prompts, params, generator=generator)
+    first = pipeline.generate(story.prompts[:1], params, generator=generator)
+    return pipeline.extend_latents(
+        story.prompts, first.latents, first.scene_frames, params, generator=generator
+    )
+
+
+def _context_video(uri: str, params: SamplingParams, storage: StorageConfig | None):
+    """A context video's first ``num_frames`` frames, resized and center-cropped like
+    training clips; uint8 (T, H, W, 3)."""
+    frames = read_frames(uri, list(range(params.num_frames)), storage)
+    return resize_center_crop(frames, params.height, params.width).permute(0, 2, 3, 1)
+
+
+def write_item(
+    out: str,
+    item: Item,
+    output: StoryOutput,
+    meta: dict[str, Any],
+    storage: StorageConfig | None,
+) -> dict[str, Any]:
+    """Write the item's files, meta.json last; returns meta as written."""
+    uri = item_uri(out, item)
+    scenes = [frames.numpy() for frames in output.frames]
+    for index, frames in enumerate(output.frames):
+        write_video(f"{uri}/scene_{index:02d}.mp4", frames, FPS, storage)
+    write_video(f"{uri}/story.mp4", torch.cat(output.frames), FPS, storage)
+    small = [_preview_frames(frames) for frames in scenes]
+    write_gif(small, f"{uri}/preview.gif", fps=FPS, storage=storage)
+    write_contact_sheet(small, f"{uri}/contact.png", storage=storage)
+    meta = {
+        **meta,
+        "scene_frames": [int(frames.shape[0]) for frames in output.frames],
+        "context_scenes": output.context_scenes,
+        "truncated": list(output.truncated),
+        "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    fs, path = filesystem(uri, storage)
+    with tempfile.TemporaryDirectory(prefix="m2d-meta-") as tmp:
+        local = Path(tmp) / META
+        local.write_text(json.dumps(meta, indent=2))
+        fs.put_file(str(local), f"{path}/{META}")
+    return meta
+
+
+def _preview_frames(frames_THWC: np.ndarray) -> np.ndarray:
+    """Frames scaled down so the longest side is at most ``_PREVIEW_SIDE`` pixels."""
+    height, width = frames_THWC.shape[1:3]
+    scale = _PREVIEW_SIDE / max(height, width)
+    if scale >= 1:
+        return frames_THWC
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    video = torch.from_numpy(frames_THWC).permute(0, 3, 1, 2).float()
+    small = F.interpolate(video, size=size, mode="bilinear", antialias=True)
+    return small.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()

@@ -1,0 +1,272 @@
+"""The sample-batch job: Ray Data over (checkpoint x story x seed) with an actor pool.
+
+    python -m sampler.job --spec SPEC_JSON_OR_FILE
+
+The driver checks everything a user can get wrong - the prompts file, context videos,
+checkpoints, frame counts, earlier outputs - before any model loads, then runs one Ray
+Data pass per checkpoint: ``map_batches`` with a pool of ``StoryRenderer`` actors, each
+holding one model, rendering one item per call and writing its files itself. The driver
+streams the finished rows: a progress line (done / total, ETA) and, with a tracking URI,
+the MLflow run (previews as images at the checkpoint's training step, files as
+artifacts). Exit status: 0 done, 2 a user error (one line), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from infra.errors import DataError, M2DError
+from infra.logging import get_logger
+from infra.sample_spec import SampleJobSpec
+from infra.storage import filesystem
+from sampler.batch import (
+    Item,
+    inputs_record,
+    item_uri,
+    plan_items,
+    render_story,
+    sampling_params,
+    write_item,
+)
+from sampler.models import CheckpointInfo, describe_checkpoint, load_pipeline
+from sampler.params import SamplingParams
+from sampler.prompts import Story, check_context_videos, read_stories
+
+__all__ = ["Plan", "StoryRenderer", "main", "prepare", "run"]
+
+log = get_logger(__name__)
+
+
+class Plan:
+    """The checked inputs of a job: stories, each checkpoint's facts and parameters,
+    and the items still to render."""
+
+    def __init__(self, spec: SampleJobSpec) -> None:
+        self.spec = spec
+        self.stories: list[Story] = read_stories(spec.prompts, spec.storage)
+        self.infos: dict[str, CheckpointInfo] = {
+            c.label: describe_checkpoint(spec, c) for c in spec.checkpoints
+        }
+        self.params: dict[str, SamplingParams] = {
+            label: sampling_params(spec, info) for label, info in self.infos.items()
+        }
+        self.todo, self.finished = plan_items(spec, self.stories, self.params)
+
+
+def prepare(spec: SampleJobSpec) -> Plan:
+    """Validate the job's inputs (no model loads); raises M2DError with one line."""
+    plan = Plan(spec)
+    if spec.mode == "fixed":
+        for story in plan.stories:
+            if story.context_videos:
+                raise DataError(
+                    f"{spec.prompts}:{story.line}: story {story.id} has context_videos; "
+                    "render it with --mode extend"
+                )
+    frames = max(params.num_frames for params in plan.params.values())
+    check_context_videos(plan.stories, spec.storage, min_frames=frames, prompts_uri=spec.prompts)
+    return plan
+
+
+class StoryRenderer:
+    """A Ray Data actor: one checkpoint's pipeline, rendering one item per row."""
+
+    def __init__(self, spec_json: str, label: str) -> None:
+        import torch
+
+        self.spec = SampleJobSpec.model_validate_json(spec_json)
+        torch.set_num_threads(self.spec.cpus_per_actor)
+        checkpoint = next(c for c in self.spec.checkpoints if c.label == label)
+        info = describe_checkpoint(self.spec, checkpoint)
+        device = "cuda" if self.spec.gpus_per_actor and torch.cuda.is_available() else "cpu"
+        self.pipeline = load_pipeline(self.spec, checkpoint, info, device)
+        self.checkpoint, self.info = checkpoint, info
+        self.params = sampling_params(self.spec, info)
+        self.stories = {s.id: s for s in read_stories(self.spec.prompts, self.spec.storage)}
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        rows = [
+            self.render(str(story), int(seed))
+            for story, seed in zip(batch["story"], batch["seed"], strict=True)
+        ]
+        return {key: [row[key] for row in rows] for key in rows[0]}
+
+    def render(self, story_id: str, seed: int) -> dict[str, Any]:
+        started = time.perf_counter()
+        story = self.stories[story_id]
+        output = render_story(
+            self.pipeline, story, seed, self.params, self.spec.mode, self.spec.storage
+        )
+        inputs = inputs_record(story, seed, self.checkpoint, self.spec.mode, self.params)
+        meta = {
+            "inputs": inputs,
+            "checkpoint": {
+                "label": self.checkpoint.label,
+                "uri": self.checkpoint.uri,
+                "run": self.checkpoint.run,
+                "kind": self.info.kind,
+                "step": self.info.step,
+                "mlflow_run_id": self.info.mlflow_run_id,
+            },
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        item = Item(self.checkpoint.label, story_id, seed)
+        written = write_item(self.spec.out, item, output, meta, self.spec.storage)
+        return {"story": story_id, "seed": seed, "meta": json.dumps(written)}
+
+
+def _rendered(plan: Plan, label: str, items: list[Item]) -> Iterator[dict[str, Any]]:
+    """Rows of finished items of one checkpoint, as the actor pool completes them."""
+    import ray.data
+
+    spec = plan.spec
+    ray.data.DataContext.get_current().enable_progress_bars = False  # ours is below
+    rows = [{"story": item.story, "seed": item.seed} for item in items]
+    dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
+    rendered = dataset.map_batches(
+        StoryRenderer,
+        fn_constructor_kwargs={"spec_json": spec.model_dump_json(), "label": label},
+        batch_size=1,
+        concurrency=min(spec.num_actors, len(rows)),
+        num_cpus=spec.cpus_per_actor,
+        num_gpus=spec.gpus_per_actor,
+    )
+    yield from rendered.iter_rows()
+
+
+class Progress:
+    """``done/total`` with the rate so far and an ETA, one line per finished item."""
+
+    def __init__(self, total: int, echo: Callable[[str], None]) -> None:
+        self.total, self.done, self.echo = total, 0, echo
+        self.started = time.monotonic()
+
+    def advance(self, what: str) -> None:
+        self.done += 1
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / self.done * (self.total - self.done)
+        self.echo(
+            f"[{self.done}/{self.total}] {what}  elapsed {_clock(elapsed)}  ETA {_clock(eta)}"
+        )
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
+def run(spec: SampleJobSpec, echo: Callable[[str], None] = print) -> Plan:
+    """Render every unfinished item; returns the plan (its ``todo`` is what was done)."""
+    plan = prepare(spec)
+    echo(
+        f"{len(plan.todo)} item(s) to render, {plan.finished} already finished, "
+        f"{spec.num_actors} actor(s); output {spec.out}"
+    )
+    tracker = _open_tracker(plan) if spec.tracking else None
+    progress = Progress(len(plan.todo), echo)
+    try:
+        for checkpoint in spec.checkpoints:
+            items = [item for item in plan.todo if item.checkpoint == checkpoint.label]
+            if not items:
+                continue
+            _init_ray_once(spec)
+            for row in _rendered(plan, checkpoint.label, items):
+                meta = json.loads(row["meta"])
+                _warn_truncated(meta, echo)
+                if tracker is not None:
+                    _log_item(tracker, plan, Item(checkpoint.label, row["story"], row["seed"]))
+                progress.advance(f"{checkpoint.label}/{row['story']}/{row['seed']}")
+    except BaseException:
+        if tracker is not None:
+            tracker.finish("FAILED")
+        raise
+    if tracker is not None:
+        tracker.log_metrics({"items_rendered": len(plan.todo)}, step=0)
+        tracker.finish()
+    return plan
+
+
+def _init_ray_once(spec: SampleJobSpec) -> None:
+    import ray
+
+    from infra.ray_runtime import init_ray
+
+    if not ray.is_initialized():
+        init_ray(num_cpus=max(2, spec.num_actors * spec.cpus_per_actor))
+
+
+def _warn_truncated(meta: dict[str, Any], echo: Callable[[str], None]) -> None:
+    scenes = [str(scene) for scene, cut in enumerate(meta["truncated"]) if cut]
+    if scenes:
+        tokens = meta["inputs"]["params"]["text_tokens"]
+        echo(
+            f"warning: {meta['inputs']['story']}: prompt(s) of scene(s) {', '.join(scenes)} "
+            f"longer than {tokens} tokens, truncated"
+        )
+
+
+def _open_tracker(plan: Plan):
+    from infra.tracking import Tracker, flatten
+
+    spec = plan.spec
+    tags = {"cluster": spec.cluster, "stage": "sample", "m2d.out": spec.out}
+    for label, info in plan.infos.items():
+        tags[f"source.{label}.step"] = str(info.step)
+        if info.mlflow_run_id:
+            tags[f"source.{label}.mlflow_run_id"] = info.mlflow_run_id
+    sources = sorted({i.mlflow_run_id for i in plan.infos.values() if i.mlflow_run_id})
+    if sources:
+        tags["m2d.source_runs"] = ",".join(sources)
+    params = flatten(spec.model_dump(mode="json", exclude={"checkpoints", "storage"}))
+    params.update({f"checkpoint.{c.label}": c.uri for c in spec.checkpoints})
+    name = f"sample-{time.strftime('%Y%m%d-%H%M%S')}"
+    tracker = Tracker.start(spec.tracking, name, tags=tags, params=params)
+    print(f"MLflow run: {tracker.url}", flush=True)
+    return tracker
+
+
+def _log_item(tracker, plan: Plan, item: Item) -> None:
+    """Previews as images at the checkpoint's step (the dashboard's slider compares
+    checkpoints), the GIF and videos as artifacts."""
+    spec, info = plan.spec, plan.infos[item.checkpoint]
+    fs, path = filesystem(item_uri(spec.out, item), spec.storage)
+    folder = f"{item.checkpoint}/{item.story}/{item.seed}"
+    with tempfile.TemporaryDirectory(prefix="m2d-mlflow-") as tmp:
+        local = Path(tmp) / "item"
+        fs.get(f"{path}/", str(local), recursive=True)
+        tracker.log_image(
+            local / "contact.png", key=f"{item.story}_seed{item.seed}", step=info.step
+        )
+        tracker.log_artifacts(local, f"samples/{folder}")
+
+
+def _load_spec(value: str) -> SampleJobSpec:
+    text = Path(value).read_text() if not value.lstrip().startswith("{") else value
+    return SampleJobSpec.model_validate_json(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m sampler.job", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--spec", required=True, help="SampleJobSpec as JSON, or a JSON file")
+    args = parser.parse_args(argv)
+    try:
+        spec = _load_spec(args.spec)
+        plan = run(spec, echo=lambda line: print(line, flush=True))
+    except M2DError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"done: {len(plan.todo)} rendered, {plan.finished} skipped (finished before)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
