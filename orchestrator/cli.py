@@ -25,6 +25,10 @@ COMMANDS = {
     "data": ("orchestrator.commands.data:data", "Synthesize and inspect training data."),
     "logs": ("orchestrator.commands.status:logs", "Print (or follow) a run's output."),
     "runs": ("orchestrator.commands.status:runs_", "Table of recent runs."),
+    "sample-batch": (
+        "orchestrator.commands.sample:sample_batch",
+        "Render evaluation videos from checkpoints.",
+    ),
     "status": ("orchestrator.commands.status:status", "State of a run."),
     "stop": ("orchestrator.commands.status:stop", "Stop a run (checkpoints stay)."),
 }

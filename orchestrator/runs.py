@@ -41,6 +41,7 @@ class RunRecord:
     tracking_uri: str | None = None
     experiment: str | None = None
     storage: dict = field(default_factory=dict)  # StorageConfig fields: endpoint, region
+    smoke: bool = False  # a `m2d launch --smoke` run: never the start of a real stage
 
     @property
     def storage_config(self) -> StorageConfig | None:
@@ -59,6 +60,11 @@ class RunRecord:
 def registry_dir() -> Path:
     """Where launch records live: ``$M2D_HOME/runs`` (default ``~/.m2d/runs``)."""
     return Path(os.environ.get("M2D_HOME", Path.home() / ".m2d")) / "runs"
+
+
+def has_record(name: str) -> bool:
+    """Whether the registry knows a run called ``name``."""
+    return (registry_dir() / f"{name}.json").is_file()
 
 
 def load_record(name: str) -> RunRecord:

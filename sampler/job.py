@@ -37,7 +37,7 @@ from sampler.batch import (
 )
 from sampler.models import CheckpointInfo, describe_checkpoint, load_pipeline
 from sampler.params import SamplingParams
-from sampler.prompts import Story, check_context_videos, read_stories
+from sampler.prompts import EVAL50, Story, check_context_videos, read_stories
 
 __all__ = ["Plan", "StoryRenderer", "main", "prepare", "run"]
 
@@ -249,7 +249,10 @@ def _log_item(tracker, plan: Plan, item: Item) -> None:
 
 def _load_spec(value: str) -> SampleJobSpec:
     text = Path(value).read_text() if not value.lstrip().startswith("{") else value
-    return SampleJobSpec.model_validate_json(text)
+    spec = SampleJobSpec.model_validate_json(text)
+    if spec.prompts == "eval50":  # the shipped evaluation stories
+        spec = spec.model_copy(update={"prompts": EVAL50})
+    return spec
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,172 @@
+"""``m2d sample-batch``: render evaluation stories from checkpoints with a Ray Data job.
+
+The command resolves the cluster profile, the checkpoints (``RUN``, ``RUN:STEP`` or a
+folder/URI) and the options into a ``SampleJobSpec`` and runs ``python -m sampler.job``:
+in the foreground for a ``local`` profile, through the Ray Jobs API otherwise. It never
+imports the sampler (or torch), so it starts at once.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+from pydantic import ValidationError
+
+from infra.config import RunConfig
+from infra.errors import ConfigError
+from infra.sample_spec import CheckpointSpec, SampleJobSpec
+from infra.storage import is_remote
+from orchestrator import profiles, runs, submit
+from orchestrator.cli import UserError
+
+JOB_MODULE = "sampler.job"
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
+
+
+def resolve_checkpoint(reference: str) -> CheckpointSpec:
+    """``RUN`` (its latest checkpoint), ``RUN:STEP`` or a checkpoint folder/URI."""
+    name, _, step = reference.partition(":") if not is_remote(reference) else (reference, "", "")
+    if runs.has_record(name):
+        record = runs.load_record(name)
+        uri = _run_checkpoint(record, step) if step else runs.latest_checkpoint(record)
+        label = f"{name}-{uri.rstrip('/').rsplit('/', 1)[-1].replace('checkpoint_', 'step')}"
+        return CheckpointSpec(uri=uri, label=label, run=name)
+    if not is_remote(reference) and not Path(reference).expanduser().exists():
+        raise ConfigError(
+            f"--checkpoint {reference}: no run or folder of that name; `m2d runs` lists runs, "
+            "or give a checkpoint folder path or s3:// URI"
+        )
+    uri = reference if is_remote(reference) else str(Path(reference).expanduser().resolve())
+    return CheckpointSpec(uri=uri, label=_folder_label(uri))
+
+
+def _run_checkpoint(record: runs.RunRecord, step: str) -> str:
+    if not step.isdigit():
+        raise ConfigError(f"--checkpoint {record.name}:{step}: STEP must be a step number")
+    found = runs.checkpoints(record)
+    wanted = f"checkpoint_{int(step):08d}"
+    for uri in found:
+        if uri.rstrip("/").endswith(wanted):
+            return uri
+    steps = ", ".join(str(int(uri.rsplit("_", 1)[-1])) for uri in found) or "none yet"
+    raise ConfigError(f"run {record.name} has no checkpoint at step {step}; it has: {steps}")
+
+
+def _folder_label(uri: str) -> str:
+    """``parent-name`` of the folder (a checkpoint_N alone would clash across runs)."""
+    parts = [p for p in uri.rstrip("/").split("/") if p][-2:]
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join(parts))
+
+
+def parse_seeds(value: str) -> list[int]:
+    try:
+        return [int(seed) for seed in value.split(",") if seed.strip()]
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r}: give integers separated by commas, e.g. 0,1"
+        ) from None
+
+
+def parse_size(value: str | None) -> tuple[int | None, int | None]:
+    if value is None:
+        return None, None
+    match = _SIZE.match(value)
+    if not match:
+        raise click.BadParameter(f"{value!r}: give HEIGHTxWIDTH, e.g. 480x720")
+    return int(match[1]), int(match[2])
+
+
+def build_spec(run: RunConfig, references: tuple[str, ...], options: dict) -> SampleJobSpec:
+    """The job spec from the profile's resolved SFT run and the command's options."""
+    height, width = parse_size(options.pop("size"))
+    out, prompts = options.pop("out"), options.pop("prompts")
+    checkpoints = [resolve_checkpoint(reference) for reference in references]
+    labels = [c.label for c in checkpoints]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"--checkpoint given twice: {labels}")
+    workers = run.workers
+    return SampleJobSpec(
+        cluster=run.cluster,
+        checkpoints=checkpoints,
+        prompts=prompts if prompts == "eval50" else _absolute(prompts),
+        out=_absolute(out),
+        height=height,
+        width=width,
+        num_actors=options.pop("num_actors") or workers.num_workers,
+        cpus_per_actor=workers.cpus_per_worker,
+        gpus_per_actor=workers.gpus_per_worker,
+        model=run.model,
+        recipe=run.recipe,
+        storage=run.storage,
+        tracking=None if options.pop("no_tracking") else run.tracking,
+        **options,
+    )
+
+
+def _absolute(value: str) -> str:
+    return value if is_remote(value) else str(Path(value).expanduser().resolve())
+
+
+def run_job(spec: SampleJobSpec, run: RunConfig) -> int:
+    """Run the job here in the foreground, or submit it to the profile's Ray cluster."""
+    command = ["-m", JOB_MODULE, "--spec", spec.model_dump_json()]
+    if run.ray.address == "local":
+        return subprocess.run([sys.executable, *command], check=False).returncode
+    client = submit.job_client(run.ray.address)
+    try:
+        job_id = client.submit_job(
+            entrypoint=shlex.join(["python", *command]),
+            runtime_env=submit.runtime_env(run),
+            metadata={"m2d": "sample-batch", "cluster": run.cluster},
+        )
+    except Exception as exc:  # Ray raises several types; the message is what matters
+        raise UserError(f"Ray refused the sample-batch job: {str(exc).splitlines()[0]}") from None
+    click.echo(f"submitted sample-batch job {job_id} to {run.ray.address}")
+    click.echo(f"follow with: ray job logs --follow --address {run.ray.address} {job_id}")
+    return 0
+
+
+@click.command("sample-batch")
+@click.option("--cluster", "cluster_name", required=True, help="Profile name in clusters/.")
+@click.option(
+    "--checkpoint",
+    "references",
+    multiple=True,
+    required=True,
+    metavar="RUN[:STEP]|URI",
+    help="Checkpoint to sample; repeat to compare several.",
+)
+@click.option("--prompts", required=True, help="Stories JSONL (path or URI), or 'eval50'.")
+@click.option("--out", required=True, help="Output root (path or s3:// URI).")
+@click.option("--mode", type=click.Choice(["fixed", "extend"]), default="fixed", show_default=True)
+@click.option("--steps", default=50, show_default=True, help="Denoising steps.")
+@click.option("--guidance", default=6.0, show_default=True, help="Classifier-free guidance.")
+@click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds.")
+@click.option("--frames", type=int, help="Frames per scene (8k+1) [default: the checkpoint's].")
+@click.option("--size", help="HEIGHTxWIDTH [default: the checkpoint's].")
+@click.option("--negative-prompt", default="", help="Negative prompt for every scene.")
+@click.option("--scheduler", type=click.Choice(["ddim", "dpm"]), default="ddim", show_default=True)
+@click.option("--num-actors", type=int, help="Model replicas [default: the profile's workers].")
+@click.option("--overwrite", is_flag=True, help="Render finished items again.")
+@click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
+@click.pass_context
+def sample_batch(ctx: click.Context, cluster_name: str, references: tuple[str, ...], **options):
+    """Render evaluation videos of the stories in --prompts from each --checkpoint."""
+    options["seeds"] = parse_seeds(options["seeds"])
+    directory = profiles.clusters_dir(ctx.find_root().obj["clusters_dir"])
+    loaded = profiles.load_profile(profiles.find_profile(cluster_name, directory))
+    run = runs.with_absolute_paths(profiles.resolve(loaded, "sft", {}))
+    try:
+        spec = build_spec(run, references, options)
+    except ValidationError as exc:  # an option out of range
+        error = exc.errors()[0]
+        option = "--" + str(error["loc"][0]).replace("_", "-") if error["loc"] else "option"
+        raise UserError(f"{option}: {error['msg']}") from None
+    code = run_job(spec, run)
+    if code:
+        ctx.exit(code)

@@ -1,0 +1,287 @@
+"""`m2d sample-batch` for real: Ray Data actor pool, DeepSpeed and exported checkpoints,
+mp4 outputs, meta.json, MLflow previews, kill-and-resume, both modes.
+
+The training checkpoint is a real DeepSpeed checkpoint written by the trainer's own
+``save_checkpoint`` from a one-process gloo engine whose tiny transformer has known,
+perturbed weights - the reference the sampled videos are checked against.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from infra.config import ModelConfig, StageRecipe, StorageConfig
+from infra.sample_spec import CheckpointSpec, SampleJobSpec
+from infra.video import write_video
+from sampler.params import SamplingParams
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 2
+SEED_OFFSET = 0  # recipe.seed of the local profile: the tiny VAE/T5 draw from it
+CHECKPOINT_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, torch, torch.distributed as dist, yaml
+    from pathlib import Path
+    from infra.config import ClusterProfile, resolve_run
+    from trainer.checkpoint import TrainerState, save_checkpoint
+    from trainer.components import load_components
+    from trainer.engine import build_engine
+
+    out, port = Path(sys.argv[1]), sys.argv[2]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0")
+    dist.init_process_group("gloo")
+    profile = ClusterProfile.model_validate(yaml.safe_load(open("clusters/local.yaml")))
+    run = resolve_run(profile, "local", "sft", {
+        "workers": {"num_workers": 1},
+        "deepspeed": {"micro_batch_per_gpu": 1, "gradient_accumulation": 1},
+        "recipe": {"global_batch": 1},
+        "storage": {"root": str(out)},
+    })
+    parts = load_components(run.model, seed=run.recipe.seed)
+    generator = torch.Generator().manual_seed(123)  # weights no init would give
+    with torch.no_grad():
+        for p in parts.transformer.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    torch.save(parts.transformer.transformer.state_dict(), out / "weights.pt")
+    engine = build_engine(run, parts.transformer)
+    state = TrainerState(step=7, world_size=1, mlflow_run_id="train-run-id")
+    save_checkpoint(out / "checkpoint_00000007", engine, run, state, 0, {})
+    dist.destroy_process_group()
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A DeepSpeed checkpoint (step 7) plus the exact weights it holds (weights.pt)."""
+    from conftest import free_port
+
+    out = tmp_path_factory.mktemp("trained")
+    subprocess.run(
+        [sys.executable, "-c", CHECKPOINT_SCRIPT, str(out), str(free_port())],
+        cwd=ROOT,
+        check=True,
+        timeout=300,
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory) -> Path:
+    """The same checkpoint through `python -m trainer.export` (a stock diffusers folder)."""
+    out = tmp_path_factory.mktemp("exported") / "pretty-export"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer.export",
+            "--checkpoint",
+            str(trained / "checkpoint_00000007"),
+        ]
+        + ["--out", str(out)],
+        cwd=ROOT,
+        check=True,
+        timeout=300,
+    )
+    return out
+
+
+def write_prompts(path: Path, stories: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(story) + "\n" for story in stories))
+    return path
+
+
+def spec_for(tmp: Path, checkpoints: list[CheckpointSpec], prompts: Path, **changes) -> Path:
+    spec = SampleJobSpec(
+        cluster="local",
+        checkpoints=checkpoints,
+        prompts=str(prompts),
+        out=str(tmp / "out"),
+        steps=STEPS,
+        model=ModelConfig(source="tiny", text_tokens=16),
+        recipe=StageRecipe(frames=9, height=32, width=32, seed=SEED_OFFSET),
+        storage=StorageConfig(root=str(tmp / "store")),
+        **changes,
+    )
+    path = tmp / f"spec-{time.monotonic_ns()}.json"
+    path.write_text(spec.model_dump_json())
+    return path
+
+
+def start_job(spec: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "sampler.job", "--spec", str(spec)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def run_job(spec: Path) -> subprocess.CompletedProcess:
+    process = start_job(spec)
+    output, _ = process.communicate(timeout=600)
+    return subprocess.CompletedProcess(process.args, process.returncode, output, "")
+
+
+def decode(path: Path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def reference_pipeline(trained: Path):
+    """A pipeline over the known weights, built in-process: the independent reference."""
+    from mask2dit.components import tiny_parts
+    from sampler.pipeline import MultiScenePipeline
+
+    parts = tiny_parts(SEED_OFFSET)
+    parts.transformer.load_state_dict(torch.load(trained / "weights.pt"))
+    params = SamplingParams(
+        num_inference_steps=STEPS, text_tokens=16, num_frames=9, height=32, width=32, policy="v2"
+    )
+    return MultiScenePipeline.from_parts(parts), params
+
+
+def reference_frames(trained: Path, prompts: list[str], seed: int) -> list[np.ndarray]:
+    pipe, params = reference_pipeline(trained)
+    out = pipe.generate(prompts, params, generator=torch.Generator().manual_seed(seed))
+    return [frames.numpy() for frames in out.frames]
+
+
+STORIES = [
+    {"id": "two", "prompts": ["Actor1 (a red ball) rolls", "Actor1 (a red ball) stops"]},
+    {"id": "three", "prompts": ["a blue sky", "a green field", "a grey road at night"]},
+]
+
+
+def test_fixed_mode_killed_and_resumed_with_mlflow(trained, exported, tmp_path, mlflow_server):
+    prompts = write_prompts(tmp_path / "stories.jsonl", STORIES)
+    checkpoints = [
+        CheckpointSpec(uri=str(trained / "checkpoint_00000007"), label="ds-7"),
+        CheckpointSpec(uri=str(exported), label="export"),
+    ]
+    tracking = {"uri": mlflow_server, "experiment": f"samples-{os.getpid()}"}
+    spec = spec_for(tmp_path, checkpoints, prompts, seeds=[0, 1], tracking=tracking)
+    out = tmp_path / "out"
+
+    # Kill the job (its whole process group) as soon as a first item is finished.
+    process = start_job(spec)
+    deadline = time.monotonic() + 400
+    while not list(out.glob("*/*/*/meta.json")) and process.poll() is None:
+        assert time.monotonic() < deadline, "no item finished in time"
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    first = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("*/*/*/meta.json")}
+    assert 1 <= len(first) < 8
+
+    done = run_job(spec)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert f"{8 - len(first)} item(s) to render, {len(first)} already finished" in done.stdout
+    for path, (mtime, content) in first.items():  # finished items were not redone
+        assert (path.stat().st_mtime_ns, path.read_bytes()) == (mtime, content)
+
+    expected = {"two": 2, "three": 3}
+    for label in ("ds-7", "export"):
+        for story, scenes in expected.items():
+            for seed in (0, 1):
+                folder = out / label / story / str(seed)
+                meta = json.loads((folder / "meta.json").read_text())
+                assert meta["inputs"]["seed"] == seed and meta["inputs"]["story"] == story
+                assert meta["inputs"]["params"]["num_inference_steps"] == STEPS
+                assert meta["scene_frames"] == [9] * scenes
+                for index in range(scenes):
+                    assert decode(folder / f"scene_{index:02d}.mp4").shape == (9, 32, 32, 3)
+                assert decode(folder / "story.mp4").shape == (9 * scenes, 32, 32, 3)
+    assert json.loads((out / "ds-7/two/0/meta.json").read_text())["checkpoint"]["step"] == 7
+
+    # The videos are the reference pipeline's, within the mp4 codec's error.
+    reference = reference_frames(trained, STORIES[1]["prompts"], seed=1)
+    for label in ("ds-7", "export"):
+        for index, frames in enumerate(reference):
+            got = decode(out / label / "three" / "1" / f"scene_{index:02d}.mp4").astype(float)
+            assert np.abs(got - frames).mean() < 6.0, (label, index)
+    other = decode(out / "ds-7" / "three" / "0" / "scene_00.mp4").astype(float)
+    assert np.abs(other - reference[0]).mean() > 6.0  # another seed is another video
+
+    check_mlflow(mlflow_server, tracking["experiment"])
+
+
+def check_mlflow(uri: str, experiment: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    found = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    finished = [r for r in found if r.info.status == "FINISHED"]
+    assert len(finished) == 1
+    run = finished[0]
+    assert run.data.tags["source.ds-7.mlflow_run_id"] == "train-run-id"
+    assert run.data.params["steps"] == str(STEPS)
+    artifacts = _artifact_paths(client, run.info.run_id)
+    for label in ("ds-7", "export"):
+        for name in ("preview.gif", "contact.png", "story.mp4", "scene_00.mp4", "meta.json"):
+            assert f"samples/{label}/two/1/{name}" in artifacts, (label, name)
+    images = [p for p in artifacts if p.startswith("images/") and "two_seed0" in p]
+    assert images, "contact sheet not logged as an image"
+
+
+def _artifact_paths(client, run_id: str, path: str | None = None) -> set[str]:
+    paths = set()
+    for item in client.list_artifacts(run_id, path):
+        paths |= _artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return paths
+
+
+def test_extend_mode_matches_the_reference_and_refuses_changed_inputs(trained, tmp_path):
+    generator = torch.Generator().manual_seed(5)
+    context = torch.randint(0, 256, (12, 32, 32, 3), generator=generator, dtype=torch.uint8)
+    write_video(str(tmp_path / "context.mp4"), context, fps=8)
+    stories = [
+        {"id": "ctx", "prompts": ["a", "b", "c"], "context_videos": ["context.mp4"]},
+        {"id": "chain", "prompts": ["a cat", "the cat sleeps"]},
+    ]
+    prompts = write_prompts(tmp_path / "stories.jsonl", stories)
+    checkpoint = CheckpointSpec(uri=str(trained / "checkpoint_00000007"), label="ds")
+    spec = spec_for(tmp_path, [checkpoint], prompts, mode="extend")
+    done = run_job(spec)
+    assert done.returncode == 0, done.stdout[-3000:]
+
+    meta = json.loads((tmp_path / "out/ds/ctx/0/meta.json").read_text())
+    assert meta["context_scenes"] == 1 and meta["scene_frames"] == [9, 9, 9]
+    chain = json.loads((tmp_path / "out/ds/chain/0/meta.json").read_text())
+    assert chain["scene_frames"] == [9, 9] and chain["inputs"]["mode"] == "extend"
+
+    # Every scene is the in-process pipeline's extension of the same context frames.
+    from infra.video import read_frames
+
+    pipe, params = reference_pipeline(trained)
+    frames = read_frames(str(tmp_path / "context.mp4"), list(range(9)))
+    expected = pipe.extend(
+        ["a", "b", "c"], [frames], params, generator=torch.Generator().manual_seed(0)
+    )
+    for index, scene in enumerate(expected.frames):
+        got = decode(tmp_path / f"out/ds/ctx/0/scene_{index:02d}.mp4").astype(float)
+        assert np.abs(got - scene.numpy()).mean() < 6.0, index
+
+    changed = spec_for(tmp_path, [checkpoint], prompts, mode="extend", guidance=3.0)
+    refused = run_job(changed)
+    assert refused.returncode == 2
+    assert "guidance_scale" in refused.stdout and "--overwrite" in refused.stdout
