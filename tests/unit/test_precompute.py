@@ -33,7 +33,11 @@ FRAMES, SIZE, TOKENS, SCENES = 9, 32, 16, 3
 
 @pytest.fixture(scope="module")
 def parts():
-    return load_components(ModelConfig(source="tiny", text_tokens=TOKENS))
+    # One thread: on a loaded 2-core machine two threads make the tiny VAE ~10x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield load_components(ModelConfig(source="tiny", text_tokens=TOKENS))
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
