@@ -22,6 +22,7 @@ torch and transformers load inside functions, so importing this module stays che
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "VideoEncoder",
+    "check_encoder",
     "encoder_names",
     "load_encoder",
     "local_folder",
@@ -64,15 +66,24 @@ class VideoEncoder(Protocol):
         ...
 
 
-# name -> factory(uri, storage) building the encoder from a folder.
-_REGISTRY: dict[str, Callable[[str, StorageConfig | None], VideoEncoder]] = {}
+class _EncoderClass(Protocol):
+    """What a registered class provides: a cheap folder check and the loader."""
+
+    @classmethod
+    def check(cls, uri: str, storage: StorageConfig | None) -> None: ...
+
+    @classmethod
+    def from_pretrained(cls, uri: str, storage: StorageConfig | None) -> VideoEncoder: ...
 
 
-def register_encoder(name: str):
-    """Class decorator: register ``cls.from_pretrained(uri, storage)`` under ``name``."""
+_REGISTRY: dict[str, _EncoderClass] = {}
 
-    def decorate(cls):
-        _REGISTRY[name] = cls.from_pretrained
+
+def register_encoder(name: str) -> Callable[[type], type]:
+    """Class decorator: register a class with ``check`` and ``from_pretrained`` classmethods."""
+
+    def decorate(cls: type) -> type:
+        _REGISTRY[name] = cls
         return cls
 
     return decorate
@@ -91,10 +102,16 @@ def check_encoder_name(name: str) -> None:
         )
 
 
+def check_encoder(name: str, uri: str, storage: StorageConfig | None = None) -> None:
+    """Cheap checks before a job starts (the name, the folder's config); errors name the fix."""
+    check_encoder_name(name)
+    _REGISTRY[name].check(uri, storage)
+
+
 def load_encoder(name: str, uri: str, storage: StorageConfig | None = None) -> VideoEncoder:
     """The encoder ``name`` loaded from the folder at ``uri`` (path or ``s3://``)."""
     check_encoder_name(name)
-    return _REGISTRY[name](uri, storage)
+    return _REGISTRY[name].from_pretrained(uri, storage)
 
 
 def uniform_frame_indices(total_frames: int, count: int) -> list[int]:
@@ -175,6 +192,22 @@ class XCLIPEncoder:
     def __init__(self, model, image_processor) -> None:
         self.model = model.eval()
         self.image_processor = image_processor
+
+    @classmethod
+    def check(cls, uri: str, storage: StorageConfig | None = None) -> None:
+        """The folder holds an X-CLIP ``config.json`` (read without loading transformers)."""
+        fs, path = filesystem(uri, storage)
+        try:
+            config = json.loads(fs.cat_file(f"{path.rstrip('/')}/config.json"))
+        except FileNotFoundError:
+            raise DataError(
+                f"{uri}: no config.json; give a folder written by save_pretrained"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{uri}: cannot read config.json ({exc})") from None
+        if not isinstance(config, dict) or config.get("model_type") != "xclip":
+            kind = config.get("model_type") if isinstance(config, dict) else None
+            raise DataError(f"{uri}: config.json is not an X-CLIP model (model_type {kind!r})")
 
     @classmethod
     def from_pretrained(cls, uri: str, storage: StorageConfig | None = None) -> XCLIPEncoder:

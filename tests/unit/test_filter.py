@@ -16,6 +16,7 @@ import torch
 from infra.errors import ConfigError, DataError
 from infra.video_encoders import (
     VideoEncoder,
+    check_encoder,
     encoder_names,
     load_encoder,
     local_folder,
@@ -269,6 +270,14 @@ def test_encoder_errors_name_the_problem(tmp_path):
         local_folder(str(tmp_path / "absent"))
     with pytest.raises(DataError, match=r"no config\.json"):
         load_encoder("xclip", str(tmp_path))
+    with pytest.raises(DataError, match=r"no config\.json"):
+        check_encoder("xclip", str(tmp_path))
+    (tmp_path / "config.json").write_text('{"model_type": "clip"}')
+    with pytest.raises(DataError, match="not an X-CLIP model \\(model_type 'clip'\\)"):
+        check_encoder("xclip", str(tmp_path))
+    (tmp_path / "config.json").write_text("{oops")
+    with pytest.raises(DataError, match=r"cannot read config\.json"):
+        check_encoder("xclip", str(tmp_path))
 
 
 # ---------------------------------------------------------------- command line
@@ -282,6 +291,7 @@ def _sft(tmp_path) -> str:
 
 
 def _args(tmp_path, **changes) -> list[str]:
+    (tmp_path / "config.json").write_text('{"model_type": "xclip"}')  # passes the cheap check
     options = {
         "--manifest": _sft(tmp_path),
         "--encoder-path": str(tmp_path),
@@ -298,7 +308,7 @@ def _args(tmp_path, **changes) -> list[str]:
         ({"--scenes": "0"}, "--scenes, --num-actors and --batch-size must be >= 1"),
         ({"--out": "out.csv"}, "--out out.csv: name it .json or .jsonl"),
         ({"--encoder": "viclip"}, "unknown video encoder 'viclip'"),
-        ({"--encoder-path": "/nonexistent/enc"}, "--encoder-path /nonexistent/enc: not found"),
+        ({"--encoder-path": "/nonexistent/enc"}, "/nonexistent/enc: no config.json; give a"),
         ({"--manifest": "/nonexistent/sft.jsonl"}, "/nonexistent/sft.jsonl: manifest not found"),
     ],
 )

@@ -44,10 +44,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from infra.config import StorageConfig
-from infra.errors import DataError, M2DError
+from infra.errors import DataError, M2DError, ServiceError
 from infra.logging import get_logger
 from infra.storage import filesystem, is_remote
-from infra.video_encoders import check_encoder_name
+from infra.video_encoders import check_encoder
 from trainer.data.manifest import Clip, ShotGroup, SkipCounts, read_shot_groups
 
 log = get_logger("data.filter")
@@ -368,14 +368,11 @@ def check_args(args: argparse.Namespace, storage: StorageConfig | None) -> None:
         raise DataError(f"--threshold {args.threshold:g} is not a cosine similarity in [-1, 1]")
     if _suffix(args.out) not in MANIFEST_SUFFIXES:
         raise DataError(f"--out {args.out}: name it .json or .jsonl (an SFT manifest)")
-    check_encoder_name(args.encoder)
     for uri, what in ((args.out, "--out"), (args.histogram, "--histogram")):
         fs, path = filesystem(uri, storage)
         if fs.exists(path):
             raise DataError(f"{what} {uri} already exists; remove it or choose another name")
-    fs, path = filesystem(args.encoder_path, storage)
-    if not fs.exists(path):
-        raise DataError(f"--encoder-path {args.encoder_path}: not found")
+    check_encoder(args.encoder, args.encoder_path, storage)
 
 
 def run(args: argparse.Namespace) -> Result:
@@ -423,6 +420,18 @@ def _write(uri: str, data: bytes, storage: StorageConfig | None) -> None:
 
 def _track(args: argparse.Namespace, result: Result, png: bytes) -> None:
     """One MLflow run with the job's params, counts (metrics) and histogram (artifact)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        _log_run(args, result, png)
+    except (MlflowException, OSError) as exc:
+        raise ServiceError(
+            f"MLflow at {args.tracking_uri}: cannot log the run ({exc}); "
+            f"{args.out} and {args.histogram} are written"
+        ) from None
+
+
+def _log_run(args: argparse.Namespace, result: Result, png: bytes) -> None:
     import tempfile
 
     from mlflow.tracking import MlflowClient
