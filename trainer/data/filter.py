@@ -22,7 +22,11 @@ the reasons of ``trainer.data.manifest`` and ``infra.video``.
 
     python -m trainer.data.filter --manifest URI --encoder xclip --encoder-path URI \\
         --out URI [--scenes 3] [--threshold 0.7] [--min-frames N] [--histogram URI] \\
-        [--endpoint-url URL] [--tracking-uri URI --experiment NAME] [--num-actors K]
+        [--endpoint-url URL] [--tracking-uri URI --experiment NAME] [--num-actors K] \\
+        [--batch-size B]
+
+It joins the Ray cluster of ``RAY_ADDRESS`` (a Ray Jobs entrypoint) or starts a small
+local Ray; each of the K actors loads one encoder and embeds batches of B shots.
 
 Writes the manifest (never over an existing file), a PNG histogram of all adjacent
 similarities with the threshold drawn (default: beside the manifest, ``.png``), and one
