@@ -9,7 +9,7 @@ holds no credentials, and keys that look like credentials are dropped anyway).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from infra.config import RunConfig, TrackingConfig, looks_secret
@@ -103,11 +103,15 @@ class Tracker:
         """Log numeric metrics at ``step`` in one request (None values are skipped)."""
         import time
 
+        self.log_rows([(step, int(time.time() * 1000), metrics)])
+
+    def log_rows(self, rows: Sequence[tuple[int, int, Mapping[str, float]]]) -> None:
+        """Log several steps' metrics, ``(step, timestamp ms, metrics)`` each, in few requests."""
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
         items = [
-            Metric(key, float(value), now, step)
+            Metric(key, float(value), timestamp, step)
+            for step, timestamp, metrics in rows
             for key, value in metrics.items()
             if value is not None
         ]
@@ -163,7 +167,5 @@ def _artifact_location(uri: str) -> str | None:
     whatever folder the job happens to start in); a server decides for itself."""
     if not uri.startswith("sqlite:///"):
         return None
-    import os
-
     database = uri.removeprefix("sqlite:///")
     return os.path.join(os.path.dirname(os.path.abspath(database)), "mlartifacts")

@@ -10,7 +10,11 @@ is that folder's name and Ray Train keeps its state and
 checkpoints in the same folder. Run it locally as a subprocess or as a Ray Jobs
 entrypoint: ``ray.init()`` joins the cluster named by ``RAY_ADDRESS`` or starts a local
 Ray. Running it again on the same folder resumes from the latest checkpoint, in the same
-MLflow run (its id is kept in ``mlflow_run.json`` beside the config).
+MLflow run (its id is kept in ``mlflow_run.json`` beside the config). A run that starts
+from another run's checkpoint (``init_from``: SFT from pretrain) is nested under that
+run's MLflow run; every reported checkpoint is logged there as a small JSON artifact
+(``checkpoints/checkpoint_NNNNNNNN.json``: URI, step, time) and the ``checkpoint.latest``
+tag.
 
 Exit status: 0 finished, 1 training failed, 2 a problem the user can fix (bad config,
 missing data or storage); the last line printed says which.

@@ -10,10 +10,11 @@ One optimizer step: for each micro-batch, encode the scene videos and captions w
 frozen VAE and T5, noise them for the step's task
 (``mask2dit.tasks``), predict v with the Mask²DiT transformer inside DeepSpeed, and
 backpropagate the task loss; DeepSpeed steps AdamW and the warm-up schedule at the
-accumulation boundary. Metrics go to ``ray.train.report`` every step and, from rank 0,
-to MLflow. Every ``fault_tolerance.checkpoint_every`` steps and at the end all ranks save
-a checkpoint (``trainer.checkpoint``) and report it; a (re)started worker group resumes
-from the latest reported checkpoint.
+accumulation boundary. Metrics go to MLflow from rank 0 every step, and to
+``ray.train.report`` (the driver's progress line) with each checkpoint and otherwise at
+most every ``REPORT_INTERVAL_S``. Every ``fault_tolerance.checkpoint_every`` steps and
+at the end all ranks save a checkpoint (``trainer.checkpoint``) and report it; a
+(re)started worker group resumes from the latest reported checkpoint.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ __all__ = ["Worker", "step_seed", "train_loop_per_worker"]
 log = get_logger("trainer.loop")
 
 _MASK63 = (1 << 63) - 1
+
+# Ray Train V2 holds one unconsumed report per worker and its controller takes them every
+# 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): reporting every step caps a run at a step per
+# 2 s. Steps between checkpoints are reported at most this often (MLflow gets every step).
+REPORT_INTERVAL_S = 5.0
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -91,6 +97,10 @@ class Worker:
         )
         self.state = TrainerState(world_size=world, mlflow_run_id=config.get("mlflow_run_id"))
         self.tracker: Tracker | None = None
+        self.logged_through = 0  # the last step already in MLflow (restarts redo a few)
+        self.pending: list[tuple[int, int, dict[str, float]]] = []  # (step, ms, metrics)
+        self.last_report = time.monotonic()
+        self.report_due = False  # the same on every rank: rank 0's clock, all-reduced
 
     def _init_weights(self, uri: str) -> None:
         """Start from another run's checkpoint (stage chaining: SFT from pretrain)."""
@@ -117,6 +127,10 @@ class Worker:
         """Run optimizer steps until ``recipe.steps``, reporting and checkpointing."""
         if self.rank == 0 and self.state.mlflow_run_id:
             self.tracker = Tracker(self.run.tracking.uri, self.state.mlflow_run_id)
+            if self.state.step:
+                # A restart after a crash redoes the steps since the checkpoint, which the
+                # lost attempt may have logged already: log each step once.
+                self.logged_through = self.tracker.last_step("loss")
         steps, every = self.run.recipe.steps, self.run.fault_tolerance.checkpoint_every
         while self.state.step < steps:
             metrics = self.train_step()
@@ -131,13 +145,17 @@ class Worker:
         """One optimizer step over ``gradient_accumulation`` micro-batches; its metrics."""
         start = time.perf_counter()
         lr = float(self.engine.get_lr()[0])
-        totals = torch.zeros(6, dtype=torch.float64)  # loss, normal sum/n, ext sum/n, samples
+        # loss, normal sum/n, extension sum/n, samples, rank 0's seconds since its last report
+        totals = torch.zeros(7, dtype=torch.float64)
         tokens = 0
         for micro in range(self.run.deepspeed.gradient_accumulation):
             loss, extension, batch_tokens = self._micro_step(micro)
-            totals += _loss_totals(loss, extension)
+            totals[:6] += _loss_totals(loss, extension)
             tokens += batch_tokens
+        if self.rank == 0:
+            totals[6] = time.monotonic() - self.last_report
         totals = self._all_reduce(totals)
+        self.report_due = totals[6].item() >= REPORT_INTERVAL_S
         elapsed = time.perf_counter() - start
         samples = totals[5].item()
         return {
@@ -202,15 +220,17 @@ class Worker:
         import ray.train
 
         metrics = {k: v for k, v in metrics.items() if v is not None}
-        if self.tracker is not None:
-            self.tracker.log_metrics(metrics, step=self.state.step)
         if not checkpoint:
-            ray.train.report(metrics)
+            self._track(metrics, flush=self.report_due)
+            if self.report_due:
+                ray.train.report(metrics)
+                self.last_report = time.monotonic()
             return
         # Rank 0's view: the manifest's skipped rows plus the stories its loader skipped.
         counts = self.batches.skip_counts()
         skips = {f"data_skipped_{k}": float(v) for k, v in counts.items()}
         skips["data_skipped_total"] = float(sum(counts.values()))
+        self._track({**metrics, **skips}, flush=True)  # in MLflow before the checkpoint
         with tempfile.TemporaryDirectory(prefix="m2d-ckpt-") as folder:
             save_checkpoint(
                 Path(folder),
@@ -225,9 +245,22 @@ class Worker:
                 checkpoint=ray.train.Checkpoint.from_directory(folder),
                 checkpoint_dir_name=f"checkpoint_{self.state.step:08d}",
             )
-        if self.tracker is not None:
-            self.tracker.log_metrics(skips, step=self.state.step)
+        self.last_report = time.monotonic()
         self._progress(metrics)
+
+    def _track(self, metrics: dict[str, float], flush: bool) -> None:
+        """Queue this step's metrics for MLflow (rank 0); write the queue when ``flush``.
+
+        One write per report interval, not per step: a write to a sqlite store costs tens
+        of milliseconds, which rank 0 would add to every step and rank 1 wait out.
+        """
+        if self.tracker is None:
+            return
+        if self.state.step > self.logged_through:
+            self.pending.append((self.state.step, int(time.time() * 1000), metrics))
+        if flush and self.pending:
+            self.tracker.log_rows(self.pending)
+            self.pending = []
 
     def _progress(self, metrics: dict[str, float]) -> None:
         if self.rank == 0:

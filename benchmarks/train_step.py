@@ -1,0 +1,260 @@
+"""Samples/s of the `local` training job against a plain single-process PyTorch loop.
+
+The job: ``python -m trainer.job`` on the ``local`` profile - Ray Train, 2 CPU workers
+(one intra-op thread each, ``workers.cpus_per_worker: 1``), DeepSpeed ZeRO-2, real mp4
+stories from ``trainer.data.synth`` decoded by ``trainer.data``, MLflow metrics of every
+step (a sqlite store), one checkpoint at the end. Its steady state is read back from
+MLflow: each step's ``loss`` carries the time rank 0 took it, right after the step's
+all-reduce, so (last - first timestamp) / steps between them is the mean wall time of a
+step with everything it costs: data, encoders, transformer, DeepSpeed, gloo, Ray
+reports, MLflow writes. The first ``--skip`` steps and the last (the checkpoint) are
+left out.
+
+The reference: one process, ``torch.set_num_threads(1)``, the same components
+(``trainer.components.load_components`` of the profile's tiny model), the same batch
+shapes (``micro_batch_per_gpu`` stories of ``num_scenes`` x ``frames`` at
+``height`` x ``width``, in memory), the same step (VAE and T5 encoding, the task's
+noise, Mask²DiT forward, v loss, backward, gradient clipping, ``torch.optim.AdamW`` with
+the recipe's hyper-parameters). It runs before and after the job; both are printed.
+For context it also runs as two copies side by side (the job's two workers share the
+machine's cores with each other and with Ray's own processes).
+
+Per-worker throughput ratio = (job samples/s / workers) / (plain samples/s); target
+>= 0.85.
+
+    python benchmarks/train_step.py                 # 60 job steps, 10 skipped
+    python benchmarks/train_step.py --steps 100 --skip 20 --plain-steps 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout
+
+from infra.config import ClusterProfile, RunConfig, resolve_run  # noqa: E402
+
+
+def local_run(root: Path, data: Path, steps: int, stage: str = "pretrain") -> RunConfig:
+    """The `local` profile's run for ``stage`` with ``steps`` steps, one final checkpoint."""
+    profile = ClusterProfile.model_validate(
+        yaml.safe_load((ROOT / "clusters/local.yaml").read_text())
+    )
+    overrides = {
+        "recipe": {"steps": steps},
+        "fault_tolerance": {"checkpoint_every": steps, "keep_checkpoints": 1, "max_failures": 0},
+        "storage": {"root": str(root / "runs")},
+        "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "bench"},
+        "data": {"pretrain": str(data / "pretrain.jsonl"), "sft": str(data / "sft.jsonl")},
+    }
+    return resolve_run(profile, "local", stage, overrides)
+
+
+def synth_data(out: Path, run: RunConfig) -> None:
+    r = run.recipe
+    args = ["--out", str(out), "--stories", "8", "--scenes", str(r.num_scenes)]
+    args += ["--frames", str(2 * r.frames - 1), "--size", f"{r.height}x{r.width}", "--seed", "0"]
+    subprocess.run([sys.executable, "-m", "trainer.data.synth", *args], check=True, cwd=ROOT)
+
+
+# ---------------------------------------------------------------------------- the job
+
+
+def run_job(run: RunConfig, root: Path) -> dict[str, Any]:
+    """Run the job in a subprocess; its steady-state step interval from MLflow."""
+    folder = root / "runs" / "bench"
+    folder.mkdir(parents=True)
+    (folder / "run_config.json").write_text(run.model_dump_json())
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "trainer.job", "--config", str(folder / "run_config.json")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode:
+        sys.exit(f"the job failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    run_id = json.loads((folder / "mlflow_run.json").read_text())["run_id"]
+    return {"run_id": run_id, "wall_s": time.monotonic() - started}
+
+
+def job_steady_state(run: RunConfig, run_id: str, skip: int) -> dict[str, float]:
+    """Mean step interval (timestamps) and mean in-step time (step_time_s) after skip."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=run.tracking.uri)
+    loss = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)
+    step_time = {m.step: m.value for m in client.get_metric_history(run_id, "step_time_s")}
+    last = run.recipe.steps  # the checkpoint step: its report includes the save
+    kept = [m for m in loss if skip < m.step < last]
+    interval = (kept[-1].timestamp - kept[0].timestamp) / 1000 / (len(kept) - 1)
+    in_step = [step_time[m.step] for m in kept[1:]]
+    per_worker = run.deepspeed.micro_batch_per_gpu * run.deepspeed.gradient_accumulation
+    return {
+        "steps_measured": len(kept) - 1,
+        "interval_s": interval,
+        "in_step_s": statistics.mean(in_step),
+        "per_worker_samples_s": per_worker / interval,
+    }
+
+
+# ---------------------------------------------------------------------- the plain loop
+
+
+def plain_loop(run: RunConfig, steps: int, warmup: int) -> dict[str, float]:
+    """The same step without Ray, DeepSpeed, files or logging: mean step time, samples/s."""
+    from mask2dit.tasks import TaskSampler, prepare_training_batch, task_loss
+    from trainer.components import load_components
+    from trainer.encode import encode_prompts, encode_videos
+
+    torch.set_num_threads(1)
+    r, batch = run.recipe, run.deepspeed.micro_batch_per_gpu
+    parts = load_components(run.model, None, "cpu", policy=r.mask_policy, seed=r.seed)
+    model = parts.transformer
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=r.learning_rate, betas=r.betas, eps=r.eps, weight_decay=r.weight_decay
+    )
+    tasks = TaskSampler(r.extension_prob, r.seed)
+    g = torch.Generator().manual_seed(0)
+    shape = (batch, r.frames, 3, r.height, r.width)
+    stories = [
+        [torch.randint(0, 256, shape, generator=g, dtype=torch.uint8) for _ in range(r.num_scenes)]
+        for _ in range(8)
+    ]
+    captions = [[f"scene {s}: a character walks" for s in range(r.num_scenes)]] * batch
+
+    def step(i: int) -> None:
+        generator = torch.Generator().manual_seed(i)
+        latents, scene_frames = encode_videos(parts.vae, stories[i % len(stories)], generator)
+        text = encode_prompts(parts.tokenizer, parts.text_encoder, captions, run.model.text_tokens)
+        extension = tasks.draw(i, latents.shape[0])
+        b = prepare_training_batch(latents, scene_frames, extension, parts.scheduler, generator)
+        pred = model(b.noisy_latents, text, b.timesteps, scene_frames)
+        loss = task_loss(pred, b.target, b.loss_mask, b.extension)
+        loss.loss.backward()
+        if r.gradient_clipping:
+            torch.nn.utils.clip_grad_norm_(params, r.gradient_clipping)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.loss.item()
+
+    for i in range(warmup):
+        step(i)
+    start = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        step(i)
+    mean = (time.perf_counter() - start) / steps
+    return {"step_s": mean, "samples_s": batch / mean}
+
+
+def plain_in_subprocess(run: RunConfig, steps: int, warmup: int, copies: int = 1) -> dict:
+    """The plain loop in fresh processes (nothing of the job's imports or threads).
+
+    ``copies`` > 1 runs that many side by side (as the job's workers share the cores) and
+    returns their mean samples/s.
+    """
+    code = (
+        "import json, sys; sys.path.insert(0, 'benchmarks'); import train_step as t; "
+        "from infra.config import RunConfig; "
+        f"run = RunConfig.model_validate_json({run.model_dump_json()!r}); "
+        f"print(json.dumps(t.plain_loop(run, {steps}, {warmup})))"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        for _ in range(copies)
+    ]
+    results = []
+    for proc in procs:
+        out, _ = proc.communicate()
+        if proc.returncode:
+            sys.exit(f"the plain loop failed (exit {proc.returncode})")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return {key: statistics.mean(r[key] for r in results) for key in results[0]}
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--stage", choices=("pretrain", "sft"), default="pretrain")
+    parser.add_argument("--steps", type=int, default=60, help="job steps")
+    parser.add_argument("--skip", type=int, default=10, help="job steps left out (start-up)")
+    parser.add_argument("--plain-steps", type=int, default=40)
+    parser.add_argument("--plain-warmup", type=int, default=5)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="m2d-bench-") as scratch:
+        root = Path(scratch)
+        run = local_run(root, root / "data", args.steps, args.stage)
+        synth_data(root / "data", run)
+        loads = [load_average()]
+        before = plain_in_subprocess(run, args.plain_steps, args.plain_warmup)
+        loads.append(load_average())
+        job = run_job(run, root)
+        loads.append(load_average())
+        steady = job_steady_state(run, job["run_id"], args.skip)
+        after = plain_in_subprocess(run, args.plain_steps, args.plain_warmup)
+        loads.append(load_average())
+        pair = plain_in_subprocess(run, args.plain_steps, args.plain_warmup, copies=2)
+        loads.append(load_average())
+    _print_table(run, args, before, after, pair, job, steady, loads)
+
+
+def _print_table(run, args, before, after, pair, job, steady, loads) -> None:
+    r, workers = run.recipe, run.workers.num_workers
+    plain = (before["samples_s"] + after["samples_s"]) / 2
+    print(
+        f"stage {run.stage}: {workers} workers x {run.workers.cpus_per_worker} thread, ZeRO-"
+        f"{run.deepspeed.zero_stage}, micro-batch {run.deepspeed.micro_batch_per_gpu}, "
+        f"{r.num_scenes} scenes x {r.frames} frames at {r.height}x{r.width}, "
+        f"text {run.model.text_tokens} tokens/scene"
+    )
+    print(
+        f"job: {args.steps} steps in {job['wall_s']:.0f}s wall (start-up included); "
+        f"steady state over {steady['steps_measured']} step intervals "
+        f"(steps {args.skip + 1}..{args.steps - 1})"
+    )
+    ratio = steady["per_worker_samples_s"] / plain
+    rows = [
+        (
+            "plain loop step s (before / after job)",
+            f"{before['step_s']:.4f} / {after['step_s']:.4f}",
+        ),
+        ("plain loop samples/s (mean)", f"{plain:.2f}"),
+        ("job step interval s (mean)", f"{steady['interval_s']:.4f}"),
+        ("job in-step time s (mean step_time_s)", f"{steady['in_step_s']:.4f}"),
+        ("job samples/s per worker", f"{steady['per_worker_samples_s']:.2f}"),
+        ("job samples/s all workers", f"{steady['per_worker_samples_s'] * workers:.2f}"),
+        ("per-worker / plain", f"{ratio:.3f} ({'meets' if ratio >= 0.85 else 'misses'} 0.85)"),
+        ("2 plain loops side by side: samples/s each", f"{pair['samples_s']:.2f}"),
+        (
+            "per-worker / side-by-side plain",
+            f"{steady['per_worker_samples_s'] / pair['samples_s']:.3f}",
+        ),
+        ("load average: start, plain, job, plain, pair", " ".join(f"{x:.1f}" for x in loads)),
+    ]
+    print("| measure | value |\n|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Automatic restart after a worker crash, for real: a Ray Train worker process is killed
+with SIGKILL from outside once a checkpoint has been reported; Ray Train restarts the
+worker group (``fault_tolerance.max_failures``), which resumes from that checkpoint.
+
+The reference is an uninterrupted run of the same config: exact resume holds on CPU, so
+the final weights and every step's loss must be equal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+
+from infra.config import ClusterProfile, resolve_run
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 16  # enough steps after the first checkpoint for the kill to land mid-run
+EVERY = 2
+WORKER_TITLE = "ray::RayTrainWorker"
+
+
+@pytest.fixture(scope="module")
+def pretrain_manifest(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data")
+    args = ["--out", str(out), "--stories", "4", "--frames", "17", "--size", "32x32"]
+    subprocess.run([sys.executable, "-m", "trainer.data.synth", *args], check=True, cwd=ROOT)
+    return out / "pretrain.jsonl"
+
+
+def write_run(root: Path, name: str, manifest: Path, tracking_uri: str) -> Path:
+    """The `local` profile's pretrain run, STEPS steps, one restart allowed."""
+    profile = ClusterProfile.model_validate(
+        yaml.safe_load((ROOT / "clusters/local.yaml").read_text())
+    )
+    overrides = {
+        "recipe": {"steps": STEPS, "warmup_steps": 1},
+        "fault_tolerance": {"checkpoint_every": EVERY, "keep_checkpoints": 2, "max_failures": 1},
+        "storage": {"root": str(root)},
+        "tracking": {"uri": tracking_uri, "experiment": "m2d-fault-it"},
+        "data": {"pretrain": str(manifest)},
+    }
+    run = resolve_run(profile, "local", "pretrain", overrides)
+    (root / name).mkdir(parents=True)
+    config = root / name / "run_config.json"
+    config.write_text(run.model_dump_json())
+    return config
+
+
+def start_job(config: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "trainer.job", "--config", str(config)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def kill_a_worker_after_checkpoint(job: subprocess.Popen, client, run_file: Path) -> int:
+    """Wait for the run's first checkpoint tag in MLflow, then SIGKILL one train worker.
+
+    Only the job's own process tree is searched (other Ray clusters may share the host).
+    Returns the step of the checkpoint seen.
+    """
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and job.poll() is None:
+        if run_file.exists():
+            tags = client.get_run(json.loads(run_file.read_text())["run_id"]).data.tags
+            if "checkpoint.latest_step" in tags:
+                workers = [
+                    p
+                    for p in psutil.Process(job.pid).children(recursive=True)
+                    if p.name().startswith(WORKER_TITLE)
+                ]
+                assert workers, "no Ray Train worker process under the job"
+                os.kill(workers[0].pid, signal.SIGKILL)
+                return int(tags["checkpoint.latest_step"])
+        time.sleep(0.1)
+    raise AssertionError("the job reported no checkpoint (or ended) before the kill")
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    states = torch.load(
+        run_dir / f"checkpoint_{STEPS:08d}" / "deepspeed" / "mp_rank_00_model_states.pt",
+        weights_only=False,
+    )
+    return states["module"]
+
+
+def test_worker_killed_after_checkpoint_restarts_and_matches_uninterrupted_run(
+    pretrain_manifest, mlflow_server, tmp_path
+):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    reference = start_job(write_run(tmp_path, "reference", pretrain_manifest, mlflow_server))
+    reference_out, _ = reference.communicate(timeout=600)
+    assert reference.returncode == 0, reference_out[-3000:]
+
+    crashed = start_job(write_run(tmp_path, "crashed", pretrain_manifest, mlflow_server))
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(crashed.stdout), daemon=True)
+    reader.start()  # drain the pipe while waiting for the checkpoint
+    seen = kill_a_worker_after_checkpoint(crashed, client, tmp_path / "crashed" / "mlflow_run.json")
+    crashed.wait(timeout=600)
+    reader.join(timeout=30)
+    log = "".join(output)
+    assert crashed.returncode == 0, log[-3000:]
+    assert log.strip().splitlines()[-1].startswith(f"run crashed finished: step {STEPS}/{STEPS}")
+
+    # The restarted workers resumed from a reported checkpoint, not from step 0.
+    resumed = sorted({int(s) for s in re.findall(r"rank 0 resumed at step (\d+)", log)})
+    assert len(resumed) == 1 and seen <= resumed[0] < STEPS and resumed[0] % EVERY == 0, resumed
+
+    expected = final_weights(tmp_path / "reference")
+    got = final_weights(tmp_path / "crashed")
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+
+    # One MLflow run; each step logged once, with the uninterrupted run's loss.
+    run_id = json.loads((tmp_path / "crashed" / "mlflow_run.json").read_text())["run_id"]
+    reference_id = json.loads((tmp_path / "reference" / "mlflow_run.json").read_text())["run_id"]
+    want = {m.step: m.value for m in client.get_metric_history(reference_id, "loss")}
+    history = client.get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, STEPS + 1))
+    assert {m.step: m.value for m in history} == want
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["checkpoint.latest_step"] == str(STEPS)
