@@ -8,11 +8,12 @@ output (in the profile or with ``m2d launch --set``) to train from it.
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from infra.config import STAGES, RunConfig
 from orchestrator import profiles, runs
-from orchestrator.commands.data import run_job
 
 
 @click.command()
@@ -36,11 +37,14 @@ def precompute(
     manifest = manifest or getattr(run.data, stage)
     if not manifest:
         raise click.UsageError(f"give --manifest (the profile {cluster_name} sets no data.{stage})")
+    from orchestrator.commands.data import run_job  # data.py imports this module
+
     args = job_args(run, manifest, out, shard_size, num_actors, tracking=not no_tracking)
     run_job("trainer.data.precompute", args)
+    where = out if "://" in out else os.path.abspath(out)  # workers may start elsewhere
     click.echo(
         f"train from it: m2d launch --cluster {cluster_name} --stage {stage} "
-        f"--set data.{stage}_latents={out}"
+        f"--set data.{stage}_latents={where}"
     )
 
 

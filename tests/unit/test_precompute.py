@@ -320,3 +320,47 @@ def test_shard_reader_reads_what_safetensors_wrote(tmp_path):
     want = load_file(str(tmp_path / "shards" / "000000.safetensors"))
     for part in ("mean", "logvar", "text"):
         assert torch.equal(got[part], want[f"k.{part}"])
+
+
+def test_cli_passes_the_profile_recipe_to_the_job():
+    from orchestrator.commands.data_precompute import job_args
+
+    run = local_run("sft", micro_batch=1)
+    args = job_args(run, "m.jsonl", "s3://b/latents", shard_size=8, num_actors=None)
+    pairs = dict(zip(args[::2], args[1::2], strict=True))
+    assert pairs["--stage"] == "sft" and pairs["--model-source"] == "tiny"
+    assert (pairs["--frames"], pairs["--size"], pairs["--scenes"]) == ("9", "32x32", "3")
+    assert (pairs["--text-tokens"], pairs["--dtype"], pairs["--device"]) == ("16", "fp32", "cpu")
+    assert (pairs["--num-actors"], pairs["--shard-size"]) == ("2", "8")
+    assert pairs["--tracking-uri"] == run.tracking.uri
+    assert "--tracking-uri" not in job_args(run, "m.jsonl", "out", tracking=False)
+    # The job's parser accepts every flag the CLI passes.
+    parsed = precompute.parse_args(args)
+    assert (parsed.size, parsed.gpus_per_actor) == ((32, 32), 0)
+
+
+def test_cli_user_errors_are_one_line_with_exit_2(tmp_path):
+    from click.testing import CliRunner
+
+    from orchestrator.cli import cli
+
+    runner = CliRunner()
+    args = ["data", "precompute", "--cluster", "nope", "--stage", "sft", "--out", str(tmp_path)]
+    done = runner.invoke(cli, args)
+    assert done.exit_code == 2 and "unknown cluster 'nope'" in done.output
+    assert "Traceback" not in done.output
+
+
+def test_job_flags_are_checked_before_any_work(dataset, tmp_path, capsys):
+    base = ["--manifest", str(dataset / "pretrain.jsonl"), "--stage", "pretrain"]
+    base += ["--model-source", "tiny", "--out", str(tmp_path / "out"), "--device", "cpu"]
+    assert precompute.main([*base, "--frames", "10"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "Error: --frames: the CogVideoX VAE needs 4k+1 frames (e.g. 9, 13, 49)"
+    )
+    assert precompute.main([*base, "--size", "30x32", "--frames", "9"]) == 2
+    assert capsys.readouterr().err.strip().startswith("Error: --size: must be a multiple of 16")
+    missing = [*base[:1], str(tmp_path / "nope.jsonl"), *base[2:]]
+    assert precompute.main(missing) == 2
+    assert "nope.jsonl: manifest not found" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
