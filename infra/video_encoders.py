@@ -123,7 +123,7 @@ def uniform_frame_indices(total_frames: int, count: int) -> list[int]:
         raise ValueError("count must be >= 1")
     if total_frames < count:
         raise DataError(f"clip has {total_frames} frames, the encoder needs {count}")
-    return [int((2 * i + 1) * total_frames / (2 * count)) for i in range(count)]
+    return [(2 * i + 1) * total_frames // (2 * count) for i in range(count)]
 
 
 def local_folder(
