@@ -28,9 +28,15 @@ JOB_MODULE = "sampler.job"
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 
 
-def resolve_checkpoint(reference: str) -> CheckpointSpec:
-    """``RUN`` (its latest checkpoint), ``RUN:STEP`` or a checkpoint folder/URI."""
+LATEST = {"latest-pretrain": "pretrain", "latest-sft": "sft"}
+
+
+def resolve_checkpoint(reference: str, cluster: str = "") -> CheckpointSpec:
+    """``RUN`` (its latest checkpoint), ``RUN:STEP``, ``latest-sft``/``latest-pretrain``
+    (the newest finished run of that stage on ``cluster``) or a checkpoint folder/URI."""
     name, _, step = reference.partition(":") if not is_remote(reference) else (reference, "", "")
+    if name in LATEST and not runs.has_record(name):
+        name = _latest_run(cluster, LATEST[name])
     if runs.has_record(name):
         record = runs.load_record(name)
         uri = _run_checkpoint(record, step) if step else runs.latest_checkpoint(record)
@@ -43,6 +49,18 @@ def resolve_checkpoint(reference: str) -> CheckpointSpec:
         )
     uri = reference if is_remote(reference) else str(Path(reference).expanduser().resolve())
     return CheckpointSpec(uri=uri, label=_folder_label(uri))
+
+
+def _latest_run(cluster: str, stage: str) -> str:
+    from orchestrator.commands.status import latest_finished
+
+    record = latest_finished(cluster, stage)
+    if record is None:
+        raise ConfigError(
+            f"no finished {stage} run of cluster {cluster!r}; `m2d runs` lists runs, or give "
+            "--checkpoint RUN[:STEP] or a folder"
+        )
+    return record.name
 
 
 def _run_checkpoint(record: runs.RunRecord, step: str) -> str:
@@ -85,7 +103,7 @@ def build_spec(run: RunConfig, references: tuple[str, ...], options: dict) -> Sa
     """The job spec from the profile's resolved SFT run and the command's options."""
     height, width = parse_size(options.pop("size"))
     out, prompts = options.pop("out"), options.pop("prompts")
-    checkpoints = [resolve_checkpoint(reference) for reference in references]
+    checkpoints = [resolve_checkpoint(reference, run.cluster) for reference in references]
     labels = [c.label for c in checkpoints]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"--checkpoint given twice: {labels}")
@@ -138,7 +156,7 @@ def run_job(spec: SampleJobSpec, run: RunConfig) -> int:
     "references",
     multiple=True,
     required=True,
-    metavar="RUN[:STEP]|URI",
+    metavar="RUN[:STEP]|latest-sft|URI",
     help="Checkpoint to sample; repeat to compare several.",
 )
 @click.option("--prompts", required=True, help="Stories JSONL (path or URI), or 'eval50'.")

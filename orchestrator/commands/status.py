@@ -19,6 +19,15 @@ def state_of(record: runs.RunRecord) -> str:
     return str(submit.remote_call(record, "get_job_status").value)
 
 
+def latest_finished(cluster: str, stage: str) -> runs.RunRecord | None:
+    """The newest successful (non-smoke) run of ``stage`` on ``cluster``, if any."""
+    for record in runs.recent_records(limit=200):
+        same = record.cluster == cluster and record.stage == stage and not record.smoke
+        if same and state_of(record) == "SUCCEEDED":
+            return record
+    return None
+
+
 def follow_remote_logs(record: runs.RunRecord) -> int:
     """Stream a remote job's logs until it ends; 0 if it succeeded."""
 

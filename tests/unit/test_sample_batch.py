@@ -39,6 +39,7 @@ def registry(tmp_path, monkeypatch) -> Path:
         tracking_uri="sqlite:///x.db",
         experiment="m2d",
         storage={"root": str(tmp_path / "store")},
+        exit_code=0,
     )
     record.save()
     return run_dir
@@ -53,6 +54,14 @@ def test_run_references_resolve_to_its_checkpoints(registry):
         resolve_checkpoint("r1:70")
     with pytest.raises(ConfigError, match="no run or folder of that name"):
         resolve_checkpoint("r2")
+
+
+def test_latest_stage_references_pick_the_newest_finished_run(registry):
+    assert resolve_checkpoint("latest-sft", "local").run == "r1"
+    with pytest.raises(ConfigError, match="no finished pretrain run of cluster 'local'"):
+        resolve_checkpoint("latest-pretrain", "local")
+    with pytest.raises(ConfigError, match="no finished sft run of cluster 'a100x8'"):
+        resolve_checkpoint("latest-sft", "a100x8")
 
 
 def test_folder_references_are_labelled_by_parent_and_name(registry):
