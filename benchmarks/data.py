@@ -18,10 +18,11 @@ Measured, per micro-batch, in one process:
 
 The ratio the target is about: precomputed loader samples/s / precomputed step samples/s
 (>= 5: the loader feeds 5x faster than the step consumes). Methods run interleaved
-round-robin so load from other processes hits them alike; the median of ``--rounds``.
+round-robin, each for ``--seconds`` per round, so load from other processes hits them
+alike; the median of ``--rounds``.
 
     python benchmarks/data.py
-    python benchmarks/data.py --stories 24 --rounds 7 --batches 20
+    python benchmarks/data.py --stories 48 --rounds 7 --seconds 5
 """
 
 from __future__ import annotations
@@ -110,19 +111,20 @@ def make_step(run: RunConfig, parts) -> Callable[[object, int], None]:
     return step
 
 
-def rate(fn: Callable[[int], None], batches: int, batch_size: int) -> float:
-    """Samples/s of ``batches`` calls of ``fn``."""
-    start = time.perf_counter()
-    for i in range(batches):
-        fn(i)
-    return batches * batch_size / (time.perf_counter() - start)
+def rate(fn: Callable[[int], None], seconds: float, batch_size: int) -> float:
+    """Samples/s of calls of ``fn`` for at least ``seconds`` (and at least 3 calls)."""
+    start, calls = time.perf_counter(), 0
+    while calls < 3 or time.perf_counter() - start < seconds:
+        fn(calls)
+        calls += 1
+    return calls * batch_size / (time.perf_counter() - start)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stories", type=int, default=24, help="synthetic stories (4 shots)")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--batches", type=int, default=20, help="micro-batches per measurement")
+    parser.add_argument("--seconds", type=float, default=3.0, help="per method and round")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -150,12 +152,12 @@ def main() -> None:
             "step, precomputed": lambda i: step(loaded[i % 4], i),
         }
         for fn in methods.values():  # warm-up
-            rate(fn, 2, size)
+            rate(fn, 0.0, size)
         results: dict[str, list[float]] = {name: [] for name in methods}
         loads = []
         for _ in range(args.rounds):
             for name, fn in methods.items():
-                results[name].append(rate(fn, args.batches, size))
+                results[name].append(rate(fn, args.seconds, size))
             loads.append(os.getloadavg()[0])
     report(results, loads, args)
 
