@@ -108,13 +108,17 @@ def job_client(address: str):
         ) from None
 
 
-def submit_remote(record: RunRecord, run: RunConfig) -> None:
-    """Submit the job to a remote Ray cluster through the Jobs API; returns at once."""
+def submit_remote(record: RunRecord, run: RunConfig, submission_id: str | None = None) -> None:
+    """Submit the job to a remote Ray cluster through the Jobs API; returns at once.
+
+    The Ray job is named after the run unless ``submission_id`` says otherwise (Ray keeps
+    job names unique, so a second job on the same run folder needs its own).
+    """
     client = job_client(run.ray.address)
     try:
         client.submit_job(
             entrypoint=shlex.join(job_command(record)),
-            submission_id=record.name,
+            submission_id=submission_id or record.name,
             runtime_env=runtime_env(run),
             metadata={"m2d_run": record.name, "cluster": run.cluster, "stage": run.stage},
         )

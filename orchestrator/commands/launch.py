@@ -44,13 +44,18 @@ def render_dry_run(run: RunConfig) -> str:
     return "\n".join(parts) + "\n"
 
 
-def _resolve_new_run(ctx, cluster_name, stage, assignments, from_run) -> RunConfig:
-    if not (cluster_name and stage):
-        raise click.UsageError("give --cluster and --stage (or --resume RUN)")
+def _resolve(ctx, cluster_name, stage, assignments) -> RunConfig:
+    """Profile + stage recipe + ``--set`` overrides, local paths made absolute."""
     directory = profiles.clusters_dir(ctx.find_root().obj["clusters_dir"])
     loaded = profiles.load_profile(profiles.find_profile(cluster_name, directory))
     run = profiles.resolve(loaded, stage, profiles.parse_overrides(assignments))
-    run = runs.with_absolute_paths(run)
+    return runs.with_absolute_paths(run)
+
+
+def _resolve_new_run(ctx, cluster_name, stage, assignments, from_run) -> RunConfig:
+    if not (cluster_name and stage):
+        raise click.UsageError("give --cluster and --stage (or --resume RUN)")
+    run = _resolve(ctx, cluster_name, stage, assignments)
     if stage == "sft":
         source = runs.load_record(from_run) if from_run else _latest_pretrain(cluster_name)
         run = run.model_copy(update={"init_from": runs.latest_checkpoint(source)})
@@ -63,7 +68,7 @@ def _latest_pretrain(cluster_name: str) -> runs.RunRecord:
     from orchestrator.commands.status import state_of
 
     for record in runs.recent_records(limit=200):
-        same = record.cluster == cluster_name and record.stage == "pretrain"
+        same = record.cluster == cluster_name and record.stage == "pretrain" and not record.smoke
         if same and state_of(record) == "SUCCEEDED":
             return record
     raise ConfigError(
@@ -82,6 +87,57 @@ def _start(record: runs.RunRecord, run: RunConfig, follow: bool) -> int:
     if follow:
         return _follow_remote(record)
     return 0
+
+
+def _new_record(run: RunConfig, run_name: str, smoke: bool = False) -> runs.RunRecord:
+    """Create the run's folder (its run_config.json) and its registry record."""
+    return runs.RunRecord(
+        name=run_name,
+        cluster=run.cluster,
+        stage=run.stage,
+        run_dir=runs.run_dir(run, run_name),
+        config_uri=runs.create_run_folder(run, run_name),
+        kind="local" if run.ray.address == "local" else "remote",
+        address=run.ray.address,
+        tracking_uri=run.tracking.uri,
+        experiment=run.tracking.experiment,
+        storage=run.storage.model_dump(),
+        smoke=smoke,
+    )
+
+
+def _smoke(ctx, run: RunConfig, assignments: tuple[str, ...]) -> None:
+    """Smoke-test ``run``'s stage (pretrain: then SFT from it); exit 1 unless all pass."""
+    from orchestrator import smoke
+
+    def echo(line: str) -> None:  # the job's progress and verdict lines, not all its output
+        if "[m2d]" in line or line.startswith(("run ", "error:")):
+            click.echo(f"  {line}", nl=False)
+
+    def start(record: runs.RunRecord, run: RunConfig, job_id: str) -> int:
+        click.echo(f"{job_id}: {run.recipe.steps} steps on {run.cluster} -> {record.run_dir}")
+        return smoke.run_job(record, run, job_id, echo)
+
+    first = smoke.shrink(run)
+    record = _new_record(first, smoke.smoke_name(first), smoke=True)
+    checks = smoke.check_stage(record, first, start)
+    if run.stage == "pretrain" and all(c.ok for c in checks):
+        sft = _resolve(ctx, run.cluster, "sft", assignments)
+        sft = smoke.shrink(sft.model_copy(update={"init_from": runs.latest_checkpoint(record)}))
+        sft_record = _new_record(sft, smoke.smoke_name(sft), smoke=True)
+        checks += smoke.check_stage(sft_record, sft, start)
+        checks.append(smoke.check_nested(sft_record, record, sft))
+    click.echo(smoke.render(checks), nl=False)
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        raise click.ClickException(f"smoke test failed: {len(failed)} of {len(checks)} checks")
+    click.echo(f"smoke test passed: {len(checks)} checks")
+
+
+def _smoke_size(run: RunConfig) -> RunConfig:
+    from orchestrator import smoke
+
+    return smoke.shrink(run)
 
 
 def _follow_remote(record: runs.RunRecord) -> int:
@@ -105,6 +161,12 @@ def _follow_remote(record: runs.RunRecord) -> int:
 @click.option("--resume", "resume_name", metavar="RUN", help="Continue RUN from its checkpoint.")
 @click.option("--from", "from_run", metavar="RUN", help="SFT: start from this pretrain run.")
 @click.option("--follow", is_flag=True, help="Remote runs: stream the job's logs until it ends.")
+@click.option(
+    "--smoke",
+    is_flag=True,
+    help="Train a tiny version of the stage for 2 steps, checkpoint, resume (pretrain: then "
+    "SFT from it) in *-smoke-* runs; print pass/fail per check.",
+)
 @click.pass_context
 def launch(
     ctx: click.Context,
@@ -116,8 +178,11 @@ def launch(
     resume_name: str | None,
     from_run: str | None,
     follow: bool,
+    smoke: bool,
 ) -> None:
     """Launch STAGE (pretrain or sft) on cluster CLUSTER, or --resume a run."""
+    if smoke and (resume_name or name):
+        raise click.UsageError("--smoke names its own runs; it takes no --resume or --name")
     if resume_name:
         if cluster_name or stage or assignments or from_run:
             raise click.UsageError("--resume takes no --cluster/--stage/--set/--from")
@@ -126,23 +191,14 @@ def launch(
     else:
         run = _resolve_new_run(ctx, cluster_name, stage, assignments, from_run)
         if dry_run:
-            click.echo(render_dry_run(run), nl=False)
+            click.echo(render_dry_run(_smoke_size(run) if smoke else run), nl=False)
             return
         if run.ray.address != "local":
             submit.job_client(run.ray.address)  # an unreachable cluster fails before any write
-        run_name = runs.new_run_name(run, name)
-        record = runs.RunRecord(
-            name=run_name,
-            cluster=run.cluster,
-            stage=run.stage,
-            run_dir=runs.run_dir(run, run_name),
-            config_uri=runs.create_run_folder(run, run_name),
-            kind="local" if run.ray.address == "local" else "remote",
-            address=run.ray.address,
-            tracking_uri=run.tracking.uri,
-            experiment=run.tracking.experiment,
-            storage=run.storage.model_dump(),
-        )
+        if smoke:
+            _smoke(ctx, run, assignments)
+            return
+        record = _new_record(run, runs.new_run_name(run, name))
     code = _start(record, run, follow)
     if code:
         raise click.ClickException(f"run {record.name} failed (exit {code}); see the log above")
