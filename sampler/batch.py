@@ -104,16 +104,16 @@ def plan_items(
     spec: SampleJobSpec,
     stories: list[Story],
     params: dict[str, SamplingParams],
-) -> tuple[list[Item], int]:
-    """The items still to render (in checkpoint order) and the count of finished ones."""
-    todo, finished = [], 0
+) -> tuple[list[Item], list[Item]]:
+    """The items still to render and the finished ones (in checkpoint order)."""
+    todo, finished = [], []
     for checkpoint in spec.checkpoints:
         for story in stories:
             for seed in spec.seeds:
                 item = Item(checkpoint.label, story.id, seed)
                 wanted = inputs_record(story, seed, checkpoint, spec.mode, params[item.checkpoint])
                 if _finished(spec, item, wanted):
-                    finished += 1
+                    finished.append(item)
                 else:
                     todo.append(item)
     return todo, finished

@@ -166,10 +166,13 @@ def run(spec: SampleJobSpec, echo: Callable[[str], None] = print) -> Plan:
     """Render every unfinished item; returns the plan (its ``todo`` is what was done)."""
     plan = prepare(spec)
     echo(
-        f"{len(plan.todo)} item(s) to render, {plan.finished} already finished, "
+        f"{len(plan.todo)} item(s) to render, {len(plan.finished)} already finished, "
         f"{spec.num_actors} actor(s); output {spec.out}"
     )
     tracker = _open_tracker(plan) if spec.tracking else None
+    if tracker is not None:  # this job's MLflow run shows all its items, earlier ones too
+        for item in plan.finished:
+            _log_item(tracker, plan, item)
     progress = Progress(len(plan.todo), echo)
     try:
         for checkpoint in spec.checkpoints:
@@ -267,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     except M2DError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"done: {len(plan.todo)} rendered, {plan.finished} skipped (finished before)")
+    print(f"done: {len(plan.todo)} rendered, {len(plan.finished)} skipped (finished before)")
     return 0
 
 

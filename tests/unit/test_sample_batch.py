@@ -139,14 +139,14 @@ def test_finished_items_are_skipped_and_changed_inputs_refused(tmp_path):
     params = {"c": sampling_params(spec, info)}
     stories = [Story("s", ("a", "b"))]
     todo, finished = plan_items(spec, stories, params)
-    assert (todo, finished) == ([Item("c", "s", 0), Item("c", "s", 1)], 0)
+    assert (todo, finished) == ([Item("c", "s", 0), Item("c", "s", 1)], [])
 
     done = Path(item_uri(spec.out, Item("c", "s", 1)))
     done.mkdir(parents=True)
     inputs = inputs_record(stories[0], 1, spec.checkpoints[0], "fixed", params["c"])
     (done / META).write_text(json.dumps({"inputs": inputs}))
-    assert plan_items(spec, stories, params) == ([Item("c", "s", 0)], 1)
-    assert plan_items(spec.model_copy(update={"overwrite": True}), stories, params)[1] == 0
+    assert plan_items(spec, stories, params) == ([Item("c", "s", 0)], [Item("c", "s", 1)])
+    assert plan_items(spec.model_copy(update={"overwrite": True}), stories, params)[1] == []
 
     other = _spec(tmp_path, seeds=[0, 1], steps=20)
     with pytest.raises(DataError, match=r"num_inference_steps: 50 there, 20 now.*--overwrite"):
