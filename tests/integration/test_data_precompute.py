@@ -15,10 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from infra.config import ClusterProfile, StorageConfig, resolve_run
-from trainer.data.latents import read_index
+from trainer.data.latents import ShardReader, read_index
 
 pytestmark = pytest.mark.integration
 
@@ -144,7 +145,11 @@ def test_sft_from_and_to_s3_with_counts_in_mlflow(corpus, s3_endpoint, s3_bucket
     args += ["--out", out, "--endpoint-url", s3_endpoint, "--shard-size", "4", "--num-actors", "2"]
     done = precompute(*args, "--tracking-uri", tracking, "--experiment", "pc-it")
     assert done.returncode == 0, done.stderr[-3000:]
-    index = read_index(out, StorageConfig(root=out, endpoint_url=s3_endpoint))
+    storage = StorageConfig(root=out, endpoint_url=s3_endpoint)
+    index = read_index(out, storage)
+    tensors = ShardReader(out, storage).read(index.entries[0])  # ranged reads from S3
+    assert tensors["mean"].shape == tensors["logvar"].shape and tensors["mean"].ndim == 4
+    assert tensors["text"].shape[0] == 16 and torch.isfinite(tensors["mean"]).all()
     groups = {g.id: [shot.path.rsplit("/", 2)[-2:] for shot in g.shots] for g in index.groups()}
     # Group 0 lost shot 1 and with it every window; group 1 keeps shots 0-2.
     assert sorted(groups) == ["story001", "story002", "story003"]

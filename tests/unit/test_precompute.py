@@ -363,4 +363,6 @@ def test_job_flags_are_checked_before_any_work(dataset, tmp_path, capsys):
     missing = [*base[:1], str(tmp_path / "nope.jsonl"), *base[2:]]
     assert precompute.main(missing) == 2
     assert "nope.jsonl: manifest not found" in capsys.readouterr().err
+    assert precompute.main([*base, "--model-source", str(tmp_path / "no-model")]) == 2
+    assert "no-model: no such folder" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

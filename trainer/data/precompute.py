@@ -36,7 +36,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from infra.config import KeyProblem, StageRecipe, StorageConfig
-from infra.errors import ConfigError, DataError, M2DError
+from infra.errors import ConfigError, DataError, M2DError, StorageError
 from infra.logging import get_logger
 from infra.storage import filesystem, is_remote, join
 from trainer.data.latents import SETTINGS, Entry, Settings, shard_uri, write_atomic, write_index
@@ -126,7 +126,10 @@ def prepare_out(out: str, settings: Settings, storage: StorageConfig | None) -> 
             f"{out}: exists and is not a precompute folder (no {SETTINGS}); choose a new or "
             "empty --out, nothing there is overwritten"
         )
-    write_atomic(join(out, SETTINGS), settings.to_json().encode(), storage)
+    try:
+        write_atomic(join(out, SETTINGS), settings.to_json().encode(), storage)
+    except OSError as exc:
+        raise StorageError(f"{out}: cannot write there ({exc}); check --out") from None
     return False
 
 
@@ -487,6 +490,12 @@ def settings_from(args: argparse.Namespace, storage: StorageConfig | None) -> Se
     for flag in ("shard_size", "num_actors", "text_tokens"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1")
+    source = args.model_source
+    if source != "tiny" and not is_remote(source) and not os.path.isdir(source):
+        raise ConfigError(
+            f"--model-source {source}: no such folder; give 'tiny' or a diffusers CogVideoX "
+            "folder (path or s3://)"
+        )
     height, width = args.size
     try:  # the recipe's own checks (4k+1 frames, sizes a multiple of 16)
         StageRecipe(frames=args.frames, height=height, width=width, num_scenes=args.scenes)
