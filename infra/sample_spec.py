@@ -60,6 +60,8 @@ class SampleJobSpec(_Strict):
     negative_prompt: str = ""
     scheduler: Literal["ddim", "dpm"] = "ddim"
     overwrite: bool = Field(False, description="Render finished items again.")
+    vae_tiling: bool = Field(False, description="Decode in overlapping tiles (less memory).")
+    vae_slicing: bool = Field(False, description="Decode one sample at a time.")
     num_actors: int = Field(1, ge=1, description="Model replicas (one model per actor).")
     cpus_per_actor: int = Field(1, ge=1)
     gpus_per_actor: int = Field(0, ge=0, le=1)

@@ -127,7 +127,11 @@ def load_pipeline(
             transformer = CogVideoXTransformer3DModel.from_pretrained(folder)
             parts = _with_transformer(_base_folder(info), transformer, info.recipe.seed, dtype)
     pipeline = MultiScenePipeline.from_parts(
-        parts, scheduler=spec.scheduler, policy=info.recipe.mask_policy
+        parts,
+        scheduler=spec.scheduler,
+        policy=info.recipe.mask_policy,
+        vae_tiling=spec.vae_tiling,
+        vae_slicing=spec.vae_slicing,
     )
     # Parts load in ``dtype``; casting again only makes diffusers warn (fp32 VAE parts).
     return pipeline.to(device, None if dtype == torch.float32 else dtype)

@@ -171,14 +171,30 @@ def run_job(spec: SampleJobSpec, run: RunConfig) -> int:
 @click.option("--scheduler", type=click.Choice(["ddim", "dpm"]), default="ddim", show_default=True)
 @click.option("--num-actors", type=int, help="Model replicas [default: the profile's workers].")
 @click.option("--overwrite", is_flag=True, help="Render finished items again.")
+@click.option("--vae-tiling", is_flag=True, help="Decode scenes in tiles (less GPU memory).")
+@click.option("--vae-slicing", is_flag=True, help="Decode one sample at a time.")
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
+@click.option(
+    "--set",
+    "assignments",
+    multiple=True,
+    metavar="KEY.PATH=VALUE",
+    help="Override a profile key, e.g. workers.num_workers=4 or ray.address=http://...",
+)
 @click.pass_context
-def sample_batch(ctx: click.Context, cluster_name: str, references: tuple[str, ...], **options):
+def sample_batch(
+    ctx: click.Context,
+    cluster_name: str,
+    references: tuple[str, ...],
+    assignments: tuple[str, ...],
+    **options,
+):
     """Render evaluation videos of the stories in --prompts from each --checkpoint."""
     options["seeds"] = parse_seeds(options["seeds"])
     directory = profiles.clusters_dir(ctx.find_root().obj["clusters_dir"])
     loaded = profiles.load_profile(profiles.find_profile(cluster_name, directory))
-    run = runs.with_absolute_paths(profiles.resolve(loaded, "sft", {}))
+    overrides = profiles.parse_overrides(assignments)
+    run = runs.with_absolute_paths(profiles.resolve(loaded, "sft", overrides))
     try:
         spec = build_spec(run, references, options)
     except ValidationError as exc:  # an option out of range

@@ -85,15 +85,9 @@ def trained(tmp_path_factory) -> Path:
 def exported(trained, tmp_path_factory) -> Path:
     """The same checkpoint through `python -m trainer.export` (a stock diffusers folder)."""
     out = tmp_path_factory.mktemp("exported") / "pretty-export"
+    checkpoint = str(trained / "checkpoint_00000007")
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "trainer.export",
-            "--checkpoint",
-            str(trained / "checkpoint_00000007"),
-        ]
-        + ["--out", str(out)],
+        [sys.executable, "-m", "trainer.export", "--checkpoint", checkpoint, "--out", str(out)],
         cwd=ROOT,
         check=True,
         timeout=300,
@@ -142,9 +136,29 @@ def run_job(spec: Path) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(process.args, process.returncode, output, "")
 
 
+def settled(out: Path, quiet: float = 8.0) -> dict[Path, tuple[int, bytes]]:
+    """The finished items' meta.json (mtime, bytes) once none has appeared for ``quiet`` s."""
+    seen: dict[Path, tuple[int, bytes]] = {}
+    last_change = time.monotonic()
+    while time.monotonic() - last_change < quiet:
+        now = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("*/*/*/meta.json")}
+        if now != seen:
+            seen, last_change = now, time.monotonic()
+        time.sleep(0.5)
+    return seen
+
+
 def decode(path: Path) -> np.ndarray:
     with av.open(str(path)) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def encoded(frames: np.ndarray, tmp: Path) -> np.ndarray:
+    """``frames`` after the same mp4 round trip the job's outputs took (the codec is lossy
+    but deterministic, so equal frames come back equal)."""
+    path = tmp / f"reference-{time.monotonic_ns()}.mp4"
+    write_video(str(path), torch.from_numpy(frames), fps=8)
+    return decode(path).astype(float)
 
 
 def reference_pipeline(trained: Path):
@@ -190,7 +204,9 @@ def test_fixed_mode_killed_and_resumed_with_mlflow(trained, exported, tmp_path, 
         time.sleep(0.5)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    first = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("*/*/*/meta.json")}
+    # Ray's own processes run in their own sessions; orphaned, they notice the dead driver
+    # and exit, possibly finishing the item in hand first. Wait until nothing changes.
+    first = settled(out)
     assert 1 <= len(first) < 8
 
     done = run_job(spec)
@@ -213,14 +229,14 @@ def test_fixed_mode_killed_and_resumed_with_mlflow(trained, exported, tmp_path, 
                 assert decode(folder / "story.mp4").shape == (9 * scenes, 32, 32, 3)
     assert json.loads((out / "ds-7/two/0/meta.json").read_text())["checkpoint"]["step"] == 7
 
-    # The videos are the reference pipeline's, within the mp4 codec's error.
-    reference = reference_frames(trained, STORIES[1]["prompts"], seed=1)
+    # The videos are the reference pipeline's (both through the same mp4 encoder).
+    reference = [encoded(f, tmp_path) for f in reference_frames(trained, STORIES[1]["prompts"], 1)]
     for label in ("ds-7", "export"):
         for index, frames in enumerate(reference):
             got = decode(out / label / "three" / "1" / f"scene_{index:02d}.mp4").astype(float)
-            assert np.abs(got - frames).mean() < 6.0, (label, index)
+            assert np.abs(got - frames).mean() < 1.0, (label, index)
     other = decode(out / "ds-7" / "three" / "0" / "scene_00.mp4").astype(float)
-    assert np.abs(other - reference[0]).mean() > 6.0  # another seed is another video
+    assert np.abs(other - reference[0]).mean() > 10.0  # another seed is another video
 
     check_mlflow(mlflow_server, tracking["experiment"])
 
@@ -279,9 +295,39 @@ def test_extend_mode_matches_the_reference_and_refuses_changed_inputs(trained, t
     )
     for index, scene in enumerate(expected.frames):
         got = decode(tmp_path / f"out/ds/ctx/0/scene_{index:02d}.mp4").astype(float)
-        assert np.abs(got - scene.numpy()).mean() < 6.0, index
+        assert np.abs(got - encoded(scene.numpy(), tmp_path)).mean() < 1.0, index
 
     changed = spec_for(tmp_path, [checkpoint], prompts, mode="extend", guidance=3.0)
     refused = run_job(changed)
     assert refused.returncode == 2
     assert "guidance_scale" in refused.stdout and "--overwrite" in refused.stdout
+
+
+def test_remote_job_through_the_jobs_api(exported, tmp_path, ray_head):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    prompts = write_prompts(tmp_path / "stories.jsonl", STORIES[:1])
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["M2D_HOME"] = str(tmp_path / "home")
+    command = [str(Path(sys.executable).parent / "m2d"), "sample-batch", "--cluster", "local"]
+    command += ["--checkpoint", str(exported), "--prompts", str(prompts)]
+    command += ["--out", str(tmp_path / "o"), "--set", f"ray.address={ray_head}"]
+    submitted = subprocess.run(
+        [*command, "--no-tracking", "--steps", "1"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.split("submitted sample-batch job ")[1].split()[0]
+    client = JobSubmissionClient(ray_head)
+    deadline = time.monotonic() + 400
+    while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED}:
+        assert time.monotonic() < deadline
+        time.sleep(2)
+    assert status == JobStatus.SUCCEEDED, client.get_job_logs(job_id)[-3000:]
+    (written,) = (tmp_path / "o").glob("*-pretty-export/two/0/meta.json")
+    meta = json.loads(written.read_text())
+    assert meta["scene_frames"] == [9, 9] and meta["checkpoint"]["kind"] == "transformer"
