@@ -56,7 +56,7 @@ def local_run(manifest: Path, latents: Path) -> RunConfig:
 
 def prepare(run: RunConfig, folder: Path, stories: int, parts) -> None:
     """Synthetic stories under ``folder`` and their precomputed latents."""
-    from trainer.data import precompute
+    from trainer.data import precompute, shard_encoder
     from trainer.data.latents import Settings
     from trainer.data.synth import synthesize
 
@@ -79,7 +79,7 @@ def prepare(run: RunConfig, folder: Path, stories: int, parts) -> None:
 
     def runner(pending, settings, out, storage, options):
         for name, items in pending:
-            precompute.encode_shard(parts, settings, out, name, items, storage)
+            shard_encoder.encode_shard(parts, settings, out, name, items, storage)
 
     precompute.precompute(settings, run.data.pretrain_latents, None, argparse.Namespace(), runner)
 

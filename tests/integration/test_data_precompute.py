@@ -170,7 +170,8 @@ def test_sft_from_and_to_s3_with_counts_in_mlflow(corpus, s3_endpoint, s3_bucket
 
 
 def test_training_reads_precomputed_latents_without_the_videos(local_pretrain, corpus, tmp_path):
-    """Two steps of the `local` profile from the latents alone: no manifest, videos moved."""
+    """Two steps of the `local` profile (one worker) from the latents alone: no manifest,
+    videos moved away."""
     from mlflow.tracking import MlflowClient
 
     profile = ClusterProfile.model_validate(
@@ -182,7 +183,8 @@ def test_training_reads_precomputed_latents_without_the_videos(local_pretrain, c
         "local",
         "pretrain",
         {
-            "recipe": {"steps": 2, "warmup_steps": 1},
+            "recipe": {"steps": 2, "warmup_steps": 1, "global_batch": 1},
+            "workers": {"num_workers": 1},  # one worker: the data path, not DDP, is tested
             "fault_tolerance": {"checkpoint_every": 2, "max_failures": 0},
             "storage": {"root": str(tmp_path / "runs")},
             "tracking": {"uri": tracking, "experiment": "pc-train"},

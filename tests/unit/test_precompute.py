@@ -20,7 +20,7 @@ from infra.config import ClusterProfile, ModelConfig, resolve_run
 from infra.errors import ConfigError, DataError
 from trainer.batches import EncodedBatch, ManifestStories, PrecomputedStories, encode_batch
 from trainer.components import load_components
-from trainer.data import latents, precompute
+from trainer.data import latents, precompute, shard_encoder
 from trainer.data.latents import Entry, Settings
 from trainer.data.loader import SPANS, decode_clip
 from trainer.data.manifest import SkipCounts, read_clips, read_shot_groups
@@ -71,7 +71,7 @@ def in_process(parts, calls: list | None = None):
         for name, items in pending:
             if calls is not None:
                 calls.append(name)
-            precompute.encode_shard(parts, settings, out, name, items, storage)
+            shard_encoder.encode_shard(parts, settings, out, name, items, storage)
 
     return runner
 
