@@ -83,20 +83,35 @@ def _download(
 def fetch_folder(
     uri: str, storage: StorageConfig | None = None, cache_dir: str | os.PathLike | None = None
 ) -> Path:
-    """A local copy of the folder ``uri`` (the folder itself when local), made once per
-    cache; concurrent processes race safely: each copies aside, the first rename wins."""
+    """A local copy of the folder ``uri`` (the folder itself when local).
+
+    The cache key covers the objects' names, sizes and ETags, so a changed upload is
+    fetched again and an unchanged one never twice. Concurrent processes (ranks, actors)
+    race safely: each copies aside, the first rename wins.
+    """
     if not is_remote(uri):
         return Path(uri.removeprefix("file://")).expanduser()
+    fs, path = filesystem(uri, storage)
+    root = path.rstrip("/")
+    try:
+        listing = fs.find(root, detail=True)
+    except OSError as exc:
+        raise StorageError(f"{uri}: cannot list ({exc})") from None
+    if not listing:
+        raise ConfigError(f"{uri}: no such folder, or it is empty; upload it first")
+    stamp = sorted((k, v.get("size"), str(v.get("ETag", ""))) for k, v in listing.items())
     cache = Path(cache_dir or _default_cache())
-    target = cache / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    target = cache / hashlib.sha256(repr((uri, stamp)).encode()).hexdigest()[:16]
     if target.is_dir():
         return target
-    fs, path = filesystem(uri, storage)
     cache.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=cache, prefix=".download-"))
     try:
-        fs.get(f"{path.rstrip('/')}/", str(staging / "folder"), recursive=True)
-        os.replace(staging / "folder", target)
+        for name in listing:
+            local = staging / name[len(root) + 1 :]
+            local.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(name, str(local))
+        os.replace(staging, target)
     except OSError as exc:
         if target.is_dir():  # another process finished first
             return target

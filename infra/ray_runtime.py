@@ -7,16 +7,20 @@ import os
 __all__ = ["init_ray"]
 
 
-def init_ray(num_cpus: int | None = None) -> None:
+def init_ray(num_cpus: int | None = None, *, log_to_driver: bool = True) -> bool:
     """Join the cluster of ``RAY_ADDRESS`` (Ray Jobs sets it), else start Ray on 127.0.0.1.
 
-    ``num_cpus`` sizes a local Ray only (a joined cluster has its own resources).
+    ``num_cpus`` sizes a local Ray only (a joined cluster has its own resources). Returns
+    False when Ray was already initialised here, True when this call connected - so the
+    caller knows whether the shutdown is its to do.
     """
     import ray
 
+    if ray.is_initialized():
+        return False
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(ignore_reinit_error=True)
-        return
+        ray.init(log_to_driver=log_to_driver)
+        return True
     # "local" starts a fresh Ray even where another left /tmp/ray/ray_current_cluster;
     # loopback because the detected node address may not be routable (containers).
     ray.init(
@@ -24,5 +28,6 @@ def init_ray(num_cpus: int | None = None) -> None:
         num_cpus=num_cpus,
         _node_ip_address="127.0.0.1",
         include_dashboard=False,
-        ignore_reinit_error=True,
+        log_to_driver=log_to_driver,
     )
+    return True

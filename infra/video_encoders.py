@@ -21,17 +21,16 @@ torch and transformers load inside functions, so importing this module stays che
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from infra.config import StorageConfig
-from infra.errors import ConfigError, DataError, StorageError
+from infra.errors import ConfigError, DataError
+from infra.model_store import fetch_folder
 from infra.storage import filesystem, is_remote
 
 if TYPE_CHECKING:
@@ -129,48 +128,17 @@ def uniform_frame_indices(total_frames: int, count: int) -> list[int]:
 def local_folder(
     uri: str, storage: StorageConfig | None = None, cache_dir: str | None = None
 ) -> Path:
-    """The local folder of ``uri``: the path itself, or a cached copy of an ``s3://`` folder.
-
-    The cache key includes the objects' names, sizes and ETags, so a changed upload is
-    fetched again. Concurrent callers (one per actor) race safely through a rename.
-    """
+    """The local folder of ``uri``: the path itself, or a cached copy of an ``s3://`` folder
+    (``infra.model_store.fetch_folder``; cache ``M2D_ENCODER_CACHE``)."""
     if not is_remote(uri):
         folder = Path(uri.removeprefix("file://")).expanduser()
         if not folder.is_dir():
             raise DataError(f"{uri}: encoder folder not found; give a local folder or s3:// URI")
         return folder
-    fs, path = filesystem(uri, storage)
-    try:
-        listing = fs.find(path, detail=True)
-    except OSError as exc:
-        raise StorageError(f"{uri}: cannot list the encoder folder ({exc})") from None
-    if not listing:
-        raise DataError(f"{uri}: encoder folder not found or empty; upload it first")
-    stamp = sorted((k, v.get("size"), str(v.get("ETag", ""))) for k, v in listing.items())
-    key = hashlib.sha256(repr((uri, stamp)).encode()).hexdigest()[:16]
-    cache = Path(cache_dir or _default_cache())
-    target = cache / key
-    if target.is_dir():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=cache, prefix=".download-"))
-    try:
-        for name in listing:
-            local = staging / name[len(path.rstrip("/")) + 1 :]
-            local.parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(name, str(local))
-        os.replace(staging, target)
-    except OSError as exc:
-        if target.is_dir():  # another actor finished first
-            return target
-        raise StorageError(f"{uri}: encoder download failed ({exc})") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def _default_cache() -> str:
-    return os.environ.get("M2D_ENCODER_CACHE", os.path.join(tempfile.gettempdir(), "m2d-encoders"))
+    cache = cache_dir or os.environ.get(
+        "M2D_ENCODER_CACHE", os.path.join(tempfile.gettempdir(), "m2d-encoders")
+    )
+    return fetch_folder(uri, storage, cache)
 
 
 def _as_uint8(frames_TCHW: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from typing import Any
 
 from infra.errors import DataError, M2DError
 from infra.logging import get_logger
+from infra.ray_runtime import init_ray
 from infra.sample_spec import SampleJobSpec
 from infra.storage import filesystem
 from sampler.batch import (
@@ -179,7 +180,7 @@ def run(spec: SampleJobSpec, echo: Callable[[str], None] = print) -> Plan:
             items = [item for item in plan.todo if item.checkpoint == checkpoint.label]
             if not items:
                 continue
-            _init_ray_once(spec)
+            init_ray(num_cpus=max(2, spec.num_actors * spec.cpus_per_actor))
             for row in _rendered(plan, checkpoint.label, items):
                 meta = json.loads(row["meta"])
                 _warn_truncated(meta, echo)
@@ -194,15 +195,6 @@ def run(spec: SampleJobSpec, echo: Callable[[str], None] = print) -> Plan:
         tracker.log_metrics({"items_rendered": len(plan.todo)}, step=0)
         tracker.finish()
     return plan
-
-
-def _init_ray_once(spec: SampleJobSpec) -> None:
-    import ray
-
-    from infra.ray_runtime import init_ray
-
-    if not ray.is_initialized():
-        init_ray(num_cpus=max(2, spec.num_actors * spec.cpus_per_actor))
 
 
 def _warn_truncated(meta: dict[str, Any], echo: Callable[[str], None]) -> None:

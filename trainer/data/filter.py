@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from infra.config import StorageConfig
 from infra.errors import DataError, M2DError, ServiceError
 from infra.logging import get_logger
+from infra.ray_runtime import init_ray
 from infra.storage import filesystem, is_remote
 from infra.video_encoders import check_encoder
 from trainer.data.manifest import Clip, ShotGroup, SkipCounts, read_shot_groups
@@ -202,29 +203,6 @@ def embed_shots(
         num_cpus=1,
     )
     return {row["key"]: (row["embedding"], row["reason"]) for row in dataset.iter_rows()}
-
-
-def _init_ray(num_actors: int) -> bool:
-    """Join ``RAY_ADDRESS`` (Ray Jobs sets it), else start a small local Ray on 127.0.0.1.
-
-    Returns True when this call connected (so the caller shuts Ray down again).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        # "local" starts a fresh Ray even where another left /tmp/ray/ray_current_cluster.
-        ray.init(
-            address="local",
-            num_cpus=num_actors + 1,
-            _node_ip_address="127.0.0.1",
-            include_dashboard=False,
-            log_to_driver=False,
-        )
-    return True
 
 
 # ---------------------------------------------------------------- the job
@@ -403,7 +381,7 @@ def _embed_on_ray(
 ) -> dict[str, tuple[bytes, str]]:
     import ray
 
-    started = _init_ray(args.num_actors)
+    started = init_ray(num_cpus=args.num_actors + 1, log_to_driver=False)
     try:
         return embed_shots(rows, args, storage)
     finally:
@@ -438,19 +416,16 @@ def _track(args: argparse.Namespace, result: Result, png: bytes) -> None:
 def _log_run(args: argparse.Namespace, result: Result, png: bytes) -> None:
     import tempfile
 
-    from mlflow.tracking import MlflowClient
-
+    from infra.config import TrackingConfig
     from infra.tracking import Tracker, flatten
 
-    client = MlflowClient(tracking_uri=args.tracking_uri)
-    experiment = client.get_experiment_by_name(args.experiment)
-    experiment_id = (
-        experiment.experiment_id if experiment else client.create_experiment(args.experiment)
-    )
-    created = client.create_run(experiment_id, run_name="data-filter", tags={"stage": "filter"})
-    tracker = Tracker(args.tracking_uri, created.info.run_id)
     params = {k: v for k, v in vars(args).items() if k not in ("tracking_uri", "experiment")}
-    tracker.log_params(flatten(params))
+    tracker = Tracker.start(
+        TrackingConfig(uri=args.tracking_uri, experiment=args.experiment),
+        "data-filter",
+        tags={"stage": "filter"},
+        params=flatten(params),
+    )
     skips = {f"skipped.{reason}": n for reason, n in result.skips.as_dict().items()}
     tracker.log_metrics({**result.counts, **skips, "skipped": result.skips.total}, step=0)
     with tempfile.TemporaryDirectory() as folder:
