@@ -160,6 +160,8 @@ def test_sft_from_and_to_s3_with_counts_in_mlflow(corpus, s3_endpoint, s3_bucket
     client = MlflowClient(tracking_uri=tracking)
     run_id = done.stdout.strip().rsplit("mlflow run ", 1)[1]
     metrics = client.get_run(run_id).data.metrics
+    # Artifacts of a sqlite store go beside it, not into ./mlruns of the job's folder.
+    assert str(tmp_path) in client.get_experiment_by_name("pc-it").artifact_location
     assert metrics["entries"] == 11 and metrics["skipped_zero_byte"] == 1
     assert metrics["skipped_group_too_short"] == 1 and metrics["skipped"] == 3
     assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{s3_bucket}/latents/sft")) == [

@@ -281,23 +281,21 @@ def precompute(
 
 def log_to_mlflow(uri: str, experiment: str, settings: Settings, summary: dict) -> str:
     """One MLflow run with the settings as params and the counts as metrics; its id."""
-    from mlflow.tracking import MlflowClient
-
+    from infra.config import TrackingConfig
     from infra.tracking import Tracker, flatten
 
-    client = MlflowClient(tracking_uri=uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    tags = {"job": "precompute", "stage": settings.stage}
-    run = client.create_run(experiment_id, run_name=f"precompute-{settings.stage}", tags=tags)
-    tracker = Tracker(uri, run.info.run_id)
-    tracker.log_params(flatten(asdict(settings)))
+    tracker = Tracker.start(
+        TrackingConfig(uri=uri, experiment=experiment),
+        f"precompute-{settings.stage}",
+        tags={"job": "precompute", "stage": settings.stage},
+        params=flatten(asdict(settings)),
+    )
     metrics = {k: summary[k] for k in ("items", "entries", "shards", "encoded_shards")}
     metrics.update({f"skipped_{k}": v for k, v in summary["skips"].as_dict().items()})
     metrics["skipped"] = summary["skips"].total
     tracker.log_metrics(metrics, step=0)
     tracker.finish()
-    return run.info.run_id
+    return tracker.run_id
 
 
 def _size(text: str) -> tuple[int, int]:
