@@ -159,7 +159,7 @@ def checkpoint_step(checkpoint_uri: str, record: RunRecord) -> int | None:
 def with_absolute_paths(run: RunConfig) -> RunConfig:
     """Local relative paths made absolute, so a job started elsewhere finds the same files.
 
-    Covers the storage root, the data manifests, a local model folder and a relative
+    Covers the storage root, the data manifests and latents, a local model folder and a relative
     sqlite tracking store; URIs are left as they are.
     """
 
@@ -175,7 +175,7 @@ def with_absolute_paths(run: RunConfig) -> RunConfig:
         update={
             "storage": run.storage.model_copy(update={"root": absolute(run.storage.root)}),
             "data": run.data.model_copy(
-                update={"pretrain": absolute(run.data.pretrain), "sft": absolute(run.data.sft)}
+                update={name: absolute(getattr(run.data, name)) for name in run.data.model_fields}
             ),
             "model": run.model.model_copy(update={"source": absolute(run.model.source)}),
             "tracking": run.tracking.model_copy(update={"uri": tracking}),

@@ -134,7 +134,10 @@ def test_runs_table_and_status_of_a_finished_local_run(tmp_path):
 def test_relative_local_paths_become_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     loaded = profiles.load_profile(CLUSTERS / "local.yaml")
-    run = runs.with_absolute_paths(profiles.resolve(loaded, "pretrain", {}))
+    latents = {"data": {"pretrain_latents": "lat/pre", "sft_latents": "s3://b/lat"}}
+    run = runs.with_absolute_paths(profiles.resolve(loaded, "pretrain", latents))
+    assert run.data.pretrain_latents == str(tmp_path / "lat" / "pre")
+    assert run.data.sft_latents == "s3://b/lat"
     assert run.storage.root == str(tmp_path / "runs")
     assert run.data.pretrain == str(tmp_path / "data" / "synth" / "pretrain.jsonl")
     assert run.tracking.uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"

@@ -36,6 +36,7 @@ from pydantic import ValidationError
 from infra.config import KeyProblem, StageRecipe, StorageConfig
 from infra.errors import ConfigError, DataError, M2DError, StorageError
 from infra.logging import get_logger
+from infra.ray_runtime import init_ray
 from infra.storage import filesystem, is_remote, join
 from trainer.data.latents import SETTINGS, Entry, Settings, shard_uri, write_atomic, write_index
 from trainer.data.manifest import SkipCounts, read_clips, read_shot_groups
@@ -135,7 +136,7 @@ def run_pending(
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    _init_ray()
+    init_ray()
     DataContext.get_current().enable_progress_bars = False
     rows = [{"name": n, "items": json.dumps([i.to_dict() for i in items])} for n, items in pending]
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
@@ -175,21 +176,6 @@ def _user_error(error: BaseException | None) -> M2DError | None:
         seen.add(id(error))
         error = error.__cause__ or getattr(error, "cause", None) or error.__context__
     return None
-
-
-def _init_ray() -> None:
-    """Join the cluster of ``RAY_ADDRESS`` (Ray Jobs sets it), else start Ray on 127.0.0.1."""
-    import ray
-
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(ignore_reinit_error=True, log_to_driver=True)
-    else:
-        ray.init(
-            address="local",
-            _node_ip_address="127.0.0.1",
-            include_dashboard=False,
-            ignore_reinit_error=True,
-        )
 
 
 def build_index(
