@@ -59,7 +59,7 @@ def _records(workspace) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in folder.glob("*.json")}
 
 
-def test_local_pretrain_then_sft_then_export(workspace, tmp_path):
+def test_local_pretrain_then_sft_then_export(workspace, tmp_path, mlflow_server):
     flags = workspace["flags"]
     pre = m2d(
         workspace, "launch", "--cluster", "local", "--stage", "pretrain", "--name", "pre", *flags
@@ -77,6 +77,14 @@ def test_local_pretrain_then_sft_then_export(workspace, tmp_path):
     assert sft.returncode == 0, sft.stdout + sft.stderr
     saved = json.loads((workspace["root"] / "runs" / "sft" / "run_config.json").read_text())
     assert saved["init_from"].startswith(str(workspace["root"] / "runs" / "pre" / "checkpoint_"))
+    from mlflow.tracking import MlflowClient
+
+    ids = {
+        name: json.loads((workspace["root"] / "runs" / name / "mlflow_run.json").read_text())
+        for name in ("pre", "sft")
+    }
+    sft_tags = MlflowClient(tracking_uri=mlflow_server).get_run(ids["sft"]["run_id"]).data.tags
+    assert sft_tags["mlflow.parentRunId"] == ids["pre"]["run_id"]  # SFT nested under pretrain
 
     table = m2d(workspace, "runs")
     assert table.returncode == 0

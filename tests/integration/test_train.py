@@ -148,7 +148,16 @@ def test_pretrain_zero2_checkpoints_in_s3_and_metrics_in_mlflow(s3_pretrain, mlf
     assert run.info.status == "FINISHED"
     assert run.data.tags["cluster"] == "local" and run.data.tags["stage"] == "pretrain"
     assert len(run.data.tags["git_commit"]) == 40
-    assert run.data.tags["checkpoint"].endswith("checkpoint_00000006")
+    assert run.data.tags["checkpoint.latest"] == f"s3://{final}"
+    listed = client.list_artifacts(run.info.run_id, "checkpoints")
+    assert [a.path for a in listed] == [
+        "checkpoints/checkpoint_00000003.json",
+        "checkpoints/checkpoint_00000006.json",
+    ]
+    local = client.download_artifacts(run.info.run_id, "checkpoints/checkpoint_00000006.json")
+    assert json.loads(Path(local).read_text())["uri"] == f"s3://{final}"
+    skipped = client.get_metric_history(run.info.run_id, "data_skipped_total")
+    assert [(m.step, m.value) for m in skipped] == [(EVERY, 0.0), (STEPS, 0.0)]
     assert run.data.params["recipe.steps"] == str(STEPS)
     assert run.data.params["storage.endpoint_url"] == s3_pretrain["run"].storage.endpoint_url
     for key in PER_STEP_METRICS:
@@ -210,6 +219,9 @@ def test_sft_zero3_from_pretrain_checkpoint(s3_pretrain, mlflow_server, synth_da
     normal = client.get_metric_history(state["mlflow_run_id"], "loss_normal")
     extension = client.get_metric_history(state["mlflow_run_id"], "loss_extension")
     assert normal and extension  # 12 per-sample draws at p = 0.5 (seed 0) give both tasks
+    pretrain_state = json.loads((pretrained / "trainer_state.json").read_text())
+    tags = client.get_run(state["mlflow_run_id"]).data.tags
+    assert tags["mlflow.parentRunId"] == pretrain_state["mlflow_run_id"]  # nested in MLflow
     shards = sorted(
         p.name for p in (root / "sft-z3" / "checkpoint_00000006" / "deepspeed").iterdir()
     )
@@ -234,7 +246,8 @@ def test_missing_manifest_exits_2_before_ray_starts(tmp_path, mlflow_server):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == (
         "error: stage pretrain needs its manifest: set data.pretrain in the run config or pass "
-        "--data-pretrain URI (or --synthetic-data for a run without files)"
+        "--data-pretrain URI (or set data.pretrain_latents to precomputed latents, or "
+        "--synthetic-data for a run without files)"
     )
 
 
