@@ -20,7 +20,11 @@ For context it also runs as two copies side by side (the job's two workers share
 machine's cores with each other and with Ray's own processes).
 
 Per-worker throughput ratio = (job samples/s / workers) / (plain samples/s); target
->= 0.85.
+>= 0.85. Wall time on a shared machine moves with other people's load, so CPU time is
+measured too: CPU seconds per sample of the plain process against those of the job's
+worker processes and of its whole process tree (driver, Ray daemons, controller,
+workers; sampled with psutil over the measured steps). The CPU ratios barely move with
+foreign load and say what Ray, DeepSpeed, data and logging cost in work.
 
     python benchmarks/train_step.py                 # 60 job steps, 10 skipped
     python benchmarks/train_step.py --steps 100 --skip 20 --plain-steps 60
@@ -35,10 +39,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 import yaml
 
@@ -73,39 +79,87 @@ def synth_data(out: Path, run: RunConfig) -> None:
 # ---------------------------------------------------------------------------- the job
 
 
+class TreeCPU(threading.Thread):
+    """CPU seconds (user + system) of a process and all its descendants, sampled every
+    0.25 s as (wall time, all processes, Ray Train worker processes)."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.samples = pid, []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.25):
+            try:
+                root = psutil.Process(self.pid)
+                tree = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                return
+            total = workers = 0.0
+            for proc in tree:
+                try:
+                    times, name = proc.cpu_times(), proc.name()
+                except psutil.Error:
+                    continue
+                total += times.user + times.system
+                if name.startswith("ray::RayTrainWorker"):
+                    workers += times.user + times.system
+            self.samples.append((time.time(), total, workers))
+
+
 def run_job(run: RunConfig, root: Path) -> dict[str, Any]:
-    """Run the job in a subprocess; its steady-state step interval from MLflow."""
+    """Run the job in a subprocess, sampling its process tree's CPU time."""
     folder = root / "runs" / "bench"
     folder.mkdir(parents=True)
     (folder / "run_config.json").write_text(run.model_dump_json())
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     started = time.monotonic()
-    done = subprocess.run(
+    job = subprocess.Popen(
         [sys.executable, "-m", "trainer.job", "--config", str(folder / "run_config.json")],
         cwd=ROOT,
         env=env,
-        capture_output=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
     )
-    if done.returncode:
-        sys.exit(f"the job failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    cpu = TreeCPU(job.pid)
+    cpu.start()
+    _, stderr = job.communicate()
+    cpu.done.set()
+    if job.returncode:
+        sys.exit(f"the job failed (exit {job.returncode}):\n{stderr[-3000:]}")
     run_id = json.loads((folder / "mlflow_run.json").read_text())["run_id"]
-    return {"run_id": run_id, "wall_s": time.monotonic() - started}
+    return {"run_id": run_id, "wall_s": time.monotonic() - started, "cpu": cpu.samples}
 
 
-def job_steady_state(run: RunConfig, run_id: str, skip: int) -> dict[str, float]:
+def job_cpu_per_step(samples: list, loss: list) -> tuple[float, float]:
+    """CPU seconds per step of the whole job and of its workers, between two CPU samples
+    inside the measured steps (steps counted by their loss timestamps)."""
+    first, last = loss[0].timestamp / 1000, loss[-1].timestamp / 1000
+    inside = [s for s in samples if first <= s[0] <= last]
+    (t0, total0, workers0), (t1, total1, workers1) = inside[0], inside[-1]
+    steps = sum(1 for m in loss if t0 < m.timestamp / 1000 <= t1)
+    return (total1 - total0) / steps, (workers1 - workers0) / steps
+
+
+def job_steady_state(run: RunConfig, job: dict[str, Any], skip: int) -> dict[str, float]:
     """Mean step interval (timestamps) and mean in-step time (step_time_s) after skip."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=run.tracking.uri)
-    loss = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)
-    step_time = {m.step: m.value for m in client.get_metric_history(run_id, "step_time_s")}
+    loss = sorted(client.get_metric_history(job["run_id"], "loss"), key=lambda m: m.step)
+    history = client.get_metric_history(job["run_id"], "step_time_s")
+    step_time = {m.step: m.value for m in history}
     last = run.recipe.steps  # the checkpoint step: its report includes the save
     kept = [m for m in loss if skip < m.step < last]
     interval = (kept[-1].timestamp - kept[0].timestamp) / 1000 / (len(kept) - 1)
     in_step = [step_time[m.step] for m in kept[1:]]
     per_worker = run.deepspeed.micro_batch_per_gpu * run.deepspeed.gradient_accumulation
+    cpu_all, cpu_workers = job_cpu_per_step(job["cpu"], kept)
+    workers = run.workers.num_workers
     return {
+        "cpu_per_sample_all": cpu_all / (per_worker * workers),
+        "cpu_per_sample_workers": cpu_workers / (per_worker * workers),
         "steps_measured": len(kept) - 1,
         "interval_s": interval,
         "in_step_s": statistics.mean(in_step),
@@ -156,11 +210,12 @@ def plain_loop(run: RunConfig, steps: int, warmup: int) -> dict[str, float]:
 
     for i in range(warmup):
         step(i)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for i in range(warmup, warmup + steps):
         step(i)
     mean = (time.perf_counter() - start) / steps
-    return {"step_s": mean, "samples_s": batch / mean}
+    cpu = (time.process_time() - cpu_start) / steps
+    return {"step_s": mean, "samples_s": batch / mean, "cpu_per_sample": cpu / batch}
 
 
 def plain_in_subprocess(run: RunConfig, steps: int, warmup: int, copies: int = 1) -> dict:
@@ -210,7 +265,7 @@ def main() -> None:
         loads.append(load_average())
         job = run_job(run, root)
         loads.append(load_average())
-        steady = job_steady_state(run, job["run_id"], args.skip)
+        steady = job_steady_state(run, job, args.skip)
         after = plain_in_subprocess(run, args.plain_steps, args.plain_warmup)
         loads.append(load_average())
         pair = plain_in_subprocess(run, args.plain_steps, args.plain_warmup, copies=2)
@@ -233,6 +288,7 @@ def _print_table(run, args, before, after, pair, job, steady, loads) -> None:
         f"(steps {args.skip + 1}..{args.steps - 1})"
     )
     ratio = steady["per_worker_samples_s"] / plain
+    plain_cpu = (before["cpu_per_sample"] + after["cpu_per_sample"]) / 2
     rows = [
         (
             "plain loop step s (before / after job)",
@@ -249,6 +305,11 @@ def _print_table(run, args, before, after, pair, job, steady, loads) -> None:
             "per-worker / side-by-side plain",
             f"{steady['per_worker_samples_s'] / pair['samples_s']:.3f}",
         ),
+        ("CPU s per sample: plain (mean of before/after)", f"{plain_cpu:.4f}"),
+        ("CPU s per sample: job, worker processes", f"{steady['cpu_per_sample_workers']:.4f}"),
+        ("CPU s per sample: job, whole process tree", f"{steady['cpu_per_sample_all']:.4f}"),
+        ("CPU ratio plain / job workers", f"{plain_cpu / steady['cpu_per_sample_workers']:.3f}"),
+        ("CPU ratio plain / job tree", f"{plain_cpu / steady['cpu_per_sample_all']:.3f}"),
         ("load average: start, plain, job, plain, pair", " ".join(f"{x:.1f}" for x in loads)),
     ]
     print("| measure | value |\n|---|---|")
