@@ -5,7 +5,7 @@ writes) on a tiny CogVideoX folder, one intra-op thread per actor, and times the
 state: from the moment every actor has finished its first item to the last item, so
 Ray start-up and model loading are left out (they are paid once per job).
 
-    .venv/bin/python benchmarks/sampler.py [--items 16] [--steps 8] [--size 64x64]
+    .venv/bin/python benchmarks/sampler.py [--items 24] [--steps 8] [--size 64x64]
 """
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from infra.config import ModelConfig, StageRecipe, StorageConfig
-from infra.sample_spec import CheckpointSpec, SampleJobSpec
+# Run as a script, this file's folder comes first on sys.path and its name would shadow
+# the `sampler` package it measures.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent]
 
 
 def write_stories(path: Path, count: int) -> None:
@@ -31,6 +33,8 @@ def write_stories(path: Path, count: int) -> None:
 
 def measure(folder: Path, prompts: Path, out: Path, actors: int, args) -> float:
     """Steady-state items/s of one job with ``actors`` actors."""
+    from infra.config import ModelConfig, StageRecipe, StorageConfig
+    from infra.sample_spec import CheckpointSpec, SampleJobSpec
     from sampler.job import run
 
     height, width = (int(v) for v in args.size.split("x"))
@@ -62,7 +66,7 @@ def measure(folder: Path, prompts: Path, out: Path, actors: int, args) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--items", type=int, default=16, help="stories (1 seed each)")
+    parser.add_argument("--items", type=int, default=24, help="stories (1 seed each)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--frames", type=int, default=17)
     parser.add_argument("--size", default="64x64")
