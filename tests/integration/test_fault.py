@@ -109,18 +109,26 @@ def test_worker_killed_after_checkpoint_restarts_and_matches_uninterrupted_run(
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=mlflow_server)
-    reference = start_job(write_run(tmp_path, "reference", pretrain_manifest, mlflow_server))
-    reference_out, _ = reference.communicate(timeout=600)
-    assert reference.returncode == 0, reference_out[-3000:]
-
-    crashed = start_job(write_run(tmp_path, "crashed", pretrain_manifest, mlflow_server))
-    output: list[str] = []
-    reader = threading.Thread(target=lambda: output.extend(crashed.stdout), daemon=True)
-    reader.start()  # drain the pipe while waiting for the checkpoint
+    # Both runs at once (each its own local Ray): the start-up costs overlap.
+    jobs = {
+        name: start_job(write_run(tmp_path, name, pretrain_manifest, mlflow_server))
+        for name in ("reference", "crashed")
+    }
+    output: dict[str, list[str]] = {name: [] for name in jobs}
+    readers = [
+        threading.Thread(target=output[name].extend, args=(job.stdout,), daemon=True)
+        for name, job in jobs.items()
+    ]
+    for reader in readers:
+        reader.start()  # drain the pipes while waiting for the checkpoint
+    crashed = jobs["crashed"]
     seen = kill_a_worker_after_checkpoint(crashed, client, tmp_path / "crashed" / "mlflow_run.json")
-    crashed.wait(timeout=600)
-    reader.join(timeout=30)
-    log = "".join(output)
+    for job in jobs.values():
+        job.wait(timeout=600)
+    for reader in readers:
+        reader.join(timeout=30)
+    assert jobs["reference"].returncode == 0, "".join(output["reference"])[-3000:]
+    log = "".join(output["crashed"])
     assert crashed.returncode == 0, log[-3000:]
     assert log.strip().splitlines()[-1].startswith(f"run crashed finished: step {STEPS}/{STEPS}")
 
