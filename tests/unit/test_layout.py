@@ -84,3 +84,10 @@ def test_the_checker_sees_imports():
     assert "pydantic" in _roots(_imports(ROOT / "infra" / "config.py"))
     assert "mask2dit.policy" in _imports(ROOT / "infra" / "config.py")
     assert "click" in _roots(_imports(ROOT / "orchestrator" / "cli.py", top_level_only=True))
+
+
+def test_test_modules_have_unique_basenames():
+    # tests/ folders are not packages: pytest imports each file by its basename, so two
+    # test_x.py in different folders make collection fail.
+    names = [path.name for path in (ROOT / "tests").rglob("test_*.py")]
+    assert sorted(names) == sorted(set(names))
