@@ -42,6 +42,14 @@ class RunRecord:
     experiment: str | None = None
     storage: dict = field(default_factory=dict)  # StorageConfig fields: endpoint, region
     smoke: bool = False  # a `m2d launch --smoke` run: never the start of a real stage
+    #: The Ray job of the run's latest start (remote): its name, then ``NAME-resume-N``
+    #: for each resume, since Ray keeps job names unique.
+    job_id: str | None = None
+
+    @property
+    def ray_job(self) -> str:
+        """The Ray job that status, logs and stop refer to."""
+        return self.job_id or self.name
 
     @property
     def storage_config(self) -> StorageConfig | None:

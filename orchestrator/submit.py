@@ -112,13 +112,15 @@ def submit_remote(record: RunRecord, run: RunConfig, submission_id: str | None =
     """Submit the job to a remote Ray cluster through the Jobs API; returns at once.
 
     The Ray job is named after the run unless ``submission_id`` says otherwise (Ray keeps
-    job names unique, so a second job on the same run folder needs its own).
+    job names unique, so a second job on the same run folder needs its own); the record
+    keeps the name, so status, logs and stop follow the latest job.
     """
     client = job_client(run.ray.address)
+    record.job_id = submission_id or record.name
     try:
         client.submit_job(
             entrypoint=shlex.join(job_command(record)),
-            submission_id=submission_id or record.name,
+            submission_id=record.job_id,
             runtime_env=runtime_env(run),
             metadata={"m2d_run": record.name, "cluster": run.cluster, "stage": run.stage},
         )
@@ -131,7 +133,7 @@ def remote_call(record: RunRecord, method: str, *args):
     """Call a JobSubmissionClient method for this run, as a one-line ServiceError on failure."""
     client = job_client(record.address)
     try:
-        return getattr(client, method)(record.name, *args)
+        return getattr(client, method)(record.ray_job, *args)
     except Exception as exc:
         raise ServiceError(f"{method} for run {record.name}: {_first_line(exc)}") from None
 

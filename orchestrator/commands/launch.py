@@ -82,11 +82,20 @@ def _start(record: runs.RunRecord, run: RunConfig, follow: bool) -> int:
     click.echo(f"MLflow: {run.tracking.uri} (experiment {run.tracking.experiment})")
     if record.kind == "local":
         return submit.run_local(record, echo=click.echo)
-    submit.submit_remote(record, run)
+    submit.submit_remote(record, run, submission_id=_next_job_id(record))
     click.echo(f"submitted to {run.ray.address}; follow with `m2d logs {record.name} -f`")
     if follow:
         return _follow_remote(record)
     return 0
+
+
+def _next_job_id(record: runs.RunRecord) -> str:
+    """The run's name for its first Ray job, then ``NAME-resume-N`` (Ray's names are unique)."""
+    if record.job_id is None:
+        return record.name
+    previous = record.job_id.rsplit("-resume-", 1)
+    count = int(previous[1]) if len(previous) == 2 and previous[1].isdigit() else 0
+    return f"{record.name}-resume-{count + 1}"
 
 
 def _new_record(run: RunConfig, run_name: str, smoke: bool = False) -> runs.RunRecord:

@@ -33,7 +33,7 @@ def follow_remote_logs(record: runs.RunRecord) -> int:
 
     async def stream() -> None:
         client = submit.job_client(record.address)
-        async for chunk in client.tail_job_logs(record.name):
+        async for chunk in client.tail_job_logs(record.ray_job):
             click.echo(chunk, nl=False)
 
     asyncio.run(stream())

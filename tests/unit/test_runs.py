@@ -147,3 +147,16 @@ def test_relative_local_paths_become_absolute(tmp_path, monkeypatch):
     )
     assert remote.storage.root == "s3://m2d-checkpoints/runs"
     assert remote.tracking.uri == "http://mlflow.internal:5000"
+
+
+def test_each_remote_start_of_a_run_gets_its_own_ray_job_name(tmp_path):
+    from orchestrator.commands.launch import _next_job_id
+
+    record = runs.RunRecord(
+        name="r", cluster="c", stage="pretrain", run_dir="d", config_uri="u", kind="remote"
+    )
+    assert record.ray_job == "r" and _next_job_id(record) == "r"
+    record.job_id = "r"
+    assert _next_job_id(record) == "r-resume-1"
+    record.job_id = "r-resume-1"
+    assert _next_job_id(record) == "r-resume-2" and record.ray_job == "r-resume-1"
