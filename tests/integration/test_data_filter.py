@@ -217,27 +217,7 @@ def _check_png(data: bytes) -> None:
     assert image.format == "PNG" and image.size[0] > 100 and image.size[1] > 100
 
 
-def test_filter_local_keeps_exactly_the_reference_windows(dataset, xclip_folder, reference):
-    out = dataset / "filtered.jsonl"
-    argv = ["data", "filter", "--manifest", str(dataset / "mixed.jsonl"), "--out", str(out)]
-    argv += ["--encoder", "xclip", "--encoder-path", str(xclip_folder)]
-    argv += ["--scenes", str(SCENES), "--threshold", repr(reference["threshold"])]
-    result = CliRunner().invoke(cli, argv)
-    assert result.exit_code == 0, result.output
-    assert _windows_of(str(out), f"{dataset}/") == reference["windows"]
-    # Shots under the output's folder are written relative to it.
-    assert json.loads(out.read_text().splitlines()[0])["shots"][0]["path"].startswith("videos/")
-    _check_png((dataset / "filtered.png").read_bytes())
-    summary = _summary(result.output)
-    assert f"kept {len(reference['windows'])} of " in summary
-    skipped = ", ".join(f"{k}={v}" for k, v in EXPECTED_SKIPS.items())
-    assert summary.endswith(f"skipped: {skipped}"), summary
-    # A second run refuses to overwrite.
-    again = CliRunner().invoke(cli, argv)
-    assert again.exit_code == 2 and "already exists" in again.output
-
-
-def test_filter_on_s3_logs_counts_and_histogram_to_mlflow(
+def test_filter_on_s3_keeps_the_reference_windows_and_logs_to_mlflow(
     dataset, xclip_folder, reference, s3_endpoint, s3_bucket, mlflow_server, tmp_path, monkeypatch
 ):
     from mlflow.tracking import MlflowClient
@@ -256,6 +236,10 @@ def test_filter_on_s3_logs_counts_and_histogram_to_mlflow(
     result = CliRunner().invoke(cli, argv)
     assert result.exit_code == 0, result.output
     assert _windows_of(out, f"{root}/data/", storage) == reference["windows"]
+    summary = _summary(result.output)
+    assert f"kept {len(reference['windows'])} of " in summary
+    skipped = ", ".join(f"{k}={v}" for k, v in EXPECTED_SKIPS.items())
+    assert summary.endswith(f"skipped: {skipped}"), summary
     _check_png(fs.cat_file(f"{s3_bucket}/filtered/sft.png"))
     assert len(list((tmp_path / "cache").iterdir())) == 1  # the encoder came from S3
 
@@ -275,3 +259,6 @@ def test_filter_on_s3_logs_counts_and_histogram_to_mlflow(
     _check_png(
         Path(client.download_artifacts(run.info.run_id, artifact.path, str(tmp_path))).read_bytes()
     )
+    # A second run refuses to overwrite the filtered manifest.
+    again = CliRunner().invoke(cli, argv)
+    assert again.exit_code == 2 and "already exists" in again.output

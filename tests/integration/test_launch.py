@@ -1,5 +1,6 @@
-"""`m2d` end to end, as a user types it: launch locally and on a Ray cluster, follow, stop,
-chain SFT from pretrain, export for diffusers. Real Ray, DeepSpeed and MLflow servers."""
+"""`m2d` on a Ray cluster, as a user types it: launch through the Jobs API, status, logs,
+stop, resume. Real Ray, DeepSpeed and MLflow servers. (Local launches, SFT chained from
+pretrain and export run in test_smoke.py, whose smoke runs are real local launches.)"""
 
 from __future__ import annotations
 
@@ -59,50 +60,6 @@ def _records(workspace) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in folder.glob("*.json")}
 
 
-def test_local_pretrain_then_sft_then_export(workspace, tmp_path, mlflow_server):
-    flags = workspace["flags"]
-    pre = m2d(
-        workspace, "launch", "--cluster", "local", "--stage", "pretrain", "--name", "pre", *flags
-    )
-    assert pre.returncode == 0, pre.stdout + pre.stderr
-    assert "run pre: pretrain on local" in pre.stdout
-    assert (workspace["root"] / "runs" / "pre" / "run_config.json").is_file()
-
-    again = m2d(
-        workspace, "launch", "--cluster", "local", "--stage", "pretrain", "--name", "pre", *flags
-    )
-    assert again.returncode == 2 and "already exists" in again.stderr
-
-    sft = m2d(workspace, "launch", "--cluster", "local", "--stage", "sft", "--name", "sft", *flags)
-    assert sft.returncode == 0, sft.stdout + sft.stderr
-    saved = json.loads((workspace["root"] / "runs" / "sft" / "run_config.json").read_text())
-    assert saved["init_from"].startswith(str(workspace["root"] / "runs" / "pre" / "checkpoint_"))
-    from mlflow.tracking import MlflowClient
-
-    ids = {
-        name: json.loads((workspace["root"] / "runs" / name / "mlflow_run.json").read_text())
-        for name in ("pre", "sft")
-    }
-    sft_tags = MlflowClient(tracking_uri=mlflow_server).get_run(ids["sft"]["run_id"]).data.tags
-    assert sft_tags["mlflow.parentRunId"] == ids["pre"]["run_id"]  # SFT nested under pretrain
-
-    table = m2d(workspace, "runs")
-    assert table.returncode == 0
-    for name in ("pre", "sft"):
-        assert name in table.stdout
-    assert table.stdout.count("SUCCEEDED") >= 2
-
-    out = tmp_path / "exported"
-    exported = m2d(workspace, "export", "sft", "--out", str(out))
-    assert exported.returncode == 0, exported.stdout + exported.stderr
-    from diffusers import CogVideoXTransformer3DModel
-
-    model = CogVideoXTransformer3DModel.from_pretrained(out)
-    assert sum(p.numel() for p in model.parameters()) > 0
-    refused = m2d(workspace, "export", "sft", "--out", str(out))
-    assert refused.returncode == 2 and "not empty" in refused.stderr
-
-
 def _wait_state(workspace, name: str, wanted: set[str], timeout: float = 420) -> str:
     deadline = time.monotonic() + timeout
     state = ""
@@ -149,6 +106,14 @@ def test_remote_launch_status_logs_stop(workspace, ray_head):
     _wait_state(workspace, "long", {"RUNNING"})
     stop = m2d(workspace, "stop", "long")
     assert stop.returncode == 0 and "stopping" in stop.stdout
+    assert _wait_state(workspace, "long", {"STOPPED", "FAILED"}) == "STOPPED"
+
+    # A resume is a new Ray job (Ray refuses a job name twice); status follows it.
+    resumed = m2d(workspace, "launch", "--resume", "long")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert _records(workspace)["long"]["job_id"] == "long-resume-1"
+    _wait_state(workspace, "long", {"RUNNING"})
+    assert m2d(workspace, "stop", "long").returncode == 0
     assert _wait_state(workspace, "long", {"STOPPED", "FAILED"}) == "STOPPED"
 
 

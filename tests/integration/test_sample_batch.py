@@ -266,7 +266,21 @@ def _artifact_paths(client, run_id: str, path: str | None = None) -> set[str]:
     return paths
 
 
-def test_extend_mode_matches_the_reference_and_refuses_changed_inputs(trained, tmp_path):
+def sample_batch(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """`m2d sample-batch --cluster local ARGS` as a user types it."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["M2D_HOME"] = str(tmp_path / "home")
+    command = [str(Path(sys.executable).parent / "m2d"), "sample-batch", "--cluster", "local"]
+    return subprocess.run(
+        [*command, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_extend_mode_on_a_ray_cluster_matches_the_reference(trained, tmp_path, ray_head):
+    """Through the Jobs API: context-video and chained stories equal the in-process
+    pipeline's; a rerun with other settings is refused before anything starts."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
     generator = torch.Generator().manual_seed(5)
     context = torch.randint(0, 256, (12, 32, 32, 3), generator=generator, dtype=torch.uint8)
     write_video(str(tmp_path / "context.mp4"), context, fps=8)
@@ -275,14 +289,23 @@ def test_extend_mode_matches_the_reference_and_refuses_changed_inputs(trained, t
         {"id": "chain", "prompts": ["a cat", "the cat sleeps"]},
     ]
     prompts = write_prompts(tmp_path / "stories.jsonl", stories)
-    checkpoint = CheckpointSpec(uri=str(trained / "checkpoint_00000007"), label="ds")
-    spec = spec_for(tmp_path, [checkpoint], prompts, mode="extend")
-    done = run_job(spec)
-    assert done.returncode == 0, done.stdout[-3000:]
+    args = ["--checkpoint", str(trained / "checkpoint_00000007"), "--prompts", str(prompts)]
+    args += ["--out", str(tmp_path / "o"), "--mode", "extend", "--steps", str(STEPS)]
+    submitted = sample_batch(tmp_path, *args, "--no-tracking", "--set", f"ray.address={ray_head}")
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.split("submitted sample-batch job ")[1].split()[0]
+    client = JobSubmissionClient(ray_head)
+    deadline = time.monotonic() + 400
+    while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED}:
+        assert time.monotonic() < deadline
+        time.sleep(2)
+    assert status == JobStatus.SUCCEEDED, client.get_job_logs(job_id)[-3000:]
 
-    meta = json.loads((tmp_path / "out/ds/ctx/0/meta.json").read_text())
+    (folder,) = (tmp_path / "o").glob("*-checkpoint_00000007")
+    meta = json.loads((folder / "ctx/0/meta.json").read_text())
     assert meta["context_scenes"] == 1 and meta["scene_frames"] == [9, 9, 9]
-    chain = json.loads((tmp_path / "out/ds/chain/0/meta.json").read_text())
+    assert meta["checkpoint"]["kind"] == "training" and meta["checkpoint"]["step"] == 7
+    chain = json.loads((folder / "chain/0/meta.json").read_text())
     assert chain["scene_frames"] == [9, 9] and chain["inputs"]["mode"] == "extend"
 
     # Every scene is the in-process pipeline's extension of the same context frames.
@@ -294,40 +317,9 @@ def test_extend_mode_matches_the_reference_and_refuses_changed_inputs(trained, t
         ["a", "b", "c"], [frames], params, generator=torch.Generator().manual_seed(0)
     )
     for index, scene in enumerate(expected.frames):
-        got = decode(tmp_path / f"out/ds/ctx/0/scene_{index:02d}.mp4").astype(float)
+        got = decode(folder / f"ctx/0/scene_{index:02d}.mp4").astype(float)
         assert np.abs(got - encoded(scene.numpy(), tmp_path)).mean() < 1.0, index
 
-    changed = spec_for(tmp_path, [checkpoint], prompts, mode="extend", guidance=3.0)
-    refused = run_job(changed)
+    refused = sample_batch(tmp_path, *args, "--no-tracking", "--guidance", "3")
     assert refused.returncode == 2
-    assert "guidance_scale" in refused.stdout and "--overwrite" in refused.stdout
-
-
-def test_remote_job_through_the_jobs_api(exported, tmp_path, ray_head):
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    prompts = write_prompts(tmp_path / "stories.jsonl", STORIES[:1])
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["M2D_HOME"] = str(tmp_path / "home")
-    command = [str(Path(sys.executable).parent / "m2d"), "sample-batch", "--cluster", "local"]
-    command += ["--checkpoint", str(exported), "--prompts", str(prompts)]
-    command += ["--out", str(tmp_path / "o"), "--set", f"ray.address={ray_head}"]
-    submitted = subprocess.run(
-        [*command, "--no-tracking", "--steps", "1"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert submitted.returncode == 0, submitted.stderr
-    job_id = submitted.stdout.split("submitted sample-batch job ")[1].split()[0]
-    client = JobSubmissionClient(ray_head)
-    deadline = time.monotonic() + 400
-    while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED}:
-        assert time.monotonic() < deadline
-        time.sleep(2)
-    assert status == JobStatus.SUCCEEDED, client.get_job_logs(job_id)[-3000:]
-    (written,) = (tmp_path / "o").glob("*-pretty-export/two/0/meta.json")
-    meta = json.loads(written.read_text())
-    assert meta["scene_frames"] == [9, 9] and meta["checkpoint"]["kind"] == "transformer"
+    assert "guidance_scale" in refused.stderr and "--overwrite" in refused.stderr

@@ -84,6 +84,16 @@ def test_smoke_pretrain_then_sft_passes_in_runs_of_its_own(workspace, mlflow_ser
     assert config["init_from"] == f"{pre['run_dir']}/checkpoint_00000004"
     assert config["recipe"]["frames"] == 9 and config["recipe"]["height"] == 16
 
+    # The smoke SFT's checkpoint exports to a folder stock diffusers loads; never over one.
+    out = workspace["root"] / "exported"
+    exported = m2d(workspace, "export", Path(sft["run_dir"]).name, "--out", str(out))
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    from diffusers import CogVideoXTransformer3DModel
+
+    assert sum(p.numel() for p in CogVideoXTransformer3DModel.from_pretrained(out).parameters())
+    refused = m2d(workspace, "export", Path(sft["run_dir"]).name, "--out", str(out))
+    assert refused.returncode == 2 and "not empty" in refused.stderr
+
     # A smoke run is never what a real SFT starts from.
     refused = m2d(workspace, "launch", "--cluster", "local", "--stage", "sft", *workspace["flags"])
     assert refused.returncode == 2 and "no finished pretrain run" in refused.stderr
