@@ -34,6 +34,7 @@ from typing import Any
 from infra.config import RunConfig, StorageConfig
 from infra.errors import ConfigError, M2DError, StorageError
 from infra.logging import get_logger
+from infra.ray_runtime import init_ray
 from infra.storage import filesystem, is_remote, storage_options
 from infra.tracking import Tracker
 
@@ -227,7 +228,7 @@ def fit(folder: RunFolder, data: dict[str, Any], init_from: str | None = None) -
 
     from trainer.loop import train_loop_per_worker
 
-    _init_ray()
+    init_ray()
     tags = {"git_commit": git_commit(), "ray_job_id": _ray_job_id()}
     tracker = mlflow_run(folder, tags)
     log.info("MLflow run %s", tracker.url)
@@ -249,23 +250,6 @@ def fit(folder: RunFolder, data: dict[str, Any], init_from: str | None = None) -
         outcome = Outcome(tracker, {}, None, exc)
     tracker.finish("FAILED" if outcome.error else "FINISHED")
     return outcome
-
-
-def _init_ray() -> None:
-    """Join the cluster of ``RAY_ADDRESS`` (Ray Jobs sets it), else start Ray on 127.0.0.1."""
-    import ray
-
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(ignore_reinit_error=True)
-    else:
-        # "local" starts a fresh Ray even where another left /tmp/ray/ray_current_cluster;
-        # loopback because the detected node address may not be routable (containers).
-        ray.init(
-            address="local",
-            _node_ip_address="127.0.0.1",
-            include_dashboard=False,
-            ignore_reinit_error=True,
-        )
 
 
 def _ray_job_id() -> str:
