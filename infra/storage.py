@@ -8,6 +8,7 @@ Credentials are never passed here: s3fs (botocore) reads them from the environme
 from __future__ import annotations
 
 import os
+import posixpath
 from typing import Any
 
 import fsspec
@@ -52,3 +53,21 @@ def is_remote(uri: str) -> bool:
 def join(base: str, *parts: str) -> str:
     """Join path parts onto a local path or URI with '/'."""
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def parent_folder(uri: str) -> str:
+    """The folder of the file at ``uri``: where paths written relative to it start."""
+    if is_remote(uri):
+        return posixpath.dirname(uri)
+    return os.path.dirname(os.path.abspath(uri.removeprefix("file://")))
+
+
+def resolve_relative(path: str, base: str) -> str:
+    """``path`` as written in a file under ``base``: URIs and absolute paths as they are,
+    relative ones joined to ``base`` (a local folder or a URI)."""
+    if "://" in path or os.path.isabs(path):
+        return path
+    if is_remote(base):
+        scheme, rest = base.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(f'{rest}/{path}')}"
+    return os.path.normpath(os.path.join(base, path))

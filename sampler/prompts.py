@@ -9,8 +9,6 @@ paths relative to the prompts file, absolute paths or URIs. Every problem is a
 from __future__ import annotations
 
 import json
-import os
-import posixpath
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +17,7 @@ from typing import Any
 
 from infra.config import StorageConfig
 from infra.errors import DataError
-from infra.storage import filesystem, is_remote
+from infra.storage import filesystem, parent_folder, resolve_relative
 from infra.video import VideoError, read_frames
 
 __all__ = ["EVAL50", "Story", "check_context_videos", "read_stories", "truncation_warnings"]
@@ -55,7 +53,7 @@ def read_stories(uri: str, storage: StorageConfig | None = None) -> list[Story]:
 
     Raises DataError on the first bad line, naming the file and line number.
     """
-    base, stories, first_line = _base(uri), [], {}
+    base, stories, first_line = parent_folder(uri), [], {}
     for number, text in _lines(uri, storage):
         try:
             story = _story(_parse(text), number, base)
@@ -115,7 +113,7 @@ def _story(entry: dict[str, Any], line: int, base: str) -> Story:
     return Story(
         id=_id(entry["id"]),
         prompts=prompts,
-        context_videos=tuple(_resolve(video, base) for video in videos),
+        context_videos=tuple(resolve_relative(video, base) for video in videos),
         line=line,
     )
 
@@ -153,22 +151,6 @@ def _context_videos(value: Any, num_scenes: int) -> list[str]:
             "extension needs at least one prompt more than context videos",
         )
     return value
-
-
-def _base(uri: str) -> str:
-    """The folder that relative context paths start from."""
-    if is_remote(uri):
-        return posixpath.dirname(uri)
-    return os.path.dirname(os.path.abspath(uri.removeprefix("file://")))
-
-
-def _resolve(path: str, base: str) -> str:
-    if "://" in path or os.path.isabs(path):
-        return path
-    if is_remote(base):
-        scheme, rest = base.split("://", 1)
-        return f"{scheme}://{posixpath.normpath(f'{rest}/{path}')}"
-    return os.path.normpath(os.path.join(base, path))
 
 
 def check_context_videos(

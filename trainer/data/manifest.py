@@ -16,7 +16,6 @@ import csv
 import io
 import json
 import math
-import os
 import posixpath
 import sys
 from collections import Counter
@@ -26,7 +25,7 @@ from typing import Any
 
 from infra.config import StorageConfig
 from infra.errors import DataError
-from infra.storage import filesystem, is_remote
+from infra.storage import filesystem, parent_folder, resolve_relative
 
 REQUIRED = ("path", "caption", "num_frames", "fps", "width", "height")
 
@@ -102,7 +101,7 @@ def read_clips(uri: str, storage: StorageConfig | None = None) -> tuple[list[Cli
             f"{uri}: missing required column(s) {', '.join(missing)}; "
             f"a pre-training manifest needs {', '.join(REQUIRED)}"
         )
-    base, clips, skips = _base(uri), [], SkipCounts()
+    base, clips, skips = parent_folder(uri), [], SkipCounts()
     for row in rows:
         try:
             clips.append(_clip(row, base))
@@ -122,7 +121,7 @@ def read_shot_groups(
     consecutive); parts shorter than ``num_scenes`` are dropped, and a group left with
     none is counted as ``group_too_short``.
     """
-    base, groups, skips = _base(uri), [], SkipCounts()
+    base, groups, skips = parent_folder(uri), [], SkipCounts()
     for number, entry in enumerate(_read_groups(uri, storage)):
         if not isinstance(entry, dict) or not isinstance(entry.get("shots"), list):
             skips.add("bad_group")
@@ -168,7 +167,7 @@ def _clip(row: Any, base: str) -> Clip:
     if start is not None and end is not None and end <= start:
         raise _BadRow("bad_start_end")
     return Clip(
-        path=_resolve(path, base),
+        path=resolve_relative(path, base),
         caption=caption,
         num_frames=_positive(row, "num_frames", int),
         fps=_positive(row, "fps", float),
@@ -210,22 +209,6 @@ def _seconds(row: dict, column: str) -> float | None:
     if number is not None and number < 0:
         raise _BadRow(f"bad_{column}")
     return number
-
-
-def _base(uri: str) -> str:
-    """The folder that relative paths in the manifest at ``uri`` start from."""
-    if is_remote(uri):
-        return posixpath.dirname(uri)
-    return os.path.dirname(os.path.abspath(uri.removeprefix("file://")))
-
-
-def _resolve(path: str, base: str) -> str:
-    if "://" in path or os.path.isabs(path):
-        return path
-    if is_remote(base):
-        scheme, rest = base.split("://", 1)
-        return f"{scheme}://{posixpath.normpath(f'{rest}/{path}')}"
-    return os.path.normpath(os.path.join(base, path))
 
 
 def _read_bytes(uri: str, storage: StorageConfig | None) -> bytes:
