@@ -18,6 +18,7 @@ import av
 import numpy as np
 import torch
 import torch.nn.functional as F
+from av.video.reformatter import VideoReformatter
 
 from infra.config import StorageConfig
 from infra.errors import DataError
@@ -158,7 +159,7 @@ def _decode_wanted(container, wanted: list[int], cut: float, end: float | None, 
     stream = container.streams.video[0] if container.streams.video else None
     if stream is None:
         raise VideoError(f"{uri}: no video stream; re-encode or drop it")
-    stream.thread_type = "AUTO"
+    _set_decoder_threads(stream)
     fps = stream.average_rate or stream.guessed_rate
     if not fps:
         raise VideoError(f"{uri}: no frame rate in the stream; re-encode it")
@@ -193,16 +194,35 @@ def _collect(
     else:
         container.seek(0, stream=stream, backward=True)
     keep, last, frames, first = set(wanted), wanted[-1], {}, None
+    # One reformatter for the clip: it keeps its swscale context between frames, where
+    # ``frame.to_ndarray(format=...)`` builds one per frame (most of a small clip's cost).
+    to_rgb = VideoReformatter()
     for frame in _decoded(container, stream):
         if frame.pts is None:
             continue
         index = round((float(frame.pts * stream.time_base) - origin) * fps)
         first = index if first is None else first
         if index in keep:
-            frames[index] = frame.to_ndarray(format="rgb24")
+            frames[index] = to_rgb.reformat(frame, format="rgb24").to_ndarray()
         if index >= last:
             break
     return frames, (wanted[0] if first is None else first)
+
+
+def _set_decoder_threads(stream) -> None:
+    """Decode with the intra-op thread budget of this process (``torch.get_num_threads``).
+
+    A trainer worker gets ``cpus_per_worker`` threads; FFmpeg's default (one thread per
+    core of the machine, plus frame threading) would start threads on every clip and
+    compete with the step for cores it was not given.
+    """
+    threads = torch.get_num_threads()
+    if threads <= 1:
+        stream.thread_type = "NONE"
+        stream.codec_context.thread_count = 1
+    else:
+        stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = threads
 
 
 def _decoded(container, stream) -> Iterator[av.VideoFrame]:
