@@ -54,7 +54,9 @@ sys.path.insert(0, str(ROOT))  # run from a checkout
 from infra.config import ClusterProfile, RunConfig, resolve_run  # noqa: E402
 
 
-def local_run(root: Path, data: Path, steps: int, stage: str = "pretrain") -> RunConfig:
+def local_run(
+    root: Path, data: Path, steps: int, stage: str = "pretrain", prefetch: int | None = None
+) -> RunConfig:
     """The `local` profile's run for ``stage`` with ``steps`` steps, one final checkpoint."""
     profile = ClusterProfile.model_validate(
         yaml.safe_load((ROOT / "clusters/local.yaml").read_text())
@@ -66,6 +68,8 @@ def local_run(root: Path, data: Path, steps: int, stage: str = "pretrain") -> Ru
         "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "bench"},
         "data": {"pretrain": str(data / "pretrain.jsonl"), "sft": str(data / "sft.jsonl")},
     }
+    if prefetch is not None:
+        overrides["data"]["prefetch"] = prefetch
     return resolve_run(profile, "local", stage, overrides)
 
 
@@ -252,13 +256,16 @@ def main() -> None:
     parser.add_argument("--stage", choices=("pretrain", "sft"), default="pretrain")
     parser.add_argument("--steps", type=int, default=60, help="job steps")
     parser.add_argument("--skip", type=int, default=10, help="job steps left out (start-up)")
+    parser.add_argument(
+        "--prefetch", type=int, default=None, help="data.prefetch (default: the profile's)"
+    )
     parser.add_argument("--plain-steps", type=int, default=40)
     parser.add_argument("--plain-warmup", type=int, default=5)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="m2d-bench-") as scratch:
         root = Path(scratch)
-        run = local_run(root, root / "data", args.steps, args.stage)
+        run = local_run(root, root / "data", args.steps, args.stage, args.prefetch)
         synth_data(root / "data", run)
         loads = [load_average()]
         before = plain_in_subprocess(run, args.plain_steps, args.plain_warmup)
@@ -279,6 +286,7 @@ def _print_table(run, args, before, after, pair, job, steady, loads) -> None:
     print(
         f"stage {run.stage}: {workers} workers x {run.workers.cpus_per_worker} thread, ZeRO-"
         f"{run.deepspeed.zero_stage}, micro-batch {run.deepspeed.micro_batch_per_gpu}, "
+        f"prefetch {run.data.prefetch}, "
         f"{r.num_scenes} scenes x {r.frames} frames at {r.height}x{r.width}, "
         f"text {run.model.text_tokens} tokens/scene"
     )

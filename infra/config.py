@@ -214,6 +214,13 @@ class DataConfig(_Strict):
         description="Folder (or s3:// prefix) of SFT latents written by `m2d data precompute "
         "--stage sft`; when set, training reads it instead of decoding videos.",
     )
+    prefetch: int = Field(
+        2,
+        ge=0,
+        le=64,
+        description="Micro-batches each worker reads ahead in a background thread while "
+        "the step runs (0: read each batch when the step needs it).",
+    )
 
 
 class RuntimeEnvConfig(_Strict):

@@ -9,11 +9,15 @@ is, in this order: ``data = {"synthetic": true}`` (seeded random stories for smo
 that need no files), the stage's precomputed latents (``data["<stage>_latents"]``, written
 by ``trainer.data.precompute``), or the stage's manifest (``data["<stage>"]``) decoded on
 the fly. Both file sources draw stories with the same samplers, so sharding across ranks
-and exact resume are the same.
+and exact resume are the same. ``data.prefetch`` > 0 reads that many micro-batches ahead
+in a background thread (:class:`PrefetchedBatches`).
 """
 
 from __future__ import annotations
 
+import copy
+import queue
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -25,7 +29,14 @@ from infra.errors import ConfigError
 from infra.logging import get_logger
 from trainer.encode import encode_prompts, encode_videos
 
-__all__ = ["Batch", "EncodedBatch", "StoryBatches", "encode_batch", "make_batches"]
+__all__ = [
+    "Batch",
+    "EncodedBatch",
+    "PrefetchedBatches",
+    "StoryBatches",
+    "encode_batch",
+    "make_batches",
+]
 
 log = get_logger("trainer.batches")
 
@@ -57,11 +68,22 @@ class StoryBatches(Protocol):
 
     def skip_counts(self) -> dict[str, int]: ...
 
+    def close(self) -> None: ...
+
 
 def make_batches(
     run: RunConfig, data: Mapping[str, Any] | None, rank: int, world_size: int
 ) -> StoryBatches:
-    """The batch source of this worker for ``run.stage``."""
+    """The batch source of this worker for ``run.stage``, read ahead by ``data.prefetch``."""
+    source = _source(run, data, rank, world_size)
+    if run.data.prefetch > 0:
+        return PrefetchedBatches(source, run.data.prefetch, run.workers.cpus_per_worker)
+    return source
+
+
+def _source(
+    run: RunConfig, data: Mapping[str, Any] | None, rank: int, world_size: int
+) -> StoryBatches:
     data = dict(data or {})
     if data.get("synthetic"):
         return SyntheticStories(run, rank)
@@ -74,6 +96,74 @@ def make_batches(
             f"data.{run.stage}_latents, or data.synthetic for a smoke run without files"
         )
     return ManifestStories(run, uri, rank, world_size)
+
+
+class PrefetchedBatches:
+    """Reads the next ``depth`` micro-batches of ``source`` in a background thread.
+
+    Decoding (PyAV) and resizing (torch) release the GIL, so on a GPU worker the next
+    batch is read while the step runs instead of before it. ``state_dict()`` and
+    ``skip_counts()`` describe the batches handed out by ``next()``, not those read
+    ahead, so a checkpoint resumes exactly where the step was. An error of the source
+    (e.g. a dataset where nothing decodes) is raised by the ``next()`` that reaches it.
+    """
+
+    def __init__(self, source: StoryBatches, depth: int, threads: int) -> None:
+        self.source, self.depth, self.threads = source, depth, threads
+        self.position = copy.deepcopy(source.state_dict())
+        self.skips = source.skip_counts()
+        self.queue: queue.Queue[tuple[Any, Any, Any, BaseException | None]] = queue.Queue(depth)
+        self.stopping = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def next(self) -> Batch | EncodedBatch:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._read, name="m2d-prefetch", daemon=True)
+            self.thread.start()
+        batch, position, skips, error = self.queue.get()
+        if error is not None:
+            raise error
+        self.position, self.skips = position, skips
+        return batch
+
+    def _read(self) -> None:
+        # Thread settings are per thread: give the reader the worker's CPU budget.
+        torch.set_num_threads(self.threads)
+        while not self.stopping.is_set():
+            try:
+                batch = self.source.next()
+                item = (batch, copy.deepcopy(self.source.state_dict()), self.source.skip_counts())
+                item = (*item, None)
+            except BaseException as exc:  # handed to the consumer, which raises it
+                item = (None, None, None, exc)
+            while not self.stopping.is_set():
+                try:
+                    self.queue.put(item, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+            if item[3] is not None:
+                return
+
+    def state_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self.position)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if self.thread is not None:
+            raise RuntimeError("load_state_dict after reading started: restore before next()")
+        self.source.load_state_dict(state)
+        self.position = copy.deepcopy(self.source.state_dict())
+        self.skips = self.source.skip_counts()
+
+    def skip_counts(self) -> dict[str, int]:
+        return dict(self.skips)
+
+    def close(self) -> None:
+        """Stop the reader thread (it also dies with the process: a daemon)."""
+        self.stopping.set()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+        self.source.close()
 
 
 class SyntheticStories:
@@ -112,6 +202,9 @@ class SyntheticStories:
     def skip_counts(self) -> dict[str, int]:
         return {}
 
+    def close(self) -> None:
+        """Nothing to release."""
+
 
 class ManifestStories:
     """Stories from the stage's manifest via ``trainer.data`` (sampler + decoding loader)."""
@@ -148,6 +241,9 @@ class ManifestStories:
 
     def skip_counts(self) -> dict[str, int]:
         return self.read_skips.merge(self.loader.skips).as_dict()
+
+    def close(self) -> None:
+        """Nothing to release: each clip's file is closed after its frames are read."""
 
 
 class PrecomputedStories:
@@ -206,6 +302,9 @@ class PrecomputedStories:
 
     def skip_counts(self) -> dict[str, int]:
         return self.index.skips.as_dict()
+
+    def close(self) -> None:
+        """Nothing to release: shard reads are ranged reads of closed files."""
 
 
 @torch.no_grad()

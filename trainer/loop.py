@@ -132,14 +132,17 @@ class Worker:
                 # lost attempt may have logged already: log each step once.
                 self.logged_through = self.tracker.last_step("loss")
         steps, every = self.run.recipe.steps, self.run.fault_tolerance.checkpoint_every
-        while self.state.step < steps:
-            metrics = self.train_step()
-            self.state.step += 1
-            done = self.state.step
-            if done % every == 0 or done == steps:
-                self.report(metrics, checkpoint=True)
-            else:
-                self.report(metrics)
+        try:
+            while self.state.step < steps:
+                metrics = self.train_step()
+                self.state.step += 1
+                done = self.state.step
+                if done % every == 0 or done == steps:
+                    self.report(metrics, checkpoint=True)
+                else:
+                    self.report(metrics)
+        finally:
+            self.batches.close()
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over ``gradient_accumulation`` micro-batches; its metrics."""
