@@ -148,8 +148,9 @@ class Worker:
         """One optimizer step over ``gradient_accumulation`` micro-batches; its metrics."""
         start = time.perf_counter()
         lr = float(self.engine.get_lr()[0])
-        # loss, normal sum/n, extension sum/n, samples, rank 0's seconds since its last report
-        totals = torch.zeros(7, dtype=torch.float64)
+        # One all-reduce for the step's numbers: loss, normal sum/n, extension sum/n,
+        # samples, rank 0's seconds since its last report, then each rank's peak memory.
+        totals = torch.zeros(7 + self.world, dtype=torch.float64)
         tokens = 0
         for micro in range(self.run.deepspeed.gradient_accumulation):
             loss, extension, batch_tokens = self._micro_step(micro)
@@ -157,6 +158,7 @@ class Worker:
             tokens += batch_tokens
         if self.rank == 0:
             totals[6] = time.monotonic() - self.last_report
+        totals[7 + self.rank] = self._peak_memory_mib()
         totals = self._all_reduce(totals)
         self.report_due = totals[6].item() >= REPORT_INTERVAL_S
         elapsed = time.perf_counter() - start
@@ -171,7 +173,7 @@ class Worker:
             "samples_per_s": samples / elapsed,
             "tokens_per_s": tokens * self.world / elapsed,
             "step_time_s": elapsed,
-            **self._peak_memory(),
+            **_memory_metrics(totals[7:].tolist()),
         }
 
     def _micro_step(self, micro: int) -> tuple[Any, torch.Tensor, int]:
@@ -205,18 +207,11 @@ class Worker:
             return on_device.cpu()
         return totals
 
-    def _peak_memory(self) -> dict[str, float]:
-        """Peak memory of every rank in MiB (GPU allocator peak, or the process's max RSS)."""
+    def _peak_memory_mib(self) -> float:
+        """This rank's peak memory in MiB: the GPU allocator's peak, or the max RSS."""
         if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        peaks = torch.zeros(self.world, dtype=torch.float64, device=self.device)
-        peaks[self.rank] = peak
-        if self.world > 1:
-            dist.all_reduce(peaks)
-        memory = {f"peak_memory_mib_rank{r}": p for r, p in enumerate(peaks.tolist())}
-        return {"peak_memory_mib": max(memory.values()), **memory}
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     def report(self, metrics: dict[str, float], checkpoint: bool = False) -> None:
         """``ray.train.report`` on every rank (with a checkpoint when asked); MLflow on rank 0."""
@@ -286,6 +281,12 @@ def _loss_totals(loss: Any, extension: torch.Tensor) -> torch.Tensor:
     return torch.tensor(
         [total, normal, n_normal, ext, n_ext, extension.numel()], dtype=torch.float64
     )
+
+
+def _memory_metrics(peaks: list[float]) -> dict[str, float]:
+    """Peak memory of every rank and the largest of them (MiB)."""
+    memory = {f"peak_memory_mib_rank{rank}": peak for rank, peak in enumerate(peaks)}
+    return {"peak_memory_mib": max(peaks), **memory}
 
 
 def _ratio(total: torch.Tensor, count: torch.Tensor) -> float | None:
