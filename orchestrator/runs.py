@@ -183,7 +183,7 @@ def with_absolute_paths(run: RunConfig) -> RunConfig:
         update={
             "storage": run.storage.model_copy(update={"root": absolute(run.storage.root)}),
             "data": run.data.model_copy(
-                update={name: absolute(getattr(run.data, name)) for name in run.data.model_fields}
+                update={name: absolute(value) for name, value in run.data if isinstance(value, str)}
             ),
             "model": run.model.model_copy(update={"source": absolute(run.model.source)}),
             "tracking": run.tracking.model_copy(update={"uri": tracking}),
