@@ -86,16 +86,26 @@ def sampling_params(spec: SampleJobSpec, info: CheckpointInfo) -> SamplingParams
 
 
 def inputs_record(
-    story: Story, seed: int, checkpoint: CheckpointSpec, mode: str, params: SamplingParams
+    story: Story,
+    seed: int,
+    checkpoint: CheckpointSpec,
+    spec: SampleJobSpec,
+    params: SamplingParams,
 ) -> dict[str, Any]:
-    """What an item's output depends on; meta.json keeps it and a rerun compares it."""
+    """What an item's output depends on; meta.json keeps it and a rerun compares it.
+
+    VAE tiling blends overlapping tiles, so it changes the pixels; slicing decodes the
+    samples of a batch one at a time, and an item is a batch of one, so it does not.
+    """
     return {
         "story": story.id,
         "seed": seed,
-        "mode": mode,
+        "mode": spec.mode,
         "prompts": list(story.prompts),
         "context_videos": list(story.context_videos),
         "checkpoint": checkpoint.uri,
+        "scheduler": spec.scheduler,
+        "vae_tiling": spec.vae_tiling,
         "params": params.to_dict(),
     }
 
@@ -111,7 +121,7 @@ def plan_items(
         for story in stories:
             for seed in spec.seeds:
                 item = Item(checkpoint.label, story.id, seed)
-                wanted = inputs_record(story, seed, checkpoint, spec.mode, params[item.checkpoint])
+                wanted = inputs_record(story, seed, checkpoint, spec, params[item.checkpoint])
                 if _finished(spec, item, wanted):
                     finished.append(item)
                 else:

@@ -105,7 +105,7 @@ class StoryRenderer:
         output = render_story(
             self.pipeline, story, seed, self.params, self.spec.mode, self.spec.storage
         )
-        inputs = inputs_record(story, seed, self.checkpoint, self.spec.mode, self.params)
+        inputs = inputs_record(story, seed, self.checkpoint, self.spec, self.params)
         meta = {
             "inputs": inputs,
             "checkpoint": {

@@ -143,7 +143,7 @@ def test_finished_items_are_skipped_and_changed_inputs_refused(tmp_path):
 
     done = Path(item_uri(spec.out, Item("c", "s", 1)))
     done.mkdir(parents=True)
-    inputs = inputs_record(stories[0], 1, spec.checkpoints[0], "fixed", params["c"])
+    inputs = inputs_record(stories[0], 1, spec.checkpoints[0], spec, params["c"])
     (done / META).write_text(json.dumps({"inputs": inputs}))
     assert plan_items(spec, stories, params) == ([Item("c", "s", 0)], [Item("c", "s", 1)])
     assert plan_items(spec.model_copy(update={"overwrite": True}), stories, params)[1] == []
@@ -151,6 +151,16 @@ def test_finished_items_are_skipped_and_changed_inputs_refused(tmp_path):
     other = _spec(tmp_path, seeds=[0, 1], steps=20)
     with pytest.raises(DataError, match=r"num_inference_steps: 50 there, 20 now.*--overwrite"):
         plan_items(other, stories, {"c": sampling_params(other, info)})
+    for change, message in [
+        ({"scheduler": "dpm"}, "scheduler: 'ddim' there, 'dpm' now"),
+        ({"vae_tiling": True}, "vae_tiling: False there, True now"),
+    ]:
+        other = _spec(tmp_path, seeds=[0, 1], **change)
+        with pytest.raises(DataError, match=message):
+            plan_items(other, stories, params)
+    # Slicing decodes the same pixels: the finished item stays finished.
+    sliced = _spec(tmp_path, seeds=[0, 1], vae_slicing=True)
+    assert plan_items(sliced, stories, params)[1] == [Item("c", "s", 1)]
 
 
 def test_frames_must_decode_back_to_the_same_count(tmp_path):
