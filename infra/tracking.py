@@ -20,6 +20,8 @@ __all__ = ["Tracker", "flatten", "run_params"]
 _MAX_VALUE = 6000
 _PARAM_BATCH = 100
 _METRIC_BATCH = 1000
+# Unfinished runs looked at when resuming one: the latest of an experiment.
+_SEARCH_RESULTS = 100
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -82,6 +84,32 @@ class Tracker:
         tracker = cls(tracking.uri, created.info.run_id)
         tracker.log_params(params or {})
         return tracker
+
+    @classmethod
+    def find_unfinished(
+        cls, tracking: TrackingConfig, tags: Mapping[str, str], params: Mapping[str, str]
+    ) -> Tracker | None:
+        """The latest run of ``tracking.experiment`` with these tags and params that did not
+        finish (its job was killed or failed part-way), or ``None``."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=tracking.uri)
+        experiment = client.get_experiment_by_name(tracking.experiment)
+        if experiment is None:
+            return None
+        # Tags are compared here, not in the filter: MLflow's filter strings cannot quote
+        # every value (a path may hold a quote).
+        unfinished = client.search_runs(
+            [experiment.experiment_id],
+            filter_string="attributes.status != 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=_SEARCH_RESULTS,
+        )
+        for run in unfinished:
+            same_tags = all(run.data.tags.get(key) == value for key, value in tags.items())
+            if same_tags and run.data.params == dict(params):
+                return cls(tracking.uri, run.info.run_id)
+        return None
 
     @property
     def url(self) -> str:
@@ -148,6 +176,11 @@ class Tracker:
     def log_artifacts(self, local_dir: str | os.PathLike, artifact_path: str) -> None:
         """Upload a local folder's files under ``artifact_path``."""
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+
+    def folders(self, artifact_path: str) -> list[str]:
+        """Names of the artifact folders directly under ``artifact_path``."""
+        entries = self.client.list_artifacts(self.run_id, artifact_path)
+        return [entry.path.rsplit("/", 1)[-1] for entry in entries if entry.is_dir]
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         for key, value in tags.items():

@@ -170,10 +170,12 @@ def run(spec: SampleJobSpec, echo: Callable[[str], None] = print) -> Plan:
         f"{len(plan.todo)} item(s) to render, {len(plan.finished)} already finished, "
         f"{spec.num_actors} actor(s); output {spec.out}"
     )
-    tracker = _open_tracker(plan) if spec.tracking else None
+    tracker = _open_tracker(plan, echo) if spec.tracking else None
     if tracker is not None:  # this job's MLflow run shows all its items, earlier ones too
+        logged = _logged_items(tracker)
         for item in plan.finished:
-            _log_item(tracker, plan, item)
+            if item not in logged:
+                _log_item(tracker, plan, item)
     progress = Progress(len(plan.todo), echo)
     try:
         for checkpoint in spec.checkpoints:
@@ -187,9 +189,9 @@ def run(spec: SampleJobSpec, echo: Callable[[str], None] = print) -> Plan:
                 if tracker is not None:
                     _log_item(tracker, plan, Item(checkpoint.label, row["story"], row["seed"]))
                 progress.advance(f"{checkpoint.label}/{row['story']}/{row['seed']}")
-    except BaseException:
+    except BaseException as exc:
         if tracker is not None:
-            tracker.finish("FAILED")
+            tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     if tracker is not None:
         tracker.log_metrics({"items_rendered": len(plan.todo)}, step=0)
@@ -207,7 +209,9 @@ def _warn_truncated(meta: dict[str, Any], echo: Callable[[str], None]) -> None:
         )
 
 
-def _open_tracker(plan: Plan):
+def _open_tracker(plan: Plan, echo: Callable[[str], None]):
+    """The job's MLflow run: the one an interrupted run of the same job left unfinished
+    (the same output and parameters), else a new one."""
     from infra.tracking import Tracker, flatten
 
     spec = plan.spec
@@ -221,10 +225,25 @@ def _open_tracker(plan: Plan):
         tags["m2d.source_runs"] = ",".join(sources)
     params = flatten(spec.model_dump(mode="json", exclude={"checkpoints", "storage"}))
     params.update({f"checkpoint.{c.label}": c.uri for c in spec.checkpoints})
+    tracker = Tracker.find_unfinished(spec.tracking, tags, params)
+    if tracker is not None:
+        tracker.reopen()
+        echo(f"MLflow run (resumed): {tracker.url}")
+        return tracker
     name = f"sample-{time.strftime('%Y%m%d-%H%M%S')}"
     tracker = Tracker.start(spec.tracking, name, tags=tags, params=params)
-    print(f"MLflow run: {tracker.url}", flush=True)
+    echo(f"MLflow run: {tracker.url}")
     return tracker
+
+
+def _logged_items(tracker) -> set[Item]:
+    """Items whose files are in the run already (uploaded by an interrupted attempt)."""
+    return {
+        Item(checkpoint, story, int(seed))
+        for checkpoint in tracker.folders("samples")
+        for story in tracker.folders(f"samples/{checkpoint}")
+        for seed in tracker.folders(f"samples/{checkpoint}/{story}")
+    }
 
 
 def _log_item(tracker, plan: Plan, item: Item) -> None:

@@ -246,17 +246,27 @@ def check_mlflow(uri: str, experiment: str) -> None:
 
     client = MlflowClient(tracking_uri=uri)
     found = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-    finished = [r for r in found if r.info.status == "FINISHED"]
-    assert len(finished) == 1
-    run = finished[0]
+    # The killed job's run was resumed by the rerun, not left RUNNING beside a new one.
+    assert [r.info.status for r in found] == ["FINISHED"]
+    run = found[0]
     assert run.data.tags["source.ds-7.mlflow_run_id"] == "train-run-id"
     assert run.data.params["steps"] == str(STEPS)
     artifacts = _artifact_paths(client, run.info.run_id)
     for label in ("ds-7", "export"):
         for name in ("preview.gif", "contact.png", "story.mp4", "scene_00.mp4", "meta.json"):
             assert f"samples/{label}/two/1/{name}" in artifacts, (label, name)
-    images = [p for p in artifacts if p.startswith("images/") and "two_seed0" in p]
-    assert images, "contact sheet not logged as an image"
+    images = [p for p in artifacts if p.startswith("images/") and p.endswith(".png")]
+    logged = sorted(p.split("+timestamp+")[0] for p in images)  # images/KEY+step+STEP
+    # Each item's contact sheet once, at its checkpoint's step: 2 stories x 2 seeds for
+    # ds-7 (step 7) and for the export (step 0), including the items that the killed
+    # attempt had logged before it died.
+    expected = [
+        f"images/{story}_seed{seed}+step+{step}"
+        for story in ("three", "two")
+        for seed in (0, 1)
+        for step in (0, 7)
+    ]
+    assert logged == expected
 
 
 def _artifact_paths(client, run_id: str, path: str | None = None) -> set[str]:
