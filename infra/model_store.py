@@ -18,9 +18,12 @@ from infra.config import StorageConfig
 from infra.errors import ConfigError, StorageError
 from infra.storage import filesystem, is_remote
 
-__all__ = ["SUBFOLDERS", "fetch_folder", "resolve_model_folder"]
+__all__ = ["ENCODER_SUBFOLDERS", "SUBFOLDERS", "fetch_folder", "resolve_model_folder"]
 
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+# What jobs that never run the base transformer read: latent precompute, and sampling a
+# trained transformer with the base model's VAE and T5.
+ENCODER_SUBFOLDERS = ("vae", "text_encoder", "tokenizer", "scheduler")
 
 
 def resolve_model_folder(
@@ -32,7 +35,8 @@ def resolve_model_folder(
 ) -> Path:
     """The local folder of ``source``: the path itself, or an ``s3://`` copy in the cache.
 
-    Raises ``ConfigError`` when the folder or one of ``subfolders`` is missing.
+    Only ``subfolders`` are copied (a 5B transformer is ~10 GiB that an encoding job
+    does not need). Raises ``ConfigError`` when the folder or one of them is missing.
     """
     if not is_remote(source):
         root = Path(source.removeprefix("file://")).expanduser()
@@ -77,13 +81,18 @@ def _download(
             f"model.source {source}: missing subfolder(s) {', '.join(missing)}; upload a "
             f"diffusers CogVideoX folder with {', '.join(SUBFOLDERS)}"
         )
-    return fetch_folder(source, storage, cache)
+    return fetch_folder(source, storage, cache, subfolders=subfolders)
 
 
 def fetch_folder(
-    uri: str, storage: StorageConfig | None = None, cache_dir: str | os.PathLike | None = None
+    uri: str,
+    storage: StorageConfig | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    subfolders: tuple[str, ...] | None = None,
 ) -> Path:
-    """A local copy of the folder ``uri`` (the folder itself when local).
+    """A local copy of the folder ``uri`` (the folder itself when local), or of only its
+    ``subfolders``.
 
     The cache key covers the objects' names, sizes and ETags, so a changed upload is
     fetched again and an unchanged one never twice. Concurrent processes (ranks, actors)
@@ -97,6 +106,12 @@ def fetch_folder(
         listing = fs.find(root, detail=True)
     except OSError as exc:
         raise StorageError(f"{uri}: cannot list ({exc})") from None
+    if subfolders is not None:
+        listing = {
+            name: info
+            for name, info in listing.items()
+            if name[len(root) + 1 :].split("/", 1)[0] in subfolders
+        }
     if not listing:
         raise ConfigError(f"{uri}: no such folder, or it is empty; upload it first")
     stamp = sorted((k, v.get("size"), str(v.get("ETag", ""))) for k, v in listing.items())

@@ -53,9 +53,10 @@ _TINY_T5: dict[str, Any] = {
 
 
 class ModelParts(NamedTuple):
-    """A stock CogVideoX transformer and the frozen parts around it."""
+    """A stock CogVideoX transformer and the frozen parts around it (``transformer`` is
+    ``None`` when only the encoders were loaded)."""
 
-    transformer: CogVideoXTransformer3DModel
+    transformer: CogVideoXTransformer3DModel | None
     vae: AutoencoderKLCogVideoX
     text_encoder: T5EncoderModel
     tokenizer: Any
@@ -81,16 +82,18 @@ def load_parts(
     dtype: torch.dtype | None = None,
     *,
     transformer: CogVideoXTransformer3DModel | None = None,
+    encoders_only: bool = False,
 ) -> ModelParts:
     """Load the parts from a local diffusers CogVideoX folder.
 
     ``dtype`` casts the models on load (``None`` keeps the saved dtype). A given
     ``transformer`` replaces the folder's (whose subfolder is then not read): a trained
-    or exported transformer sampled with a base model's VAE and T5.
+    or exported transformer sampled with a base model's VAE and T5. ``encoders_only``
+    reads no transformer at all (its ``transformer`` is ``None``).
     """
     root = Path(root)
     load = {} if dtype is None else {"torch_dtype": dtype}
-    if transformer is None:
+    if transformer is None and not encoders_only:
         transformer = CogVideoXTransformer3DModel.from_pretrained(root / "transformer", **load)
     return ModelParts(
         transformer=transformer,

@@ -31,7 +31,7 @@ from infra.checkpoints import (
 )
 from infra.config import ModelConfig, RunConfig, StageRecipe, StorageConfig
 from infra.errors import ConfigError, StorageError
-from infra.model_store import fetch_folder, resolve_model_folder
+from infra.model_store import ENCODER_SUBFOLDERS, fetch_folder, resolve_model_folder
 from infra.sample_spec import CheckpointSpec, SampleJobSpec
 from infra.storage import filesystem
 from mask2dit.components import (
@@ -141,7 +141,7 @@ def _base_folder(info: CheckpointInfo) -> Path | None:
     """The local folder of the VAE, T5 and scheduler (``None``: the tiny ones)."""
     if info.model.source == "tiny":
         return None
-    return resolve_model_folder(info.model.source, info.storage)
+    return resolve_model_folder(info.model.source, info.storage, subfolders=ENCODER_SUBFOLDERS)
 
 
 def _with_transformer(

@@ -18,7 +18,7 @@ from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler
 from transformers import T5EncoderModel
 
 from infra.config import ModelConfig, StorageConfig
-from infra.model_store import SUBFOLDERS, resolve_model_folder
+from infra.model_store import ENCODER_SUBFOLDERS, SUBFOLDERS, resolve_model_folder
 from mask2dit.components import load_parts, save_parts, tiny_parts
 from mask2dit.model import Mask2DiT
 
@@ -35,7 +35,7 @@ __all__ = [
 class Components:
     """Everything a training step needs besides the optimizer."""
 
-    transformer: Mask2DiT
+    transformer: Mask2DiT | None  # None: encoders only (latent precompute)
     vae: AutoencoderKLCogVideoX
     text_encoder: T5EncoderModel
     tokenizer: Any
@@ -50,17 +50,23 @@ def load_components(
     *,
     policy: str = "v2",
     seed: int = 0,
+    encoders_only: bool = False,
 ) -> Components:
     """Build or load the components of ``model.source`` onto ``device``.
 
     The VAE and T5 are frozen (eval, no grad) and cast to ``dtype``. The transformer stays
     float32 on ``device``: DeepSpeed owns its training precision (it casts for bf16).
-    ``seed`` only affects ``tiny`` weights.
+    ``seed`` only affects ``tiny`` weights. ``encoders_only`` neither fetches nor loads
+    the transformer (``Components.transformer`` is ``None``).
     """
     if model.source == "tiny":
         parts = tiny_parts(seed)
+        if encoders_only:
+            parts = parts._replace(transformer=None)
     else:
-        parts = load_parts(resolve_model_folder(model.source, storage))
+        subfolders = ENCODER_SUBFOLDERS if encoders_only else SUBFOLDERS
+        folder = resolve_model_folder(model.source, storage, subfolders=subfolders)
+        parts = load_parts(folder, encoders_only=encoders_only)
     for frozen in (parts.vae, parts.text_encoder):
         frozen.requires_grad_(False)
         frozen.eval()
@@ -68,7 +74,9 @@ def load_components(
         if next(frozen.parameters()).dtype != dtype:  # diffusers warns on a no-op cast
             frozen.to(dtype=dtype)
     return Components(
-        transformer=Mask2DiT(parts.transformer.to(device), policy=policy),
+        transformer=None
+        if parts.transformer is None
+        else Mask2DiT(parts.transformer.to(device), policy=policy),
         vae=parts.vae,
         text_encoder=parts.text_encoder,
         tokenizer=parts.tokenizer,

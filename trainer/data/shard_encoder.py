@@ -143,9 +143,8 @@ def load_encoders(settings: Settings, storage: StorageConfig | None, device: str
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     model = ModelConfig(source=settings.model_source, text_tokens=settings.text_tokens)
-    parts = load_components(model, storage, torch.device(device), dtype[settings.dtype])
-    parts.transformer = None  # only the frozen encoders are needed; free the rest
-    return parts
+    device, dtype = torch.device(device), dtype[settings.dtype]
+    return load_components(model, storage, device, dtype, encoders_only=True)
 
 
 class ShardEncoder:
