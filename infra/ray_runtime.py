@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 __all__ = ["init_ray"]
 
@@ -23,11 +24,24 @@ def init_ray(num_cpus: int | None = None, *, log_to_driver: bool = True) -> bool
         return True
     # "local" starts a fresh Ray even where another left /tmp/ray/ray_current_cluster;
     # loopback because the detected node address may not be routable (containers).
+    # Ray Train's placement-group cleaner polls the State API, which finds its cluster
+    # through that same file: name the dashboard of this cluster to every worker instead,
+    # or the cleaner waits on a stale address and holds up every shutdown by 12 s.
+    dashboard = f"127.0.0.1:{_free_port()}"
     ray.init(
         address="local",
         num_cpus=num_cpus,
         _node_ip_address="127.0.0.1",
-        include_dashboard=False,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=int(dashboard.rsplit(":", 1)[1]),
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://{dashboard}"}},
         log_to_driver=log_to_driver,
     )
     return True
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
