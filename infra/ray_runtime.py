@@ -27,15 +27,15 @@ def init_ray(num_cpus: int | None = None, *, log_to_driver: bool = True) -> bool
     # Ray Train's placement-group cleaner polls the State API, which finds its cluster
     # through that same file: name the dashboard of this cluster to every worker instead,
     # or the cleaner waits on a stale address and holds up every shutdown by 12 s.
-    dashboard = f"127.0.0.1:{_free_port()}"
+    port = _free_port()
     ray.init(
         address="local",
         num_cpus=num_cpus,
         _node_ip_address="127.0.0.1",
         include_dashboard=True,
         dashboard_host="127.0.0.1",
-        dashboard_port=int(dashboard.rsplit(":", 1)[1]),
-        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://{dashboard}"}},
+        dashboard_port=port,
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
         log_to_driver=log_to_driver,
     )
     return True

@@ -132,8 +132,8 @@ class PrefetchedBatches:
         while not self.stopping.is_set():
             try:
                 batch = self.source.next()
-                item = (batch, copy.deepcopy(self.source.state_dict()), self.source.skip_counts())
-                item = (*item, None)
+                position = copy.deepcopy(self.source.state_dict())
+                item = (batch, position, self.source.skip_counts(), None)
             except BaseException as exc:  # handed to the consumer, which raises it
                 item = (None, None, None, exc)
             while not self.stopping.is_set():

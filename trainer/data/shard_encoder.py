@@ -141,10 +141,10 @@ def load_encoders(settings: Settings, storage: StorageConfig | None, device: str
     from infra.config import ModelConfig
     from trainer.components import load_components
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     model = ModelConfig(source=settings.model_source, text_tokens=settings.text_tokens)
-    device, dtype = torch.device(device), dtype[settings.dtype]
-    return load_components(model, storage, device, dtype, encoders_only=True)
+    dtype = dtypes[settings.dtype]
+    return load_components(model, storage, torch.device(device), dtype, encoders_only=True)
 
 
 class ShardEncoder:
