@@ -10,6 +10,11 @@ does after ``load_checkpoint``. A resumed run then differs from an uninterrupted
 the last bits after its first step, which breaks exact resume. CPU workers therefore get
 a ``torch.optim.AdamW`` built from the *same* config entry's params (bias correction from
 the step count every step), and the scheduler stays DeepSpeed's, from the config.
+
+DeepSpeed's CPU communication backend also compiles a shared-memory all-reduce op on its
+first start (about a minute, on every fresh machine or image) that only its inference
+path calls (``inference_all_reduce``); training collectives go through the process group
+(gloo). CPU workers mark that op unavailable, so a CPU worker compiles nothing.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ def build_engine(run: RunConfig, transformer: torch.nn.Module) -> Any:
     """
     import deepspeed
 
+    if device_and_dtype(run)[0].type == "cpu":
+        _skip_shared_memory_allreduce()
     if run.deepspeed.activation_checkpointing:
         transformer.transformer.enable_gradient_checkpointing()
     parameters = [p for p in transformer.parameters() if p.requires_grad]
@@ -62,3 +69,16 @@ def build_engine(run: RunConfig, transformer: torch.nn.Module) -> Any:
         sum(p.numel() for p in parameters),
     )
     return engine
+
+
+def _skip_shared_memory_allreduce() -> None:
+    """Tell DeepSpeed's CPU backend its shared-memory all-reduce op is unavailable: it
+    then uses the process group for everything instead of compiling the op."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        # The table is probed once per process and kept: DeepSpeed reads this entry
+        # before it builds the op (deepspeed.comm.torch.build_shm_op).
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
