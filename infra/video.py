@@ -197,10 +197,11 @@ def _collect(
     # One reformatter for the clip: it keeps its swscale context between frames, where
     # ``frame.to_ndarray(format=...)`` builds one per frame (most of a small clip's cost).
     to_rgb = VideoReformatter()
+    seconds_per_tick = float(stream.time_base)  # a Fraction per frame costs more than a frame
     for frame in _decoded(container, stream):
         if frame.pts is None:
             continue
-        index = round((float(frame.pts * stream.time_base) - origin) * fps)
+        index = round((frame.pts * seconds_per_tick - origin) * fps)
         first = index if first is None else first
         if index in keep:
             frames[index] = to_rgb.reformat(frame, format="rgb24").to_ndarray()
