@@ -17,7 +17,10 @@ shapes (``micro_batch_per_gpu`` stories of ``num_scenes`` x ``frames`` at
 noise, Mask²DiT forward, v loss, backward, gradient clipping, ``torch.optim.AdamW`` with
 the recipe's hyper-parameters). It runs before and after the job; both are printed.
 For context it also runs as two copies side by side (the job's two workers share the
-machine's cores with each other and with Ray's own processes).
+machine's cores with each other and with Ray's own processes), and the job's own
+``trainer.loop.Worker`` runs in two plain processes over gloo (DeepSpeed, the mp4
+reader, the metrics all-reduce; no Ray, MLflow or reports), which splits the job's
+overhead into what DeepSpeed and data cost and what Ray and logging add.
 
 Per-worker throughput ratio = (job samples/s / workers) / (plain samples/s); target
 >= 0.85. Wall time on a shared machine moves with other people's load, so CPU time is
@@ -35,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -85,7 +89,8 @@ def synth_data(out: Path, run: RunConfig) -> None:
 
 class TreeCPU(threading.Thread):
     """CPU seconds (user + system) of a process and all its descendants, sampled every
-    0.25 s as (wall time, all processes, Ray Train worker processes)."""
+    second as (wall time, all processes, Ray Train worker processes). Walking ~30
+    processes costs ~1% of a core at this rate (4% at 4 Hz: enough to slow the job)."""
 
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
@@ -93,7 +98,7 @@ class TreeCPU(threading.Thread):
         self.done = threading.Event()
 
     def run(self) -> None:
-        while not self.done.wait(0.25):
+        while not self.done.wait(1.0):
             try:
                 root = psutil.Process(self.pid)
                 tree = [root, *root.children(recursive=True)]
@@ -228,23 +233,83 @@ def plain_in_subprocess(run: RunConfig, steps: int, warmup: int, copies: int = 1
     ``copies`` > 1 runs that many side by side (as the job's workers share the cores) and
     returns their mean samples/s.
     """
-    code = (
+    call = f"t.plain_loop(run, {steps}, {warmup})"
+    return _mean_of(_in_subprocesses(run, [call] * copies))
+
+
+def workers_without_ray(run: RunConfig, steps: int, warmup: int) -> dict:
+    """The job's own ``trainer.loop.Worker`` in ``num_workers`` plain processes over gloo:
+    the DeepSpeed engine, the mp4 reader, the task draws and the metrics all-reduce of
+    every step, without Ray, MLflow or reports. Rank 0's numbers."""
+    port, world = _free_port(), run.workers.num_workers
+    calls = [
+        f"t.worker_loop(run, {rank}, {world}, {port}, {steps}, {warmup})" for rank in range(world)
+    ]
+    return _in_subprocesses(run, calls)[0]
+
+
+def worker_loop(run: RunConfig, rank: int, world: int, port: int, steps: int, warmup: int) -> dict:
+    """``Worker.train_step`` ``steps`` times after ``warmup``: mean step time, samples/s."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK="0")
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    from trainer.loop import Worker
+
+    worker = Worker(run, {"run": run.model_dump(mode="json")}, rank, world)
+    per_worker = run.deepspeed.micro_batch_per_gpu * run.deepspeed.gradient_accumulation
+    try:
+        for _ in range(warmup):
+            worker.train_step()
+            worker.state.step += 1
+        start, cpu_start = time.perf_counter(), time.process_time()
+        for _ in range(steps):
+            worker.train_step()
+            worker.state.step += 1
+        mean = (time.perf_counter() - start) / steps
+        cpu = (time.process_time() - cpu_start) / steps
+    finally:
+        worker.batches.close()
+        dist.destroy_process_group()
+    return {"step_s": mean, "samples_s": per_worker / mean, "cpu_per_sample": cpu / per_worker}
+
+
+def _in_subprocesses(run: RunConfig, calls: list[str]) -> list[dict]:
+    """Each call (an expression over ``t`` = this module and ``run``) in its own fresh
+    process, all at once; their JSON results."""
+    setup = (
         "import json, sys; sys.path.insert(0, 'benchmarks'); import train_step as t; "
         "from infra.config import RunConfig; "
         f"run = RunConfig.model_validate_json({run.model_dump_json()!r}); "
-        f"print(json.dumps(t.plain_loop(run, {steps}, {warmup})))"
     )
-    procs = [
-        subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-        for _ in range(copies)
-    ]
-    results = []
-    for proc in procs:
-        out, _ = proc.communicate()
-        if proc.returncode:
-            sys.exit(f"the plain loop failed (exit {proc.returncode})")
-        results.append(json.loads(out.strip().splitlines()[-1]))
+    with tempfile.TemporaryFile("w+") as errors:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", setup + f"print(json.dumps({call}))"],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=errors,
+                text=True,
+            )
+            for call in calls
+        ]
+        outputs = [proc.communicate()[0] for proc in procs]
+        if any(proc.returncode for proc in procs):
+            errors.seek(0)
+            sys.exit(f"a benchmark process failed:\n{errors.read()[-3000:]}")
+    return [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+
+
+def _mean_of(results: list[dict]) -> dict:
     return {key: statistics.mean(r[key] for r in results) for key in results[0]}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def load_average() -> float:
@@ -277,10 +342,12 @@ def main() -> None:
         loads.append(load_average())
         pair = plain_in_subprocess(run, args.plain_steps, args.plain_warmup, copies=2)
         loads.append(load_average())
-    _print_table(run, args, before, after, pair, job, steady, loads)
+        bare = workers_without_ray(run, args.plain_steps, args.plain_warmup)
+        loads.append(load_average())
+    _print_table(run, args, before, after, pair, bare, job, steady, loads)
 
 
-def _print_table(run, args, before, after, pair, job, steady, loads) -> None:
+def _print_table(run, args, before, after, pair, bare, job, steady, loads) -> None:
     r, workers = run.recipe, run.workers.num_workers
     plain = (before["samples_s"] + after["samples_s"]) / 2
     print(
@@ -313,12 +380,23 @@ def _print_table(run, args, before, after, pair, job, steady, loads) -> None:
             "per-worker / side-by-side plain",
             f"{steady['per_worker_samples_s'] / pair['samples_s']:.3f}",
         ),
+        ("job's Worker without Ray (2 processes, gloo): step s", f"{bare['step_s']:.4f}"),
+        ("Worker without Ray / plain", f"{bare['samples_s'] / plain:.3f}"),
+        ("Worker without Ray / side-by-side plain", f"{bare['samples_s'] / pair['samples_s']:.3f}"),
+        (
+            "job per-worker / Worker without Ray",
+            f"{steady['per_worker_samples_s'] / bare['samples_s']:.3f}",
+        ),
         ("CPU s per sample: plain (mean of before/after)", f"{plain_cpu:.4f}"),
+        ("CPU s per sample: Worker without Ray", f"{bare['cpu_per_sample']:.4f}"),
         ("CPU s per sample: job, worker processes", f"{steady['cpu_per_sample_workers']:.4f}"),
         ("CPU s per sample: job, whole process tree", f"{steady['cpu_per_sample_all']:.4f}"),
         ("CPU ratio plain / job workers", f"{plain_cpu / steady['cpu_per_sample_workers']:.3f}"),
         ("CPU ratio plain / job tree", f"{plain_cpu / steady['cpu_per_sample_all']:.3f}"),
-        ("load average: start, plain, job, plain, pair", " ".join(f"{x:.1f}" for x in loads)),
+        (
+            "load average: start, plain, job, plain, pair, no-Ray",
+            " ".join(f"{x:.1f}" for x in loads),
+        ),
     ]
     print("| measure | value |\n|---|---|")
     for name, value in rows:
