@@ -14,7 +14,10 @@ artifacts). Exit status: 0 done, 2 a user error (one line), 1 anything else.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import socket
 import sys
 import tempfile
 import time
@@ -26,7 +29,7 @@ from infra.errors import DataError, M2DError
 from infra.logging import get_logger
 from infra.ray_runtime import init_ray
 from infra.sample_spec import SampleJobSpec
-from infra.storage import filesystem
+from infra.storage import filesystem, is_remote
 from sampler.batch import (
     Item,
     inputs_record,
@@ -40,9 +43,11 @@ from sampler.models import CheckpointInfo, describe_checkpoint, load_pipeline
 from sampler.params import SamplingParams
 from sampler.prompts import EVAL50, Story, check_context_videos, read_stories
 
-__all__ = ["Plan", "StoryRenderer", "main", "prepare", "run"]
+__all__ = ["LOCK_FILE", "Plan", "StoryRenderer", "claim_output", "main", "prepare", "run"]
 
 log = get_logger(__name__)
+
+LOCK_FILE = ".m2d-sample.lock"  # in a local output folder: "host pid" of the job writing it
 
 
 class Plan:
@@ -165,7 +170,12 @@ def _clock(seconds: float) -> str:
 
 def run(spec: SampleJobSpec, echo: Callable[[str], None] = print) -> Plan:
     """Render every unfinished item; returns the plan (its ``todo`` is what was done)."""
-    plan = prepare(spec)
+    with claim_output(spec.out):  # before planning: what is finished is read under it
+        return _run(prepare(spec), echo)
+
+
+def _run(plan: Plan, echo: Callable[[str], None]) -> Plan:
+    spec = plan.spec
     echo(
         f"{len(plan.todo)} item(s) to render, {len(plan.finished)} already finished, "
         f"{spec.num_actors} actor(s); output {spec.out}"
@@ -197,6 +207,68 @@ def run(spec: SampleJobSpec, echo: Callable[[str], None] = print) -> Plan:
         tracker.log_metrics({"items_rendered": len(plan.todo)}, step=0)
         tracker.finish()
     return plan
+
+
+@contextlib.contextmanager
+def claim_output(out: str) -> Iterator[None]:
+    """One job at a time writes a local output folder (a second would render the same
+    items again and join the first one's MLflow run). The claim is ``LOCK_FILE`` holding
+    this host and pid; one left by a job that is gone (killed) is taken over. Object-store
+    outputs are not claimed: they have no exclusive create to build one on.
+    """
+    if is_remote(out):
+        yield
+        return
+    folder = Path(out.removeprefix("file://")).absolute()
+    created = [d for d in (folder, *folder.parents) if not d.exists()]  # deepest first
+    folder.mkdir(parents=True, exist_ok=True)
+    lock, mine = folder / LOCK_FILE, f"{socket.gethostname()} {os.getpid()}"
+    while True:
+        try:
+            with open(lock, "x") as handle:
+                handle.write(mine)
+            break
+        except FileExistsError:
+            _check_stale_claim(lock, out)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if lock.read_text() == mine:
+                lock.unlink()
+        with contextlib.suppress(OSError):  # a job refused before writing leaves no folder
+            for empty in created:
+                empty.rmdir()
+
+
+def _check_stale_claim(lock: Path, out: str) -> None:
+    """Remove ``lock`` if its job is gone; raise if it may still be writing."""
+    try:
+        host, pid = lock.read_text().split()
+        alive = host != socket.gethostname() or _alive(int(pid))
+    except FileNotFoundError:
+        return  # released meanwhile: try again
+    except ValueError:
+        host = pid = "?"
+        alive = True
+    if alive:
+        raise DataError(
+            f"{out}: another sample-batch job (host {host}, pid {pid}) is writing there; "
+            f"wait for it, choose another --out, or delete {lock} if that job is gone"
+        )
+    log.info("taking over %s from pid %s, which is gone", lock, pid)
+    with contextlib.suppress(FileNotFoundError):
+        lock.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def _warn_truncated(meta: dict[str, Any], echo: Callable[[str], None]) -> None:

@@ -25,6 +25,7 @@ import torch
 from infra.config import ModelConfig, StageRecipe, StorageConfig
 from infra.sample_spec import CheckpointSpec, SampleJobSpec
 from infra.video import write_video
+from sampler.job import LOCK_FILE
 from sampler.params import SamplingParams
 
 pytestmark = pytest.mark.integration
@@ -196,9 +197,16 @@ def test_fixed_mode_killed_and_resumed_with_mlflow(trained, exported, tmp_path, 
     spec = spec_for(tmp_path, checkpoints, prompts, seeds=[0, 1], tracking=tracking)
     out = tmp_path / "out"
 
-    # Kill the job (its whole process group) as soon as a first item is finished.
     process = start_job(spec)
     deadline = time.monotonic() + 400
+    # A second job on the same output is refused while the first one runs.
+    while not (out / LOCK_FILE).exists() and process.poll() is None:
+        assert time.monotonic() < deadline, "the job never claimed its output"
+        time.sleep(0.2)
+    second = run_job(spec)
+    assert second.returncode == 2, second.stdout[-3000:]
+    assert f"pid {process.pid}) is writing there" in second.stdout
+    # Kill the job (its whole process group) as soon as a first item is finished.
     while not list(out.glob("*/*/*/meta.json")) and process.poll() is None:
         assert time.monotonic() < deadline, "no item finished in time"
         time.sleep(0.5)
@@ -209,9 +217,10 @@ def test_fixed_mode_killed_and_resumed_with_mlflow(trained, exported, tmp_path, 
     first = settled(out)
     assert 1 <= len(first) < 8
 
-    done = run_job(spec)
+    done = run_job(spec)  # takes over the killed job's claim
     assert done.returncode == 0, done.stdout[-3000:]
     assert f"{8 - len(first)} item(s) to render, {len(first)} already finished" in done.stdout
+    assert not (out / LOCK_FILE).exists()
     for path, (mtime, content) in first.items():  # finished items were not redone
         assert (path.stat().st_mtime_ns, path.read_bytes()) == (mtime, content)
 
