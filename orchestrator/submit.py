@@ -17,6 +17,7 @@ from typing import Any
 
 from infra.config import RunConfig
 from infra.errors import ServiceError
+from infra.processes import pid_alive
 from orchestrator.runs import RunRecord, registry_dir
 
 JOB_MODULE = "trainer.job"
@@ -58,7 +59,7 @@ def run_local(record: RunRecord, echo=sys.stdout.write) -> int:
 
 def stop_local(record: RunRecord) -> bool:
     """Send SIGTERM to a local run's process group; False if it was not running."""
-    if record.pid is None or not _alive(record.pid):
+    if record.pid is None or not pid_alive(record.pid):
         return False
     os.killpg(record.pid, signal.SIGTERM)
     return True
@@ -68,19 +69,9 @@ def local_state(record: RunRecord) -> str:
     """SUCCEEDED / FAILED / RUNNING / LOST (the launching process died first)."""
     if record.exit_code is not None:
         return "SUCCEEDED" if record.exit_code == 0 else f"FAILED (exit {record.exit_code})"
-    if record.pid is not None and _alive(record.pid):
+    if record.pid is not None and pid_alive(record.pid):
         return "RUNNING"
     return "LOST"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def runtime_env(run: RunConfig) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from typing import Any
 
 from infra.errors import DataError, M2DError
 from infra.logging import get_logger
+from infra.processes import pid_alive
 from infra.ray_runtime import init_ray
 from infra.sample_spec import SampleJobSpec
 from infra.storage import filesystem, is_remote
@@ -245,7 +246,7 @@ def _check_stale_claim(lock: Path, out: str) -> None:
     """Remove ``lock`` if its job is gone; raise if it may still be writing."""
     try:
         host, pid = lock.read_text().split()
-        alive = host != socket.gethostname() or _alive(int(pid))
+        alive = host != socket.gethostname() or pid_alive(int(pid))
     except FileNotFoundError:
         return  # released meanwhile: try again
     except ValueError:
@@ -259,16 +260,6 @@ def _check_stale_claim(lock: Path, out: str) -> None:
     log.info("taking over %s from pid %s, which is gone", lock, pid)
     with contextlib.suppress(FileNotFoundError):
         lock.unlink()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
 
 
 def _warn_truncated(meta: dict[str, Any], echo: Callable[[str], None]) -> None:
