@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -56,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout
 
 from infra.config import ClusterProfile, RunConfig, resolve_run  # noqa: E402
+from infra.processes import free_port  # noqa: E402
 
 
 def local_run(
@@ -241,7 +241,7 @@ def workers_without_ray(run: RunConfig, steps: int, warmup: int) -> dict:
     """The job's own ``trainer.loop.Worker`` in ``num_workers`` plain processes over gloo:
     the DeepSpeed engine, the mp4 reader, the task draws and the metrics all-reduce of
     every step, without Ray, MLflow or reports. Rank 0's numbers."""
-    port, world = _free_port(), run.workers.num_workers
+    port, world = free_port(), run.workers.num_workers
     calls = [
         f"t.worker_loop(run, {rank}, {world}, {port}, {steps}, {warmup})" for rank in range(world)
     ]
@@ -304,12 +304,6 @@ def _in_subprocesses(run: RunConfig, calls: list[str]) -> list[dict]:
 
 def _mean_of(results: list[dict]) -> dict:
     return {key: statistics.mean(r[key] for r in results) for key in results[0]}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def load_average() -> float:

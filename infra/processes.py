@@ -1,10 +1,12 @@
-"""Local processes that jobs and the launcher keep track of by pid."""
+"""Local processes that jobs and the launcher keep track of by pid, and the loopback
+ports they listen on."""
 
 from __future__ import annotations
 
 import os
+import socket
 
-__all__ = ["pid_alive"]
+__all__ = ["free_port", "pid_alive"]
 
 
 def pid_alive(pid: int) -> bool:
@@ -17,3 +19,11 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the OS picks it; whoever
+    binds it next may still race another process for it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

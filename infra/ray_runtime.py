@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-import socket
+
+from infra.processes import free_port
 
 __all__ = ["init_ray"]
 
@@ -27,7 +28,7 @@ def init_ray(num_cpus: int | None = None, *, log_to_driver: bool = True) -> bool
     # Ray Train's placement-group cleaner polls the State API, which finds its cluster
     # through that same file: name the dashboard of this cluster to every worker instead,
     # or the cleaner waits on a stale address and holds up every shutdown by 12 s.
-    port = _free_port()
+    port = free_port()
     ray.init(
         address="local",
         num_cpus=num_cpus,
@@ -39,9 +40,3 @@ def init_ray(num_cpus: int | None = None, *, log_to_driver: bool = True) -> bool
         log_to_driver=log_to_driver,
     )
     return True
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -15,10 +15,10 @@ pytestmark = pytest.mark.integration
 
 # One process, a world of one over gloo: the `local` profile's engine, one step.
 _SCRIPT = """
-import json, os, socket, sys
+import json, os, sys
 import torch, torch.distributed as dist
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+from infra.processes import free_port
+port = free_port()
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 import yaml
 from infra.config import ClusterProfile, resolve_run

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from infra.config import ModelConfig, StageRecipe, StorageConfig
+from infra.processes import free_port
 from infra.sample_spec import CheckpointSpec, SampleJobSpec
 from infra.video import write_video
 from sampler.job import LOCK_FILE
@@ -70,8 +71,6 @@ CHECKPOINT_SCRIPT = textwrap.dedent(
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """A DeepSpeed checkpoint (step 7) plus the exact weights it holds (weights.pt)."""
-    from conftest import free_port
-
     out = tmp_path_factory.mktemp("trained")
     subprocess.run(
         [sys.executable, "-c", CHECKPOINT_SCRIPT, str(out), str(free_port())],
