@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,11 +29,13 @@ from infra.errors import ConfigError, DataError
 from infra.sample_spec import CheckpointSpec, SampleJobSpec
 from infra.storage import filesystem, join
 from infra.video import read_frames, resize_center_crop, write_video
-from sampler.models import CheckpointInfo
+from sampler.checkpoints import CheckpointInfo
 from sampler.params import SamplingParams, StoryOutput
-from sampler.pipeline import MultiScenePipeline
 from sampler.previews import write_contact_sheet, write_gif
 from sampler.prompts import Story
+
+if TYPE_CHECKING:  # the driver plans without the model frameworks
+    from sampler.pipeline import MultiScenePipeline
 
 __all__ = [
     "FPS",

@@ -40,7 +40,7 @@ from sampler.batch import (
     sampling_params,
     write_item,
 )
-from sampler.models import CheckpointInfo, describe_checkpoint, load_pipeline
+from sampler.checkpoints import CheckpointInfo, describe_checkpoint
 from sampler.params import SamplingParams
 from sampler.prompts import EVAL50, Story, check_context_videos, read_stories
 
@@ -87,6 +87,8 @@ class StoryRenderer:
 
     def __init__(self, spec_json: str, label: str) -> None:
         import torch
+
+        from sampler.models import load_pipeline  # diffusers and transformers: actors only
 
         self.spec = SampleJobSpec.model_validate_json(spec_json)
         torch.set_num_threads(self.spec.cpus_per_actor)

@@ -1,0 +1,80 @@
+"""A checkpoint to sample, described: its kind and what it says about itself (step, MLflow
+run, recipe, model source), read from its JSON files without loading any weights. The
+sample job's driver checks every checkpoint with this before Ray starts; the actors load
+the weights with ``sampler.models``.
+
+Three kinds of checkpoint folder are accepted (local or ``s3://``):
+
+- a **training checkpoint** (``checkpoint_NNNNNNNN/`` with ``deepspeed/`` and
+  ``run_config.json``);
+- an **exported transformer** (``m2d export``: ``config.json`` + safetensors);
+- a whole **diffusers CogVideoX folder** (``transformer/``, ``vae/``, ...).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from infra.checkpoints import DEEPSPEED_TAG, RUN_CONFIG, TRAINER_STATE
+from infra.config import ModelConfig, RunConfig, StageRecipe, StorageConfig
+from infra.errors import ConfigError, StorageError
+from infra.sample_spec import CheckpointSpec, SampleJobSpec
+from infra.storage import filesystem
+
+__all__ = ["CheckpointInfo", "checkpoint_kind", "describe_checkpoint"]
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint says about itself, read from its JSON files (no weights)."""
+
+    kind: str
+    #: Training step of the weights (0 when unknown): the x-axis of MLflow previews.
+    step: int
+    #: The MLflow run that trained it, when the checkpoint records one.
+    mlflow_run_id: str | None
+    #: Its training recipe (frames, size, seed, mask policy), else the spec's.
+    recipe: StageRecipe
+    model: ModelConfig
+    storage: StorageConfig
+
+
+def checkpoint_kind(uri: str, storage: StorageConfig | None) -> str:
+    """``training``, ``transformer`` or ``diffusers``; a ConfigError for anything else."""
+    fs, path = filesystem(uri, storage)
+    root = path.rstrip("/")
+    try:
+        if fs.isdir(f"{root}/{DEEPSPEED_TAG}"):
+            return "training"
+        if fs.isdir(f"{root}/transformer"):
+            return "diffusers"
+        if fs.isfile(f"{root}/config.json"):
+            return "transformer"
+        exists = fs.exists(root)
+    except OSError as exc:
+        raise StorageError(f"checkpoint {uri}: cannot read ({exc})") from None
+    problem = "is not a checkpoint folder" if exists else "does not exist"
+    raise ConfigError(
+        f"checkpoint {uri} {problem}; give RUN[:STEP], a checkpoint_NNNNNNNN folder, an "
+        "`m2d export` folder or a diffusers CogVideoX folder"
+    )
+
+
+def describe_checkpoint(spec: SampleJobSpec, checkpoint: CheckpointSpec) -> CheckpointInfo:
+    """The checkpoint's kind, step, source MLflow run and recipe, without loading weights."""
+    kind = checkpoint_kind(checkpoint.uri, spec.storage)
+    if kind != "training":
+        return CheckpointInfo(kind, 0, None, spec.recipe, spec.model, spec.storage)
+    fs, path = filesystem(checkpoint.uri, spec.storage)
+    try:
+        run = RunConfig.model_validate_json(fs.cat_file(f"{path.rstrip('/')}/{RUN_CONFIG}"))
+        state = json.loads(fs.cat_file(f"{path.rstrip('/')}/{TRAINER_STATE}"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"checkpoint {checkpoint.uri}: unreadable {RUN_CONFIG}/{TRAINER_STATE} ({exc}); "
+            "give a checkpoint of a finished save"
+        ) from None
+    return CheckpointInfo(
+        kind, state["step"], state.get("mlflow_run_id"), run.recipe, run.model, run.storage
+    )
