@@ -25,3 +25,10 @@ class StorageError(M2DError):
 
 class ServiceError(M2DError):
     """A service m2d talks to (Ray, MLflow) cannot be reached or refused the request."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of a library's exception text (its type name if it has none), for
+    one-line messages about services: their errors often carry a whole response body."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:limit]

@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 from infra.config import RunConfig
-from infra.errors import ServiceError
+from infra.errors import ServiceError, first_line
 from infra.processes import pid_alive
 from orchestrator.runs import RunRecord, registry_dir
 
@@ -94,7 +94,7 @@ def job_client(address: str):
         return JobSubmissionClient(address)
     except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError...
         raise ServiceError(
-            f"cannot reach the Ray cluster at {address} ({_first_line(exc)}); check that it "
+            f"cannot reach the Ray cluster at {address} ({first_line(exc)}); check that it "
             "runs and that ray.address in the cluster profile is its dashboard address"
         ) from None
 
@@ -116,7 +116,7 @@ def submit_remote(record: RunRecord, run: RunConfig, submission_id: str | None =
             metadata={"m2d_run": record.name, "cluster": run.cluster, "stage": run.stage},
         )
     except Exception as exc:
-        raise ServiceError(f"Ray refused the job {record.name}: {_first_line(exc)}") from None
+        raise ServiceError(f"Ray refused the job {record.name}: {first_line(exc)}") from None
     record.save()
 
 
@@ -126,9 +126,4 @@ def remote_call(record: RunRecord, method: str, *args):
     try:
         return getattr(client, method)(record.ray_job, *args)
     except Exception as exc:
-        raise ServiceError(f"{method} for run {record.name}: {_first_line(exc)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
+        raise ServiceError(f"{method} for run {record.name}: {first_line(exc)}") from None

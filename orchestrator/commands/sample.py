@@ -18,7 +18,7 @@ import click
 from pydantic import ValidationError
 
 from infra.config import RunConfig
-from infra.errors import ConfigError
+from infra.errors import ConfigError, first_line
 from infra.sample_spec import CheckpointSpec, SampleJobSpec
 from infra.storage import is_remote
 from orchestrator import profiles, runs, submit
@@ -143,7 +143,7 @@ def run_job(spec: SampleJobSpec, run: RunConfig) -> int:
             metadata={"m2d": "sample-batch", "cluster": run.cluster},
         )
     except Exception as exc:  # Ray raises several types; the message is what matters
-        raise UserError(f"Ray refused the sample-batch job: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"Ray refused the sample-batch job: {first_line(exc)}") from None
     click.echo(f"submitted sample-batch job {job_id} to {run.ray.address}")
     click.echo(f"follow with: ray job logs --follow --address {run.ray.address} {job_id}")
     return 0
