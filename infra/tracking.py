@@ -4,17 +4,43 @@ The tracking URI comes from the run config; a token, if the server needs one, on
 ``MLFLOW_TRACKING_TOKEN`` in the environment (MLflow reads it itself). Params are the
 resolved config flattened to dotted keys; nothing secret is ever put there (the config
 holds no credentials, and keys that look like credentials are dropped anyway).
+
+A training run's MLflow run id is kept in its run folder (``mlflow_run.json``):
+``open_run`` creates the MLflow run once - from the launcher where it can reach the
+store, else from the job - and every later start of the same folder (a resume, a restart)
+continues it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from infra.config import RunConfig, TrackingConfig, looks_secret
+from infra.checkpoints import TRAINER_STATE
+from infra.config import RunConfig, StorageConfig, TrackingConfig, looks_secret
+from infra.errors import ServiceError, first_line
+from infra.logging import get_logger
+from infra.storage import filesystem, join
 
-__all__ = ["Tracker", "flatten", "run_params"]
+__all__ = [
+    "MLFLOW_RUN_FILE",
+    "Tracker",
+    "check_store",
+    "fail_fast",
+    "flatten",
+    "is_server",
+    "open_run",
+    "run_id_in",
+    "run_params",
+    "store_exists",
+]
+
+log = get_logger("infra.tracking")
+
+MLFLOW_RUN_FILE = "mlflow_run.json"  # in a run folder: {"run_id": its MLflow run}
 
 # MLflow limits a param value to 6000 characters and a batch to 100 params.
 _MAX_VALUE = 6000
@@ -193,6 +219,109 @@ class Tracker:
     def reopen(self) -> None:
         """Mark a resumed run as running again."""
         self.client.update_run(self.run_id, status="RUNNING")
+
+    def latest_metrics(self) -> dict[str, float]:
+        """Each metric's latest value (``step`` and ``loss`` for a training run)."""
+        return dict(self.client.get_run(self.run_id).data.metrics)
+
+
+def is_server(uri: str) -> bool:
+    """Whether ``uri`` names a tracking server (every machine sees the same store), not a
+    file or database path (which is the store of the machine that opens it)."""
+    return uri.startswith(("http://", "https://", "databricks"))
+
+
+@contextlib.contextmanager
+def fail_fast(timeout_s: int = 10) -> Iterator[None]:
+    """MLflow requests of an interactive command: one attempt each, ``timeout_s`` at most.
+    MLflow's own retries back off for minutes against a server that is down."""
+    wanted = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
+    saved = {name: os.environ.get(name) for name in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def store_exists(uri: str) -> bool:
+    """False for a sqlite store whose file is gone (opening it would create an empty one)."""
+    if uri.startswith("sqlite:///"):
+        return os.path.exists(uri.removeprefix("sqlite:///"))
+    return True
+
+
+def check_store(uri: str) -> None:
+    """Raise a one-line ServiceError unless the tracking store at ``uri`` answers now."""
+    from mlflow.tracking import MlflowClient
+
+    with fail_fast():
+        try:
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        except Exception as exc:  # MLflow, requests and SQLAlchemy each raise their own
+            raise ServiceError(
+                f"tracking.uri {uri}: the MLflow store does not answer ({first_line(exc)}); "
+                "start the server or fix tracking.uri"
+            ) from None
+
+
+def run_id_in(run_dir: str, storage: StorageConfig | None) -> str | None:
+    """The MLflow run id kept in a run folder, or ``None`` while it has none."""
+    fs, path = filesystem(join(run_dir, MLFLOW_RUN_FILE), storage)
+    try:
+        with fs.open(path, "r") as handle:
+            return json.load(handle)["run_id"]
+    except FileNotFoundError:
+        return None
+
+
+def open_run(run: RunConfig, run_dir: str, name: str, tags: Mapping[str, str]) -> Tracker:
+    """The MLflow run of the run folder ``run_dir``: continued (status RUNNING, ``tags``
+    added) when the folder names one, else created - with the resolved config as params,
+    nested under the run it starts from - and its id written into the folder."""
+    run_id = run_id_in(run_dir, run.storage)
+    if run_id:
+        tracker = Tracker(run.tracking.uri, run_id)
+        tracker.reopen()
+        tracker.set_tags(tags)
+        return tracker
+    parent = _parent_run_id(run)
+    if parent:
+        tags = {**tags, "mlflow.parentRunId": parent}  # MLflow nests the SFT under it
+    tracker = Tracker.create(run, name, tags)
+    fs, path = filesystem(join(run_dir, MLFLOW_RUN_FILE), run.storage)
+    with fs.open(path, "w") as handle:
+        json.dump({"run_id": tracker.run_id}, handle)
+    return tracker
+
+
+def _parent_run_id(run: RunConfig) -> str | None:
+    """The MLflow run of the checkpoint this run starts from (``init_from``), if it is in
+    this run's tracking store; read from the checkpoint's ``trainer_state.json``."""
+    if not run.init_from:
+        return None
+    try:
+        fs, path = filesystem(join(run.init_from.rstrip("/"), TRAINER_STATE), run.storage)
+        with fs.open(path, "r") as handle:
+            parent = json.load(handle).get("mlflow_run_id")
+    except (OSError, ValueError) as exc:
+        log.warning("no parent MLflow run: cannot read %s's trainer state (%s)", run.init_from, exc)
+        return None
+    if not parent:
+        return None
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri=run.tracking.uri).get_run(parent)
+    except MlflowException:
+        log.warning("parent MLflow run %s is not in %s; not nesting", parent, run.tracking.uri)
+        return None
+    return parent
 
 
 def _artifact_location(uri: str) -> str | None:

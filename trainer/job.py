@@ -36,7 +36,7 @@ from infra.errors import ConfigError, M2DError, StorageError
 from infra.logging import get_logger
 from infra.ray_runtime import init_ray
 from infra.storage import filesystem, is_remote, storage_options
-from infra.tracking import Tracker
+from infra.tracking import Tracker, open_run
 
 __all__ = [
     "RunFolder",
@@ -48,9 +48,6 @@ __all__ = [
 ]
 
 log = get_logger("trainer.job")
-
-MLFLOW_RUN_FILE = "mlflow_run.json"
-TRAINER_STATE_FILE = "trainer_state.json"  # in every checkpoint (trainer.checkpoint)
 
 
 @dataclass
@@ -132,49 +129,6 @@ def _ray_storage(parent: str, storage: StorageConfig) -> tuple[str, Any]:
     return parent.split("://", 1)[1], pyarrow.fs.PyFileSystem(handler)
 
 
-def mlflow_run(folder: RunFolder, tags: dict[str, str]) -> Tracker:
-    """The run's MLflow run: reused when ``mlflow_run.json`` exists (resume), else created."""
-    fs, path = filesystem(f"{folder.uri}/{MLFLOW_RUN_FILE}", folder.run.storage)
-    if fs.exists(path):
-        with fs.open(path, "r") as handle:
-            tracker = Tracker(folder.run.tracking.uri, json.load(handle)["run_id"])
-        tracker.reopen()
-        tracker.set_tags(tags)
-        return tracker
-    parent = _parent_run_id(folder.run)
-    if parent:
-        tags = {**tags, "mlflow.parentRunId": parent}  # MLflow nests the SFT under it
-    tracker = Tracker.create(folder.run, folder.name, tags)
-    with fs.open(path, "w") as handle:
-        json.dump({"run_id": tracker.run_id}, handle)
-    return tracker
-
-
-def _parent_run_id(run: RunConfig) -> str | None:
-    """The MLflow run of the checkpoint this run starts from (``init_from``), if it is in
-    this run's tracking store; read from the checkpoint's ``trainer_state.json``."""
-    if not run.init_from:
-        return None
-    try:
-        fs, path = filesystem(f"{run.init_from.rstrip('/')}/{TRAINER_STATE_FILE}", run.storage)
-        with fs.open(path, "r") as handle:
-            parent = json.load(handle).get("mlflow_run_id")
-    except (OSError, ValueError) as exc:
-        log.warning("no parent MLflow run: cannot read %s's trainer state (%s)", run.init_from, exc)
-        return None
-    if not parent:
-        return None
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    try:
-        MlflowClient(tracking_uri=run.tracking.uri).get_run(parent)
-    except MlflowException:
-        log.warning("parent MLflow run %s is not in %s; not nesting", parent, run.tracking.uri)
-        return None
-    return parent
-
-
 def git_commit() -> str:
     """The commit of the code that runs (``M2D_GIT_COMMIT`` wins; 'unknown' outside git)."""
     if os.environ.get("M2D_GIT_COMMIT"):
@@ -235,7 +189,7 @@ def fit(folder: RunFolder, data: dict[str, Any], init_from: str | None = None) -
 
     init_ray()
     tags = {"git_commit": git_commit(), "ray_job_id": _ray_job_id()}
-    tracker = mlflow_run(folder, tags)
+    tracker = open_run(folder.run, folder.uri, folder.name, tags)
     log.info("MLflow run %s", tracker.url)
     trainer = TorchTrainer(
         train_worker,

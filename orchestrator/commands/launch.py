@@ -10,7 +10,7 @@ import yaml
 
 from infra.config import STAGES, RunConfig, looks_secret
 from infra.deepspeed_config import deepspeed_config
-from infra.errors import ConfigError
+from infra.errors import ConfigError, ServiceError, first_line
 from orchestrator import profiles, runs, submit
 
 # Credentials the workers read from their own environment, never from config.
@@ -79,7 +79,13 @@ def _latest_pretrain(cluster_name: str) -> runs.RunRecord:
 
 def _start(record: runs.RunRecord, run: RunConfig, follow: bool) -> int:
     click.echo(f"run {record.name}: {run.stage} on {run.cluster} -> {record.run_dir}")
-    click.echo(f"MLflow: {run.tracking.uri} (experiment {run.tracking.experiment})")
+    if _opens_mlflow_here(run):
+        click.echo(f"MLflow run: {_open_mlflow(record, run)}")
+    else:
+        click.echo(
+            f"MLflow: {run.tracking.uri} (experiment {run.tracking.experiment}); the job opens "
+            "the run in the cluster's store"
+        )
     if record.kind == "local":
         return submit.run_local(record, echo=click.echo)
     submit.submit_remote(record, run, submission_id=_next_job_id(record))
@@ -87,6 +93,29 @@ def _start(record: runs.RunRecord, run: RunConfig, follow: bool) -> int:
     if follow:
         return _follow_remote(record)
     return 0
+
+
+def _opens_mlflow_here(run: RunConfig) -> bool:
+    """Whether the launcher opens the run's MLflow run (and so can print its URL): always
+    for local runs; for remote ones when the store is a server, since a file or sqlite
+    URI names a store on the cluster's machines."""
+    from infra.tracking import is_server
+
+    return run.ray.address == "local" or is_server(run.tracking.uri)
+
+
+def _open_mlflow(record: runs.RunRecord, run: RunConfig) -> str:
+    """Create (or, resuming, continue) the run's MLflow run; the job continues it. Its URL."""
+    from infra.tracking import fail_fast, open_run
+
+    with fail_fast():
+        try:
+            return open_run(run, record.run_dir, record.name, {}).url
+        except Exception as exc:
+            raise ServiceError(
+                f"tracking.uri {run.tracking.uri}: cannot open the run's MLflow run "
+                f"({first_line(exc)}); start the server or fix tracking.uri"
+            ) from None
 
 
 def _next_job_id(record: runs.RunRecord) -> str:
@@ -204,6 +233,10 @@ def launch(
             return
         if run.ray.address != "local":
             submit.job_client(run.ray.address)  # an unreachable cluster fails before any write
+        if not smoke and _opens_mlflow_here(run):
+            from infra.tracking import check_store
+
+            check_store(run.tracking.uri)  # so does an MLflow store that does not answer
         if smoke:
             _smoke(ctx, run, assignments)
             return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 
 import click
 
@@ -17,6 +18,46 @@ def state_of(record: runs.RunRecord) -> str:
     if record.kind == "local":
         return submit.local_state(record)
     return str(submit.remote_call(record, "get_job_status").value)
+
+
+@dataclass
+class Progress:
+    """Where a run's MLflow run stands: its URL and the latest step and loss logged."""
+
+    url: str
+    step: int | None
+    loss: float | None
+
+
+def progress_of(records: list[runs.RunRecord]) -> dict[str, Progress]:
+    """Each run's MLflow progress, by run name; runs without one are left out. One try per
+    tracking store: a store that does not answer is skipped for the remaining runs."""
+    from infra.tracking import Tracker, fail_fast, run_id_in, store_exists
+
+    found: dict[str, Progress] = {}
+    silent: set[str] = set()
+    with fail_fast(timeout_s=5):
+        for record in records:
+            uri = record.tracking_uri
+            if not uri or uri in silent or not store_exists(uri):
+                continue
+            try:
+                run_id = run_id_in(record.run_dir, record.storage_config)
+            except OSError:  # the run folder cannot be read from here
+                continue
+            if run_id is None:
+                continue
+            try:
+                tracker = Tracker(uri, run_id)
+                metrics = tracker.latest_metrics()
+                step = metrics.get("step")
+                found[record.name] = Progress(
+                    tracker.url, None if step is None else int(step), metrics.get("loss")
+                )
+            except Exception as exc:  # MLflow, requests and SQLAlchemy each raise their own
+                if getattr(exc, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+                    silent.add(uri)
+    return found
 
 
 def latest_finished(cluster: str, stage: str) -> runs.RunRecord | None:
@@ -57,13 +98,19 @@ def _follow_local(record: runs.RunRecord) -> None:
 @click.command()
 @click.argument("name")
 def status(name: str) -> None:
-    """State of run NAME, where it runs, and its latest checkpoint."""
+    """State of run NAME, where it runs, its progress and its latest checkpoint."""
     record = runs.load_record(name)
     found = runs.checkpoints(record)
+    progress = progress_of([record]).get(record.name)
     click.echo(f"run:        {record.name} ({record.stage} on {record.cluster})")
     click.echo(f"state:      {state_of(record)}")
     click.echo(f"where:      {record.address if record.kind == 'remote' else 'local process'}")
     click.echo(f"folder:     {record.run_dir}")
+    if progress is not None:
+        click.echo(f"step:       {_step(progress)}, loss {_loss(progress)}")
+        click.echo(f"mlflow:     {progress.url}")
+    else:
+        click.echo(f"mlflow:     no run readable in {record.tracking_uri} from here")
     click.echo(f"checkpoint: {found[-1] if found else 'none yet'}")
 
 
@@ -103,17 +150,37 @@ def stop(name: str) -> None:
 @click.command("runs")
 @click.option("--limit", default=20, show_default=True, help="How many recent runs.")
 def runs_(limit: int) -> None:
-    """Table of recent runs: stage, cluster, state, checkpoints."""
+    """Table of recent runs: stage, cluster, state, step, last loss, checkpoints."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("run", "stage", "cluster", "state", "checkpoints", "latest checkpoint")
-    for record in runs.recent_records(limit):
+    records = runs.recent_records(limit)
+    progress = progress_of(records)
+    table = Table("run", "stage", "cluster", "state", "step", "loss", "checkpoints", "latest")
+    for record in records:
         try:
             state = state_of(record)
         except Exception as exc:  # one unreachable cluster must not hide the other runs
             state = f"unknown ({type(exc).__name__})"
         found = runs.checkpoints(record)
         latest = found[-1].rsplit("/", 1)[-1] if found else "-"
-        table.add_row(record.name, record.stage, record.cluster, state, str(len(found)), latest)
+        seen = progress.get(record.name)
+        table.add_row(
+            record.name,
+            record.stage,
+            record.cluster,
+            state,
+            _step(seen),
+            _loss(seen),
+            str(len(found)),
+            latest,
+        )
     Console(width=160).print(table)
+
+
+def _step(progress: Progress | None) -> str:
+    return "-" if progress is None or progress.step is None else str(progress.step)
+
+
+def _loss(progress: Progress | None) -> str:
+    return "-" if progress is None or progress.loss is None else f"{progress.loss:.4f}"

@@ -39,7 +39,7 @@ def workspace(tmp_path_factory, mlflow_server):
         "fault_tolerance.checkpoint_every": "2",
     }
     flags = [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
-    return {"root": root, "env": env, "flags": flags}
+    return {"root": root, "env": env, "flags": flags, "tracking": mlflow_server}
 
 
 def m2d(workspace, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -86,10 +86,21 @@ def test_remote_launch_status_logs_stop(workspace, ray_head):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"submitted to {ray_head}" in done.stdout
-    assert _records(workspace)["remote"]["kind"] == "remote"
+    record = _records(workspace)["remote"]
+    assert record["kind"] == "remote"
+    # The launcher opened the MLflow run (so it could print its URL); the job continued it.
+    run_id = json.loads((Path(record["run_dir"]) / "mlflow_run.json").read_text())["run_id"]
+    url = f"MLflow run: {workspace['tracking']}/#/experiments/"
+    assert url in done.stdout and done.stdout.split(url, 1)[1].split()[0].endswith(run_id)
     assert _wait_state(workspace, "remote", {"SUCCEEDED", "FAILED"}) == "SUCCEEDED"
     logs = m2d(workspace, "logs", "remote")
     assert logs.returncode == 0 and logs.stdout.strip()
+    assert f"MLflow run {workspace['tracking']}/#/experiments/" in logs.stdout  # the same run
+    assert run_id in logs.stdout.split("MLflow run ", 1)[1].splitlines()[0]
+    row = next(line for line in m2d(workspace, "runs").stdout.splitlines() if " remote " in line)
+    # run, stage, cluster, state, step, loss, checkpoints, latest
+    cells = [cell.strip() for cell in row.strip("│ ").split("│")]
+    assert cells[3:5] == ["SUCCEEDED", "4"] and float(cells[5]) > 0
 
     long_run = [*flags, "--set", "recipe.steps=1000"]
     m2d(

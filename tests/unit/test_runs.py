@@ -160,3 +160,88 @@ def test_each_remote_start_of_a_run_gets_its_own_ray_job_name(tmp_path):
     assert _next_job_id(record) == "r-resume-1"
     record.job_id = "r-resume-1"
     assert _next_job_id(record) == "r-resume-2" and record.ray_job == "r-resume-1"
+
+
+def _tracked(tmp_path, name: str, losses: list[float], uri: str | None = None):
+    """A finished run whose MLflow run (a sqlite store) logged ``losses`` at steps 1..n."""
+    from infra.tracking import open_run
+
+    uri = uri or f"sqlite:///{tmp_path / 'mlflow.db'}"
+    record = _record(tmp_path, name, exit_code=0, tracking_uri=uri)
+    run = runs.read_run_config(record)
+    run = run.model_copy(update={"tracking": run.tracking.model_copy(update={"uri": uri})})
+    tracker = open_run(run, record.run_dir, name, {})
+    tracker.log_rows([(n, 1000 * n, {"step": n, "loss": x}) for n, x in enumerate(losses, 1)])
+    return record, tracker
+
+
+def _row(output: str, name: str) -> list[str]:
+    line = next(line for line in output.splitlines() if f" {name} " in line)
+    return [cell.strip() for cell in line.strip("│ ").split("│")]
+
+
+def test_runs_table_and_status_show_the_latest_step_and_loss_from_mlflow(tmp_path):
+    _tracked(tmp_path, "alpha", [0.9, 0.8, 0.7])
+    _, beta = _tracked(tmp_path, "beta", [1.5, 1.25])
+    _record(tmp_path, "gamma", exit_code=0)  # never tracked: no mlflow_run.json
+    table = CliRunner().invoke(cli, ["runs"])
+    assert table.exit_code == 0, table.output
+    # run, stage, cluster, state, step, loss, checkpoints, latest
+    assert _row(table.output, "alpha")[3:6] == ["SUCCEEDED", "3", "0.7000"]
+    assert _row(table.output, "beta")[4:6] == ["2", "1.2500"]
+    assert _row(table.output, "gamma")[4:6] == ["-", "-"]
+    status = CliRunner().invoke(cli, ["status", "beta"])
+    assert "step:       2, loss 1.2500" in status.output
+    assert f"run {beta.run_id}" in status.output
+
+
+def test_an_mlflow_store_that_does_not_answer_gets_one_try_and_dashes(tmp_path):
+    # A port that accepts and drops every connection: MLflow's own retries would come
+    # back to it for minutes; `m2d runs` tries once and skips the store's other runs.
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    attempts = []
+
+    def drop() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            attempts.append(1)
+            conn.close()
+
+    threading.Thread(target=drop, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.getsockname()[1]}"
+    for name in ("one", "two"):
+        record = _record(tmp_path, name, exit_code=0, tracking_uri=uri)
+        (Path(record.run_dir) / "mlflow_run.json").write_text('{"run_id": "0123"}')
+    gone = tmp_path / "gone.db"
+    record = _record(tmp_path, "three", exit_code=0, tracking_uri=f"sqlite:///{gone}")
+    (Path(record.run_dir) / "mlflow_run.json").write_text('{"run_id": "0123"}')
+    try:
+        table = CliRunner().invoke(cli, ["runs"])
+    finally:
+        server.close()
+    assert table.exit_code == 0, table.output
+    for name in ("one", "two", "three"):
+        assert _row(table.output, name)[4:6] == ["-", "-"]
+    assert len(attempts) == 1
+    assert not gone.exists()  # a missing sqlite store is not created by looking at it
+
+
+def test_a_launch_whose_mlflow_store_does_not_answer_writes_nothing(tmp_path):
+    from infra.processes import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    argv = ["launch", "--cluster", "local", "--stage", "pretrain"]
+    argv += ["--set", f"storage.root={tmp_path / 'runs'}", "--set", f"tracking.uri={uri}"]
+    result = CliRunner().invoke(cli, argv)
+    assert result.exit_code == 2, result.output
+    assert f"tracking.uri {uri}: the MLflow store does not answer" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists() and runs.recent_records() == []
