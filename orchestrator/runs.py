@@ -15,12 +15,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from infra.checkpoints import RUN_CONFIG, TRAINER_STATE
 from infra.config import RunConfig, StorageConfig
 from infra.errors import ConfigError
 from infra.storage import filesystem, join
-
-RUN_CONFIG_FILE = "run_config.json"
-TRAINER_STATE_FILE = "trainer_state.json"  # written into every checkpoint by the trainer
 
 
 @dataclass
@@ -120,10 +118,10 @@ def create_run_folder(run: RunConfig, name: str) -> str:
             f"{name}` or pick another --name"
         )
     fs.makedirs(path, exist_ok=True)
-    config_path = join(path, RUN_CONFIG_FILE)
+    config_path = join(path, RUN_CONFIG)
     with fs.open(config_path, "w") as handle:
         handle.write(run.model_dump_json(indent=2))
-    return join(folder, RUN_CONFIG_FILE)
+    return join(folder, RUN_CONFIG)
 
 
 def read_run_config(record: RunRecord) -> RunConfig:
@@ -156,7 +154,7 @@ def latest_checkpoint(record: RunRecord) -> str:
 
 def checkpoint_step(checkpoint_uri: str, record: RunRecord) -> int | None:
     """The training step a checkpoint was taken at (its trainer_state.json), if readable."""
-    fs, path = filesystem(join(checkpoint_uri, TRAINER_STATE_FILE), record.storage_config)
+    fs, path = filesystem(join(checkpoint_uri, TRAINER_STATE), record.storage_config)
     try:
         with fs.open(path) as handle:
             return int(json.load(handle)["step"])

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from infra.checkpoints import TRAINER_STATE
 from infra.config import RunConfig, deep_merge
 from infra.storage import filesystem, join
 from orchestrator import runs, submit
@@ -114,7 +115,7 @@ def _client(run: RunConfig):
 
 def _checkpoint_state(record: runs.RunRecord, step: int) -> dict | None:
     """trainer_state.json of the run's checkpoint at ``step``, if it is there."""
-    uri = join(record.run_dir, f"checkpoint_{step:08d}", runs.TRAINER_STATE_FILE)
+    uri = join(record.run_dir, f"checkpoint_{step:08d}", TRAINER_STATE)
     fs, path = filesystem(uri, record.storage_config)
     try:
         with fs.open(path) as handle:
