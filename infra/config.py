@@ -13,6 +13,7 @@ process that needs them, and the validators refuse values that look like credent
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -373,6 +374,15 @@ class RunConfig(_Placement):
                 "deepspeed.gradient_accumulation / deepspeed.micro_batch_per_gpu",
             )
         return self
+
+
+def stage_input(data: Mapping[str, Any], stage: str) -> tuple[str, str] | None:
+    """The ``data`` key and URI that training ``stage`` reads - its precomputed latents when
+    set, else its manifest - or ``None`` when neither is set."""
+    for key in (f"{stage}_latents", stage):
+        if data.get(key):
+            return key, data[key]
+    return None
 
 
 def resolve_run(

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import posixpath
+from collections.abc import Mapping
 from typing import Any
 
 import fsspec
 
-from infra.config import StorageConfig
-from infra.errors import StorageError
+from infra.config import StorageConfig, stage_input
+from infra.errors import DataError, StorageError, first_line
 
 
 def storage_options(storage: StorageConfig | None) -> dict[str, Any]:
@@ -43,6 +44,33 @@ def filesystem(
         return fsspec.core.url_to_fs(uri, **options)
     except (ImportError, ValueError) as exc:
         raise StorageError(f"{uri}: cannot open this location ({exc})") from None
+
+
+def require(uri: str, storage: StorageConfig | None, key: str, fix: str = "fix the path") -> None:
+    """Raise a one-line DataError naming the setting ``key`` and the ``fix`` unless ``uri``
+    (a file or a folder) exists: inputs are checked before any job starts, not by its
+    workers."""
+    fs, path = filesystem(uri, storage)
+    try:
+        found = fs.exists(path)
+    except OSError as exc:
+        raise StorageError(f"{key} = {uri}: cannot check it ({first_line(exc)})") from None
+    if not found:
+        raise DataError(f"{key} = {uri}: not found; {fix}")
+
+
+def check_stage_input(data: Mapping[str, Any], stage: str, storage: StorageConfig | None) -> None:
+    """The input that training ``stage`` reads (:func:`infra.config.stage_input`) must
+    exist; with none set there is nothing to check here (the job says what to set)."""
+    found = stage_input(data, stage)
+    if found is None:
+        return
+    key, uri = found
+    if key.endswith("_latents"):
+        fix = f"fix the path or write it with `m2d data precompute --stage {stage} --out ...`"
+    else:
+        fix = "fix the path (`m2d data synth --out DIR` writes a small synthetic dataset)"
+    require(uri, storage, f"data.{key}", fix)
 
 
 def is_remote(uri: str) -> bool:

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import torch
 
-from infra.config import RunConfig
+from infra.config import RunConfig, stage_input
 from infra.errors import ConfigError
 from infra.logging import get_logger
 from trainer.encode import encode_prompts, encode_videos
@@ -87,14 +87,15 @@ def _source(
     data = dict(data or {})
     if data.get("synthetic"):
         return SyntheticStories(run, rank)
-    if data.get(f"{run.stage}_latents"):
-        return PrecomputedStories(run, data[f"{run.stage}_latents"], rank, world_size)
-    uri = data.get(run.stage)
-    if not uri:
+    found = stage_input(data, run.stage)
+    if found is None:
         raise ConfigError(
             f"no {run.stage} manifest: pass --data-{run.stage} URI to the job, set "
             f"data.{run.stage}_latents, or data.synthetic for a smoke run without files"
         )
+    key, uri = found
+    if key.endswith("_latents"):
+        return PrecomputedStories(run, uri, rank, world_size)
     return ManifestStories(run, uri, rank, world_size)
 
 

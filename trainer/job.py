@@ -31,11 +31,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from infra.config import RunConfig, StorageConfig
+from infra.config import RunConfig, StorageConfig, stage_input
 from infra.errors import ConfigError, M2DError, StorageError
 from infra.logging import get_logger
 from infra.ray_runtime import init_ray
-from infra.storage import filesystem, is_remote, storage_options
+from infra.storage import check_stage_input, filesystem, is_remote, storage_options
 from infra.tracking import Tracker, open_run
 
 __all__ = [
@@ -229,19 +229,22 @@ def _ray_job_id() -> str:
 def _data(args: argparse.Namespace, run: RunConfig) -> dict[str, Any]:
     """The loop's ``data`` entry: the run's ``data`` section, command-line flags over it.
 
-    The stage's manifest must be given; checked here, before any worker starts.
+    The stage's input (manifest or latents) must be given and exist; checked here, before
+    Ray starts, so a wrong path is one line, not every worker's traceback.
     """
     if args.synthetic_data:
         return {"synthetic": True}
     flags = {"pretrain": args.data_pretrain, "sft": args.data_sft}
     data = {k: v for k, v in run.data.model_dump().items() if v}
     data.update({k: v for k, v in flags.items() if v})
-    if run.stage not in data and f"{run.stage}_latents" not in data:
+    found = stage_input(data, run.stage)
+    if found is None:
         raise ConfigError(
             f"stage {run.stage} needs its manifest: set data.{run.stage} in the run config "
             f"or pass --data-{run.stage} URI (or set data.{run.stage}_latents to precomputed "
             "latents, or --synthetic-data for a run without files)"
         )
+    check_stage_input(data, run.stage, run.storage)
     return data
 
 
@@ -270,11 +273,14 @@ def main(argv: list[str] | None = None) -> int:
         "--init-from", help="checkpoint folder whose weights a new run starts from (init_from)"
     )
     args = parser.parse_args(argv)
+    folder = None
     try:
         folder = read_run_folder(args.config, args.endpoint_url)
         init_from = args.init_from or folder.run.init_from
         outcome = fit(folder, _data(args, folder.run), init_from)
     except M2DError as exc:
+        if folder is not None:
+            _mark_failed(folder)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     import ray
@@ -285,6 +291,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {_first_line(outcome.error)}", file=sys.stderr)
         return 2 if isinstance(_root_cause(outcome.error), M2DError) else 1
     return 0
+
+
+def _mark_failed(folder: RunFolder) -> None:
+    """End the folder's MLflow run as FAILED, if it has one (the launcher opens it before
+    the job starts); a store that does not answer is left as it is."""
+    from infra.tracking import fail_fast, run_id_in
+
+    try:
+        run_id = run_id_in(folder.uri, folder.run.storage)
+        if run_id:
+            with fail_fast():
+                Tracker(folder.run.tracking.uri, run_id).finish("FAILED")
+    except Exception as exc:  # the job's own error is what the user needs to see
+        log.warning("could not mark MLflow run FAILED: %s", exc)
 
 
 def _root_cause(error: BaseException) -> BaseException:

@@ -95,6 +95,14 @@ def _start(record: runs.RunRecord, run: RunConfig, follow: bool) -> int:
     return 0
 
 
+def _check_input(run: RunConfig) -> None:
+    """The stage's manifest or latents must exist (a local run reads them from here; the
+    job checks again wherever it runs)."""
+    from infra.storage import check_stage_input
+
+    check_stage_input(run.data.model_dump(), run.stage, run.storage)
+
+
 def _opens_mlflow_here(run: RunConfig) -> bool:
     """Whether the launcher opens the run's MLflow run (and so can print its URL): always
     for local runs; for remote ones when the store is a server, since a file or sqlite
@@ -233,10 +241,12 @@ def launch(
             return
         if run.ray.address != "local":
             submit.job_client(run.ray.address)  # an unreachable cluster fails before any write
+        if run.ray.address == "local":
+            _check_input(run)  # so does a training input that is not there
         if not smoke and _opens_mlflow_here(run):
             from infra.tracking import check_store
 
-            check_store(run.tracking.uri)  # so does an MLflow store that does not answer
+            check_store(run.tracking.uri)  # and an MLflow store that does not answer
         if smoke:
             _smoke(ctx, run, assignments)
             return

@@ -238,10 +238,48 @@ def test_a_launch_whose_mlflow_store_does_not_answer_writes_nothing(tmp_path):
     from infra.processes import free_port
 
     uri = f"http://127.0.0.1:{free_port()}"
+    manifest = tmp_path / "pretrain.jsonl"
+    manifest.write_text("")
     argv = ["launch", "--cluster", "local", "--stage", "pretrain"]
     argv += ["--set", f"storage.root={tmp_path / 'runs'}", "--set", f"tracking.uri={uri}"]
-    result = CliRunner().invoke(cli, argv)
+    result = CliRunner().invoke(cli, [*argv, "--set", f"data.pretrain={manifest}"])
     assert result.exit_code == 2, result.output
     assert f"tracking.uri {uri}: the MLflow store does not answer" in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists() and runs.recent_records() == []
+
+
+@pytest.mark.parametrize("key", ["pretrain", "pretrain_latents"])
+def test_a_local_launch_whose_training_input_is_missing_writes_nothing(tmp_path, key):
+    missing = tmp_path / "nowhere" / key
+    argv = ["launch", "--cluster", "local", "--stage", "pretrain"]
+    argv += ["--set", f"storage.root={tmp_path / 'runs'}", "--set", f"data.{key}={missing}"]
+    result = CliRunner().invoke(cli, argv)
+    assert result.exit_code == 2, result.output
+    assert f"data.{key} = {missing}: not found" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists() and runs.recent_records() == []
+
+
+def test_the_job_checks_its_input_before_ray_starts_and_fails_the_mlflow_run(tmp_path, capsys):
+    # A remote run's inputs are the cluster's: the job's driver checks them, before Ray
+    # starts, and ends the MLflow run the launcher opened for it.
+    from mlflow.tracking import MlflowClient
+
+    from trainer import job
+
+    missing = tmp_path / "moved.jsonl"
+    record, tracker = _tracked(tmp_path, "remote", [1.0])
+    run = runs.read_run_config(record)
+    run = run.model_copy(
+        update={
+            "data": run.data.model_copy(update={"pretrain": str(missing)}),
+            "tracking": run.tracking.model_copy(update={"uri": record.tracking_uri}),
+        }
+    )
+    Path(record.config_uri).write_text(run.model_dump_json())
+    code = job.main(["--config", record.config_uri])
+    assert code == 2
+    assert f"error: data.pretrain = {missing}: not found" in capsys.readouterr().err
+    status = MlflowClient(record.tracking_uri).get_run(tracker.run_id).info.status
+    assert status == "FAILED"
