@@ -9,8 +9,10 @@ the orchestrator; the flags override its ``data`` and ``init_from`` keys. The ru
 is that folder's name and Ray Train keeps its state and
 checkpoints in the same folder. Run it locally as a subprocess or as a Ray Jobs
 entrypoint: ``ray.init()`` joins the cluster named by ``RAY_ADDRESS`` or starts a local
-Ray. Running it again on the same folder resumes from the latest checkpoint, in the same
-MLflow run (its id is kept in ``mlflow_run.json`` beside the config). A run that starts
+Ray. The job continues the MLflow run named in ``mlflow_run.json`` beside the config (the
+launcher opens it where it can reach the store) or opens it (``infra.tracking.open_run``);
+running it again on the same folder resumes from the latest checkpoint, in that same
+MLflow run. A run that starts
 from another run's checkpoint (``init_from``: SFT from pretrain) is nested under that
 run's MLflow run; every reported checkpoint is logged there as a small JSON artifact
 (``checkpoints/checkpoint_NNNNNNNN.json``: URI, step, time) and the ``checkpoint.latest``
