@@ -30,6 +30,7 @@ __all__ = [
     "Tracker",
     "check_store",
     "fail_fast",
+    "fail_run",
     "flatten",
     "is_server",
     "open_run",
@@ -297,6 +298,19 @@ def open_run(run: RunConfig, run_dir: str, name: str, tags: Mapping[str, str]) -
     with fs.open(path, "w") as handle:
         json.dump({"run_id": tracker.run_id}, handle)
     return tracker
+
+
+def fail_run(run: RunConfig, run_dir: str) -> None:
+    """End the run folder's MLflow run as FAILED, if it has one: a job or a submission
+    that failed before training leaves no run RUNNING. Best effort: the failure itself is
+    what the user needs to see, so a store that does not answer is only logged."""
+    try:
+        run_id = run_id_in(run_dir, run.storage)
+        if run_id:
+            with fail_fast():
+                Tracker(run.tracking.uri, run_id).finish("FAILED")
+    except Exception as exc:  # MLflow, requests, SQLAlchemy and fsspec each raise their own
+        log.warning("could not mark the MLflow run of %s FAILED: %s", run_dir, first_line(exc))
 
 
 def _parent_run_id(run: RunConfig) -> str | None:

@@ -38,7 +38,7 @@ from infra.errors import ConfigError, M2DError, StorageError
 from infra.logging import get_logger
 from infra.ray_runtime import init_ray
 from infra.storage import check_stage_input, filesystem, is_remote, storage_options
-from infra.tracking import Tracker, open_run
+from infra.tracking import Tracker, fail_run, open_run
 
 __all__ = [
     "RunFolder",
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome = fit(folder, _data(args, folder.run), init_from)
     except M2DError as exc:
         if folder is not None:
-            _mark_failed(folder)
+            fail_run(folder.run, folder.uri)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     import ray
@@ -293,20 +293,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {_first_line(outcome.error)}", file=sys.stderr)
         return 2 if isinstance(_root_cause(outcome.error), M2DError) else 1
     return 0
-
-
-def _mark_failed(folder: RunFolder) -> None:
-    """End the folder's MLflow run as FAILED, if it has one (the launcher opens it before
-    the job starts); a store that does not answer is left as it is."""
-    from infra.tracking import fail_fast, run_id_in
-
-    try:
-        run_id = run_id_in(folder.uri, folder.run.storage)
-        if run_id:
-            with fail_fast():
-                Tracker(folder.run.tracking.uri, run_id).finish("FAILED")
-    except Exception as exc:  # the job's own error is what the user needs to see
-        log.warning("could not mark MLflow run FAILED: %s", exc)
 
 
 def _root_cause(error: BaseException) -> BaseException:

@@ -88,7 +88,14 @@ def _start(record: runs.RunRecord, run: RunConfig, follow: bool) -> int:
         )
     if record.kind == "local":
         return submit.run_local(record, echo=click.echo)
-    submit.submit_remote(record, run, submission_id=_next_job_id(record))
+    try:
+        submit.submit_remote(record, run, submission_id=_next_job_id(record))
+    except ServiceError:
+        if _opens_mlflow_here(run):
+            from infra.tracking import fail_run
+
+            fail_run(run, record.run_dir)  # no job will continue the run opened above
+        raise
     click.echo(f"submitted to {run.ray.address}; follow with `m2d logs {record.name} -f`")
     if follow:
         return _follow_remote(record)

@@ -134,3 +134,36 @@ def test_unreachable_cluster_is_one_line(workspace):
     assert result.returncode == 2
     assert "cannot reach the Ray cluster at http://127.0.0.1:9" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_refused_submission_leaves_no_mlflow_run_running(tmp_path, monkeypatch, mlflow_server):
+    # The launcher opened the MLflow run; Ray then refused the job (say, a runtime_env it
+    # cannot build): the run is ended as FAILED, not left RUNNING with no job behind it.
+    from click.testing import CliRunner
+    from mlflow.tracking import MlflowClient
+
+    from infra.errors import ServiceError
+    from orchestrator import submit
+    from orchestrator.cli import cli
+
+    def refuse(record, run, submission_id=None):
+        raise ServiceError(f"Ray refused the job {record.name}: no such image")
+
+    monkeypatch.setenv("M2D_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(submit, "job_client", lambda address: object())
+    monkeypatch.setattr(submit, "submit_remote", refuse)
+    manifest = tmp_path / "pretrain.jsonl"
+    manifest.write_text("")
+    uri = mlflow_server
+    sets = {
+        "ray.address": "http://127.0.0.1:8265",
+        "storage.root": str(tmp_path / "runs"),
+        "tracking.uri": uri,
+        "data.pretrain": str(manifest),
+    }
+    argv = ["launch", "--cluster", "local", "--stage", "pretrain", "--name", "refused"]
+    result = CliRunner().invoke(cli, [*argv, *(f"--set={k}={v}" for k, v in sets.items())])
+    assert result.exit_code == 2, result.output
+    assert "Ray refused the job refused: no such image" in result.output
+    run_id = json.loads((tmp_path / "runs" / "refused" / "mlflow_run.json").read_text())["run_id"]
+    assert MlflowClient(uri).get_run(run_id).info.status == "FAILED"
