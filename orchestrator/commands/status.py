@@ -109,8 +109,8 @@ def status(name: str) -> None:
     if progress is not None:
         click.echo(f"step:       {_step(progress)}, loss {_loss(progress)}")
         click.echo(f"mlflow:     {progress.url}")
-    else:
-        click.echo(f"mlflow:     no run readable in {record.tracking_uri} from here")
+    elif record.tracking_uri:
+        click.echo(f"mlflow:     no run of it readable in {record.tracking_uri} from here")
     click.echo(f"checkpoint: {found[-1] if found else 'none yet'}")
 
 
