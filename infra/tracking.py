@@ -29,8 +29,8 @@ __all__ = [
     "MLFLOW_RUN_FILE",
     "Tracker",
     "check_store",
+    "end_run",
     "fail_fast",
-    "fail_run",
     "flatten",
     "is_server",
     "open_run",
@@ -300,17 +300,18 @@ def open_run(run: RunConfig, run_dir: str, name: str, tags: Mapping[str, str]) -
     return tracker
 
 
-def fail_run(run: RunConfig, run_dir: str) -> None:
-    """End the run folder's MLflow run as FAILED, if it has one: a job or a submission
-    that failed before training leaves no run RUNNING. Best effort: the failure itself is
-    what the user needs to see, so a store that does not answer is only logged."""
+def end_run(run: RunConfig, run_dir: str, status: str = "FAILED") -> None:
+    """End the run folder's MLflow run as ``status`` (FAILED, KILLED), if it has one: a job
+    stopped or failed before its end, or a submission Ray refused, leaves no run RUNNING.
+    Best effort: what happened to the job is what the user needs to see, so a store that
+    does not answer is only logged."""
     try:
         run_id = run_id_in(run_dir, run.storage)
         if run_id:
             with fail_fast():
-                Tracker(run.tracking.uri, run_id).finish("FAILED")
+                Tracker(run.tracking.uri, run_id).finish(status)
     except Exception as exc:  # MLflow, requests, SQLAlchemy and fsspec each raise their own
-        log.warning("could not mark the MLflow run of %s FAILED: %s", run_dir, first_line(exc))
+        log.warning("could not mark the MLflow run of %s %s: %s", run_dir, status, first_line(exc))
 
 
 def _parent_run_id(run: RunConfig) -> str | None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -38,7 +39,7 @@ from infra.errors import ConfigError, M2DError, StorageError
 from infra.logging import get_logger
 from infra.ray_runtime import init_ray
 from infra.storage import check_stage_input, filesystem, is_remote, storage_options
-from infra.tracking import Tracker, fail_run, open_run
+from infra.tracking import Tracker, end_run, open_run
 
 __all__ = [
     "RunFolder",
@@ -275,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         "--init-from", help="checkpoint folder whose weights a new run starts from (init_from)"
     )
     args = parser.parse_args(argv)
+    # `m2d stop` and Ray's job stop send SIGTERM (then, on Ray, SIGKILL 3 s later): exit
+    # through the handlers below, as ray.init's own SIGTERM handler does once it runs.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     folder = None
     try:
         folder = read_run_folder(args.config, args.endpoint_url)
@@ -282,9 +286,13 @@ def main(argv: list[str] | None = None) -> int:
         outcome = fit(folder, _data(args, folder.run), init_from)
     except M2DError as exc:
         if folder is not None:
-            fail_run(folder.run, folder.uri)
+            end_run(folder.run, folder.uri, "FAILED")
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, SystemExit):
+        if folder is not None:  # the MLflow run says KILLED, not RUNNING, until a resume
+            end_run(folder.run, folder.uri, "KILLED")
+        raise
     import ray
 
     ray.shutdown()  # flushes the workers' streamed logs, so the summary comes last

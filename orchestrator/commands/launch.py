@@ -92,9 +92,9 @@ def _start(record: runs.RunRecord, run: RunConfig, follow: bool) -> int:
         submit.submit_remote(record, run, submission_id=_next_job_id(record))
     except ServiceError:
         if _opens_mlflow_here(run):
-            from infra.tracking import fail_run
+            from infra.tracking import end_run
 
-            fail_run(run, record.run_dir)  # no job will continue the run opened above
+            end_run(run, record.run_dir)  # no job will continue the run opened above
         raise
     click.echo(f"submitted to {run.ray.address}; follow with `m2d logs {record.name} -f`")
     if follow:

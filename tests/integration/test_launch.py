@@ -79,6 +79,21 @@ def _wait_state(workspace, name: str, wanted: set[str], timeout: float = 420) ->
     raise AssertionError(f"run {name} stayed {state!r}, wanted {wanted}")
 
 
+def _wait_log(workspace, name: str, text: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in m2d(workspace, "logs", name).stdout:
+        assert time.monotonic() < deadline, f"{text!r} never appeared in the logs of {name}"
+        time.sleep(2)
+
+
+def _mlflow_status(workspace, name: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    run_dir = Path(_records(workspace)[name]["run_dir"])
+    run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+    return MlflowClient(workspace["tracking"]).get_run(run_id).info.status
+
+
 def test_remote_launch_status_logs_stop(workspace, ray_head):
     flags = [*workspace["flags"], "--set", f"ray.address={ray_head}"]
     done = m2d(
@@ -115,15 +130,18 @@ def test_remote_launch_status_logs_stop(workspace, ray_head):
         *long_run,
     )
     _wait_state(workspace, "long", {"RUNNING"})
+    _wait_log(workspace, "long", "MLflow run ")  # the driver is past its imports
     stop = m2d(workspace, "stop", "long")
     assert stop.returncode == 0 and "stopping" in stop.stdout
     assert _wait_state(workspace, "long", {"STOPPED", "FAILED"}) == "STOPPED"
+    assert _mlflow_status(workspace, "long") == "KILLED"  # not RUNNING with no job behind it
 
     # A resume is a new Ray job (Ray refuses a job name twice); status follows it.
     resumed = m2d(workspace, "launch", "--resume", "long")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert _records(workspace)["long"]["job_id"] == "long-resume-1"
     _wait_state(workspace, "long", {"RUNNING"})
+    assert _mlflow_status(workspace, "long") == "RUNNING"  # the same MLflow run, continued
     assert m2d(workspace, "stop", "long").returncode == 0
     assert _wait_state(workspace, "long", {"STOPPED", "FAILED"}) == "STOPPED"
 
