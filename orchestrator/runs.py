@@ -40,6 +40,9 @@ class RunRecord:
     experiment: str | None = None
     storage: dict = field(default_factory=dict)  # StorageConfig fields: endpoint, region
     smoke: bool = False  # a `m2d launch --smoke` run: never the start of a real stage
+    #: A local run that `m2d stop` (or Ctrl-C in its launcher) asked to stop: it ends as
+    #: STOPPED, not FAILED, whatever its exit status. Reset by the next start (--resume).
+    stopped: bool = False
     #: The Ray job of the run's latest start (remote): its name, then ``NAME-resume-N``
     #: for each resume, since Ray keeps job names unique.
     job_id: str | None = None

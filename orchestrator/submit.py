@@ -18,7 +18,7 @@ from typing import Any
 from infra.config import RunConfig
 from infra.errors import ServiceError, first_line
 from infra.processes import pid_alive
-from orchestrator.runs import RunRecord, registry_dir
+from orchestrator.runs import RunRecord, load_record, registry_dir
 
 JOB_MODULE = "trainer.job"
 
@@ -41,7 +41,7 @@ def run_local(record: RunRecord, echo=sys.stdout.write) -> int:
         bufsize=1,
         start_new_session=True,  # `m2d stop` ends the whole group, Ray workers included
     )
-    record.pid, record.exit_code = process.pid, None
+    record.pid, record.exit_code, record.stopped = process.pid, None, False
     record.save()
     try:
         with open(record.log_path, "a") as log:
@@ -53,25 +53,32 @@ def run_local(record: RunRecord, echo=sys.stdout.write) -> int:
     except KeyboardInterrupt:
         stop_local(record)
         record.exit_code = process.wait()
+    # `m2d stop` from another shell marked the record meanwhile: keep its mark.
+    record.stopped = record.stopped or load_record(record.name).stopped
     record.save()
     return record.exit_code
 
 
 def stop_local(record: RunRecord) -> bool:
-    """Send SIGTERM to a local run's process group; False if it was not running."""
+    """Send SIGTERM to a local run's process group, marking the record stopped; False if
+    it was not running."""
     if record.pid is None or not pid_alive(record.pid):
         return False
+    record.stopped = True
+    record.save()
     os.killpg(record.pid, signal.SIGTERM)
     return True
 
 
 def local_state(record: RunRecord) -> str:
-    """SUCCEEDED / FAILED / RUNNING / LOST (the launching process died first)."""
-    if record.exit_code is not None:
-        return "SUCCEEDED" if record.exit_code == 0 else f"FAILED (exit {record.exit_code})"
-    if record.pid is not None and pid_alive(record.pid):
+    """SUCCEEDED / FAILED / STOPPED / RUNNING / LOST (the launching process died first)."""
+    if record.exit_code == 0:
+        return "SUCCEEDED"
+    if record.exit_code is None and record.pid is not None and pid_alive(record.pid):
         return "RUNNING"
-    return "LOST"
+    if record.stopped:
+        return "STOPPED"
+    return "LOST" if record.exit_code is None else f"FAILED (exit {record.exit_code})"
 
 
 def runtime_env(run: RunConfig) -> dict[str, Any]:

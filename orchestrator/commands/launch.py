@@ -259,5 +259,9 @@ def launch(
             return
         record = _new_record(run, runs.new_run_name(run, name))
     code = _start(record, run, follow)
+    if code and runs.load_record(record.name).stopped:
+        raise click.ClickException(
+            f"run {record.name} stopped; continue it with `m2d launch --resume {record.name}`"
+        )
     if code:
         raise click.ClickException(f"run {record.name} failed (exit {code}); see the log above")

@@ -283,3 +283,29 @@ def test_the_job_checks_its_input_before_ray_starts_and_fails_the_mlflow_run(tmp
     assert f"error: data.pretrain = {missing}: not found" in capsys.readouterr().err
     status = MlflowClient(record.tracking_uri).get_run(tracker.run_id).info.status
     assert status == "FAILED"
+
+
+def test_a_stopped_local_run_reads_stopped_not_failed_or_lost(tmp_path):
+    import subprocess
+    import sys
+
+    # A process group standing in for the job (its driver and Ray's processes).
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    job = subprocess.Popen(sleeper, start_new_session=True)
+    record = _record(tmp_path, "local-run", pid=job.pid)
+    assert CliRunner().invoke(cli, ["status", "local-run"]).output.count("RUNNING") == 1
+    result = CliRunner().invoke(cli, ["stop", "local-run"])
+    assert result.exit_code == 0 and "local-run: stopping" in result.output
+    assert job.wait(timeout=30) == -15
+    assert runs.load_record("local-run").stopped
+    assert "state:      STOPPED" in CliRunner().invoke(cli, ["status", "local-run"]).output
+    # Its launcher, still in the foreground, records the exit status: still STOPPED.
+    record = runs.load_record("local-run")
+    record.exit_code = -15
+    record.save()
+    from orchestrator import submit
+
+    assert submit.local_state(record) == "STOPPED"
+    record.stopped = False  # the same exit without a stop asked for is a failure
+    assert submit.local_state(record) == "FAILED (exit -15)"
+    assert "local-run: was not running" in CliRunner().invoke(cli, ["stop", "local-run"]).output
