@@ -141,7 +141,15 @@ class Tracker:
     @property
     def url(self) -> str:
         """Where a person finds the run (the server's UI for http(s) URIs)."""
+        return self._url(self.client.get_run(self.run_id))
+
+    def latest(self) -> tuple[str, dict[str, float]]:
+        """The run's URL and each metric's latest value (``step``, ``loss`` for a training
+        run), from one request."""
         run = self.client.get_run(self.run_id)
+        return self._url(run), dict(run.data.metrics)
+
+    def _url(self, run: Any) -> str:
         uri = str(self.client.tracking_uri)
         if uri.startswith(("http://", "https://")):
             return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{self.run_id}"
@@ -220,10 +228,6 @@ class Tracker:
     def reopen(self) -> None:
         """Mark a resumed run as running again."""
         self.client.update_run(self.run_id, status="RUNNING")
-
-    def latest_metrics(self) -> dict[str, float]:
-        """Each metric's latest value (``step`` and ``loss`` for a training run)."""
-        return dict(self.client.get_run(self.run_id).data.metrics)
 
 
 def is_server(uri: str) -> bool:

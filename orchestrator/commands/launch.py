@@ -246,10 +246,10 @@ def launch(
         if dry_run:
             click.echo(render_dry_run(_smoke_size(run) if smoke else run), nl=False)
             return
-        if run.ray.address != "local":
-            submit.job_client(run.ray.address)  # an unreachable cluster fails before any write
         if run.ray.address == "local":
-            _check_input(run)  # so does a training input that is not there
+            _check_input(run)  # a training input that is not there fails before any write
+        else:
+            submit.job_client(run.ray.address)  # so does an unreachable cluster
         if not smoke and _opens_mlflow_here(run):
             from infra.tracking import check_store
 

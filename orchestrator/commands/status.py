@@ -48,11 +48,10 @@ def progress_of(records: list[runs.RunRecord]) -> dict[str, Progress]:
             if run_id is None:
                 continue
             try:
-                tracker = Tracker(uri, run_id)
-                metrics = tracker.latest_metrics()
+                url, metrics = Tracker(uri, run_id).latest()
                 step = metrics.get("step")
                 found[record.name] = Progress(
-                    tracker.url, None if step is None else int(step), metrics.get("loss")
+                    url, None if step is None else int(step), metrics.get("loss")
                 )
             except Exception as exc:  # MLflow, requests and SQLAlchemy each raise their own
                 if getattr(exc, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
