@@ -19,6 +19,7 @@ from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXT
 from transformers import AutoTokenizer, ByT5Tokenizer, T5Config, T5EncoderModel
 
 from mask2dit.presets import COGVIDEOX_SCHEDULER, build_transformer, preset_config
+from mask2dit.weights import load_pretrained
 
 __all__ = [
     "TINY_PRESET",
@@ -92,13 +93,12 @@ def load_parts(
     reads no transformer at all (its ``transformer`` is ``None``).
     """
     root = Path(root)
-    load = {} if dtype is None else {"torch_dtype": dtype}
     if transformer is None and not encoders_only:
-        transformer = CogVideoXTransformer3DModel.from_pretrained(root / "transformer", **load)
+        transformer = load_pretrained(CogVideoXTransformer3DModel, root / "transformer", dtype)
     return ModelParts(
         transformer=transformer,
-        vae=AutoencoderKLCogVideoX.from_pretrained(root / "vae", **load),
-        text_encoder=T5EncoderModel.from_pretrained(root / "text_encoder", **load),
+        vae=load_pretrained(AutoencoderKLCogVideoX, root / "vae", dtype),
+        text_encoder=load_pretrained(T5EncoderModel, root / "text_encoder", dtype),
         tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer"),
         scheduler=CogVideoXDDIMScheduler.from_pretrained(root / "scheduler"),
     )

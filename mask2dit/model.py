@@ -32,6 +32,7 @@ from mask2dit.blocks import (
     modulation,
     timestep_runs,
 )
+from mask2dit.weights import load_pretrained
 
 __all__ = [
     "Mask2DiT",
@@ -117,7 +118,7 @@ class Mask2DiT(torch.nn.Module):
     ) -> Mask2DiT:
         """Load a stock CogVideoX transformer (``subfolder=``, ``torch_dtype=`` ... as in
         diffusers) and wrap it."""
-        return cls(CogVideoXTransformer3DModel.from_pretrained(path, **kwargs), policy=policy)
+        return cls(load_pretrained(CogVideoXTransformer3DModel, path, **kwargs), policy=policy)
 
     def save_pretrained(self, path: str | os.PathLike, **kwargs: Any) -> None:
         """Save in the stock CogVideoX format (loadable by diffusers as is)."""

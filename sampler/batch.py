@@ -2,10 +2,12 @@
 
 An item's folder is ``OUT/<checkpoint>/<story>/<seed>/`` with ``scene_XX.mp4`` per scene,
 ``story.mp4`` (the scenes one after another), ``preview.gif`` and ``contact.png`` (small,
-for MLflow) and ``meta.json`` - written last, so an item is finished exactly when its
-meta.json exists. A rerun skips finished items whose meta.json records the same inputs,
-refuses (naming the folder) when they differ, and re-renders them only with
-``overwrite``; a half-written item (no meta.json) is rendered again.
+for MLflow), ``latents.safetensors`` (the final latents the scenes decode from: re-decode
+them, or compare samples before the lossy mp4 encoder) and ``meta.json`` - written last,
+so an item is finished exactly when its meta.json exists. A rerun skips finished items
+whose meta.json records the same inputs, refuses (naming the folder) when they differ, and
+re-renders them only with ``overwrite``; a half-written item (no meta.json) is rendered
+again.
 
 Randomness is a function of the seed alone (a CPU ``torch.Generator`` per item), so an
 item renders the same on any actor, in any order, in a first run or a resumed one.
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 
@@ -39,10 +42,12 @@ if TYPE_CHECKING:  # the driver plans without the model frameworks
 
 __all__ = [
     "FPS",
+    "LATENTS",
     "META",
     "Item",
     "item_uri",
     "plan_items",
+    "read_latents",
     "render_story",
     "sampling_params",
     "write_item",
@@ -50,6 +55,7 @@ __all__ = [
 
 FPS = 8  # CogVideoX's frame rate
 META = "meta.json"
+LATENTS = "latents.safetensors"
 _PREVIEW_SIDE = 256  # longest side of the MLflow previews
 
 
@@ -204,6 +210,7 @@ def write_item(
     small = [_preview_frames(frames) for frames in scenes]
     write_gif(small, f"{uri}/preview.gif", fps=FPS, storage=storage)
     write_contact_sheet(small, f"{uri}/contact.png", storage=storage)
+    _write_latents(f"{uri}/{LATENTS}", output, storage)
     meta = {
         **meta,
         "scene_frames": [int(frames.shape[0]) for frames in output.frames],
@@ -217,6 +224,27 @@ def write_item(
         local.write_text(json.dumps(meta, indent=2))
         fs.put_file(str(local), f"{path}/{META}")
     return meta
+
+
+def _write_latents(uri: str, output: StoryOutput, storage: StorageConfig | None) -> None:
+    """``latents`` (1, F, C, h, w) as sampled, with each scene's latent frame count."""
+    data = safetensors.torch.save(
+        {"latents": output.latents.detach().cpu().contiguous()},
+        metadata={"scene_frames": json.dumps(list(output.scene_frames))},
+    )
+    fs, path = filesystem(uri, storage)
+    with fs.open(path, "wb") as handle:
+        handle.write(data)
+
+
+def read_latents(uri: str, storage: StorageConfig | None = None) -> tuple[torch.Tensor, list[int]]:
+    """An item's ``latents.safetensors``: the latents and each scene's latent frame count."""
+    fs, path = filesystem(uri, storage)
+    data = fs.cat_file(path)
+    # The safetensors layout: an 8-byte little-endian header length, then the JSON header.
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    scene_frames = json.loads(header["__metadata__"]["scene_frames"])
+    return safetensors.torch.load(data)["latents"], scene_frames
 
 
 def _preview_frames(frames_THWC: np.ndarray) -> np.ndarray:

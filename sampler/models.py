@@ -31,6 +31,7 @@ from mask2dit.components import (
     tiny_parts,
     transformer_config,
 )
+from mask2dit.weights import load_pretrained
 from sampler.checkpoints import CheckpointInfo
 from sampler.pipeline import MultiScenePipeline
 
@@ -60,7 +61,7 @@ def load_pipeline(
         if info.kind == "diffusers":
             parts = load_parts(folder, dtype)
         else:
-            transformer = CogVideoXTransformer3DModel.from_pretrained(folder)
+            transformer = load_pretrained(CogVideoXTransformer3DModel, folder, dtype)
             parts = _with_transformer(_base_folder(info), transformer, info.recipe.seed, dtype)
     pipeline = MultiScenePipeline.from_parts(
         parts,
