@@ -13,6 +13,8 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 from infra.config import RunConfig
@@ -21,6 +23,10 @@ from infra.processes import pid_alive
 from orchestrator.runs import RunRecord, load_record, registry_dir
 
 JOB_MODULE = "trainer.job"
+# How long a submission waits for the cluster's job agent: Ray's head answers "No available
+# agent to submit job" until the agent on the head node has registered, seconds to about
+# a minute after `ray start --head` on a busy machine.
+AGENT_WAIT_S = 120.0
 
 
 def job_command(record: RunRecord, python: str = "python") -> list[str]:
@@ -115,16 +121,43 @@ def submit_remote(record: RunRecord, run: RunConfig, submission_id: str | None =
     """
     client = job_client(run.ray.address)
     record.job_id = submission_id or record.name
-    try:
-        client.submit_job(
-            entrypoint=shlex.join(job_command(record)),
-            submission_id=record.job_id,
-            runtime_env=runtime_env(run),
-            metadata={"m2d_run": record.name, "cluster": run.cluster, "stage": run.stage},
-        )
-    except Exception as exc:
-        raise ServiceError(f"Ray refused the job {record.name}: {first_line(exc)}") from None
+    submit_job(
+        client,
+        f"the job {record.name}",
+        entrypoint=shlex.join(job_command(record)),
+        submission_id=record.job_id,
+        runtime_env=runtime_env(run),
+        metadata={"m2d_run": record.name, "cluster": run.cluster, "stage": run.stage},
+    )
     record.save()
+
+
+def submit_job(client, what: str, echo: Callable[[str], None] = print, **kwargs: Any) -> str:
+    """``client.submit_job(**kwargs)``; its job id.
+
+    While the cluster's job agent is not up yet (a cluster just started), the submission is
+    retried with backoff for up to ``AGENT_WAIT_S`` seconds, saying so in one line; any
+    other refusal, or the agent still missing then, is a one-line ServiceError about
+    ``what``.
+    """
+    deadline, delay, waiting = time.monotonic() + AGENT_WAIT_S, 1.0, False
+    while True:
+        try:
+            return client.submit_job(**kwargs)
+        except Exception as exc:  # Ray raises RuntimeError, ValueError, ConnectionError...
+            if "No available agent" not in str(exc):
+                raise ServiceError(f"Ray refused {what}: {first_line(exc)}") from None
+        if time.monotonic() + delay > deadline:
+            raise ServiceError(
+                f"Ray refused {what}: the cluster's job agent did not answer within "
+                f"{AGENT_WAIT_S:.0f} s; check the head node (`ray status`, its "
+                "dashboard_agent.log) and submit again"
+            )
+        if not waiting:
+            echo(f"waiting for the Ray cluster's job agent (up to {AGENT_WAIT_S:.0f} s) ...")
+            waiting = True
+        time.sleep(delay)
+        delay = min(2 * delay, 10.0)
 
 
 def remote_call(record: RunRecord, method: str, *args):

@@ -37,6 +37,28 @@ def _wait_http(url: str, process: subprocess.Popen, timeout: float = 60.0) -> No
     raise RuntimeError(f"service did not answer at {url} within {timeout:.0f}s")
 
 
+def _wait_job_agent(address: str, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Until the head runs a job: its dashboard answers before its job agent has registered
+    (submissions then fail with "No available agent to submit job")."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, f"ray exited early with status {process.returncode}"
+        try:
+            job = client.submit_job(entrypoint="true")
+            break
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    while (status := client.get_job_status(job)) != JobStatus.SUCCEEDED:
+        assert not status.is_terminal(), f"the probe job ended {status}"
+        assert time.monotonic() < deadline, "the head's job agent did not run a job in time"
+        time.sleep(0.5)
+
+
 def _stop(process: subprocess.Popen) -> None:
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
@@ -154,6 +176,7 @@ def ray_head(tmp_path_factory) -> Iterator[str]:
     try:
         with mock.patch.dict(os.environ, auth):
             _wait_http(f"{address}/api/version", process, timeout=120)
+            _wait_job_agent(address, process)
             yield address
     finally:
         _stop(process)

@@ -18,7 +18,7 @@ import click
 from pydantic import ValidationError
 
 from infra.config import RunConfig
-from infra.errors import ConfigError, first_line
+from infra.errors import ConfigError
 from infra.sample_spec import CheckpointSpec, SampleJobSpec
 from infra.storage import is_remote
 from orchestrator import profiles, runs, submit
@@ -135,15 +135,14 @@ def run_job(spec: SampleJobSpec, run: RunConfig) -> int:
     command = ["-m", JOB_MODULE, "--spec", spec.model_dump_json()]
     if run.ray.address == "local":
         return subprocess.run([sys.executable, *command], check=False).returncode
-    client = submit.job_client(run.ray.address)
-    try:
-        job_id = client.submit_job(
-            entrypoint=shlex.join(["python", *command]),
-            runtime_env=submit.runtime_env(run),
-            metadata={"m2d": "sample-batch", "cluster": run.cluster},
-        )
-    except Exception as exc:  # Ray raises several types; the message is what matters
-        raise UserError(f"Ray refused the sample-batch job: {first_line(exc)}") from None
+    job_id = submit.submit_job(
+        submit.job_client(run.ray.address),
+        "the sample-batch job",
+        echo=click.echo,
+        entrypoint=shlex.join(["python", *command]),
+        runtime_env=submit.runtime_env(run),
+        metadata={"m2d": "sample-batch", "cluster": run.cluster},
+    )
     click.echo(f"submitted sample-batch job {job_id} to {run.ray.address}")
     click.echo(f"follow with: ray job logs --follow --address {run.ray.address} {job_id}")
     return 0
