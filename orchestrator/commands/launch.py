@@ -64,6 +64,14 @@ def _resolve_new_run(ctx, cluster_name, stage, assignments, from_run) -> RunConf
     return run
 
 
+def _resume_point(record: runs.RunRecord) -> str:
+    """Where ``--resume`` would continue the run, as --dry-run prints it."""
+    found = runs.checkpoints(record)
+    if not found:
+        return f"# --resume {record.name}: no checkpoint yet, it would start again at step 0\n"
+    return f"# --resume {record.name}: it would continue from {found[-1]}\n"
+
+
 def _latest_pretrain(cluster_name: str) -> runs.RunRecord:
     from orchestrator.commands.status import state_of
 
@@ -241,6 +249,9 @@ def launch(
             raise click.UsageError("--resume takes no --cluster/--stage/--set/--from")
         record = runs.load_record(resume_name)
         run = runs.read_run_config(record)
+        if dry_run:  # reads the run's folder and record, writes neither
+            click.echo(render_dry_run(run) + _resume_point(record), nl=False)
+            return
     else:
         run = _resolve_new_run(ctx, cluster_name, stage, assignments, from_run)
         if dry_run:

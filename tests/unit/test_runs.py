@@ -309,3 +309,36 @@ def test_a_stopped_local_run_reads_stopped_not_failed_or_lost(tmp_path):
     record.stopped = False  # the same exit without a stop asked for is a failure
     assert submit.local_state(record) == "FAILED (exit -15)"
     assert "local-run: was not running" in CliRunner().invoke(cli, ["stop", "local-run"]).output
+
+
+def _snapshot(*roots: Path) -> dict[Path, tuple[int, bytes]]:
+    return {
+        path: (path.stat().st_mtime_ns, path.read_bytes())
+        for root in roots
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
+
+
+@pytest.mark.parametrize("with_checkpoint", [False, True])
+def test_resume_dry_run_changes_nothing(tmp_path, m2d_home, monkeypatch, with_checkpoint):
+    record = _record(tmp_path, "r1", exit_code=1)
+    checkpoint = Path(record.run_dir) / "checkpoint_2026-01-01_00-00-00.000000"
+    if with_checkpoint:
+        checkpoint.mkdir()
+
+    def started(*args, **kwargs):
+        raise AssertionError("--dry-run started the job")
+
+    monkeypatch.setattr("orchestrator.submit.run_local", started)
+    monkeypatch.setattr("orchestrator.submit.submit_remote", started)
+    before = _snapshot(Path(record.run_dir), m2d_home)
+    result = CliRunner().invoke(cli, ["launch", "--resume", "r1", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "# Resolved run configuration (nothing submitted)" in result.output
+    if with_checkpoint:
+        assert f"--resume r1: it would continue from {checkpoint}" in result.output
+    else:
+        assert "--resume r1: no checkpoint yet, it would start again at step 0" in result.output
+    assert _snapshot(Path(record.run_dir), m2d_home) == before
+    assert not list(Path(record.run_dir).glob("mlflow_run.json"))
