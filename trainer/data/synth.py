@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from infra.config import StorageConfig
-from infra.errors import M2DError
+from infra.errors import M2DError, StorageError, first_line
 from infra.storage import filesystem, join
 from infra.video import write_video
 
@@ -135,10 +135,12 @@ def synthesize(
     fps: float = 8.0,
     storage: StorageConfig | None = None,
 ) -> dict[str, int]:
-    """Write the dataset under ``out`` (a folder or URI); returns counts. Deterministic."""
+    """Write the dataset under ``out`` (a new or empty folder, or URI prefix); returns
+    counts. Deterministic."""
     shots = shots or scenes + 1
     if stories < 1 or scenes < 1 or frames < 1 or shots < scenes:
         raise ValueError("need stories >= 1, scenes >= 1, frames >= 1 and shots >= scenes")
+    _check_empty(out, storage)
     rows, groups = [], []
     for index in range(stories):
         story_id = f"story{index:03d}"
@@ -158,6 +160,26 @@ def synthesize(
     _write_lines(join(out, "pretrain.jsonl"), rows, storage)
     _write_lines(join(out, "sft.jsonl"), groups, storage)
     return {"stories": stories, "shots": len(rows)}
+
+
+def _check_empty(out: str, storage: StorageConfig | None) -> None:
+    """Refuse a folder that holds anything: a dataset or a user's files are never
+    overwritten."""
+    fs, path = filesystem(out, storage)
+    try:
+        if not fs.exists(path):
+            return
+        if not fs.isdir(path):
+            raise StorageError(f"--out {out} is a file; give a new folder")
+        held = [entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)]
+    except OSError as exc:
+        raise StorageError(f"--out {out}: cannot read it ({first_line(exc)})") from None
+    if held:
+        shown = ", ".join(sorted(held)[:3]) + (", ..." if len(held) > 3 else "")
+        raise StorageError(
+            f"--out {out} is not empty ({shown}); synthesize into a new folder "
+            "(nothing there is overwritten)"
+        )
 
 
 def _write_story(out, story_id, rng, shots, frames, height, width, fps, storage) -> list[dict]:
