@@ -1,16 +1,31 @@
-"""``m2d dashboard``: the MLflow UI of a cluster profile's tracking store."""
+"""``m2d dashboard``: the MLflow UI of a cluster profile's tracking store.
+
+The UI is an ``mlflow server`` (uvicorn plus MLflow's job-runner processes) in a process
+group of its own, so that Ctrl-C in the terminal reaches only ``m2d``: whatever stops
+``m2d`` (Ctrl-C, SIGTERM, SIGHUP) stops that whole group before ``m2d`` exits.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
 
 from orchestrator import profiles
+from orchestrator.cli import UserError
+
+STARTUP_S = 120.0  # MLflow creates its tables on a new store first
+STOP_S = 15.0
 
 
 def ui_command(tracking_uri: str, port: int) -> list[str]:
@@ -30,9 +45,75 @@ def ui_command(tracking_uri: str, port: int) -> list[str]:
     ]
 
 
+def check_port(port: int) -> None:
+    """Refuse a port something on 127.0.0.1 already listens on (the server would fail
+    after its start-up, or a user would read another server's UI)."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise UserError(
+                f"--port {port}: 127.0.0.1:{port} is in use ({exc.strerror}); stop what "
+                "listens there or pass another --port"
+            ) from None
+
+
+@contextlib.contextmanager
+def _stops_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP end the command like Ctrl-C does (KeyboardInterrupt)."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _stop(process: subprocess.Popen) -> int:
+    """Stop the server's whole process group; its exit status."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        return process.wait(timeout=STOP_S)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        return process.wait()
+
+
+def _wait_until_up(process: subprocess.Popen, port: int) -> None:
+    """Until the server answers on ``port``; a ClickException if it exits or stays silent."""
+    deadline = time.monotonic() + STARTUP_S
+    while True:
+        code = process.poll()
+        if code is not None:
+            raise click.ClickException(f"the MLflow UI exited with status {code} at start-up")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return
+        except urllib.error.HTTPError:
+            return  # it answered
+        except OSError:
+            if time.monotonic() > deadline:
+                raise click.ClickException(
+                    f"the MLflow UI did not answer on 127.0.0.1:{port} within {STARTUP_S:.0f} s"
+                ) from None
+            time.sleep(0.5)
+
+
 @click.command()
 @click.option("--cluster", "cluster_name", required=True, help="Profile name in clusters/.")
-@click.option("--port", default=5000, show_default=True, help="Local port of the UI.")
+@click.option(
+    "--port",
+    default=5000,
+    show_default=True,
+    type=click.IntRange(1, 65535),
+    help="Local port of the UI.",
+)
 @click.pass_context
 def dashboard(ctx: click.Context, cluster_name: str, port: int) -> None:
     """Open the MLflow UI of CLUSTER's tracking URI on 127.0.0.1 (Ctrl-C stops it)."""
@@ -44,12 +125,16 @@ def dashboard(ctx: click.Context, cluster_name: str, port: int) -> None:
         # A tracking server already serves its UI; nothing to start.
         click.echo(f"MLflow UI: {tracking.uri} (experiment {tracking.experiment})")
         return
-    process = subprocess.Popen(ui_command(tracking.uri, port), start_new_session=True)
-    click.echo(f"MLflow UI: http://127.0.0.1:{port} (experiment {tracking.experiment})")
-    try:
-        code = process.wait()
-    except KeyboardInterrupt:
-        os.killpg(process.pid, signal.SIGTERM)
-        code = process.wait()
-    if code not in (0, -signal.SIGTERM):
+    check_port(port)
+    with _stops_on_signals():
+        process = subprocess.Popen(ui_command(tracking.uri, port), start_new_session=True)
+        try:
+            _wait_until_up(process, port)
+            click.echo(f"MLflow UI: http://127.0.0.1:{port} (experiment {tracking.experiment})")
+            code = process.wait()
+        except KeyboardInterrupt:
+            code = None
+        finally:
+            _stop(process)  # also when it exited: MLflow's job runners may outlive it
+    if code:
         raise click.ClickException(f"the MLflow UI exited with status {code}")
