@@ -3,8 +3,10 @@
 ZeRO shards are consolidated with DeepSpeed's own ``zero_to_fp32`` reader, the weights are
 loaded (strictly) into a stock ``CogVideoXTransformer3DModel`` built from the run's model
 config, and written with ``save_pretrained`` (safetensors) - so plain diffusers loads it.
+``--out`` is a new (or empty) local folder or ``s3://`` prefix: an object-store export is
+written locally, then uploaded, config.json last, and nothing already there is replaced.
 
-    python -m trainer.export --checkpoint URI --out DIR [--storage-json JSON]
+    python -m trainer.export --checkpoint URI --out DIR|s3://... [--storage-json JSON]
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from pathlib import Path
 
 from infra.checkpoints import consolidated_state_dict, fetch_checkpoint, read_run_config
 from infra.config import StorageConfig
-from infra.errors import M2DError, StorageError
+from infra.errors import M2DError, StorageError, first_line
 from infra.model_store import resolve_model_folder
+from infra.storage import filesystem, is_remote
 from mask2dit.components import load_transformer, transformer_config
 
 
@@ -30,22 +33,52 @@ def checkpoint_config(checkpoint: Path) -> dict:
     return transformer_config(resolve_model_folder(run.model.source, run.storage))
 
 
-def export_checkpoint(checkpoint_uri: str, out: Path, storage: StorageConfig | None) -> Path:
-    """Write the checkpoint's transformer to ``out``; ``out`` must not hold anything yet."""
-    if out.exists() and any(out.iterdir()):
-        raise StorageError(f"{out} is not empty; export into a new folder (nothing overwritten)")
+def export_checkpoint(checkpoint_uri: str, out: str, storage: StorageConfig | None) -> str:
+    """Write the checkpoint's transformer to ``out`` (a folder or URI holding nothing yet).
+
+    ``storage`` serves the checkpoint and, for an object-store ``out``, the upload.
+    """
+    out = str(out)
+    _check_new(out, storage)
     with tempfile.TemporaryDirectory(prefix="m2d-export-") as tmp:
         local = fetch_checkpoint(checkpoint_uri, storage, Path(tmp))
         model = load_transformer(checkpoint_config(local), consolidated_state_dict(local))
-    model.save_pretrained(out, safe_serialization=True)
+        if not is_remote(out):
+            model.save_pretrained(out, safe_serialization=True)
+            return out
+        folder = Path(tmp) / "export"
+        model.save_pretrained(folder, safe_serialization=True)
+        _upload(folder, out, storage)
     return out
+
+
+def _check_new(out: str, storage: StorageConfig | None) -> None:
+    fs, path = filesystem(out, storage)
+    try:
+        held = fs.exists(path) and (not fs.isdir(path) or bool(fs.ls(path, detail=False)))
+    except OSError as exc:
+        raise StorageError(f"--out {out}: cannot check it ({first_line(exc)})") from None
+    if held:
+        raise StorageError(f"{out} is not empty; export into a new folder (nothing overwritten)")
+
+
+def _upload(folder: Path, out: str, storage: StorageConfig | None) -> None:
+    """Upload ``folder``'s files under ``out``, ``config.json`` last: a reader that finds
+    the config finds the weights."""
+    fs, path = filesystem(out, storage)
+    files = sorted(folder.iterdir(), key=lambda f: f.name == "config.json")
+    try:
+        for file in files:
+            fs.put_file(str(file), f"{path.rstrip('/')}/{file.name}")
+    except OSError as exc:
+        raise StorageError(f"--out {out}: upload failed ({first_line(exc)})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; user errors print one line and exit 2."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="Checkpoint folder (path or URI).")
-    parser.add_argument("--out", required=True, type=Path, help="New diffusers folder.")
+    parser.add_argument("--out", required=True, help="New diffusers folder or s3:// URI.")
     parser.add_argument("--storage-json", help="StorageConfig of the checkpoint's store.")
     args = parser.parse_args(argv)
     storage = StorageConfig(**json.loads(args.storage_json)) if args.storage_json else None

@@ -266,6 +266,24 @@ def test_export_from_s3_loads_in_stock_diffusers(s3_pretrain, tmp_path):
     for key, value in stock.items():
         assert torch.equal(value, trained[f"transformer.{key}"]), key
 
+    # To S3 as the CLI runs it: uploaded (not a local folder named "s3:"), loadable from
+    # there, and never over an export that is there already.
+    fs, target = s3_pretrain["fs"], f"s3://{s3_pretrain['bucket']}/exports/pre-z2"
+    command = [sys.executable, "-m", "trainer.export", "--checkpoint", uri, "--out", target]
+    command += ["--storage-json", run.storage.model_dump_json()]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "s3:").exists()
+    fs.get(f"{target}/", str(tmp_path / "downloaded"), recursive=True)
+    downloaded = CogVideoXTransformer3DModel.from_pretrained(tmp_path / "downloaded")
+    for key, value in downloaded.state_dict().items():
+        assert torch.equal(value, stock[key]), key
+    before = {path: fs.info(path)["ETag"] for path in fs.find(target)}
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and f"{target} is not empty" in again.stderr
+    assert "Traceback" not in again.stderr
+    assert {path: fs.info(path)["ETag"] for path in fs.find(target)} == before
+
 
 def test_worker_side_user_error_exits_2_with_its_message(tmp_path, mlflow_server):
     (tmp_path / "runs" / "bad-data").mkdir(parents=True)
