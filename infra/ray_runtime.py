@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from infra.processes import free_port
 
 __all__ = ["init_ray"]
+
+# The interface Gloo and NCCL open their listeners on in a local Ray (Linux names it lo).
+_LOOPBACK_IFNAME = "lo0" if sys.platform == "darwin" else "lo"
 
 
 def init_ray(num_cpus: int | None = None, *, log_to_driver: bool = True) -> bool:
@@ -29,6 +33,21 @@ def init_ray(num_cpus: int | None = None, *, log_to_driver: bool = True) -> bool
     # through that same file: name the dashboard of this cluster to every worker instead,
     # or the cleaner waits on a stale address and holds up every shutdown by 12 s.
     port = free_port()
+    # Nothing of a local Ray may listen beyond this host. Its processes bind the node
+    # address, and ray.init replaces a loopback one with the machine's outward address
+    # unless "clusters" are off (services.resolve_ip_for_localhost): a constant Ray reads
+    # from the environment on import - already done here, and to come in every Ray
+    # process started below, which inherit the variable.
+    from ray._private import ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    # The training workers' process group (Gloo on CPUs, NCCL on GPUs) listens on the
+    # interface these name, else on the hostname's address; one a user set still wins.
+    ifnames = {
+        name: os.environ.get(name, _LOOPBACK_IFNAME)
+        for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+    }
     ray.init(
         address="local",
         num_cpus=num_cpus,
@@ -36,7 +55,7 @@ def init_ray(num_cpus: int | None = None, *, log_to_driver: bool = True) -> bool
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         dashboard_port=port,
-        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}", **ifnames}},
         log_to_driver=log_to_driver,
     )
     return True

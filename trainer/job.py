@@ -190,6 +190,8 @@ def fit(folder: RunFolder, data: dict[str, Any], init_from: str | None = None) -
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from trainer.process_group import torch_config
+
     init_ray()
     tags = {"git_commit": git_commit(), "ray_job_id": _ray_job_id()}
     tracker = open_run(folder.run, folder.uri, folder.name, tags)
@@ -203,6 +205,7 @@ def fit(folder: RunFolder, data: dict[str, Any], init_from: str | None = None) -
             "init_from": init_from,
         },
         scaling_config=scaling_config(folder.run),
+        torch_config=torch_config(folder.run),
         run_config=ray_run_config(folder, [_progress_callback(folder, tracker)]),
     )
     try:

@@ -8,8 +8,7 @@ from infra.errors import ServiceError
 from orchestrator import submit
 
 NO_AGENT = RuntimeError(
-    "Request failed with status code 500: No available agent to submit job, please try "
-    "again later."
+    "Request failed with status code 500: No available agent to submit job, please try again later."
 )
 
 

@@ -1,0 +1,160 @@
+"""A local training job listens on loopback only: its Ray (GCS, raylet, agents, workers),
+Ray Train's workers and their torch process group (gloo, the rendezvous store).
+
+The real job (``python -m trainer.job`` on the `local` profile, random stories) runs until
+it has reported a step; then every listening socket of its processes and of its Ray
+session is read, the job is stopped, and nothing of the session may outlive it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import psutil
+import pytest
+import yaml
+
+from infra.config import ClusterProfile, resolve_run
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Listener(NamedTuple):
+    ip: str
+    port: int
+    kind: str
+    pid: int
+    name: str
+
+
+def _loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip.split("%")[0])
+    if address.version == 6 and address.ipv4_mapped:  # ::ffff:127.0.0.1
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
+
+
+def _session(job: psutil.Process) -> list[psutil.Process]:
+    """The job and every process of its Ray session: its descendants (with address
+    "local" the driver starts GCS and raylet, the raylet the workers and agents), plus
+    any process that names the session directory (one that outlived its parent)."""
+    found = {job.pid: job}
+    found.update((process.pid, process) for process in job.children(recursive=True))
+    flags = ("--session_dir=", "--session-dir=")
+    dirs = {
+        arg.split("=", 1)[1] for p in found.values() for arg in _cmdline(p) if arg.startswith(flags)
+    }
+    assert dirs, "no process of the job names its Ray session directory"
+    for process in psutil.process_iter():
+        if any(arg.split("=", 1)[-1] in dirs for arg in _cmdline(process)):
+            found.setdefault(process.pid, process)
+    return list(found.values())
+
+
+def _listeners(processes: list[psutil.Process]) -> list[Listener]:
+    """Listening TCP sockets, and bound unconnected UDP ones, of these processes."""
+    found = []
+    for process in processes:
+        try:
+            name = process.name()
+            for conn in process.net_connections(kind="inet"):
+                udp = conn.type == socket.SOCK_DGRAM
+                if conn.status == psutil.CONN_LISTEN or (udp and not conn.raddr):
+                    kind = "udp" if udp else "tcp"
+                    found.append(Listener(conn.laddr.ip, conn.laddr.port, kind, process.pid, name))
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def _wait_for(ready, job: subprocess.Popen, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if job.poll() is not None:
+            pytest.fail(f"job exited with {job.returncode} early:\n{log.read_text()[-4000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"job not ready within {timeout:.0f}s:\n{log.read_text()[-4000:]}")
+        time.sleep(0.1)
+
+
+def _local_run(tmp_path: Path) -> Path:
+    """A long `local` pretrain run with no checkpoint before it is stopped."""
+    profile = ClusterProfile.model_validate(
+        yaml.safe_load((REPO / "clusters/local.yaml").read_text())
+    )
+    run = resolve_run(
+        profile,
+        "local",
+        "pretrain",
+        {
+            "recipe": {"steps": 100_000},
+            "fault_tolerance": {"checkpoint_every": 100_000, "max_failures": 0},
+            "storage": {"root": str(tmp_path / "runs")},
+            "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "loopback"},
+        },
+    )
+    folder = tmp_path / "runs" / "loopback"
+    folder.mkdir(parents=True)
+    (folder / "run_config.json").write_text(run.model_dump_json())
+    return folder / "run_config.json"
+
+
+def test_local_job_listens_on_loopback_only(tmp_path):
+    log = tmp_path / "job.log"
+    env = dict(os.environ)
+    # A local job as a user starts it: no cluster to join, none of init_ray's settings.
+    for name in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "trainer.job", "--config", str(_local_run(tmp_path))]
+    with log.open("w") as out:
+        job = subprocess.Popen(
+            [*command, "--synthetic-data"],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    session: list[psutil.Process] = []
+    try:
+        _wait_for(lambda: "[m2d] step " in log.read_text(), job, log, timeout=240)
+        session = _session(psutil.Process(job.pid))
+        listeners = _listeners(session)
+        names = {listener.name for listener in listeners}
+        assert {"gcs_server", "raylet", "ray::RayTrainWorker"} <= names, listeners
+        exposed = [listener for listener in listeners if not _loopback(listener.ip)]
+        assert not exposed, "\n".join(map(str, exposed))
+        # Both ranks' gloo listeners and rank 0's rendezvous store are among them.
+        workers = [lst for lst in listeners if lst.name == "ray::RayTrainWorker"]
+        assert len({lst.pid for lst in workers}) == 2 and len(workers) >= 5, workers
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGTERM)
+            try:
+                job.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(job.pid, signal.SIGKILL)
+                job.wait()
+        _, alive = psutil.wait_procs(session, timeout=60)
+        for process in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+    assert not alive, f"left running after the job: {alive}"
