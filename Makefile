@@ -40,7 +40,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 clean-venv:
 	rm -rf $(VENV)

@@ -8,7 +8,6 @@ session is read, the job is stopped, and nothing of the session may outlive it.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import os
 import signal
@@ -22,6 +21,7 @@ from typing import NamedTuple
 import psutil
 import pytest
 import yaml
+from ray_session import ray_session, wait_gone
 
 from infra.config import ClusterProfile, resolve_run
 
@@ -43,30 +43,6 @@ def _loopback(ip: str) -> bool:
     if address.version == 6 and address.ipv4_mapped:  # ::ffff:127.0.0.1
         address = address.ipv4_mapped
     return address.is_loopback
-
-
-def _cmdline(process: psutil.Process) -> list[str]:
-    try:
-        return process.cmdline()
-    except psutil.Error:
-        return []
-
-
-def _session(job: psutil.Process) -> list[psutil.Process]:
-    """The job and every process of its Ray session: its descendants (with address
-    "local" the driver starts GCS and raylet, the raylet the workers and agents), plus
-    any process that names the session directory (one that outlived its parent)."""
-    found = {job.pid: job}
-    found.update((process.pid, process) for process in job.children(recursive=True))
-    flags = ("--session_dir=", "--session-dir=")
-    dirs = {
-        arg.split("=", 1)[1] for p in found.values() for arg in _cmdline(p) if arg.startswith(flags)
-    }
-    assert dirs, "no process of the job names its Ray session directory"
-    for process in psutil.process_iter():
-        if any(arg.split("=", 1)[-1] in dirs for arg in _cmdline(process)):
-            found.setdefault(process.pid, process)
-    return list(found.values())
 
 
 def _listeners(processes: list[psutil.Process]) -> list[Listener]:
@@ -136,7 +112,7 @@ def test_local_job_listens_on_loopback_only(tmp_path):
     session: list[psutil.Process] = []
     try:
         _wait_for(lambda: "[m2d] step " in log.read_text(), job, log, timeout=240)
-        session = _session(psutil.Process(job.pid))
+        session = ray_session(psutil.Process(job.pid))
         listeners = _listeners(session)
         names = {listener.name for listener in listeners}
         assert {"gcs_server", "raylet", "ray::RayTrainWorker"} <= names, listeners
@@ -153,8 +129,5 @@ def test_local_job_listens_on_loopback_only(tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(job.pid, signal.SIGKILL)
                 job.wait()
-        _, alive = psutil.wait_procs(session, timeout=60)
-        for process in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.kill()
-    assert not alive, f"left running after the job: {alive}"
+        left = wait_gone(session)
+    assert not left, f"left running after the job: {left}"

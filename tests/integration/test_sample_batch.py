@@ -19,8 +19,10 @@ from pathlib import Path
 
 import av
 import numpy as np
+import psutil
 import pytest
 import torch
+from ray_session import ray_session, wait_gone
 
 from infra.config import ModelConfig, StageRecipe, StorageConfig
 from infra.processes import free_port
@@ -138,18 +140,6 @@ def run_job(spec: Path) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(process.args, process.returncode, output, "")
 
 
-def settled(out: Path, quiet: float = 8.0) -> dict[Path, tuple[int, bytes]]:
-    """The finished items' meta.json (mtime, bytes) once none has appeared for ``quiet`` s."""
-    seen: dict[Path, tuple[int, bytes]] = {}
-    last_change = time.monotonic()
-    while time.monotonic() - last_change < quiet:
-        now = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("*/*/*/meta.json")}
-        if now != seen:
-            seen, last_change = now, time.monotonic()
-        time.sleep(0.5)
-    return seen
-
-
 def decode(path: Path) -> np.ndarray:
     with av.open(str(path)) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
@@ -231,11 +221,14 @@ def test_fixed_mode_killed_and_resumed_with_mlflow(trained, exported, tmp_path, 
     while not list(out.glob("*/*/*/meta.json")) and process.poll() is None:
         assert time.monotonic() < deadline, "no item finished in time"
         time.sleep(0.5)
+    session = ray_session(psutil.Process(process.pid))
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    # Ray's own processes run in their own sessions; orphaned, they notice the dead driver
-    # and exit, possibly finishing the item in hand first. Wait until nothing changes.
-    first = settled(out)
+    # Ray's own processes run in sessions of their own; orphaned, they notice the dead
+    # driver and exit, possibly finishing the item in hand first: once they are gone,
+    # nothing writes there any more.
+    wait_gone(session)
+    first = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("*/*/*/meta.json")}
     assert 1 <= len(first) < 8
 
     done = run_job(spec)  # takes over the killed job's claim
