@@ -18,7 +18,9 @@ from pathlib import Path
 from infra.checkpoints import RUN_CONFIG, TRAINER_STATE
 from infra.config import RunConfig, StorageConfig
 from infra.errors import ConfigError
+from infra.processes import pid_alive
 from infra.storage import filesystem, join
+from orchestrator import ray_jobs
 
 
 @dataclass
@@ -190,3 +192,30 @@ def with_absolute_paths(run: RunConfig) -> RunConfig:
             "tracking": run.tracking.model_copy(update={"uri": tracking}),
         }
     )
+
+
+def local_state(record: RunRecord) -> str:
+    """SUCCEEDED / FAILED / STOPPED / RUNNING / LOST (the launching process died first)."""
+    if record.exit_code == 0:
+        return "SUCCEEDED"
+    if record.exit_code is None and record.pid is not None and pid_alive(record.pid):
+        return "RUNNING"
+    if record.stopped:
+        return "STOPPED"
+    return "LOST" if record.exit_code is None else f"FAILED (exit {record.exit_code})"
+
+
+def state_of(record: RunRecord) -> str:
+    """The run's state: Ray's job status for remote runs, the process's for local ones."""
+    if record.kind == "local":
+        return local_state(record)
+    return str(ray_jobs.remote_call(record, "get_job_status").value)
+
+
+def latest_finished(cluster: str, stage: str) -> RunRecord | None:
+    """The newest successful (non-smoke) run of ``stage`` on ``cluster``, if any."""
+    for record in recent_records(limit=200):
+        same = record.cluster == cluster and record.stage == stage and not record.smoke
+        if same and state_of(record) == "SUCCEEDED":
+            return record
+    return None

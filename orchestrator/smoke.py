@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from infra.checkpoints import TRAINER_STATE
 from infra.config import RunConfig, deep_merge
 from infra.storage import filesystem, join
-from orchestrator import runs, submit
+from orchestrator import ray_jobs, runs, submit
 
 SMOKE_STEPS = 2
 
@@ -142,7 +142,7 @@ def run_job(record: runs.RunRecord, run: RunConfig, job_id: str, echo) -> int:
     if record.kind == "local":
         return submit.run_local(record, echo=echo)
     submit.submit_remote(record, run, submission_id=job_id)
-    client = submit.job_client(record.address)
+    client = ray_jobs.job_client(record.address)
     while True:
         status = str(client.get_job_status(job_id).value)
         if status in ("SUCCEEDED", "FAILED", "STOPPED"):

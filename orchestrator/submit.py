@@ -13,20 +13,14 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from typing import Any
 
 from infra.config import RunConfig
-from infra.errors import ServiceError, first_line
 from infra.processes import pid_alive
+from orchestrator import ray_jobs
 from orchestrator.runs import RunRecord, load_record, registry_dir
 
 JOB_MODULE = "trainer.job"
-# How long a submission waits for the cluster's job agent: Ray's head answers "No available
-# agent to submit job" until the agent on the head node has registered, seconds to about
-# a minute after `ray start --head` on a busy machine.
-AGENT_WAIT_S = 120.0
 
 
 def job_command(record: RunRecord, python: str = "python") -> list[str]:
@@ -76,17 +70,6 @@ def stop_local(record: RunRecord) -> bool:
     return True
 
 
-def local_state(record: RunRecord) -> str:
-    """SUCCEEDED / FAILED / STOPPED / RUNNING / LOST (the launching process died first)."""
-    if record.exit_code == 0:
-        return "SUCCEEDED"
-    if record.exit_code is None and record.pid is not None and pid_alive(record.pid):
-        return "RUNNING"
-    if record.stopped:
-        return "STOPPED"
-    return "LOST" if record.exit_code is None else f"FAILED (exit {record.exit_code})"
-
-
 def runtime_env(run: RunConfig) -> dict[str, Any]:
     """The Ray runtime_env of a remote job: image, pip and non-secret env vars only."""
     env: dict[str, Any] = {}
@@ -99,19 +82,6 @@ def runtime_env(run: RunConfig) -> dict[str, Any]:
     return env
 
 
-def job_client(address: str):
-    """A Ray Jobs client; the auth token comes from RAY_AUTH_TOKEN(_PATH) or ~/.ray."""
-    from ray.job_submission import JobSubmissionClient
-
-    try:
-        return JobSubmissionClient(address)
-    except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError...
-        raise ServiceError(
-            f"cannot reach the Ray cluster at {address} ({first_line(exc)}); check that it "
-            "runs and that ray.address in the cluster profile is its dashboard address"
-        ) from None
-
-
 def submit_remote(record: RunRecord, run: RunConfig, submission_id: str | None = None) -> None:
     """Submit the job to a remote Ray cluster through the Jobs API; returns at once.
 
@@ -119,9 +89,9 @@ def submit_remote(record: RunRecord, run: RunConfig, submission_id: str | None =
     job names unique, so a second job on the same run folder needs its own); the record
     keeps the name, so status, logs and stop follow the latest job.
     """
-    client = job_client(run.ray.address)
+    client = ray_jobs.job_client(run.ray.address)
     record.job_id = submission_id or record.name
-    submit_job(
+    ray_jobs.submit_job(
         client,
         f"the job {record.name}",
         entrypoint=shlex.join(job_command(record)),
@@ -130,40 +100,3 @@ def submit_remote(record: RunRecord, run: RunConfig, submission_id: str | None =
         metadata={"m2d_run": record.name, "cluster": run.cluster, "stage": run.stage},
     )
     record.save()
-
-
-def submit_job(client, what: str, echo: Callable[[str], None] = print, **kwargs: Any) -> str:
-    """``client.submit_job(**kwargs)``; its job id.
-
-    While the cluster's job agent is not up yet (a cluster just started), the submission is
-    retried with backoff for up to ``AGENT_WAIT_S`` seconds, saying so in one line; any
-    other refusal, or the agent still missing then, is a one-line ServiceError about
-    ``what``.
-    """
-    deadline, delay, waiting = time.monotonic() + AGENT_WAIT_S, 1.0, False
-    while True:
-        try:
-            return client.submit_job(**kwargs)
-        except Exception as exc:  # Ray raises RuntimeError, ValueError, ConnectionError...
-            if "No available agent" not in str(exc):
-                raise ServiceError(f"Ray refused {what}: {first_line(exc)}") from None
-        if time.monotonic() + delay > deadline:
-            raise ServiceError(
-                f"Ray refused {what}: the cluster's job agent did not answer within "
-                f"{AGENT_WAIT_S:.0f} s; check the head node (`ray status`, its "
-                "dashboard_agent.log) and submit again"
-            )
-        if not waiting:
-            echo(f"waiting for the Ray cluster's job agent (up to {AGENT_WAIT_S:.0f} s) ...")
-            waiting = True
-        time.sleep(delay)
-        delay = min(2 * delay, 10.0)
-
-
-def remote_call(record: RunRecord, method: str, *args):
-    """Call a JobSubmissionClient method for this run, as a one-line ServiceError on failure."""
-    client = job_client(record.address)
-    try:
-        return getattr(client, method)(record.ray_job, *args)
-    except Exception as exc:
-        raise ServiceError(f"{method} for run {record.name}: {first_line(exc)}") from None

@@ -6,25 +6,11 @@ the orchestrator never imports the trainer (or torch), so the CLI stays instant.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import click
 
-from orchestrator.cli import UserError
-
-
-def run_job(module: str, args: list[str]) -> None:
-    """Run ``python -m MODULE ARGS``; echo its output, and turn a failure into one line."""
-    result = subprocess.run(
-        [sys.executable, "-m", module, *args], capture_output=True, text=True, check=False
-    )
-    if result.stdout:
-        click.echo(result.stdout, nl=False)
-    if result.returncode:
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
-        message = lines[-1].removeprefix("Error: ") if lines else f"{module} failed"
-        raise UserError(message)
+from orchestrator.commands.data_filter import filter_
+from orchestrator.commands.data_precompute import precompute
+from orchestrator.jobs import run_job
 
 
 @click.group()
@@ -67,10 +53,5 @@ def inspect(manifest, scenes, endpoint_url) -> None:
     run_job("trainer.data.manifest", args)
 
 
-from orchestrator.commands.data_filter import filter_  # noqa: E402
-
 data.add_command(filter_)
-
-from orchestrator.commands.data_precompute import precompute  # noqa: E402
-
 data.add_command(precompute)

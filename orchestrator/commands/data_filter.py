@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import click
 
+from orchestrator.jobs import run_job
+
 
 @click.command("filter")
 @click.option("--manifest", required=True, help="SFT manifest (.json/.jsonl), path or s3:// URI.")
@@ -31,8 +33,6 @@ import click
 @click.option("--batch-size", default=8, show_default=True, help="Shots per actor batch.")
 def filter_(**options) -> None:
     """Embed every shot of an SFT manifest and keep the windows of similar scenes."""
-    from orchestrator.commands.data import run_job  # data.py imports this module
-
     args = []
     for name, value in options.items():
         if value is not None:

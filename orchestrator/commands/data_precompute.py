@@ -14,6 +14,7 @@ import click
 
 from infra.config import STAGES, RunConfig
 from orchestrator import profiles, runs
+from orchestrator.jobs import run_job
 
 
 @click.command()
@@ -37,8 +38,6 @@ def precompute(
     manifest = manifest or getattr(run.data, stage)
     if not manifest:
         raise click.UsageError(f"give --manifest (the profile {cluster_name} sets no data.{stage})")
-    from orchestrator.commands.data import run_job  # data.py imports this module
-
     args = job_args(run, manifest, out, shard_size, num_actors, tracking=not no_tracking)
     run_job("trainer.data.precompute", args)
     where = out if "://" in out else os.path.abspath(out)  # workers may start elsewhere

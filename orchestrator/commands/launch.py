@@ -11,7 +11,7 @@ import yaml
 from infra.config import STAGES, RunConfig, looks_secret
 from infra.deepspeed_config import deepspeed_config
 from infra.errors import ConfigError, ServiceError, first_line
-from orchestrator import profiles, runs, submit
+from orchestrator import profiles, ray_jobs, runs, submit
 
 # Credentials the workers read from their own environment, never from config.
 CREDENTIAL_VARS = (
@@ -73,16 +73,13 @@ def _resume_point(record: runs.RunRecord) -> str:
 
 
 def _latest_pretrain(cluster_name: str) -> runs.RunRecord:
-    from orchestrator.commands.status import state_of
-
-    for record in runs.recent_records(limit=200):
-        same = record.cluster == cluster_name and record.stage == "pretrain" and not record.smoke
-        if same and state_of(record) == "SUCCEEDED":
-            return record
-    raise ConfigError(
-        f"no finished pretrain run of cluster {cluster_name!r} to start SFT from; run "
-        f"`m2d launch --cluster {cluster_name} --stage pretrain` first or pass --from RUN"
-    )
+    record = runs.latest_finished(cluster_name, "pretrain")
+    if record is None:
+        raise ConfigError(
+            f"no finished pretrain run of cluster {cluster_name!r} to start SFT from; run "
+            f"`m2d launch --cluster {cluster_name} --stage pretrain` first or pass --from RUN"
+        )
+    return record
 
 
 def _start(record: runs.RunRecord, run: RunConfig, follow: bool) -> int:
@@ -260,7 +257,7 @@ def launch(
         if run.ray.address == "local":
             _check_input(run)  # a training input that is not there fails before any write
         else:
-            submit.job_client(run.ray.address)  # so does an unreachable cluster
+            ray_jobs.job_client(run.ray.address)  # so does an unreachable cluster
         if not smoke and _opens_mlflow_here(run):
             from infra.tracking import check_store
 

@@ -21,7 +21,7 @@ from infra.config import RunConfig
 from infra.errors import ConfigError
 from infra.sample_spec import CheckpointSpec, SampleJobSpec
 from infra.storage import is_remote
-from orchestrator import profiles, runs, submit
+from orchestrator import profiles, ray_jobs, runs, submit
 from orchestrator.cli import UserError
 
 JOB_MODULE = "sampler.job"
@@ -52,9 +52,7 @@ def resolve_checkpoint(reference: str, cluster: str = "") -> CheckpointSpec:
 
 
 def _latest_run(cluster: str, stage: str) -> str:
-    from orchestrator.commands.status import latest_finished
-
-    record = latest_finished(cluster, stage)
+    record = runs.latest_finished(cluster, stage)
     if record is None:
         raise ConfigError(
             f"no finished {stage} run of cluster {cluster!r}; `m2d runs` lists runs, or give "
@@ -135,8 +133,8 @@ def run_job(spec: SampleJobSpec, run: RunConfig) -> int:
     command = ["-m", JOB_MODULE, "--spec", spec.model_dump_json()]
     if run.ray.address == "local":
         return subprocess.run([sys.executable, *command], check=False).returncode
-    job_id = submit.submit_job(
-        submit.job_client(run.ray.address),
+    job_id = ray_jobs.submit_job(
+        ray_jobs.job_client(run.ray.address),
         "the sample-batch job",
         echo=click.echo,
         entrypoint=shlex.join(["python", *command]),

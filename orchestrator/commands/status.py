@@ -8,16 +8,9 @@ from dataclasses import dataclass
 
 import click
 
-from orchestrator import runs, submit
+from orchestrator import ray_jobs, runs, submit
 
 _TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED", "LOST")
-
-
-def state_of(record: runs.RunRecord) -> str:
-    """The run's state: Ray's job status for remote runs, the process's for local ones."""
-    if record.kind == "local":
-        return submit.local_state(record)
-    return str(submit.remote_call(record, "get_job_status").value)
 
 
 @dataclass
@@ -59,25 +52,16 @@ def progress_of(records: list[runs.RunRecord]) -> dict[str, Progress]:
     return found
 
 
-def latest_finished(cluster: str, stage: str) -> runs.RunRecord | None:
-    """The newest successful (non-smoke) run of ``stage`` on ``cluster``, if any."""
-    for record in runs.recent_records(limit=200):
-        same = record.cluster == cluster and record.stage == stage and not record.smoke
-        if same and state_of(record) == "SUCCEEDED":
-            return record
-    return None
-
-
 def follow_remote_logs(record: runs.RunRecord) -> int:
     """Stream a remote job's logs until it ends; 0 if it succeeded."""
 
     async def stream() -> None:
-        client = submit.job_client(record.address)
+        client = ray_jobs.job_client(record.address)
         async for chunk in client.tail_job_logs(record.ray_job):
             click.echo(chunk, nl=False)
 
     asyncio.run(stream())
-    return 0 if state_of(record) == "SUCCEEDED" else 1
+    return 0 if runs.state_of(record) == "SUCCEEDED" else 1
 
 
 def _follow_local(record: runs.RunRecord) -> None:
@@ -86,7 +70,7 @@ def _follow_local(record: runs.RunRecord) -> None:
             line = log.readline()
             if line:
                 click.echo(line, nl=False)
-            elif submit.local_state(record) != "RUNNING":
+            elif runs.local_state(record) != "RUNNING":
                 click.echo(log.read(), nl=False)
                 return
             else:
@@ -102,7 +86,7 @@ def status(name: str) -> None:
     found = runs.checkpoints(record)
     progress = progress_of([record]).get(record.name)
     click.echo(f"run:        {record.name} ({record.stage} on {record.cluster})")
-    click.echo(f"state:      {state_of(record)}")
+    click.echo(f"state:      {runs.state_of(record)}")
     click.echo(f"where:      {record.address if record.kind == 'remote' else 'local process'}")
     click.echo(f"folder:     {record.run_dir}")
     if progress is not None:
@@ -123,7 +107,7 @@ def logs(name: str, follow: bool) -> None:
         if follow:
             follow_remote_logs(record)
         else:
-            click.echo(submit.remote_call(record, "get_job_logs"), nl=False)
+            click.echo(ray_jobs.remote_call(record, "get_job_logs"), nl=False)
         return
     if not record.log_path:
         raise click.ClickException(f"run {name} has no log yet")
@@ -140,7 +124,7 @@ def stop(name: str) -> None:
     """Stop run NAME (its checkpoints stay; resume with `m2d launch --resume NAME`)."""
     record = runs.load_record(name)
     if record.kind == "remote":
-        stopped = submit.remote_call(record, "stop_job")
+        stopped = ray_jobs.remote_call(record, "stop_job")
     else:
         stopped = submit.stop_local(record)
     click.echo(f"{name}: {'stopping' if stopped else 'was not running'}")
@@ -158,7 +142,7 @@ def runs_(limit: int) -> None:
     table = Table("run", "stage", "cluster", "state", "step", "loss", "checkpoints", "latest")
     for record in records:
         try:
-            state = state_of(record)
+            state = runs.state_of(record)
         except Exception as exc:  # one unreachable cluster must not hide the other runs
             state = f"unknown ({type(exc).__name__})"
         found = runs.checkpoints(record)

@@ -161,14 +161,14 @@ def test_a_refused_submission_leaves_no_mlflow_run_running(tmp_path, monkeypatch
     from mlflow.tracking import MlflowClient
 
     from infra.errors import ServiceError
-    from orchestrator import submit
+    from orchestrator import ray_jobs, submit
     from orchestrator.cli import cli
 
     def refuse(record, run, submission_id=None):
         raise ServiceError(f"Ray refused the job {record.name}: no such image")
 
     monkeypatch.setenv("M2D_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(submit, "job_client", lambda address: object())
+    monkeypatch.setattr(ray_jobs, "job_client", lambda address: object())
     monkeypatch.setattr(submit, "submit_remote", refuse)
     manifest = tmp_path / "pretrain.jsonl"
     manifest.write_text("")

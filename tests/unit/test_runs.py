@@ -303,11 +303,10 @@ def test_a_stopped_local_run_reads_stopped_not_failed_or_lost(tmp_path):
     record = runs.load_record("local-run")
     record.exit_code = -15
     record.save()
-    from orchestrator import submit
 
-    assert submit.local_state(record) == "STOPPED"
+    assert runs.local_state(record) == "STOPPED"
     record.stopped = False  # the same exit without a stop asked for is a failure
-    assert submit.local_state(record) == "FAILED (exit -15)"
+    assert runs.local_state(record) == "FAILED (exit -15)"
     assert "local-run: was not running" in CliRunner().invoke(cli, ["stop", "local-run"]).output
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from infra.errors import ServiceError
-from orchestrator import submit
+from orchestrator import ray_jobs
 
 NO_AGENT = RuntimeError(
     "Request failed with status code 500: No available agent to submit job, please try again later."
@@ -42,14 +42,14 @@ class Client:
 @pytest.fixture
 def clock(monkeypatch) -> Clock:
     clock = Clock()
-    monkeypatch.setattr(submit.time, "monotonic", clock.monotonic)
-    monkeypatch.setattr(submit.time, "sleep", clock.sleep)
+    monkeypatch.setattr(ray_jobs.time, "monotonic", clock.monotonic)
+    monkeypatch.setattr(ray_jobs.time, "sleep", clock.sleep)
     return clock
 
 
 def test_waits_for_the_job_agent_with_backoff_and_one_line(clock):
     client, lines = Client(failures=5), []
-    job_id = submit.submit_job(client, "the job x", echo=lines.append, entrypoint="true")
+    job_id = ray_jobs.submit_job(client, "the job x", echo=lines.append, entrypoint="true")
     assert job_id == "raysubmit_1" and len(client.calls) == 6
     assert all(call == {"entrypoint": "true"} for call in client.calls)
     assert clock.sleeps == [1.0, 2.0, 4.0, 8.0, 10.0]
@@ -59,13 +59,13 @@ def test_waits_for_the_job_agent_with_backoff_and_one_line(clock):
 def test_gives_up_within_the_bound_in_one_line(clock):
     client = Client(failures=10**6)
     with pytest.raises(ServiceError, match=r"the job x: the cluster's job agent did not answer"):
-        submit.submit_job(client, "the job x", echo=lambda line: None, entrypoint="true")
-    assert clock.now <= submit.AGENT_WAIT_S
-    assert clock.now + 10.0 > submit.AGENT_WAIT_S  # it did wait about that long
+        ray_jobs.submit_job(client, "the job x", echo=lambda line: None, entrypoint="true")
+    assert clock.now <= ray_jobs.AGENT_WAIT_S
+    assert clock.now + 10.0 > ray_jobs.AGENT_WAIT_S  # it did wait about that long
 
 
 def test_other_refusals_are_not_retried(clock):
     client = Client(failures=1, error=RuntimeError("Job with submission_id x already exists"))
     with pytest.raises(ServiceError, match="Ray refused the job x: Job with submission_id"):
-        submit.submit_job(client, "the job x", echo=lambda line: None, entrypoint="true")
+        ray_jobs.submit_job(client, "the job x", echo=lambda line: None, entrypoint="true")
     assert len(client.calls) == 1 and clock.sleeps == []

@@ -1,0 +1,75 @@
+"""The Ray Jobs API, as m2d calls it: a client per cluster address, submissions that wait
+for a cluster just brought up, and calls about a run's job - each failure one line."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from infra.errors import ServiceError, first_line
+
+# How long a submission waits for the cluster's job agent: Ray's head answers "No available
+# agent to submit job" until the agent on the head node has registered, seconds to about
+# a minute after `ray start --head` on a busy machine.
+AGENT_WAIT_S = 120.0
+
+
+def job_client(address: str):
+    """A Ray Jobs client; the auth token comes from RAY_AUTH_TOKEN(_PATH) or ~/.ray."""
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError...
+        raise ServiceError(
+            f"cannot reach the Ray cluster at {address} ({first_line(exc)}); check that it "
+            "runs and that ray.address in the cluster profile is its dashboard address"
+        ) from None
+
+
+def submit_job(client, what: str, echo: Callable[[str], None] = print, **kwargs: Any) -> str:
+    """``client.submit_job(**kwargs)``; its job id.
+
+    While the cluster's job agent is not up yet (a cluster just started), the submission is
+    retried with backoff for up to ``AGENT_WAIT_S`` seconds, saying so in one line; any
+    other refusal, or the agent still missing then, is a one-line ServiceError about
+    ``what``.
+    """
+    deadline, delay, waiting = time.monotonic() + AGENT_WAIT_S, 1.0, False
+    while True:
+        try:
+            return client.submit_job(**kwargs)
+        except Exception as exc:  # Ray raises RuntimeError, ValueError, ConnectionError...
+            if "No available agent" not in str(exc):
+                raise ServiceError(f"Ray refused {what}: {first_line(exc)}") from None
+        if time.monotonic() + delay > deadline:
+            raise ServiceError(
+                f"Ray refused {what}: the cluster's job agent did not answer within "
+                f"{AGENT_WAIT_S:.0f} s; check the head node (`ray status`, its "
+                "dashboard_agent.log) and submit again"
+            )
+        if not waiting:
+            echo(f"waiting for the Ray cluster's job agent (up to {AGENT_WAIT_S:.0f} s) ...")
+            waiting = True
+        time.sleep(delay)
+        delay = min(2 * delay, 10.0)
+
+
+class RunJob(Protocol):
+    """What a call about a run's job needs of its record (``runs.RunRecord``)."""
+
+    name: str
+    address: str
+
+    @property
+    def ray_job(self) -> str: ...
+
+
+def remote_call(record: RunJob, method: str, *args):
+    """Call a JobSubmissionClient method for this run, as a one-line ServiceError on failure."""
+    client = job_client(record.address)
+    try:
+        return getattr(client, method)(record.ray_job, *args)
+    except Exception as exc:
+        raise ServiceError(f"{method} for run {record.name}: {first_line(exc)}") from None
