@@ -55,6 +55,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout
 
 from infra.config import ClusterProfile, RunConfig, resolve_run  # noqa: E402
+from infra.job_specs import SynthSpec  # noqa: E402
+from infra.jobs import spec_argv  # noqa: E402
 from infra.processes import free_port  # noqa: E402
 
 
@@ -79,9 +81,17 @@ def local_run(
 
 def synth_data(out: Path, run: RunConfig) -> None:
     r = run.recipe
-    args = ["--out", str(out), "--stories", "8", "--scenes", str(r.num_scenes)]
-    args += ["--frames", str(2 * r.frames - 1), "--size", f"{r.height}x{r.width}", "--seed", "0"]
-    subprocess.run([sys.executable, "-m", "trainer.data.synth", *args], check=True, cwd=ROOT)
+    spec = SynthSpec(
+        out=str(out),
+        stories=8,
+        scenes=r.num_scenes,
+        frames=2 * r.frames - 1,
+        height=r.height,
+        width=r.width,
+        seed=0,
+    )
+    synth = [sys.executable, "-m", "trainer.data.synth", *spec_argv(spec)]
+    subprocess.run(synth, check=True, cwd=ROOT)
 
 
 # ---------------------------------------------------------------------------- the job

@@ -1,20 +1,56 @@
-"""Running a job module here, as the CLI's data commands do: ``python -m MODULE ARGS`` with
-this Python, so the orchestrator never imports the trainer (or torch)."""
+"""The CLI's one way to a job that runs here: build the job's typed spec from the
+command's options, run ``python -m MODULE --spec JSON`` with this Python (so the
+orchestrator never imports the trainer or torch), relay what it prints, and exit with its
+exit status (``infra.jobs``: 2 for a user error, which the job has said in one line)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from typing import Any, TypeVar
 
 import click
+from pydantic import BaseModel, ValidationError
 
+from infra.jobs import spec_argv
 from orchestrator.cli import UserError
 
-__all__ = ["run_job"]
+__all__ = ["make_spec", "parse_size", "run_flag_job", "run_job"]
+
+SpecT = TypeVar("SpecT", bound=BaseModel)
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
 
 
-def run_job(module: str, args: list[str]) -> None:
-    """Run ``python -m MODULE ARGS``; echo its output, and turn a failure into one line."""
+def make_spec(
+    spec_type: type[SpecT], options: dict[str, str] | None = None, **values: Any
+) -> SpecT:
+    """``spec_type(**values)``; a value out of range is one line naming its option
+    (``--field-name``, or ``options[field]`` where one option sets several fields)."""
+    try:
+        return spec_type(**values)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = str(error["loc"][0]) if error["loc"] else ""
+        option = (options or {}).get(field) or "--" + field.replace("_", "-")
+        raise UserError(f"{option}: {error['msg'].removeprefix('Value error, ')}") from None
+
+
+def run_job(module: str, spec: BaseModel) -> None:
+    """Run the job ``module`` on ``spec`` here; its output is relayed as it printed it, and
+    a failure exits with the job's own exit status."""
+    result = subprocess.run(
+        [sys.executable, "-m", module, *spec_argv(spec)], capture_output=True, text=True
+    )
+    click.echo(result.stdout, nl=False)
+    click.echo(result.stderr, nl=False, err=True)
+    if result.returncode:
+        raise click.exceptions.Exit(result.returncode)
+
+
+def run_flag_job(module: str, args: list[str]) -> None:
+    """Run ``python -m MODULE ARGS`` (data filter and precompute, which do not take a spec
+    yet); echo its output, and turn a failure into one line."""
     result = subprocess.run(
         [sys.executable, "-m", module, *args], capture_output=True, text=True, check=False
     )
@@ -24,3 +60,13 @@ def run_job(module: str, args: list[str]) -> None:
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         message = lines[-1].removeprefix("Error: ") if lines else f"{module} failed"
         raise UserError(message)
+
+
+def parse_size(value: str | None) -> tuple[int | None, int | None]:
+    """``HEIGHTxWIDTH`` as two ints (``None, None`` for no value)."""
+    if value is None:
+        return None, None
+    match = _SIZE.match(value)
+    if not match:
+        raise click.BadParameter(f"{value!r}: give HEIGHTxWIDTH, e.g. 480x720")
+    return int(match[1]), int(match[2])

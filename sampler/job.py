@@ -1,6 +1,5 @@
-"""The sample-batch job: Ray Data over (checkpoint x story x seed) with an actor pool.
-
-    python -m sampler.job --spec SPEC_JSON_OR_FILE
+"""``m2d sample-batch ...`` (``python -m sampler.job --spec SAMPLE_JOB_SPEC``): Ray Data
+over (checkpoint x story x seed) with an actor pool.
 
 The driver checks everything a user can get wrong - the prompts file, context videos,
 checkpoints, frame counts, earlier outputs - before any model loads, then runs one Ray
@@ -13,7 +12,6 @@ artifacts). Exit status: 0 done, 2 a user error (one line), 1 anything else.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -25,7 +23,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from infra.errors import DataError, M2DError
+from infra.errors import DataError
+from infra.jobs import run_job
 from infra.logging import get_logger
 from infra.processes import pid_alive
 from infra.ray_runtime import init_ray
@@ -204,7 +203,8 @@ def _run(plan: Plan, echo: Callable[[str], None]) -> Plan:
                 progress.advance(f"{checkpoint.label}/{row['story']}/{row['seed']}")
     except BaseException as exc:
         if tracker is not None:
-            tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            stopped = isinstance(exc, (KeyboardInterrupt, SystemExit))  # Ctrl-C, SIGTERM
+            tracker.finish("KILLED" if stopped else "FAILED")
         raise
     if tracker is not None:
         tracker.log_metrics({"items_rendered": len(plan.todo)}, step=0)
@@ -326,28 +326,16 @@ def _log_item(tracker, plan: Plan, item: Item) -> None:
         tracker.log_artifacts(local, f"samples/{folder}")
 
 
-def _load_spec(value: str) -> SampleJobSpec:
-    text = Path(value).read_text() if not value.lstrip().startswith("{") else value
-    spec = SampleJobSpec.model_validate_json(text)
+def main(argv: list[str] | None = None) -> int:
+    """The job entry point: a ``SampleJobSpec`` in, every unfinished item rendered."""
+    return run_job(SampleJobSpec, _main, argv)
+
+
+def _main(spec: SampleJobSpec) -> None:
     if spec.prompts == "eval50":  # the shipped evaluation stories
         spec = spec.model_copy(update={"prompts": EVAL50})
-    return spec
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m sampler.job", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--spec", required=True, help="SampleJobSpec as JSON, or a JSON file")
-    args = parser.parse_args(argv)
-    try:
-        spec = _load_spec(args.spec)
-        plan = run(spec, echo=lambda line: print(line, flush=True))
-    except M2DError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    plan = run(spec, echo=lambda line: print(line, flush=True))
     print(f"done: {len(plan.todo)} rendered, {len(plan.finished)} skipped (finished before)")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,25 +1,24 @@
-"""Export a training checkpoint as a diffusers CogVideoX transformer folder.
+"""``m2d export RUN --out DIR|s3://...`` (``python -m trainer.export --spec EXPORT_SPEC``):
+a training checkpoint as a diffusers CogVideoX transformer folder.
 
 ZeRO shards are consolidated with DeepSpeed's own ``zero_to_fp32`` reader, the weights are
 loaded (strictly) into a stock ``CogVideoXTransformer3DModel`` built from the run's model
 config, and written with ``save_pretrained`` (safetensors) - so plain diffusers loads it.
 ``--out`` is a new (or empty) local folder or ``s3://`` prefix: an object-store export is
 written locally, then uploaded, config.json last, and nothing already there is replaced.
-
-    python -m trainer.export --checkpoint URI --out DIR|s3://... [--storage-json JSON]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 from infra.checkpoints import consolidated_state_dict, fetch_checkpoint, read_run_config
 from infra.config import StorageConfig
-from infra.errors import M2DError, StorageError, first_line
+from infra.errors import StorageError, first_line
+from infra.job_specs import ExportSpec
+from infra.jobs import run_job
 from infra.model_store import resolve_model_folder
 from infra.storage import filesystem, is_remote
 from mask2dit.components import load_transformer, transformer_config
@@ -75,20 +74,13 @@ def _upload(folder: Path, out: str, storage: StorageConfig | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; user errors print one line and exit 2."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="Checkpoint folder (path or URI).")
-    parser.add_argument("--out", required=True, help="New diffusers folder or s3:// URI.")
-    parser.add_argument("--storage-json", help="StorageConfig of the checkpoint's store.")
-    args = parser.parse_args(argv)
-    storage = StorageConfig(**json.loads(args.storage_json)) if args.storage_json else None
-    try:
-        out = export_checkpoint(args.checkpoint, args.out, storage)
-    except M2DError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        return 2
-    print(f"exported {args.checkpoint} -> {out}")
-    return 0
+    """The job entry point: an ``ExportSpec`` in, the folder written."""
+    return run_job(ExportSpec, _export, argv)
+
+
+def _export(spec: ExportSpec) -> None:
+    out = export_checkpoint(spec.checkpoint, spec.out, spec.storage)
+    print(f"exported {spec.checkpoint} -> {out}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from orchestrator.jobs import run_job
+from orchestrator.jobs import run_flag_job
 
 
 @click.command("filter")
@@ -37,4 +37,4 @@ def filter_(**options) -> None:
     for name, value in options.items():
         if value is not None:
             args += [f"--{name.replace('_', '-')}", str(value)]
-    run_job("trainer.data.filter", args)
+    run_flag_job("trainer.data.filter", args)

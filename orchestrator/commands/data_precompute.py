@@ -14,7 +14,7 @@ import click
 
 from infra.config import STAGES, RunConfig
 from orchestrator import profiles, runs
-from orchestrator.jobs import run_job
+from orchestrator.jobs import run_flag_job
 
 
 @click.command()
@@ -39,7 +39,7 @@ def precompute(
     if not manifest:
         raise click.UsageError(f"give --manifest (the profile {cluster_name} sets no data.{stage})")
     args = job_args(run, manifest, out, shard_size, num_actors, tracking=not no_tracking)
-    run_job("trainer.data.precompute", args)
+    run_flag_job("trainer.data.precompute", args)
     where = out if "://" in out else os.path.abspath(out)  # workers may start elsewhere
     click.echo(
         f"train from it: m2d launch --cluster {cluster_name} --stage {stage} "

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import click
 
 from infra.errors import ConfigError
+from infra.job_specs import ExportSpec
 from orchestrator import runs
+from orchestrator.jobs import make_spec, run_job
 
 EXPORT_MODULE = "trainer.export"
 
@@ -28,14 +26,10 @@ def pick_checkpoint(record: runs.RunRecord, step: int | None) -> str:
 @click.command()
 @click.argument("name")
 @click.option("--step", type=int, help="Checkpoint step (default: the latest).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="New folder.")
+@click.option("--out", required=True, help="New folder or s3:// URI.")
 def export(name: str, step: int | None, out: str) -> None:
     """Write run NAME's transformer as a diffusers folder (stock from_pretrained loads it)."""
     record = runs.load_record(name)
     checkpoint = pick_checkpoint(record, step)
-    command = [sys.executable, "-m", EXPORT_MODULE, "--checkpoint", checkpoint, "--out", out]
-    if record.storage:
-        command += ["--storage-json", json.dumps(record.storage)]
-    code = subprocess.call(command)
-    if code:
-        raise click.exceptions.Exit(code)
+    spec = make_spec(ExportSpec, checkpoint=checkpoint, out=out, storage=record.storage_config)
+    run_job(EXPORT_MODULE, spec)

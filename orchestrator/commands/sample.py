@@ -23,9 +23,9 @@ from infra.sample_spec import CheckpointSpec, SampleJobSpec
 from infra.storage import is_remote
 from orchestrator import profiles, ray_jobs, runs, submit
 from orchestrator.cli import UserError
+from orchestrator.jobs import parse_size
 
 JOB_MODULE = "sampler.job"
-_SIZE = re.compile(r"^(\d+)x(\d+)$")
 
 
 LATEST = {"latest-pretrain": "pretrain", "latest-sft": "sft"}
@@ -86,15 +86,6 @@ def parse_seeds(value: str) -> list[int]:
         raise click.BadParameter(
             f"{value!r}: give integers separated by commas, e.g. 0,1"
         ) from None
-
-
-def parse_size(value: str | None) -> tuple[int | None, int | None]:
-    if value is None:
-        return None, None
-    match = _SIZE.match(value)
-    if not match:
-        raise click.BadParameter(f"{value!r}: give HEIGHTxWIDTH, e.g. 480x720")
-    return int(match[1]), int(match[2])
 
 
 def build_spec(run: RunConfig, references: tuple[str, ...], options: dict) -> SampleJobSpec:

@@ -25,6 +25,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from infra.config import StorageConfig
+from infra.job_specs import SynthSpec
+from infra.jobs import spec_argv
 from infra.storage import filesystem
 from orchestrator.cli import cli
 from trainer.data.manifest import read_shot_groups
@@ -83,9 +85,9 @@ def dataset(tmp_path_factory) -> Path:
     """Synthetic stories plus a manifest that mixes them with every kind of bad shot."""
     root = tmp_path_factory.mktemp("filter")
     data = root / "data"
-    args = ["--out", str(data), "--stories", "4", "--scenes", str(SCENES), "--shots", "5"]
-    args += ["--frames", str(FRAMES), "--size", "32x32", "--seed", "3"]
-    subprocess.run([sys.executable, "-m", "trainer.data.synth", *args], check=True, cwd=ROOT)
+    spec = SynthSpec(out=str(data), stories=4, scenes=SCENES, shots=5, frames=FRAMES, seed=3)
+    synth = [sys.executable, "-m", "trainer.data.synth", *spec_argv(spec)]
+    subprocess.run(synth, check=True, cwd=ROOT)
     (data / "bad").mkdir()
     (data / "bad" / "zero.mp4").write_bytes(b"")
     (data / "bad" / "junk.mp4").write_bytes(b"\x00garbage" * 200)

@@ -19,6 +19,8 @@ import torch
 import yaml
 
 from infra.config import ClusterProfile, StorageConfig, resolve_run
+from infra.job_specs import SynthSpec
+from infra.jobs import spec_argv
 from trainer.data.latents import ShardReader, read_index
 
 pytestmark = pytest.mark.integration
@@ -39,11 +41,9 @@ def corpus(tmp_path_factory) -> Path:
     loses its last shot (truncated) and keeps one window of shots 0-2.
     """
     out = tmp_path_factory.mktemp("corpus")
-    args = ["--out", str(out), "--stories", "4", "--scenes", "3", "--frames", "17"]
+    spec = SynthSpec(out=str(out), stories=4, scenes=3, frames=17, height=32, width=32, seed=0)
     subprocess.run(
-        [sys.executable, "-m", "trainer.data.synth", *args, "--size", "32x32", "--seed", "0"],
-        check=True,
-        cwd=ROOT,
+        [sys.executable, "-m", "trainer.data.synth", *spec_argv(spec)], check=True, cwd=ROOT
     )
     good = (out / "videos/story000/shot0.mp4").read_bytes()
     (out / "bad").mkdir()

@@ -24,6 +24,8 @@ import torch
 import yaml
 
 from infra.config import ClusterProfile, resolve_run
+from infra.job_specs import SynthSpec
+from infra.jobs import spec_argv
 
 pytestmark = pytest.mark.integration
 
@@ -36,8 +38,9 @@ WORKER_TITLE = "ray::RayTrainWorker"
 @pytest.fixture(scope="module")
 def pretrain_manifest(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data")
-    args = ["--out", str(out), "--stories", "4", "--frames", "17", "--size", "32x32"]
-    subprocess.run([sys.executable, "-m", "trainer.data.synth", *args], check=True, cwd=ROOT)
+    spec = SynthSpec(out=str(out), stories=4, frames=17, height=32, width=32)
+    synth = [sys.executable, "-m", "trainer.data.synth", *spec_argv(spec)]
+    subprocess.run(synth, check=True, cwd=ROOT)
     return out / "pretrain.jsonl"
 
 

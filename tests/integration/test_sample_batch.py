@@ -25,6 +25,8 @@ import torch
 from ray_session import ray_session, wait_gone
 
 from infra.config import ModelConfig, StageRecipe, StorageConfig
+from infra.job_specs import ExportSpec
+from infra.jobs import spec_argv
 from infra.processes import free_port
 from infra.sample_spec import CheckpointSpec, SampleJobSpec
 from infra.video import write_video
@@ -91,7 +93,12 @@ def exported(trained, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("exported") / "pretty-export"
     checkpoint = str(trained / "checkpoint_00000007")
     subprocess.run(
-        [sys.executable, "-m", "trainer.export", "--checkpoint", checkpoint, "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "trainer.export",
+            *spec_argv(ExportSpec(checkpoint=checkpoint, out=str(out))),
+        ],
         cwd=ROOT,
         check=True,
         timeout=300,

@@ -19,6 +19,8 @@ import torch
 import yaml
 
 from infra.config import ClusterProfile, RunConfig, resolve_run
+from infra.job_specs import ExportSpec, SynthSpec
+from infra.jobs import spec_argv
 
 pytestmark = pytest.mark.integration
 
@@ -42,11 +44,9 @@ PER_STEP_METRICS = (
 def synth_data(tmp_path_factory) -> Path:
     """Real mp4 stories and both manifests from the data package's generator."""
     out = tmp_path_factory.mktemp("data")
-    args = ["--out", str(out), "--stories", "4", "--scenes", "3", "--frames", "17"]
+    spec = SynthSpec(out=str(out), stories=4, scenes=3, frames=17, height=32, width=32, seed=0)
     subprocess.run(
-        [sys.executable, "-m", "trainer.data.synth", *args, "--size", "32x32", "--seed", "0"],
-        check=True,
-        cwd=ROOT,
+        [sys.executable, "-m", "trainer.data.synth", *spec_argv(spec)], check=True, cwd=ROOT
     )
     return out
 
@@ -269,8 +269,8 @@ def test_export_from_s3_loads_in_stock_diffusers(s3_pretrain, tmp_path):
     # To S3 as the CLI runs it: uploaded (not a local folder named "s3:"), loadable from
     # there, and never over an export that is there already.
     fs, target = s3_pretrain["fs"], f"s3://{s3_pretrain['bucket']}/exports/pre-z2"
-    command = [sys.executable, "-m", "trainer.export", "--checkpoint", uri, "--out", target]
-    command += ["--storage-json", run.storage.model_dump_json()]
+    spec = ExportSpec(checkpoint=uri, out=target, storage=run.storage)
+    command = [sys.executable, "-m", "trainer.export", *spec_argv(spec)]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert not (tmp_path / "s3:").exists()

@@ -231,6 +231,5 @@ def test_m2d_data_synth_and_inspect_run_the_jobs(tmp_path):
 
 
 def test_synth_main_refuses_odd_sizes_with_one_line(tmp_path, capsys):
-    with pytest.raises(SystemExit) as info:
-        synth_main(["--out", str(tmp_path), "--size", "31x32"])
-    assert info.value.code == 2 and "even" in capsys.readouterr().err
+    code = synth_main(["--spec", json.dumps({"out": str(tmp_path), "height": 31})])
+    assert code == 2 and "even" in capsys.readouterr().err

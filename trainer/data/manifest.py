@@ -1,4 +1,6 @@
 """Training manifests: pre-training clip tables and SFT shot groups, local or on S3.
+``m2d data inspect MANIFEST`` (``python -m trainer.data.manifest --spec INSPECT_SPEC``)
+counts what one holds.
 
 Pre-training (CSV, JSONL or Parquet): one row per single-scene clip with
 ``path, caption, num_frames, fps, width, height`` and optional ``start, end`` seconds
@@ -25,6 +27,8 @@ from typing import Any
 
 from infra.config import StorageConfig
 from infra.errors import DataError
+from infra.job_specs import InspectSpec
+from infra.jobs import run_job
 from infra.storage import filesystem, parent_folder, resolve_relative
 
 REQUIRED = ("path", "caption", "num_frames", "fps", "width", "height")
@@ -287,27 +291,20 @@ def _read_groups(uri: str, storage: StorageConfig | None) -> list[Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m trainer.data.manifest MANIFEST [--scenes N]``: counts and skips."""
-    import argparse
+    """``m2d data inspect`` runs ``python -m trainer.data.manifest --spec INSPECT_SPEC``:
+    counts and skips."""
+    return run_job(InspectSpec, _inspect, argv)
 
-    parser = argparse.ArgumentParser(prog="trainer.data.manifest", description=main.__doc__)
-    parser.add_argument("manifest")
-    parser.add_argument("--scenes", type=int, default=None, help="read as SFT shot groups")
-    parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint")
-    args = parser.parse_args(argv)
-    storage = StorageConfig(root=args.manifest, endpoint_url=args.endpoint_url)
-    try:
-        if args.scenes:
-            groups, skips = read_shot_groups(args.manifest, args.scenes, storage)
-            shots = sum(len(g.shots) for g in groups)
-            print(f"{len(groups)} groups, {shots} shots; skipped: {skips}")
-        else:
-            clips, skips = read_clips(args.manifest, storage)
-            print(f"{len(clips)} clips; skipped: {skips}")
-    except DataError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+def _inspect(spec: InspectSpec) -> None:
+    storage = StorageConfig(root=spec.manifest, endpoint_url=spec.endpoint_url)
+    if spec.scenes:
+        groups, skips = read_shot_groups(spec.manifest, spec.scenes, storage)
+        shots = sum(len(g.shots) for g in groups)
+        print(f"{len(groups)} groups, {shots} shots; skipped: {skips}")
+    else:
+        clips, skips = read_clips(spec.manifest, storage)
+        print(f"{len(clips)} clips; skipped: {skips}")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,15 @@
-"""A small synthetic multi-scene dataset with recurring characters, for demos and tests.
+"""``m2d data synth --out DIR`` (``python -m trainer.data.synth --spec SYNTH_SPEC``): a small
+synthetic multi-scene dataset with recurring characters, for demos and tests.
 
 Each story has one or two "characters" (a colored shape, fixed for the story) that appear
 in every shot, moving in a per-shot direction over a per-shot background color. Captions
 name characters the way the paper's data does - "Actor1 (a red square)" - repeating the
 description verbatim in every shot. Writes real mp4 files plus both manifests:
 ``pretrain.jsonl`` (one row per shot) and ``sft.jsonl`` (one group of shots per story).
-
-    python -m trainer.data.synth --out DIR --stories 12 --scenes 3 --frames 17 --size 32x32
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -20,7 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from infra.config import StorageConfig
-from infra.errors import M2DError, StorageError, first_line
+from infra.errors import StorageError, first_line
+from infra.job_specs import SynthSpec
+from infra.jobs import run_job
 from infra.storage import filesystem, join
 from infra.video import write_video
 
@@ -210,47 +210,26 @@ def _write_lines(uri: str, records: list[dict], storage: StorageConfig | None) -
         handle.writelines(json.dumps(record) + "\n" for record in records)
 
 
-def _size(text: str) -> tuple[int, int]:
-    try:
-        height, width = (int(part) for part in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size {text!r} is not HEIGHTxWIDTH, e.g. 32x48") from None
-    if height < 2 or width < 2 or height % 2 or width % 2:
-        raise argparse.ArgumentTypeError("height and width must be even and >= 2 (yuv420p)")
-    return height, width
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Command line: synthesize a dataset; errors print one line and exit with status 2."""
-    parser = argparse.ArgumentParser(prog="trainer.data.synth", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="output folder or s3:// URI")
-    parser.add_argument("--stories", type=int, default=12)
-    parser.add_argument("--scenes", type=int, default=3)
-    parser.add_argument("--shots", type=int, default=None, help="shots per story (scenes + 1)")
-    parser.add_argument("--frames", type=int, default=17, help="frames per shot")
-    parser.add_argument("--size", type=_size, default=(32, 32), help="HEIGHTxWIDTH, e.g. 32x32")
-    parser.add_argument("--fps", type=float, default=8.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint")
-    args = parser.parse_args(argv)
-    storage = StorageConfig(root=args.out, endpoint_url=args.endpoint_url)
-    try:
-        counts = synthesize(
-            args.out,
-            args.stories,
-            args.scenes,
-            args.frames,
-            *args.size,
-            seed=args.seed,
-            shots=args.shots,
-            fps=args.fps,
-            storage=storage,
-        )
-    except (M2DError, ValueError, OSError) as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {counts['stories']} stories, {counts['shots']} shots to {args.out}")
-    return 0
+    """The job entry point: a ``SynthSpec`` in, the dataset written."""
+    return run_job(SynthSpec, _run, argv)
+
+
+def _run(spec: SynthSpec) -> None:
+    storage = StorageConfig(root=spec.out, endpoint_url=spec.endpoint_url)
+    counts = synthesize(
+        spec.out,
+        spec.stories,
+        spec.scenes,
+        spec.frames,
+        spec.height,
+        spec.width,
+        seed=spec.seed,
+        shots=spec.shots,
+        fps=spec.fps,
+        storage=storage,
+    )
+    print(f"wrote {counts['stories']} stories, {counts['shots']} shots to {spec.out}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,67 @@
+"""The typed specs of the small jobs the CLI starts (``infra.jobs.run_job`` reads them).
+
+Each job's options are declared once, as click options in ``orchestrator/commands/``,
+whose defaults are these fields' defaults (``default_of``); the job reads the spec and
+nothing else. Like run configs, specs hold no credentials.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from infra.config import StorageConfig, _Strict
+
+__all__ = ["ExportSpec", "InspectSpec", "SynthSpec", "default_of"]
+
+
+def default_of(spec_type: type[BaseModel], field: str) -> Any:
+    """A spec field's default, for the click option that sets it."""
+    return spec_type.model_fields[field].default
+
+
+class SynthSpec(_Strict):
+    """``python -m trainer.data.synth``: a small synthetic multi-scene dataset."""
+
+    out: str = Field(description="New (or empty) folder or s3:// prefix.")
+    stories: int = Field(12, ge=1, description="Stories (shot groups).")
+    scenes: int = Field(3, ge=1, description="Scenes per training story.")
+    shots: int | None = Field(None, ge=1, description="Shots per story (default scenes + 1).")
+    frames: int = Field(17, ge=1, description="Frames per shot.")
+    height: int = Field(32, description="Video height (even: yuv420p).")
+    width: int = Field(32, description="Video width (even: yuv420p).")
+    fps: float = Field(8.0, gt=0, description="Frames per second.")
+    seed: int = Field(0, description="Same seed, same dataset.")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint of --out.")
+
+    @field_validator("height", "width")
+    @classmethod
+    def _even(cls, value: int) -> int:
+        if value < 2 or value % 2:
+            raise ValueError(f"{value}: height and width must be even and >= 2 (yuv420p)")
+        return value
+
+    @model_validator(mode="after")
+    def _enough_shots(self) -> SynthSpec:
+        if self.shots is not None and self.shots < self.scenes:
+            raise ValueError(f"shots ({self.shots}) must be at least scenes ({self.scenes})")
+        return self
+
+
+class InspectSpec(_Strict):
+    """``python -m trainer.data.manifest``: what a manifest holds and what it skips."""
+
+    manifest: str = Field(description="Manifest path or URI.")
+    scenes: int | None = Field(None, ge=1, description="Read as SFT groups of N scenes.")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint.")
+
+
+class ExportSpec(_Strict):
+    """``python -m trainer.export``: a training checkpoint as a diffusers folder."""
+
+    checkpoint: str = Field(description="Checkpoint folder (path or URI).")
+    out: str = Field(description="New diffusers folder or s3:// prefix.")
+    storage: StorageConfig | None = Field(
+        None, description="The run's store: the checkpoint's, and an s3:// --out's."
+    )

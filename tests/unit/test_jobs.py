@@ -1,0 +1,108 @@
+"""Every job's entry (``infra.jobs.run_job``): a bad spec or a user error is exit status 2
+with one line, an internal error exit status 1 with its traceback, SIGTERM a clean stop."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from infra.errors import DataError
+from infra.jobs import EXIT_FAILURE, EXIT_USER_ERROR, run_job
+
+ROOT = Path(__file__).resolve().parents[2]
+# The job modules that take a spec (data filter, precompute and training: not yet).
+JOB_MODULES = ["trainer.data.synth", "trainer.data.manifest", "trainer.export", "sampler.job"]
+
+
+class Spec(BaseModel):
+    name: str
+
+
+@pytest.mark.parametrize("module", JOB_MODULES)
+@pytest.mark.parametrize("spec", ['{"no_such_key": 1}', "[]", "/nonexistent/spec.json"])
+def test_a_bad_spec_is_one_line_and_exit_2(module, spec):
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--spec", spec], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == EXIT_USER_ERROR, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert result.stdout == ""
+
+
+def test_no_spec_is_a_usage_line():
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer.data.synth", "--out", "x"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == EXIT_USER_ERROR
+    assert result.stderr.startswith("error: usage: --spec JSON|FILE (a SynthSpec)")
+
+
+def test_user_error_is_one_line_internal_error_a_traceback(capsys):
+    def refuse(spec: Spec) -> None:
+        raise DataError(f"{spec.name}: not found; fix the path")
+
+    def crash(spec: Spec) -> None:
+        raise RuntimeError("a bug")
+
+    argv = ["--spec", json.dumps({"name": "m.jsonl"})]
+    assert run_job(Spec, refuse, argv) == EXIT_USER_ERROR
+    assert capsys.readouterr().err == "error: m.jsonl: not found; fix the path\n"
+    assert run_job(Spec, crash, argv) == EXIT_FAILURE
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):") and "RuntimeError: a bug" in err
+    assert run_job(Spec, lambda spec: None, argv) == 0
+
+
+def test_a_spec_file_is_read(tmp_path):
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps({"name": "from-file"}))
+    seen = []
+    assert run_job(Spec, lambda spec: seen.append(spec.name), ["--spec", str(path)]) == 0
+    assert seen == ["from-file"]
+
+
+SIGTERM_JOB = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from pydantic import BaseModel
+    from infra.jobs import run_job
+
+    class Spec(BaseModel):
+        marks: str
+
+    def body(spec):
+        marks = Path(spec.marks)
+        try:
+            (marks / "started").touch()
+            time.sleep(60)
+        finally:
+            (marks / "cleaned").touch()
+
+    sys.exit(run_job(Spec, body))
+    """
+)
+
+
+def test_sigterm_stops_the_job_through_its_cleanup(tmp_path):
+    spec = json.dumps({"marks": str(tmp_path)})
+    job = subprocess.Popen([sys.executable, "-c", SIGTERM_JOB, "--spec", spec], cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "started").exists():
+        assert job.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=30) == 128 + signal.SIGTERM
+    assert (tmp_path / "cleaned").exists()
