@@ -11,9 +11,16 @@ from typing import Any
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from infra.config import StorageConfig, _Strict
+from infra.config import RunConfig, StorageConfig, _Strict
 
-__all__ = ["ExportSpec", "InspectSpec", "SynthSpec", "default_of"]
+__all__ = [
+    "ExportSpec",
+    "FilterSpec",
+    "InspectSpec",
+    "PrecomputeSpec",
+    "SynthSpec",
+    "default_of",
+]
 
 
 def default_of(spec_type: type[BaseModel], field: str) -> Any:
@@ -65,3 +72,38 @@ class ExportSpec(_Strict):
     storage: StorageConfig | None = Field(
         None, description="The run's store: the checkpoint's, and an s3:// --out's."
     )
+
+
+class FilterSpec(_Strict):
+    """``python -m trainer.data.filter``: keep the SFT windows of similar adjacent scenes.
+    Values are checked by the job (``check_spec``), which names the option to fix."""
+
+    manifest: str = Field(description="SFT manifest (.json/.jsonl), path or URI.")
+    encoder: str = Field("xclip", description="Registered video encoder.")
+    encoder_path: str = Field(description="Encoder folder (save_pretrained), path or URI.")
+    out: str = Field(description="Filtered manifest to write (.json/.jsonl); never overwritten.")
+    scenes: int = Field(3, description="Scenes per SFT window (n).")
+    threshold: float = Field(0.7, description="Min adjacent-scene cosine similarity.")
+    min_frames: int = Field(1, description="Skip shots with fewer frames.")
+    histogram: str | None = Field(None, description="Histogram PNG (default: OUT as .png).")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint.")
+    tracking_uri: str | None = Field(None, description="MLflow URI: log counts, histogram.")
+    experiment: str = Field("m2d-data", description="MLflow experiment.")
+    num_actors: int = Field(1, description="Encoder actors (one model each).")
+    batch_size: int = Field(8, description="Shots per actor batch.")
+
+
+class PrecomputeSpec(_Strict):
+    """``python -m trainer.data.precompute``: a stage's latents and text embeddings, once.
+
+    Model, recipe (frames, size, scenes, seed), precision, workers, storage and MLflow are
+    the resolved run's (profile + stage + ``--set``), exactly what training would use."""
+
+    run: RunConfig = Field(description="The resolved run of the stage encoded for.")
+    manifest: str = Field(description="Its manifest (path or URI).")
+    out: str = Field(description="Output folder or s3:// prefix (new, or this job's).")
+    shard_size: int = Field(64, ge=1, description="Entries per shard.")
+    num_actors: int | None = Field(
+        None, ge=1, description="Encoder actors (default: the run's workers)."
+    )
+    tracking: bool = Field(True, description="Log the counts to the run's MLflow store.")

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 from infra.jobs import spec_argv
 from orchestrator.cli import UserError
 
-__all__ = ["make_spec", "parse_size", "run_flag_job", "run_job"]
+__all__ = ["make_spec", "parse_size", "run_job"]
 
 SpecT = TypeVar("SpecT", bound=BaseModel)
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
@@ -46,20 +46,6 @@ def run_job(module: str, spec: BaseModel) -> None:
     click.echo(result.stderr, nl=False, err=True)
     if result.returncode:
         raise click.exceptions.Exit(result.returncode)
-
-
-def run_flag_job(module: str, args: list[str]) -> None:
-    """Run ``python -m MODULE ARGS`` (data filter and precompute, which do not take a spec
-    yet); echo its output, and turn a failure into one line."""
-    result = subprocess.run(
-        [sys.executable, "-m", module, *args], capture_output=True, text=True, check=False
-    )
-    if result.stdout:
-        click.echo(result.stdout, nl=False)
-    if result.returncode:
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
-        message = lines[-1].removeprefix("Error: ") if lines else f"{module} failed"
-        raise UserError(message)
 
 
 def parse_size(value: str | None) -> tuple[int | None, int | None]:

@@ -1,8 +1,9 @@
 """``m2d data precompute``: encode a stage's clips and captions once, for training to read.
 
-The cluster profile gives the model, the stage recipe's frames/size/scenes/seed, the
-storage endpoint and MLflow; the work runs in ``trainer.data.precompute`` as a subprocess
-(the orchestrator imports neither torch nor Ray). Set ``data.<stage>_latents`` to the
+The job's spec carries the stage's resolved run (profile + stage recipe + ``--set``): the
+model, the recipe's frames/size/scenes/seed, precision, workers, storage and MLflow; the
+work runs in ``trainer.data.precompute`` as a subprocess (the orchestrator imports neither
+torch nor Ray). Set ``data.<stage>_latents`` to the
 output (in the profile or with ``m2d launch --set``) to train from it.
 """
 
@@ -13,8 +14,9 @@ import os
 import click
 
 from infra.config import STAGES, RunConfig
+from infra.job_specs import PrecomputeSpec, default_of
 from orchestrator import profiles, runs
-from orchestrator.jobs import run_flag_job
+from orchestrator.jobs import make_spec, run_job
 
 
 @click.command()
@@ -22,7 +24,13 @@ from orchestrator.jobs import run_flag_job
 @click.option("--stage", type=click.Choice(STAGES), required=True, help="Recipe to encode for.")
 @click.option("--out", required=True, help="Output folder or s3:// prefix (new, or this job's).")
 @click.option("--manifest", default=None, help="Manifest [default: the profile's data.STAGE].")
-@click.option("--shard-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option(
+    "--shard-size",
+    type=click.IntRange(min=1),
+    default=default_of(PrecomputeSpec, "shard_size"),
+    show_default=True,
+    help="Entries per shard.",
+)
 @click.option("--num-actors", type=click.IntRange(min=1), default=None, help="Encoder actors.")
 @click.option("--set", "assignments", multiple=True, help="Override a config key: KEY.PATH=VALUE.")
 @click.option("--no-tracking", is_flag=True, help="Do not log the counts to MLflow.")
@@ -38,8 +46,8 @@ def precompute(
     manifest = manifest or getattr(run.data, stage)
     if not manifest:
         raise click.UsageError(f"give --manifest (the profile {cluster_name} sets no data.{stage})")
-    args = job_args(run, manifest, out, shard_size, num_actors, tracking=not no_tracking)
-    run_flag_job("trainer.data.precompute", args)
+    spec = job_spec(run, manifest, out, shard_size, num_actors, tracking=not no_tracking)
+    run_job("trainer.data.precompute", spec)
     where = out if "://" in out else os.path.abspath(out)  # workers may start elsewhere
     click.echo(
         f"train from it: m2d launch --cluster {cluster_name} --stage {stage} "
@@ -54,25 +62,21 @@ def _resolve(ctx: click.Context, cluster_name: str, stage: str, assignments) -> 
     return runs.with_absolute_paths(run)
 
 
-def job_args(
+def job_spec(
     run: RunConfig,
     manifest: str,
     out: str,
-    shard_size: int = 64,
+    shard_size: int = default_of(PrecomputeSpec, "shard_size"),
     num_actors: int | None = None,
     tracking: bool = True,
-) -> list[str]:
-    """The job's command line: the run's model and recipe, the storage and MLflow."""
-    recipe, gpu = run.recipe, run.workers.gpus_per_worker > 0
-    args = ["--manifest", manifest, "--stage", run.stage, "--out", out]
-    args += ["--model-source", run.model.source, "--text-tokens", str(run.model.text_tokens)]
-    args += ["--frames", str(recipe.frames), "--size", f"{recipe.height}x{recipe.width}"]
-    args += ["--scenes", str(recipe.num_scenes), "--seed", str(recipe.seed)]
-    args += ["--dtype", run.deepspeed.precision if gpu else "fp32"]
-    args += ["--device", "cuda" if gpu else "cpu", "--shard-size", str(shard_size)]
-    args += ["--num-actors", str(num_actors or run.workers.num_workers)]
-    if run.storage.endpoint_url:
-        args += ["--endpoint-url", run.storage.endpoint_url]
-    if tracking:
-        args += ["--tracking-uri", run.tracking.uri, "--experiment", run.tracking.experiment]
-    return args
+) -> PrecomputeSpec:
+    """The job's spec: the stage's resolved run, the manifest and the output."""
+    return make_spec(
+        PrecomputeSpec,
+        run=run,
+        manifest=manifest,
+        out=out,
+        shard_size=shard_size,
+        num_actors=num_actors,
+        tracking=tracking,
+    )

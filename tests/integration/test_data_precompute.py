@@ -19,14 +19,13 @@ import torch
 import yaml
 
 from infra.config import ClusterProfile, StorageConfig, resolve_run
-from infra.job_specs import SynthSpec
+from infra.job_specs import PrecomputeSpec, SynthSpec
 from infra.jobs import spec_argv
 from trainer.data.latents import ShardReader, read_index
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPE = ["--model-source", "tiny", "--text-tokens", "16", "--frames", "9", "--size", "32x32"]
 BAD_REASONS = {"missing": 1, "zero_byte": 1, "too_short": 1, "empty_caption": 1}
 
 
@@ -71,10 +70,28 @@ def write_jsonl(path: Path, rows: list) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-def precompute(*args: str) -> subprocess.CompletedProcess:
+def precompute(
+    stage: str,
+    manifest: str,
+    out: str,
+    *,
+    endpoint_url: str | None = None,
+    tracking: str | None = None,
+    **options,
+) -> subprocess.CompletedProcess:
+    """The job on the `local` profile's recipe (tiny model, 16 tokens, 9 frames of 32x32),
+    as `m2d data precompute` starts it."""
+    profile = ClusterProfile.model_validate(
+        yaml.safe_load((ROOT / "clusters/local.yaml").read_text())
+    )
+    overrides = {"storage": {"root": out, "endpoint_url": endpoint_url}}
+    if tracking:
+        overrides["tracking"] = {"uri": tracking, "experiment": "pc-it"}
+    run = resolve_run(profile, "local", stage, overrides)
+    spec = PrecomputeSpec(run=run, manifest=manifest, out=out, tracking=bool(tracking), **options)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return subprocess.run(
-        [sys.executable, "-m", "trainer.data.precompute", *RECIPE, *args],
+        [sys.executable, "-m", "trainer.data.precompute", *spec_argv(spec)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -96,9 +113,9 @@ def assert_bad_counts(skips: dict[str, int]) -> None:
 @pytest.fixture(scope="module")
 def local_pretrain(corpus, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("pre") / "latents"
-    args = ["--manifest", str(corpus / "pretrain_bad.jsonl"), "--stage", "pretrain"]
-    args += ["--out", str(out), "--shard-size", "5", "--num-actors", "1"]
-    done = precompute(*args)
+    args = {"stage": "pretrain", "manifest": str(corpus / "pretrain_bad.jsonl"), "out": str(out)}
+    args.update(shard_size=5, num_actors=1)
+    done = precompute(**args)
     assert done.returncode == 0, done.stderr[-3000:]
     return {"out": out, "args": args, "stdout": done.stdout}
 
@@ -124,7 +141,7 @@ def test_rerun_after_a_kill_encodes_only_the_unfinished_shards(local_pretrain):
     for path in shards.glob("000002.*"):
         path.unlink()
     (out / "index.parquet").unlink()
-    done = precompute(*local_pretrain["args"])
+    done = precompute(**local_pretrain["args"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming" in done.stdout and "3 of 5 shards finished" in done.stdout
     assert "(2 encoded now)" in done.stdout
@@ -141,9 +158,16 @@ def test_sft_from_and_to_s3_with_counts_in_mlflow(corpus, s3_endpoint, s3_bucket
         fs.put(str(corpus / name), f"{s3_bucket}/corpus/{name}", recursive=True)
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = f"s3://{s3_bucket}/latents/sft"
-    args = ["--manifest", f"s3://{s3_bucket}/corpus/sft_bad.jsonl", "--stage", "sft"]
-    args += ["--out", out, "--endpoint-url", s3_endpoint, "--shard-size", "4", "--num-actors", "2"]
-    done = precompute(*args, "--tracking-uri", tracking, "--experiment", "pc-it")
+    manifest = f"s3://{s3_bucket}/corpus/sft_bad.jsonl"
+    done = precompute(
+        "sft",
+        manifest,
+        out,
+        endpoint_url=s3_endpoint,
+        tracking=tracking,
+        shard_size=4,
+        num_actors=2,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     storage = StorageConfig(root=out, endpoint_url=s3_endpoint)
     index = read_index(out, storage)

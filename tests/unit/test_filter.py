@@ -290,15 +290,21 @@ def _sft(tmp_path) -> str:
     return str(path)
 
 
-def _args(tmp_path, **changes) -> list[str]:
+def _options(tmp_path, **changes) -> dict[str, str]:
     (tmp_path / "config.json").write_text('{"model_type": "xclip"}')  # passes the cheap check
-    options = {
+    return {
         "--manifest": _sft(tmp_path),
         "--encoder-path": str(tmp_path),
         "--out": str(tmp_path / "out.jsonl"),
         **changes,
     }
-    return [item for pair in options.items() for item in pair]
+
+
+def _args(tmp_path, **changes) -> list[str]:
+    """The job's --spec for these options (as `m2d data filter` builds it)."""
+    options = _options(tmp_path, **changes)
+    spec = {name.removeprefix("--").replace("-", "_"): value for name, value in options.items()}
+    return ["--spec", json.dumps(spec)]
 
 
 @pytest.mark.parametrize(
@@ -341,9 +347,10 @@ def test_m2d_data_filter_runs_the_job_and_reports_one_line(tmp_path):
     from orchestrator.cli import cli
 
     (tmp_path / "out.jsonl").write_text("keep me")
-    argv = ["data", "filter", *_args(tmp_path), "--threshold", "0.8", "--num-actors", "2"]
+    options = _options(tmp_path, **{"--threshold": "0.8", "--num-actors": "2"})
+    argv = ["data", "filter", *(item for pair in options.items() for item in pair)]
     result = CliRunner().invoke(cli, argv)
     assert result.exit_code == 2, result.output
     assert result.output.strip().splitlines() == [
-        f"Error: --out {tmp_path / 'out.jsonl'} already exists; remove it or choose another name"
+        f"error: --out {tmp_path / 'out.jsonl'} already exists; remove it or choose another name"
     ]

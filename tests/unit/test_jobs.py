@@ -18,8 +18,15 @@ from infra.errors import DataError
 from infra.jobs import EXIT_FAILURE, EXIT_USER_ERROR, run_job
 
 ROOT = Path(__file__).resolve().parents[2]
-# The job modules that take a spec (data filter, precompute and training: not yet).
-JOB_MODULES = ["trainer.data.synth", "trainer.data.manifest", "trainer.export", "sampler.job"]
+# The job modules that take a spec (training: not yet).
+JOB_MODULES = [
+    "trainer.data.synth",
+    "trainer.data.manifest",
+    "trainer.data.filter",
+    "trainer.data.precompute",
+    "trainer.export",
+    "sampler.job",
+]
 
 
 class Spec(BaseModel):

@@ -6,7 +6,6 @@ The precompute driver runs in-process here (its shard runner swapped for a loop 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -18,6 +17,7 @@ import yaml
 
 from infra.config import ClusterProfile, ModelConfig, resolve_run
 from infra.errors import ConfigError, DataError
+from infra.job_specs import PrecomputeSpec
 from trainer.batches import EncodedBatch, ManifestStories, PrecomputedStories, encode_batch
 from trainer.components import load_components
 from trainer.data import latents, precompute, shard_encoder
@@ -67,7 +67,7 @@ def settings_for(manifest: Path, stage: str, shard_size: int = 4) -> Settings:
 def in_process(parts, calls: list | None = None):
     """A shard runner without Ray: encode each pending shard here, recording the names."""
 
-    def runner(pending, settings, out, storage, options):
+    def runner(pending, settings, out, storage, pool):
         for name, items in pending:
             if calls is not None:
                 calls.append(name)
@@ -77,8 +77,8 @@ def in_process(parts, calls: list | None = None):
 
 
 def run_precompute(parts, settings: Settings, out: Path, calls: list | None = None) -> dict:
-    options = argparse.Namespace()
-    return precompute.precompute(settings, str(out), None, options, in_process(parts, calls))
+    pool = precompute.Pool(1, "cpu", 0)
+    return precompute.precompute(settings, str(out), None, pool, in_process(parts, calls))
 
 
 @pytest.fixture(scope="module")
@@ -322,21 +322,21 @@ def test_shard_reader_reads_what_safetensors_wrote(tmp_path):
         assert torch.equal(got[part], want[f"k.{part}"])
 
 
-def test_cli_passes_the_profile_recipe_to_the_job():
-    from orchestrator.commands.data_precompute import job_args
+def test_cli_passes_the_profile_recipe_to_the_job(dataset):
+    from orchestrator.commands.data_precompute import job_spec
 
     run = local_run("sft", micro_batch=1)
-    args = job_args(run, "m.jsonl", "s3://b/latents", shard_size=8, num_actors=None)
-    pairs = dict(zip(args[::2], args[1::2], strict=True))
-    assert pairs["--stage"] == "sft" and pairs["--model-source"] == "tiny"
-    assert (pairs["--frames"], pairs["--size"], pairs["--scenes"]) == ("9", "32x32", "3")
-    assert (pairs["--text-tokens"], pairs["--dtype"], pairs["--device"]) == ("16", "fp32", "cpu")
-    assert (pairs["--num-actors"], pairs["--shard-size"]) == ("2", "8")
-    assert pairs["--tracking-uri"] == run.tracking.uri
-    assert "--tracking-uri" not in job_args(run, "m.jsonl", "out", tracking=False)
-    # The job's parser accepts every flag the CLI passes.
-    parsed = precompute.parse_args(args)
-    assert (parsed.size, parsed.gpus_per_actor) == ((32, 32), 0)
+    manifest = str(dataset / "sft.jsonl")
+    written = job_spec(run, manifest, "s3://b/latents", shard_size=8, num_actors=None)
+    spec = PrecomputeSpec.model_validate_json(written.model_dump_json())  # as the job reads it
+    settings = precompute.settings_from(spec)
+    assert (settings.stage, settings.model_source, settings.manifest) == ("sft", "tiny", manifest)
+    assert (settings.frames, settings.height, settings.width) == (9, 32, 32)
+    assert (settings.num_scenes, settings.seed, settings.shard_size) == (3, 3, 8)
+    assert (settings.text_tokens, settings.dtype) == (16, "fp32")
+    assert precompute.pool_of(spec) == precompute.Pool(2, "cpu", 0)
+    assert spec.tracking and spec.run.tracking == run.tracking
+    assert not job_spec(run, manifest, "out", tracking=False).tracking
 
 
 def test_cli_user_errors_are_one_line_with_exit_2(tmp_path):
@@ -351,18 +351,27 @@ def test_cli_user_errors_are_one_line_with_exit_2(tmp_path):
     assert "Traceback" not in done.output
 
 
-def test_job_flags_are_checked_before_any_work(dataset, tmp_path, capsys):
-    base = ["--manifest", str(dataset / "pretrain.jsonl"), "--stage", "pretrain"]
-    base += ["--model-source", "tiny", "--out", str(tmp_path / "out"), "--device", "cpu"]
-    assert precompute.main([*base, "--frames", "10"]) == 2
-    assert capsys.readouterr().err.strip() == (
-        "Error: --frames: the CogVideoX VAE needs 4k+1 frames (e.g. 9, 13, 49)"
+def test_the_job_checks_its_spec_before_any_work(dataset, tmp_path, capsys):
+    good = {
+        "run": json.loads(local_run("pretrain").model_dump_json()),
+        "manifest": str(dataset / "pretrain.jsonl"),
+        "out": str(tmp_path / "out"),
+    }
+
+    def fails(change) -> str:
+        spec = json.loads(json.dumps(good))
+        change(spec)
+        assert precompute.main(["--spec", json.dumps(spec)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: "), err
+        return err
+
+    assert "4k+1" in fails(lambda spec: spec["run"]["recipe"].update(frames=10))
+    assert "multiple of 16" in fails(lambda spec: spec["run"]["recipe"].update(height=30))
+    missing = fails(lambda spec: spec.update(manifest=str(tmp_path / "nope.jsonl")))
+    assert "nope.jsonl: manifest not found" in missing
+    no_model = str(tmp_path / "no-model")
+    assert "no-model: no such folder" in fails(
+        lambda spec: spec["run"]["model"].update(source=no_model)
     )
-    assert precompute.main([*base, "--size", "30x32", "--frames", "9"]) == 2
-    assert capsys.readouterr().err.strip().startswith("Error: --size: must be a multiple of 16")
-    missing = [*base[:1], str(tmp_path / "nope.jsonl"), *base[2:]]
-    assert precompute.main(missing) == 2
-    assert "nope.jsonl: manifest not found" in capsys.readouterr().err
-    assert precompute.main([*base, "--model-source", str(tmp_path / "no-model")]) == 2
-    assert "no-model: no such folder" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -1,4 +1,6 @@
-"""Inter-scene similarity filter for SFT manifests (``m2d data filter``, METHOD section 6).
+"""``m2d data filter --manifest URI --encoder-path URI --out URI`` (``python -m
+trainer.data.filter --spec FILTER_SPEC``): the inter-scene similarity filter for SFT
+manifests (METHOD section 6).
 
 Every shot of an SFT manifest is embedded with a video encoder (``infra.video_encoders``;
 ``encoder.num_frames`` frames spread evenly over the shot) by a Ray Data actor pool, one
@@ -20,11 +22,6 @@ their paths relative to the output manifest's folder when the file lies under it
 otherwise as absolute paths or URIs. Bad rows and bad videos are skipped and counted by
 the reasons of ``trainer.data.manifest`` and ``infra.video``.
 
-    python -m trainer.data.filter --manifest URI --encoder xclip --encoder-path URI \\
-        --out URI [--scenes 3] [--threshold 0.7] [--min-frames N] [--histogram URI] \\
-        [--endpoint-url URL] [--tracking-uri URI --experiment NAME] [--num-actors K] \\
-        [--batch-size B]
-
 It joins the Ray cluster of ``RAY_ADDRESS`` (a Ray Jobs entrypoint) or starts a small
 local Ray; each of the K actors loads one encoder and embeds batches of B shots.
 
@@ -36,7 +33,6 @@ Exit status: 0 done, 2 a problem the user can fix (one line on stderr).
 
 from __future__ import annotations
 
-import argparse
 import io
 import itertools
 import json
@@ -48,7 +44,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from infra.config import StorageConfig
-from infra.errors import DataError, M2DError, ServiceError
+from infra.errors import DataError, ServiceError
+from infra.job_specs import FilterSpec
+from infra.jobs import run_job
 from infra.logging import get_logger
 from infra.ray_runtime import init_ray
 from infra.storage import filesystem, is_remote
@@ -184,21 +182,21 @@ def shot_rows(groups: Sequence[ShotGroup], min_frames: int) -> list[dict]:
 
 
 def embed_shots(
-    rows: list[dict], args: argparse.Namespace, storage: StorageConfig | None
+    rows: list[dict], spec: FilterSpec, storage: StorageConfig | None
 ) -> dict[str, tuple[bytes, str]]:
-    """key -> (embedding bytes, skip reason), from an actor pool of ``args.num_actors``."""
+    """key -> (embedding bytes, skip reason), from an actor pool of ``spec.num_actors``."""
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     dataset = ray.data.from_items(rows).map_batches(
         ShotEmbedder,
         fn_constructor_kwargs={
-            "encoder": args.encoder,
-            "encoder_path": args.encoder_path,
+            "encoder": spec.encoder,
+            "encoder_path": spec.encoder_path,
             "storage": storage,
         },
-        compute=ray.data.ActorPoolStrategy(size=args.num_actors),
-        batch_size=args.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=spec.num_actors),
+        batch_size=spec.batch_size,
         batch_format="numpy",
         num_cpus=1,
     )
@@ -342,48 +340,48 @@ def default_histogram(out: str) -> str:
     return posixpath.splitext(out)[0] + ".png"
 
 
-def check_args(args: argparse.Namespace, storage: StorageConfig | None) -> None:
+def check_spec(spec: FilterSpec, storage: StorageConfig | None) -> None:
     """Fail before any work on what the user can fix: values, names, existing outputs."""
-    if args.scenes < 1 or args.num_actors < 1 or args.batch_size < 1:
+    if spec.scenes < 1 or spec.num_actors < 1 or spec.batch_size < 1:
         raise DataError("--scenes, --num-actors and --batch-size must be >= 1")
-    if not -1.0 <= args.threshold <= 1.0:
-        raise DataError(f"--threshold {args.threshold:g} is not a cosine similarity in [-1, 1]")
-    if _suffix(args.out) not in MANIFEST_SUFFIXES:
-        raise DataError(f"--out {args.out}: name it .json or .jsonl (an SFT manifest)")
-    for uri, what in ((args.out, "--out"), (args.histogram, "--histogram")):
+    if not -1.0 <= spec.threshold <= 1.0:
+        raise DataError(f"--threshold {spec.threshold:g} is not a cosine similarity in [-1, 1]")
+    if _suffix(spec.out) not in MANIFEST_SUFFIXES:
+        raise DataError(f"--out {spec.out}: name it .json or .jsonl (an SFT manifest)")
+    for uri, what in ((spec.out, "--out"), (spec.histogram, "--histogram")):
         fs, path = filesystem(uri, storage)
         if fs.exists(path):
             raise DataError(f"{what} {uri} already exists; remove it or choose another name")
-    check_encoder(args.encoder, args.encoder_path, storage)
+    check_encoder(spec.encoder, spec.encoder_path, storage)
 
 
-def run(args: argparse.Namespace) -> Result:
+def run(spec: FilterSpec) -> Result:
     """The whole job: read, embed on Ray, cut groups, write; returns what it did."""
-    storage = StorageConfig(root=args.manifest, endpoint_url=args.endpoint_url)
-    check_args(args, storage)
-    groups, read_skips = read_shot_groups(args.manifest, args.scenes, storage)
-    embedded = _embed_on_ray(shot_rows(groups, args.min_frames), args, storage)
-    result = filter_groups(groups, embedded, args.threshold, args.scenes)
+    storage = StorageConfig(root=spec.manifest, endpoint_url=spec.endpoint_url)
+    check_spec(spec, storage)
+    groups, read_skips = read_shot_groups(spec.manifest, spec.scenes, storage)
+    embedded = _embed_on_ray(shot_rows(groups, spec.min_frames), spec, storage)
+    result = filter_groups(groups, embedded, spec.threshold, spec.scenes)
     result.skips = read_skips.merge(result.skips)
     title = (
         f"{len(result.similarities)} adjacent pairs, {result.counts['windows_kept']} windows kept"
     )
-    png = histogram_png(result.similarities, args.threshold, title)
-    _write(args.histogram, png, storage)
-    _write(args.out, manifest_text(result.groups, args.out).encode(), storage)
-    if args.tracking_uri:
-        _track(args, result, png)
+    png = histogram_png(result.similarities, spec.threshold, title)
+    _write(spec.histogram, png, storage)
+    _write(spec.out, manifest_text(result.groups, spec.out).encode(), storage)
+    if spec.tracking_uri:
+        _track(spec, result, png)
     return result
 
 
 def _embed_on_ray(
-    rows: list[dict], args: argparse.Namespace, storage: StorageConfig | None
+    rows: list[dict], spec: FilterSpec, storage: StorageConfig | None
 ) -> dict[str, tuple[bytes, str]]:
     import ray
 
-    started = init_ray(num_cpus=args.num_actors + 1, log_to_driver=False)
+    started = init_ray(num_cpus=spec.num_actors + 1, log_to_driver=False)
     try:
-        return embed_shots(rows, args, storage)
+        return embed_shots(rows, spec, storage)
     finally:
         if started:
             ray.shutdown()
@@ -400,28 +398,28 @@ def _write(uri: str, data: bytes, storage: StorageConfig | None) -> None:
         raise DataError(f"{uri}: cannot write ({exc})") from None
 
 
-def _track(args: argparse.Namespace, result: Result, png: bytes) -> None:
+def _track(spec: FilterSpec, result: Result, png: bytes) -> None:
     """One MLflow run with the job's params, counts (metrics) and histogram (artifact)."""
     from mlflow.exceptions import MlflowException
 
     try:
-        _log_run(args, result, png)
+        _log_run(spec, result, png)
     except (MlflowException, OSError) as exc:
         raise ServiceError(
-            f"MLflow at {args.tracking_uri}: cannot log the run ({exc}); "
-            f"{args.out} and {args.histogram} are written"
+            f"MLflow at {spec.tracking_uri}: cannot log the run ({exc}); "
+            f"{spec.out} and {spec.histogram} are written"
         ) from None
 
 
-def _log_run(args: argparse.Namespace, result: Result, png: bytes) -> None:
+def _log_run(spec: FilterSpec, result: Result, png: bytes) -> None:
     import tempfile
 
     from infra.config import TrackingConfig
     from infra.tracking import Tracker, flatten
 
-    params = {k: v for k, v in vars(args).items() if k not in ("tracking_uri", "experiment")}
+    params = spec.model_dump(exclude={"tracking_uri", "experiment"})
     tracker = Tracker.start(
-        TrackingConfig(uri=args.tracking_uri, experiment=args.experiment),
+        TrackingConfig(uri=spec.tracking_uri, experiment=spec.experiment),
         "data-filter",
         tags={"stage": "filter"},
         params=flatten(params),
@@ -436,40 +434,17 @@ def _log_run(args: argparse.Namespace, result: Result, png: bytes) -> None:
     tracker.finish()
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The job's command line (the orchestrator's ``m2d data filter`` passes it through)."""
-    parser = argparse.ArgumentParser(prog="trainer.data.filter", description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--manifest", required=True, help="SFT manifest (.json/.jsonl), path or URI"
-    )
-    parser.add_argument("--encoder", default="xclip", help="registered video encoder")
-    parser.add_argument("--encoder-path", required=True, help="encoder folder, path or s3:// URI")
-    parser.add_argument("--out", required=True, help="filtered manifest (.json/.jsonl) to write")
-    parser.add_argument("--scenes", type=int, default=3, help="scenes per SFT window (n)")
-    parser.add_argument("--threshold", type=float, default=0.7, help="min adjacent similarity")
-    parser.add_argument("--min-frames", type=int, default=1, help="skip shorter shots")
-    parser.add_argument("--histogram", default=None, help="PNG to write [default: OUT as .png]")
-    parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
-    parser.add_argument("--experiment", default="m2d-data", help="MLflow experiment")
-    parser.add_argument("--num-actors", type=int, default=1, help="encoder actors (one each)")
-    parser.add_argument("--batch-size", type=int, default=8, help="shots per actor batch")
-    args = parser.parse_args(argv)
-    args.histogram = args.histogram or default_histogram(args.out)
-    return args
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Run the job; a user mistake prints one ``Error:`` line and returns 2."""
-    args = parse_args(argv)
-    try:
-        result = run(args)
-    except M2DError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out} and {args.histogram}")
-    print(result.summary(args.threshold, args.scenes))
-    return 0
+    """The job entry point: a ``FilterSpec`` in, the filtered manifest written."""
+    return run_job(FilterSpec, _main, argv)
+
+
+def _main(spec: FilterSpec) -> None:
+    if spec.histogram is None:
+        spec = spec.model_copy(update={"histogram": default_histogram(spec.out)})
+    result = run(spec)
+    print(f"wrote {spec.out} and {spec.histogram}")
+    print(result.summary(spec.threshold, spec.scenes))
 
 
 if __name__ == "__main__":

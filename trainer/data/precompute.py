@@ -1,40 +1,36 @@
-"""The latent precompute job: every clip through the CogVideoX VAE, every caption through T5.
+"""``m2d data precompute --cluster NAME --stage STAGE --out URI`` (``python -m
+trainer.data.precompute --spec PRECOMPUTE_SPEC``): every clip of a stage's manifest through
+the frozen CogVideoX VAE, every caption through T5, once.
 
-    python -m trainer.data.precompute --manifest URI --stage pretrain|sft --out URI
-        --model-source tiny|FOLDER [--text-tokens N] [--frames N] [--size HxW]
-        [--scenes N] [--seed N] [--dtype fp32|bf16|fp16] [--device cpu|cuda]
-        [--shard-size K] [--num-actors K] [--gpus-per-actor G]
-        [--endpoint-url URL] [--tracking-uri URI] [--experiment NAME]
-
-``m2d data precompute --cluster NAME`` fills the model and recipe flags from a cluster
-profile. A Ray Data pipeline runs ``--num-actors`` encoder actors (each holding the frozen
-VAE and T5); each actor encodes whole shards of ``--shard-size`` entries - pre-training
-clips, or SFT shots of every group - and writes them (format: ``trainer.data.latents``).
-Frames are chosen as training does (``--frames`` at the largest stride up to 3, the 5%..95%
-span for pre-training clips, then resize and center-crop to ``--size``); the window of
-each entry is drawn once, seeded by ``--seed`` and the entry.
+The spec carries the stage's resolved run (profile + stage + ``--set``): its model, recipe
+(frames, size, scenes, seed), precision and workers are what training would use. A Ray
+Data pipeline runs ``num_actors`` encoder actors (each holding the frozen VAE and T5; on
+GPUs when the profile's workers have them); each actor encodes whole shards of
+``shard_size`` entries - pre-training clips, or SFT shots of every group - and writes them
+(format: ``trainer.data.latents``). Frames are chosen as training does (the recipe's frames
+at the largest stride up to 3, the 5%..95% span for pre-training clips, then resize and
+center-crop to the recipe's size); the window of each entry is drawn once, seeded by the
+recipe's seed and the entry.
 
 Idempotent: a shard counts as finished once its ``.json`` sidecar exists, and finished
 shards are skipped, so a killed job rerun with the same arguments resumes; the index is
 written last. Bad samples are skipped and counted by reason (the manifest's and the video
-reader's reasons); the counts are printed and, with ``--tracking-uri``, logged to MLflow.
-Exit status: 0 done, 2 a problem the user can fix (the last line says which).
+reader's reasons); the counts are printed and, with tracking, logged to MLflow.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
-from pydantic import ValidationError
-
-from infra.config import KeyProblem, StageRecipe, StorageConfig
+from infra.config import StorageConfig
 from infra.errors import ConfigError, DataError, M2DError, StorageError
+from infra.job_specs import PrecomputeSpec
+from infra.jobs import run_job
 from infra.logging import get_logger
 from infra.ray_runtime import init_ray
 from infra.storage import filesystem, is_remote, join
@@ -45,8 +41,6 @@ from trainer.data.shard_encoder import Item, ShardEncoder
 __all__ = ["build_index", "main", "plan_items", "precompute", "prepare_out", "split_groups"]
 
 log = get_logger("data.precompute")
-
-_FLAGS = {"height": "--size", "width": "--size", "num_scenes": "--scenes"}
 
 
 # ---------------------------------------------------------------------------- planning
@@ -130,7 +124,7 @@ def run_pending(
     settings: Settings,
     out: str,
     storage: StorageConfig | None,
-    options: argparse.Namespace,
+    pool: Pool,
 ) -> None:
     """Encode the pending shards on a pool of Ray Data actors, printing progress."""
     import ray
@@ -144,15 +138,15 @@ def run_pending(
     encoded = dataset.map_batches(
         ShardEncoder,
         batch_size=1,
-        compute=ActorPoolStrategy(size=max(1, min(options.num_actors, len(rows)))),
+        compute=ActorPoolStrategy(size=max(1, min(pool.num_actors, len(rows)))),
         fn_constructor_kwargs={
             "settings": asdict(settings),
             "storage": storage_json,
             "out": out,
-            "device": options.device,
+            "device": pool.device,
         },
         num_cpus=1,
-        num_gpus=options.gpus_per_actor,
+        num_gpus=pool.gpus_per_actor,
     )
     try:
         for done, row in enumerate(encoded.iter_rows(), start=1):
@@ -238,12 +232,12 @@ def precompute(
     settings: Settings,
     out: str,
     storage: StorageConfig | None,
-    options: argparse.Namespace,
+    pool: Pool,
     runner: Callable[..., None] | None = None,
 ) -> dict:
     """The whole job: claim ``out``, encode pending shards, write the index; a summary.
 
-    ``runner(pending, settings, out, storage, options)`` encodes the pending shards
+    ``runner(pending, settings, out, storage, pool)`` encodes the pending shards
     (default: :func:`run_pending`, on Ray Data).
     """
     resumed = prepare_out(out, settings, storage)
@@ -254,7 +248,7 @@ def precompute(
     if resumed:
         print(f"resuming {out}: {len(tasks) - len(pending)} of {len(tasks)} shards finished")
     if pending:
-        (runner or run_pending)(pending, settings, out, storage, options)
+        (runner or run_pending)(pending, settings, out, storage, pool)
     entries, skips = build_index(out, settings, [n for n, _ in tasks], read_skips, storage)
     return {
         "items": len(items),
@@ -284,101 +278,67 @@ def log_to_mlflow(uri: str, experiment: str, settings: Settings, summary: dict) 
     return tracker.run_id
 
 
-def _size(text: str) -> tuple[int, int]:
-    height, sep, width = text.lower().partition("x")
-    if not sep or not height.isdigit() or not width.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r}: expected HEIGHTxWIDTH, e.g. 480x720")
-    return int(height), int(width)
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    defaults = StageRecipe()
-    p = argparse.ArgumentParser(prog="python -m trainer.data.precompute", description=__doc__)
-    p.add_argument("--manifest", required=True, help="pretrain or SFT manifest (path or s3://)")
-    p.add_argument("--stage", required=True, choices=("pretrain", "sft"))
-    p.add_argument("--out", required=True, help="output folder or s3:// prefix")
-    p.add_argument("--model-source", required=True, help="'tiny' or a diffusers CogVideoX folder")
-    p.add_argument("--text-tokens", type=int, default=226, help="T5 tokens per caption")
-    p.add_argument("--frames", type=int, default=defaults.frames, help="frames per clip (4k+1)")
-    p.add_argument("--size", type=_size, default=(defaults.height, defaults.width))
-    p.add_argument("--scenes", type=int, default=defaults.num_scenes, help="SFT window length")
-    p.add_argument("--seed", type=int, default=0, help="seed of the frame windows")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if any")
-    p.add_argument("--shard-size", type=int, default=64, help="entries per shard")
-    p.add_argument("--num-actors", type=int, default=1, help="encoder actors (one model each)")
-    p.add_argument("--gpus-per-actor", type=float, default=None, help="default: 1 on cuda")
-    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for the counts")
-    p.add_argument("--experiment", default="m2d", help="MLflow experiment")
-    args = p.parse_args(argv)
-    if args.device is None:
-        import torch
-
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.gpus_per_actor is None:
-        args.gpus_per_actor = 1 if args.device == "cuda" else 0
-    return args
-
-
-def settings_from(args: argparse.Namespace, storage: StorageConfig | None) -> Settings:
-    """Validated settings; a ConfigError names the flag to change."""
-    for flag in ("shard_size", "num_actors", "text_tokens"):
-        if getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1")
-    source = args.model_source
+def settings_from(spec: PrecomputeSpec) -> Settings:
+    """What the job encodes with, from the spec's run; a ConfigError names what to fix."""
+    run = spec.run
+    source = run.model.source
     if source != "tiny" and not is_remote(source) and not os.path.isdir(source):
         raise ConfigError(
-            f"--model-source {source}: no such folder; give 'tiny' or a diffusers CogVideoX "
+            f"model.source {source}: no such folder; give 'tiny' or a diffusers CogVideoX "
             "folder (path or s3://)"
         )
-    height, width = args.size
-    try:  # the recipe's own checks (4k+1 frames, sizes a multiple of 16)
-        StageRecipe(frames=args.frames, height=height, width=width, num_scenes=args.scenes)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        problem = error.get("ctx", {}).get("error")
-        key = problem.key if isinstance(problem, KeyProblem) else str(error["loc"][0])
-        message = str(problem) if problem else error["msg"]
-        raise ConfigError(f"{_FLAGS.get(key, '--' + key)}: {message}") from None
+    recipe, gpu = run.recipe, run.workers.gpus_per_worker > 0
     return Settings(
-        manifest=args.manifest,
-        manifest_sha1=manifest_sha1(args.manifest, storage),
-        stage=args.stage,
-        model_source=args.model_source,
-        text_tokens=args.text_tokens,
-        frames=args.frames,
-        height=height,
-        width=width,
-        num_scenes=args.scenes,
-        seed=args.seed,
-        dtype=args.dtype,
-        shard_size=args.shard_size,
+        manifest=spec.manifest,
+        manifest_sha1=manifest_sha1(spec.manifest, run.storage),
+        stage=run.stage,
+        model_source=source,
+        text_tokens=run.model.text_tokens,
+        frames=recipe.frames,
+        height=recipe.height,
+        width=recipe.width,
+        num_scenes=recipe.num_scenes,
+        seed=recipe.seed,
+        dtype=run.deepspeed.precision if gpu else "fp32",
+        shard_size=spec.shard_size,
     )
+
+
+@dataclass(frozen=True)
+class Pool:
+    """The encoder actors: how many, and where they run."""
+
+    num_actors: int
+    device: str
+    gpus_per_actor: float
+
+
+def pool_of(spec: PrecomputeSpec) -> Pool:
+    """One actor per worker of the run (unless the spec says), on its GPU if it has one."""
+    workers = spec.run.workers
+    gpu = workers.gpus_per_worker > 0
+    return Pool(spec.num_actors or workers.num_workers, "cuda" if gpu else "cpu", 1 if gpu else 0)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    storage = None
-    if args.endpoint_url or is_remote(args.out) or is_remote(args.manifest):
-        storage = StorageConfig(root=args.out, endpoint_url=args.endpoint_url)
-    try:
-        settings = settings_from(args, storage)
-        summary = precompute(settings, args.out, storage, args)
-        run_id = None
-        if args.tracking_uri:
-            run_id = log_to_mlflow(args.tracking_uri, args.experiment, settings, summary)
-    except M2DError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        return 2
+    """The job entry point: a ``PrecomputeSpec`` in, the shards and index written."""
+    return run_job(PrecomputeSpec, _main, argv)
+
+
+def _main(spec: PrecomputeSpec) -> None:
+    run = spec.run
+    settings = settings_from(spec)
+    summary = precompute(settings, spec.out, run.storage, pool_of(spec))
+    run_id = None
+    if spec.tracking:
+        run_id = log_to_mlflow(run.tracking.uri, run.tracking.experiment, settings, summary)
     mlflow = f", mlflow run {run_id}" if run_id else ""
     print(
-        f"precomputed {summary['entries']} of {summary['items']} {args.stage} entries in "
-        f"{summary['shards']} shards ({summary['encoded_shards']} encoded now) to {args.out}; "
+        f"precomputed {summary['entries']} of {summary['items']} {run.stage} entries in "
+        f"{summary['shards']} shards ({summary['encoded_shards']} encoded now) to {spec.out}; "
         f"skipped: {summary['skips']}{mlflow}",
         flush=True,
     )
-    return 0
 
 
 if __name__ == "__main__":
