@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout
 
 from infra.config import ClusterProfile, RunConfig, resolve_run  # noqa: E402
-from infra.job_specs import SynthSpec  # noqa: E402
+from infra.job_specs import SynthSpec, TrainJobSpec  # noqa: E402
 from infra.jobs import spec_argv  # noqa: E402
 from infra.processes import free_port  # noqa: E402
 
@@ -130,11 +130,12 @@ def run_job(run: RunConfig, root: Path) -> dict[str, Any]:
     """Run the job in a subprocess, sampling its process tree's CPU time."""
     folder = root / "runs" / "bench"
     folder.mkdir(parents=True)
-    (folder / "run_config.json").write_text(run.model_dump_json())
+    config = folder / "run_config.json"
+    config.write_text(run.model_dump_json())
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     started = time.monotonic()
     job = subprocess.Popen(
-        [sys.executable, "-m", "trainer.job", "--config", str(folder / "run_config.json")],
+        [sys.executable, "-m", "trainer.job", *spec_argv(TrainJobSpec(config=str(config)))],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,

@@ -215,6 +215,11 @@ class DataConfig(_Strict):
         description="Folder (or s3:// prefix) of SFT latents written by `m2d data precompute "
         "--stage sft`; when set, training reads it instead of decoding videos.",
     )
+    synthetic: bool = Field(
+        False,
+        description="Train on seeded random stories and read no files (smoke runs, tests); "
+        "the manifests and latents above are then ignored.",
+    )
     prefetch: int = Field(
         2,
         ge=0,

@@ -19,6 +19,7 @@ __all__ = [
     "InspectSpec",
     "PrecomputeSpec",
     "SynthSpec",
+    "TrainJobSpec",
     "default_of",
 ]
 
@@ -107,3 +108,13 @@ class PrecomputeSpec(_Strict):
         None, ge=1, description="Encoder actors (default: the run's workers)."
     )
     tracking: bool = Field(True, description="Log the counts to the run's MLflow store.")
+
+
+class TrainJobSpec(_Strict):
+    """``python -m trainer.job``: train (or resume) the run whose folder holds ``config``.
+
+    The run's ``run_config.json`` is the whole truth of what it trains (data, ``init_from``,
+    everything); this spec only says where it is."""
+
+    config: str = Field(description="URI of the run's run_config.json (path or s3://).")
+    endpoint_url: str | None = Field(None, description="S3 endpoint for reading the config.")

@@ -61,9 +61,10 @@ def require(uri: str, storage: StorageConfig | None, key: str, fix: str = "fix t
 
 def check_stage_input(data: Mapping[str, Any], stage: str, storage: StorageConfig | None) -> None:
     """The input that training ``stage`` reads (:func:`infra.config.stage_input`) must
-    exist; with none set there is nothing to check here (the job says what to set)."""
+    exist; with none set (or ``synthetic`` data) there is nothing to check here (the job
+    says what to set)."""
     found = stage_input(data, stage)
-    if found is None:
+    if found is None or data.get("synthetic"):
         return
     key, uri = found
     if key.endswith("_latents"):

@@ -1,9 +1,10 @@
 """Starting the training job: a child process here (`local`) or a Ray job (remote).
 
-Both run the same entry point, ``python -m trainer.job --config RUN_CONFIG_URI``; the
-orchestrator never imports the trainer. Credentials are never put in the job's runtime
-environment (Ray shows it in the dashboard and logs): a local child inherits this
-process's environment, remote workers read their own.
+Both run the same entry point, ``python -m trainer.job --spec TRAIN_JOB_SPEC`` (the run
+folder's ``run_config.json`` is all it reads); the orchestrator never imports the trainer.
+Credentials are never put in the job's runtime environment (Ray shows it in the dashboard
+and logs): a local child inherits this process's environment, remote workers read their
+own.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import sys
 from typing import Any
 
 from infra.config import RunConfig
+from infra.job_specs import TrainJobSpec
+from infra.jobs import spec_argv
 from infra.processes import pid_alive
 from orchestrator import ray_jobs
 from orchestrator.runs import RunRecord, load_record, registry_dir
@@ -25,9 +28,8 @@ JOB_MODULE = "trainer.job"
 
 def job_command(record: RunRecord, python: str = "python") -> list[str]:
     """The job entry point's command line (the endpoint lets it read an S3 config)."""
-    command = [python, "-m", JOB_MODULE, "--config", record.config_uri]
-    endpoint = record.storage.get("endpoint_url")
-    return [*command, "--endpoint-url", endpoint] if endpoint else command
+    spec = TrainJobSpec(config=record.config_uri, endpoint_url=record.storage.get("endpoint_url"))
+    return [python, "-m", JOB_MODULE, *spec_argv(spec)]
 
 
 def run_local(record: RunRecord, echo=sys.stdout.write) -> int:

@@ -5,9 +5,9 @@
 ``[B][n]`` strings - or, from precomputed latents, an :class:`EncodedBatch`; and
 ``state_dict()`` / ``load_state_dict()`` carry the data position through checkpoints.
 :func:`encode_batch` turns either into the step's latents and text embeddings. The source
-is, in this order: ``data = {"synthetic": true}`` (seeded random stories for smoke runs
-that need no files), the stage's precomputed latents (``data["<stage>_latents"]``, written
-by ``trainer.data.precompute``), or the stage's manifest (``data["<stage>"]``) decoded on
+is the run's ``data`` section, in this order: ``synthetic`` (seeded random stories for
+smoke runs that need no files), the stage's precomputed latents (``<stage>_latents``,
+written by ``trainer.data.precompute``), or the stage's manifest (``<stage>``) decoded on
 the fly. Both file sources draw stories with the same samplers, so sharding across ranks
 and exact resume are the same. ``data.prefetch`` > 0 reads that many micro-batches ahead
 in a background thread (:class:`PrefetchedBatches`).
@@ -71,27 +71,22 @@ class StoryBatches(Protocol):
     def close(self) -> None: ...
 
 
-def make_batches(
-    run: RunConfig, data: Mapping[str, Any] | None, rank: int, world_size: int
-) -> StoryBatches:
+def make_batches(run: RunConfig, rank: int, world_size: int) -> StoryBatches:
     """The batch source of this worker for ``run.stage``, read ahead by ``data.prefetch``."""
-    source = _source(run, data, rank, world_size)
+    source = _source(run, rank, world_size)
     if run.data.prefetch > 0:
         return PrefetchedBatches(source, run.data.prefetch, run.workers.cpus_per_worker)
     return source
 
 
-def _source(
-    run: RunConfig, data: Mapping[str, Any] | None, rank: int, world_size: int
-) -> StoryBatches:
-    data = dict(data or {})
-    if data.get("synthetic"):
+def _source(run: RunConfig, rank: int, world_size: int) -> StoryBatches:
+    if run.data.synthetic:
         return SyntheticStories(run, rank)
-    found = stage_input(data, run.stage)
+    found = stage_input(run.data.model_dump(), run.stage)
     if found is None:
         raise ConfigError(
-            f"no {run.stage} manifest: pass --data-{run.stage} URI to the job, set "
-            f"data.{run.stage}_latents, or data.synthetic for a smoke run without files"
+            f"no {run.stage} manifest: set data.{run.stage}, data.{run.stage}_latents, or "
+            "data.synthetic for a smoke run without files"
         )
     key, uri = found
     if key.endswith("_latents"):

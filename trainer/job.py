@@ -1,22 +1,18 @@
-"""The training job's entry point: one run folder in, a fitted Ray Train run out.
+"""``m2d launch ...`` (``python -m trainer.job --spec TRAIN_JOB_SPEC``): the training job,
+one run folder in, a fitted Ray Train run out.
 
-    python -m trainer.job --config URI [--data-pretrain URI] [--data-sft URI]
-                          [--synthetic-data] [--init-from CHECKPOINT_URI]
-                          [--endpoint-url URL]
-
-``URI`` is ``{storage.root}/{run_name}/run_config.json`` (a path or ``s3://``), written by
-the orchestrator; the flags override its ``data`` and ``init_from`` keys. The run's name
-is that folder's name and Ray Train keeps its state and
-checkpoints in the same folder. Run it locally as a subprocess or as a Ray Jobs
-entrypoint: ``ray.init()`` joins the cluster named by ``RAY_ADDRESS`` or starts a local
-Ray. The job continues the MLflow run named in ``mlflow_run.json`` beside the config (the
-launcher opens it where it can reach the store) or opens it (``infra.tracking.open_run``);
-running it again on the same folder resumes from the latest checkpoint, in that same
-MLflow run. A run that starts
-from another run's checkpoint (``init_from``: SFT from pretrain) is nested under that
-run's MLflow run; every reported checkpoint is logged there as a small JSON artifact
-(``checkpoints/checkpoint_NNNNNNNN.json``: URI, step, time) and the ``checkpoint.latest``
-tag.
+The spec names ``{storage.root}/{run_name}/run_config.json`` (a path or ``s3://``), which
+the orchestrator wrote and which is the whole truth of the run: its data, its
+``init_from``, everything the workers use. The run's name is that folder's name and Ray
+Train keeps its state and checkpoints in the same folder. Run it locally as a subprocess
+or as a Ray Jobs entrypoint: ``ray.init()`` joins the cluster named by ``RAY_ADDRESS`` or
+starts a local Ray. The job continues the MLflow run named in ``mlflow_run.json`` beside
+the config (the launcher opens it where it can reach the store) or opens it
+(``infra.tracking.open_run``); running it again on the same folder resumes from the latest
+checkpoint, in that same MLflow run. A run that starts from another run's checkpoint
+(``init_from``: SFT from pretrain) is nested under that run's MLflow run; every reported
+checkpoint is logged there as a small JSON artifact (``checkpoints/checkpoint_NNNNNNNN.json``:
+URI, step, time) and the ``checkpoint.latest`` tag.
 
 Exit status: 0 finished, 1 training failed, 2 a problem the user can fix (bad config,
 missing data or storage); the last line printed says which.
@@ -24,10 +20,8 @@ missing data or storage); the last line printed says which.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -36,6 +30,8 @@ from typing import Any
 
 from infra.config import RunConfig, StorageConfig, stage_input
 from infra.errors import ConfigError, M2DError, StorageError
+from infra.job_specs import TrainJobSpec
+from infra.jobs import run_job
 from infra.logging import get_logger
 from infra.ray_runtime import init_ray
 from infra.storage import check_stage_input, filesystem, is_remote, storage_options
@@ -48,6 +44,7 @@ __all__ = [
     "read_run_folder",
     "scaling_config",
     "train_worker",
+    "worker_config",
 ]
 
 log = get_logger("trainer.job")
@@ -185,7 +182,7 @@ class Outcome:
     error: BaseException | None
 
 
-def fit(folder: RunFolder, data: dict[str, Any], init_from: str | None = None) -> Outcome:
+def fit(folder: RunFolder) -> Outcome:
     """Run (or resume) the run's TorchTrainer until it finishes or fails."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -198,12 +195,7 @@ def fit(folder: RunFolder, data: dict[str, Any], init_from: str | None = None) -
     log.info("MLflow run %s", tracker.url)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={
-            "run": folder.run.model_dump(mode="json"),
-            "data": data,
-            "mlflow_run_id": tracker.run_id,
-            "init_from": init_from,
-        },
+        train_loop_config=worker_config(folder, tracker.run_id),
         scaling_config=scaling_config(folder.run),
         torch_config=torch_config(folder.run),
         run_config=ray_run_config(folder, [_progress_callback(folder, tracker)]),
@@ -215,6 +207,11 @@ def fit(folder: RunFolder, data: dict[str, Any], init_from: str | None = None) -
         outcome = Outcome(tracker, {}, None, exc)
     tracker.finish("FAILED" if outcome.error else "FINISHED")
     return outcome
+
+
+def worker_config(folder: RunFolder, mlflow_run_id: str | None) -> dict[str, Any]:
+    """What every worker is given: the run folder's config, and the MLflow run to log to."""
+    return {"run": folder.run.model_dump(mode="json"), "mlflow_run_id": mlflow_run_id}
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -232,26 +229,19 @@ def _ray_job_id() -> str:
     return os.environ.get("RAY_JOB_SUBMISSION_ID") or ray.get_runtime_context().get_job_id()
 
 
-def _data(args: argparse.Namespace, run: RunConfig) -> dict[str, Any]:
-    """The loop's ``data`` entry: the run's ``data`` section, command-line flags over it.
-
-    The stage's input (manifest or latents) must be given and exist; checked here, before
-    Ray starts, so a wrong path is one line, not every worker's traceback.
-    """
-    if args.synthetic_data:
-        return {"synthetic": True}
-    flags = {"pretrain": args.data_pretrain, "sft": args.data_sft}
-    data = {k: v for k, v in run.data.model_dump().items() if v}
-    data.update({k: v for k, v in flags.items() if v})
-    found = stage_input(data, run.stage)
-    if found is None:
+def check_input(run: RunConfig) -> None:
+    """The stage's input (manifest or latents) must be set and exist, unless the run trains
+    on synthetic data; checked before Ray starts, so a wrong path is one line, not every
+    worker's traceback."""
+    if run.data.synthetic:
+        return
+    if stage_input(run.data.model_dump(), run.stage) is None:
         raise ConfigError(
             f"stage {run.stage} needs its manifest: set data.{run.stage} in the run config "
-            f"or pass --data-{run.stage} URI (or set data.{run.stage}_latents to precomputed "
-            "latents, or --synthetic-data for a run without files)"
+            f"(or data.{run.stage}_latents to precomputed latents, or data.synthetic: true "
+            "for a run without files)"
         )
-    check_stage_input(data, run.stage, run.storage)
-    return data
+    check_stage_input(run.data.model_dump(), run.stage, run.storage)
 
 
 def summary(folder: RunFolder, outcome: Outcome) -> str:
@@ -267,32 +257,21 @@ def summary(folder: RunFolder, outcome: Outcome) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m trainer.job", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--config", required=True, help="URI of the run's run_config.json")
-    parser.add_argument("--data-pretrain", help="pretrain manifest URI (default: data.pretrain)")
-    parser.add_argument("--data-sft", help="SFT manifest URI (default: data.sft)")
-    parser.add_argument("--synthetic-data", action="store_true", help="random stories, no files")
-    parser.add_argument("--endpoint-url", help="S3 endpoint for reading the config URI")
-    parser.add_argument(
-        "--init-from", help="checkpoint folder whose weights a new run starts from (init_from)"
-    )
-    args = parser.parse_args(argv)
-    # `m2d stop` and Ray's job stop send SIGTERM (then, on Ray, SIGKILL 3 s later): exit
-    # through the handlers below, as ray.init's own SIGTERM handler does once it runs.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    """The job entry point: a ``TrainJobSpec`` in, the run trained (or resumed)."""
+    return run_job(TrainJobSpec, _main, argv)
+
+
+def _main(spec: TrainJobSpec) -> int:
     folder = None
     try:
-        folder = read_run_folder(args.config, args.endpoint_url)
-        init_from = args.init_from or folder.run.init_from
-        outcome = fit(folder, _data(args, folder.run), init_from)
-    except M2DError as exc:
+        folder = read_run_folder(spec.config, spec.endpoint_url)
+        check_input(folder.run)
+        outcome = fit(folder)
+    except M2DError:
         if folder is not None:
             end_run(folder.run, folder.uri, "FAILED")
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (KeyboardInterrupt, SystemExit):
+        raise
+    except (KeyboardInterrupt, SystemExit):  # SIGTERM: `m2d stop`, Ray's job stop
         if folder is not None:  # the MLflow run says KILLED, not RUNNING, until a resume
             end_run(folder.run, folder.uri, "KILLED")
         raise

@@ -1,10 +1,9 @@
 """The per-worker train loop that ``ray.train.torch.TorchTrainer`` runs.
 
-``train_loop_per_worker(config)`` takes ``config = {"run": RunConfig JSON, "data":
-{"pretrain": uri, "sft": uri} | {"synthetic": true}, "mlflow_run_id": str | None,
-"init_from": checkpoint URI | None}``; ``data`` and ``init_from`` default to the run's own
-keys. ``init_from`` gives the weights a fresh run starts from (SFT from a pretrain
-checkpoint); a resumed run loads its own checkpoint instead.
+``train_loop_per_worker(config)`` takes ``config = {"run": RunConfig JSON, "mlflow_run_id":
+str | None}``: the run's config says everything it trains on (its ``data`` section) and
+from (``init_from``: the weights a fresh run starts from, e.g. SFT from a pretrain
+checkpoint; a resumed run loads its own checkpoint instead).
 
 One optimizer step: for each micro-batch, encode the scene videos and captions with the
 frozen VAE and T5, noise them for the step's task
@@ -85,12 +84,10 @@ class Worker:
             policy=run.recipe.mask_policy,
             seed=run.recipe.seed,
         )
-        init_from = config.get("init_from") or run.init_from
-        if init_from:
-            self._init_weights(init_from)
+        if run.init_from:
+            self._init_weights(run.init_from)
         self.engine = build_engine(run, self.parts.transformer)
-        data = config.get("data") or run.data.model_dump()
-        self.batches: StoryBatches = make_batches(run, data, rank, world)
+        self.batches: StoryBatches = make_batches(run, rank, world)
         recipe = run.recipe
         self.tasks = TaskSampler(
             recipe.extension_prob, recipe.seed, per_sample=recipe.task_draw == "per_sample"

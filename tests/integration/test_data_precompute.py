@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from infra.config import ClusterProfile, StorageConfig, resolve_run
-from infra.job_specs import PrecomputeSpec, SynthSpec
+from infra.job_specs import PrecomputeSpec, SynthSpec, TrainJobSpec
 from infra.jobs import spec_argv
 from trainer.data.latents import ShardReader, read_index
 
@@ -224,7 +224,7 @@ def test_training_reads_precomputed_latents_without_the_videos(local_pretrain, c
     shutil.move(corpus / "videos", corpus / "videos.away")
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "trainer.job", "--config", str(config)],
+            [sys.executable, "-m", "trainer.job", *spec_argv(TrainJobSpec(config=str(config)))],
             cwd=ROOT,
             env=env,
             capture_output=True,

@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from infra.config import ClusterProfile, resolve_run
-from infra.job_specs import SynthSpec
+from infra.job_specs import SynthSpec, TrainJobSpec
 from infra.jobs import spec_argv
 
 pytestmark = pytest.mark.integration
@@ -66,7 +66,7 @@ def write_run(root: Path, name: str, manifest: Path, tracking_uri: str) -> Path:
 def start_job(config: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return subprocess.Popen(
-        [sys.executable, "-m", "trainer.job", "--config", str(config)],
+        [sys.executable, "-m", "trainer.job", *spec_argv(TrainJobSpec(config=str(config)))],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

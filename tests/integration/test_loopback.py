@@ -24,6 +24,8 @@ import yaml
 from ray_session import ray_session, wait_gone
 
 from infra.config import ClusterProfile, resolve_run
+from infra.job_specs import TrainJobSpec
+from infra.jobs import spec_argv
 
 pytestmark = pytest.mark.integration
 
@@ -85,6 +87,7 @@ def _local_run(tmp_path: Path) -> Path:
             "fault_tolerance": {"checkpoint_every": 100_000, "max_failures": 0},
             "storage": {"root": str(tmp_path / "runs")},
             "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "loopback"},
+            "data": {"synthetic": True},
         },
     )
     folder = tmp_path / "runs" / "loopback"
@@ -99,10 +102,10 @@ def test_local_job_listens_on_loopback_only(tmp_path):
     # A local job as a user starts it: no cluster to join, none of init_ray's settings.
     for name in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
         env.pop(name, None)
-    command = [sys.executable, "-m", "trainer.job", "--config", str(_local_run(tmp_path))]
+    spec = TrainJobSpec(config=str(_local_run(tmp_path)))
     with log.open("w") as out:
         job = subprocess.Popen(
-            [*command, "--synthetic-data"],
+            [sys.executable, "-m", "trainer.job", *spec_argv(spec)],
             cwd=REPO,
             env=env,
             stdout=out,

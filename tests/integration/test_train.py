@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from infra.config import ClusterProfile, RunConfig, resolve_run
-from infra.job_specs import ExportSpec, SynthSpec
+from infra.job_specs import ExportSpec, SynthSpec, TrainJobSpec
 from infra.jobs import spec_argv
 
 pytestmark = pytest.mark.integration
@@ -68,10 +68,11 @@ def make_run(storage: dict, tracking_uri: str, stage: str = "pretrain", **change
     return resolve_run(profile, "local", stage, overrides)
 
 
-def run_job(config_uri: str, *args: str) -> subprocess.CompletedProcess:
+def run_job(config_uri: str, endpoint_url: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    spec = TrainJobSpec(config=config_uri, endpoint_url=endpoint_url)
     return subprocess.run(
-        [sys.executable, "-m", "trainer.job", "--config", config_uri, *args],
+        [sys.executable, "-m", "trainer.job", *spec_argv(spec)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -102,16 +103,10 @@ def s3_pretrain(s3_endpoint, mlflow_server, synth_data, tmp_path_factory):
         Bucket=bucket
     )
     storage = {"root": f"s3://{bucket}/runs", "endpoint_url": s3_endpoint}
-    run = make_run(storage, mlflow_server)
+    run = make_run(storage, mlflow_server, data__pretrain=str(synth_data / "pretrain.jsonl"))
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
     fs.pipe(f"{bucket}/runs/pre-z2/run_config.json", run.model_dump_json().encode())
-    done = run_job(
-        f"s3://{bucket}/runs/pre-z2/run_config.json",
-        "--data-pretrain",
-        str(synth_data / "pretrain.jsonl"),
-        "--endpoint-url",
-        s3_endpoint,
-    )
+    done = run_job(f"s3://{bucket}/runs/pre-z2/run_config.json", endpoint_url=s3_endpoint)
     assert done.returncode == 0, done.stderr[-3000:]
     local = tmp_path_factory.mktemp("s3copy")
     fs.get(f"{bucket}/runs/pre-z2/", str(local), recursive=True)
@@ -175,11 +170,12 @@ def test_resume_equals_uninterrupted_run(s3_pretrain, mlflow_server, synth_data,
     folder_path = tmp_path / "runs" / "pre-resume"
     folder_path.mkdir(parents=True)
     config = folder_path / "run_config.json"
-    data = {"pretrain": str(synth_data / "pretrain.jsonl")}
+    data = str(synth_data / "pretrain.jsonl")
     storage = {"root": str(tmp_path / "runs")}
     for steps in (EVERY, STEPS):
-        config.write_text(make_run(storage, mlflow_server, recipe__steps=steps).model_dump_json())
-        outcome = fit(read_run_folder(str(config)), data)
+        run = make_run(storage, mlflow_server, recipe__steps=steps, data__pretrain=data)
+        config.write_text(run.model_dump_json())
+        outcome = fit(read_run_folder(str(config)))
         assert outcome.error is None
     resumed = module_weights(folder_path / "checkpoint_00000006")
     reference = module_weights(s3_pretrain["local"] / "checkpoint_00000006")
@@ -245,9 +241,9 @@ def test_missing_manifest_exits_2_before_ray_starts(tmp_path, mlflow_server):
     done = run_job(str(config))
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == (
-        "error: stage pretrain needs its manifest: set data.pretrain in the run config or pass "
-        "--data-pretrain URI (or set data.pretrain_latents to precomputed latents, or "
-        "--synthetic-data for a run without files)"
+        "error: stage pretrain needs its manifest: set data.pretrain in the run config (or "
+        "data.pretrain_latents to precomputed latents, or data.synthetic: true for a run "
+        "without files)"
     )
 
 

@@ -18,13 +18,14 @@ from infra.errors import DataError
 from infra.jobs import EXIT_FAILURE, EXIT_USER_ERROR, run_job
 
 ROOT = Path(__file__).resolve().parents[2]
-# The job modules that take a spec (training: not yet).
+# Every job module: each takes a spec.
 JOB_MODULES = [
     "trainer.data.synth",
     "trainer.data.manifest",
     "trainer.data.filter",
     "trainer.data.precompute",
     "trainer.export",
+    "trainer.job",
     "sampler.job",
 ]
 

@@ -50,8 +50,8 @@ def batches_equal(a, b) -> bool:
 
 def test_prefetch_setting_chooses_the_reader(manifest):
     plain, ahead = local_run(manifest, 0), local_run(manifest, 3)
-    assert isinstance(make_batches(plain, plain.data.model_dump(), 0, 1), ManifestStories)
-    prefetched = make_batches(ahead, ahead.data.model_dump(), 0, 1)
+    assert isinstance(make_batches(plain, 0, 1), ManifestStories)
+    prefetched = make_batches(ahead, 0, 1)
     assert isinstance(prefetched, PrefetchedBatches) and prefetched.depth == 3
     prefetched.close()
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from infra.config import RunConfig
 from infra.deepspeed_config import deepspeed_config
 from orchestrator import profiles
 from orchestrator.cli import cli
@@ -121,3 +122,26 @@ def test_schedule_and_optimizer_follow_the_recipe():
     # CPU workers get torch's AdamW (bit-exact across resume); GPU workers DeepSpeed's.
     assert no_warmup["optimizer"]["params"]["torch_adam"] is True
     assert "torch_adam" not in deepspeed_config(_run("a100x8", "sft"))["optimizer"]["params"]
+
+
+def test_the_run_folder_is_all_the_workers_get(tmp_path):
+    """What the launcher writes into a run folder is exactly what every worker trains
+    with: no flag or side channel adds to it."""
+    from orchestrator import runs
+    from trainer.job import read_run_folder, worker_config
+
+    loaded = profiles.load_profile(CLUSTERS / "local.yaml")
+    overrides = {
+        "storage": {"root": str(tmp_path / "runs")},
+        "data": {"sft": str(tmp_path / "sft.jsonl"), "synthetic": True},
+        "recipe": {"steps": 7},
+    }
+    run = runs.with_absolute_paths(profiles.resolve(loaded, "sft", overrides))
+    run = run.model_copy(update={"init_from": str(tmp_path / "pre" / "checkpoint_00000004")})
+    uri = runs.create_run_folder(run, "r1")
+    config = worker_config(read_run_folder(uri), "mlflow-id")
+    assert set(config) == {"run", "mlflow_run_id"} and config["mlflow_run_id"] == "mlflow-id"
+    # As Ray hands it over (JSON-able), and as the worker reads it.
+    seen = RunConfig.model_validate(json.loads(json.dumps(config))["run"])
+    assert seen == run
+    assert seen.init_from == run.init_from and seen.data.synthetic and seen.recipe.steps == 7

@@ -266,6 +266,8 @@ def test_the_job_checks_its_input_before_ray_starts_and_fails_the_mlflow_run(tmp
     # starts, and ends the MLflow run the launcher opened for it.
     from mlflow.tracking import MlflowClient
 
+    from infra.job_specs import TrainJobSpec
+    from infra.jobs import spec_argv
     from trainer import job
 
     missing = tmp_path / "moved.jsonl"
@@ -278,7 +280,7 @@ def test_the_job_checks_its_input_before_ray_starts_and_fails_the_mlflow_run(tmp
         }
     )
     Path(record.config_uri).write_text(run.model_dump_json())
-    code = job.main(["--config", record.config_uri])
+    code = job.main(spec_argv(TrainJobSpec(config=record.config_uri)))
     assert code == 2
     assert f"error: data.pretrain = {missing}: not found" in capsys.readouterr().err
     status = MlflowClient(record.tracking_uri).get_run(tracker.run_id).info.status
