@@ -10,8 +10,8 @@ The CLI writes the job's spec (a pydantic model, one per job) as JSON; the job m
 - reads and validates the spec: one that does not validate is one line naming the field,
   exit status 2;
 - maps an ``M2DError`` (a mistake the user can fix) to one line ``error: ...`` on stderr
-  and exit status 2, anything else to exit status 1 with its traceback on stderr, the
-  job's log.
+  and exit status 2, Ctrl-C to ``stopped`` and 130, anything else to exit status 1 with
+  its traceback on stderr, the job's log.
 
 Callers decide from the exit status alone; none reads the job's stderr.
 """
@@ -29,10 +29,11 @@ from pydantic import BaseModel, ValidationError
 
 from infra.errors import ConfigError, M2DError
 
-__all__ = ["EXIT_FAILURE", "EXIT_USER_ERROR", "run_job", "spec_argv"]
+__all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_USER_ERROR", "run_job", "spec_argv"]
 
 EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
+EXIT_INTERRUPTED = 130  # the shell's status for a program ended by SIGINT
 SpecT = TypeVar("SpecT", bound=BaseModel)
 
 
@@ -55,6 +56,9 @@ def run_job(
     except M2DError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:  # Ctrl-C: the cleanup ran on the way out
+        print("stopped", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     except Exception:
         traceback.print_exc()
         return EXIT_FAILURE

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import threading
 from typing import Any, TypeVar
 
 import click
@@ -37,15 +38,31 @@ def make_spec(
 
 
 def run_job(module: str, spec: BaseModel) -> None:
-    """Run the job ``module`` on ``spec`` here; its output is relayed as it printed it, and
-    a failure exits with the job's own exit status."""
-    result = subprocess.run(
-        [sys.executable, "-m", module, *spec_argv(spec)], capture_output=True, text=True
+    """Run the job ``module`` on ``spec`` here, in the foreground: its stdout and stderr are
+    relayed line by line as it prints them, and a failure exits with the job's own exit
+    status. Ctrl-C reaches the job too (the terminal signals both); its exit is waited for."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", module, *spec_argv(spec)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        bufsize=1,
     )
-    click.echo(result.stdout, nl=False)
-    click.echo(result.stderr, nl=False, err=True)
-    if result.returncode:
-        raise click.exceptions.Exit(result.returncode)
+    errors = threading.Thread(target=_relay, args=(process.stderr, True), daemon=True)
+    errors.start()
+    try:
+        _relay(process.stdout, False)
+        code = process.wait()
+    except KeyboardInterrupt:
+        code = process.wait()
+    errors.join()
+    if code:
+        raise click.exceptions.Exit(code)
+
+
+def _relay(stream, err: bool) -> None:
+    for line in stream:
+        click.echo(line, nl=False, err=err)
 
 
 def parse_size(value: str | None) -> tuple[int | None, int | None]:

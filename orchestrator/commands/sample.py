@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import click
@@ -19,9 +17,10 @@ from pydantic import ValidationError
 
 from infra.config import RunConfig
 from infra.errors import ConfigError
+from infra.jobs import spec_argv
 from infra.sample_spec import CheckpointSpec, SampleJobSpec
 from infra.storage import is_remote
-from orchestrator import profiles, ray_jobs, runs, submit
+from orchestrator import jobs, profiles, ray_jobs, runs, submit
 from orchestrator.cli import UserError
 from orchestrator.jobs import parse_size
 
@@ -119,22 +118,22 @@ def _absolute(value: str) -> str:
     return value if is_remote(value) else str(Path(value).expanduser().resolve())
 
 
-def run_job(spec: SampleJobSpec, run: RunConfig) -> int:
-    """Run the job here in the foreground, or submit it to the profile's Ray cluster."""
-    command = ["-m", JOB_MODULE, "--spec", spec.model_dump_json()]
+def run_job(spec: SampleJobSpec, run: RunConfig) -> None:
+    """Run the job here in the foreground (a failure exits with the job's status), or
+    submit it to the profile's Ray cluster."""
     if run.ray.address == "local":
-        return subprocess.run([sys.executable, *command], check=False).returncode
+        jobs.run_job(JOB_MODULE, spec)
+        return
     job_id = ray_jobs.submit_job(
         ray_jobs.job_client(run.ray.address),
         "the sample-batch job",
         echo=click.echo,
-        entrypoint=shlex.join(["python", *command]),
+        entrypoint=shlex.join(["python", "-m", JOB_MODULE, *spec_argv(spec)]),
         runtime_env=submit.runtime_env(run),
         metadata={"m2d": "sample-batch", "cluster": run.cluster},
     )
     click.echo(f"submitted sample-batch job {job_id} to {run.ray.address}")
     click.echo(f"follow with: ray job logs --follow --address {run.ray.address} {job_id}")
-    return 0
 
 
 @click.command("sample-batch")
@@ -189,6 +188,4 @@ def sample_batch(
         error = exc.errors()[0]
         option = "--" + str(error["loc"][0]).replace("_", "-") if error["loc"] else "option"
         raise UserError(f"{option}: {error['msg']}") from None
-    code = run_job(spec, run)
-    if code:
-        ctx.exit(code)
+    run_job(spec, run)

@@ -15,7 +15,7 @@ import pytest
 from pydantic import BaseModel
 
 from infra.errors import DataError
-from infra.jobs import EXIT_FAILURE, EXIT_USER_ERROR, run_job
+from infra.jobs import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USER_ERROR, run_job
 
 ROOT = Path(__file__).resolve().parents[2]
 # Every job module: each takes a spec.
@@ -71,6 +71,12 @@ def test_user_error_is_one_line_internal_error_a_traceback(capsys):
     err = capsys.readouterr().err
     assert err.startswith("Traceback (most recent call last):") and "RuntimeError: a bug" in err
     assert run_job(Spec, lambda spec: None, argv) == 0
+
+    def interrupted(spec: Spec) -> None:
+        raise KeyboardInterrupt
+
+    assert run_job(Spec, interrupted, argv) == EXIT_INTERRUPTED == 130
+    assert capsys.readouterr().err == "stopped\n"
 
 
 def test_a_spec_file_is_read(tmp_path):
