@@ -76,5 +76,5 @@ def _read_spec(spec_type: type[SpecT], argv: list[str]) -> SpecT:
         return spec_type.model_validate_json(text)
     except ValidationError as exc:
         error = exc.errors()[0]
-        where = ".".join(str(part) for part in error["loc"]) or spec_type.__name__
-        raise ConfigError(f"{spec_type.__name__}.{where}: {error['msg']}") from None
+        where = ".".join([spec_type.__name__, *(str(part) for part in error["loc"])])
+        raise ConfigError(f"{where}: {error['msg']}") from None
