@@ -249,7 +249,7 @@ class RuntimeEnvConfig(_Strict):
 
 
 class StageRecipe(_Strict):
-    """What one training stage does. Defaults are the paper's (METHOD.md section 6)."""
+    """What one training stage does. Defaults are the paper's (docs/method.md §6)."""
 
     steps: int = Field(10_000, ge=1, description="Optimizer steps.")
     global_batch: int = Field(8, ge=1, description="Samples per optimizer step, all workers.")

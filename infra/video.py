@@ -92,7 +92,7 @@ def cover_size(height: int, width: int, target_height: int, target_width: int) -
 def resize_center_crop(frames_THWC_uint8: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Scale frames to cover ``height`` x ``width``, then center-crop; uint8 (T, 3, H, W).
 
-    At 1080x1920 -> 480x720 this is METHOD's "resize the short side to 480, center-crop";
+    At 1080x1920 -> 480x720 this is docs/method.md §6's "resize the short side to 480, center-crop";
     for any aspect it keeps the whole target covered. Bilinear with antialias, so
     downscaling does not alias.
     """

@@ -1,4 +1,4 @@
-"""Scene layout, mask policies and masked attention for Mask²DiT (METHOD.md sections 3-4).
+"""Scene layout, mask policies and masked attention for Mask²DiT (docs/method.md §3-§4).
 
 One sample is the token sequence ``[T_1 .. T_n | V_1 .. V_n]``: all scene texts, then all
 scene videos. A mask *policy* says, for text queries and for video queries, which of the

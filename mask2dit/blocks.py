@@ -39,7 +39,7 @@ class MaskedCogVideoXAttnProcessor:
     projections, QK-norm and video-only RoPE are those of ``CogVideoXAttnProcessor2_0``;
     the softmax attention is ``masked_attention(layout, policy)``. Without a ``layout`` it
     is plain full attention, i.e. the stock processor. The structural mask never travels
-    as ``attention_mask``: diffusers would reshape it per head (METHOD.md 9).
+    as ``attention_mask``: diffusers would reshape it per head (docs/method.md §9).
     """
 
     def __call__(
@@ -66,7 +66,7 @@ class MaskedCogVideoXAttnProcessor:
             )
         q, k, v = _project_qkv(attn, x_BLD)
         if image_rotary_emb is not None:
-            # RoPE on video tokens only; text carries no position (METHOD.md 3).
+            # RoPE on video tokens only; text carries no position (docs/method.md §3).
             q = _rope_video_part(q, image_rotary_emb, text_len)
             if not attn.is_cross_attention:
                 k = _rope_video_part(k, image_rotary_emb, text_len)

@@ -1,4 +1,5 @@
-"""Mask²DiT adapter over a stock diffusers ``CogVideoXTransformer3DModel`` (METHOD.md 2, 3, 5).
+"""Mask²DiT adapter over a stock diffusers ``CogVideoXTransformer3DModel``
+(docs/method.md §2, §3, §5).
 
 The adapter adds no parameters. It re-runs the stock forward pass over the stock submodules
 (``patch_embed``, ``time_embedding``, every block's ``norm1/attn1/norm2/ff``, ``norm_final``,

@@ -1,4 +1,4 @@
-"""Mask policies of Mask²DiT (METHOD.md section 4): which key blocks each query may see.
+"""Mask policies of Mask²DiT (docs/method.md §4): which key blocks each query may see.
 
 A policy says, for text queries and for video queries, which of the four key blocks of a
 sample - own text, other scenes' text, own video, other scenes' video - they attend to.

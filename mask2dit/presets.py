@@ -2,7 +2,7 @@
 
 The configs are plain ``CogVideoXTransformer3DModel`` keyword dicts, so a model built from
 one has exactly the stock parameter set. ``attention_head_dim`` is 16: CogVideoX RoPE
-splits the head dim into a temporal quarter and two spatial 3/8 parts (METHOD.md 9).
+splits the head dim into a temporal quarter and two spatial 3/8 parts (docs/method.md §9).
 """
 
 from __future__ import annotations

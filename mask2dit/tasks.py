@@ -1,4 +1,4 @@
-"""Training tasks and loss of Mask²DiT (METHOD.md 5).
+"""Training tasks and loss of Mask²DiT (docs/method.md §5).
 
 A *normal* sample noises all scenes with one t and learns v on all of them. An
 *extension* sample keeps the context scenes (all but the last) clean, gives their tokens

@@ -4,7 +4,7 @@ Step for step the stock loop - the guidance batch ``[uncond; cond]``, ``scale_mo
 ``noise_pred.float()``, the optional dynamic CFG formula, the DDIM step or the DPM step with
 its ``old_pred_original_sample``, the cast back to the latent dtype - with ``Mask2DiT`` in
 place of the stock transformer, plus extension mode: the first scenes are clean context,
-modulated at t = 0 and restored after every scheduler step (METHOD.md 5, 7).
+modulated at t = 0 and restored after every scheduler step (docs/method.md §5, §7).
 
 Shape legend: B batch (1, or 2 with guidance), n scenes, F latent frames (all scenes),
 C latent channels, h/w latent height/width, L text tokens (all scenes), D text width.
@@ -98,7 +98,7 @@ def denoise(
             latents = scheduler.step(v_pred, t, latents, **step_kwargs, return_dict=False)[0]
         latents = latents.to(dtype)
         if context_frames:
-            # The step moved the context too; METHOD.md 7: put it back clean every step.
+            # The step moved the context too; docs/method.md §7: put it back clean every step.
             latents = torch.cat([clean, latents[:, context_frames:]], dim=1)
     return latents
 

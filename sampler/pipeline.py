@@ -1,4 +1,4 @@
-"""Mask²DiT sampling (METHOD.md 7): fixed-count stories and auto-regressive extension.
+"""Mask²DiT sampling (docs/method.md §7): fixed-count stories and auto-regressive extension.
 
 ``MultiScenePipeline`` holds a ``Mask2DiT``, the frozen CogVideoX VAE, T5 and tokenizer and
 a CogVideoX DDIM or DPM scheduler. Prompts are encoded, noise drawn and latents decoded as

@@ -22,7 +22,7 @@ from infra.video import VideoError, read_frames
 
 __all__ = ["EVAL50", "Story", "check_context_videos", "read_stories", "truncation_warnings"]
 
-#: The 50 evaluation stories x 3 scenes shipped with the package (METHOD section 8).
+#: The 50 evaluation stories x 3 scenes shipped with the package (docs/method.md §8).
 EVAL50 = str(Path(__file__).with_name("prompts") / "eval50.jsonl")
 
 _FIELDS = ("id", "prompts", "context_videos")

@@ -2,7 +2,7 @@
 
 The reference is plain softmax(q k^T * scale + mask bias) v in float64 with the mask from
 ``build_attention_mask``; the mask itself is checked against literal matrices written from
-METHOD.md section 4.
+docs/method.md §4.
 """
 
 from __future__ import annotations

@@ -146,3 +146,19 @@ def test_no_import_cycle_inside_a_package(package):
 def test_the_cycle_finder_finds_cycles():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set(), "c": {"b"}}) is None
+
+
+def test_method_citations_point_at_sections_that_exist():
+    """Code cites the method in docs/method.md by section, never a file outside the
+    repository."""
+    import re
+
+    headings = set(re.findall(r"^## §(\d+) ", (ROOT / "docs" / "method.md").read_text(), re.M))
+    assert headings == {str(n) for n in range(1, 10)}
+    cited = set()
+    for path in [*(p for package in PACKAGES for p in _files(package)), *_files("tests")]:
+        text = path.read_text()
+        assert "METHOD.md" not in text, f"{path.relative_to(ROOT)} cites METHOD.md"
+        for group in re.findall(r"docs/method\.md ((?:§\d+(?:-§\d+)?(?:, )?)+)", text):
+            cited.update(re.findall(r"§(\d+)", group))
+    assert cited and cited <= headings, cited - headings

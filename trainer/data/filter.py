@@ -1,6 +1,6 @@
 """``m2d data filter --manifest URI --encoder-path URI --out URI`` (``python -m
 trainer.data.filter --spec FILTER_SPEC``): the inter-scene similarity filter for SFT
-manifests (METHOD section 6).
+manifests (docs/method.md §6).
 
 Every shot of an SFT manifest is embedded with a video encoder (``infra.video_encoders``;
 ``encoder.num_frames`` frames spread evenly over the shot) by a Ray Data actor pool, one

@@ -1,6 +1,6 @@
 """Decode stories into model-ready frames, skipping bad clips without losing the place.
 
-Frame sampling follows the recipe (METHOD section 6): ``frames`` frames at the largest
+Frame sampling follows the recipe (docs/method.md §6): ``frames`` frames at the largest
 stride up to 3 that fits, pre-training clips inside 5%..95% of the clip, SFT shots
 whole; then scale to cover ``height`` x ``width`` and center-crop.
 """
