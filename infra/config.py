@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from mask2dit.policy import resolve_policy  # pure Python: validating needs no torch
+from mask2dit.policy import DEFAULT_POLICY, resolve_policy  # pure Python: validating needs no torch
 
 Stage = Literal["pretrain", "sft"]
 STAGES: tuple[Stage, ...] = ("pretrain", "sft")
@@ -274,7 +274,7 @@ class StageRecipe(_Strict):
     frames: int = Field(49, ge=1, description="Video frames per scene (4k+1).")
     height: int = Field(480, ge=16, description="Frame height in pixels (multiple of 16).")
     width: int = Field(720, ge=16, description="Frame width in pixels (multiple of 16).")
-    mask_policy: str = Field("v2", description="v2, full, isolated, or a block rule.")
+    mask_policy: str = Field(DEFAULT_POLICY, description="v2, full, isolated, or a block rule.")
     seed: int = Field(0, description="Seed of noise, timesteps, task draws and data order.")
 
     @model_validator(mode="after")

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from mask2dit.policy import POLICIES, BlockRule, KeySet, resolve_policy
+from mask2dit.policy import DEFAULT_POLICY, POLICIES, BlockRule, KeySet, resolve_policy
 
 __all__ = [
     "POLICIES",
@@ -114,7 +114,9 @@ class SceneLayout:
         return i
 
 
-def build_attention_mask(layout: SceneLayout, policy: str | BlockRule = "v2") -> torch.Tensor:
+def build_attention_mask(
+    layout: SceneLayout, policy: str | BlockRule = DEFAULT_POLICY
+) -> torch.Tensor:
     """Dense (L, L) bool mask, True where query row may attend key column.
 
     Reference only (tests, small L): at production L it is billions of entries.
@@ -177,7 +179,7 @@ def _block_terms(q_slices: list[slice], k_slices: list[slice], own: bool, other:
     return []
 
 
-def _attention_terms(layout: SceneLayout, policy: str | BlockRule = "v2") -> list[_Term]:
+def _attention_terms(layout: SceneLayout, policy: str | BlockRule = DEFAULT_POLICY) -> list[_Term]:
     """The (query range, key range) terms that make up a policy on a layout.
 
     Whole-range terms come first for each query kind, so that the first term touching a
@@ -363,7 +365,7 @@ def masked_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     layout: SceneLayout,
-    policy: str | BlockRule = "v2",
+    policy: str | BlockRule = DEFAULT_POLICY,
     scale: float | None = None,
 ) -> torch.Tensor:
     """Softmax attention of q/k/v (B, H, L, D), tokens in layout order, under a mask policy.

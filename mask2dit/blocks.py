@@ -17,6 +17,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import apply_rotary_emb
 
 from mask2dit.attention import BlockRule, SceneLayout, masked_attention
+from mask2dit.policy import DEFAULT_POLICY
 
 __all__ = [
     "MaskedCogVideoXAttnProcessor",
@@ -50,7 +51,7 @@ class MaskedCogVideoXAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: RotaryEmb | None = None,
         layout: SceneLayout | None = None,
-        policy: Policy = "v2",
+        policy: Policy = DEFAULT_POLICY,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if attention_mask is not None:
             raise ValueError(

@@ -33,6 +33,7 @@ from mask2dit.blocks import (
     modulation,
     timestep_runs,
 )
+from mask2dit.policy import DEFAULT_POLICY
 from mask2dit.weights import load_pretrained
 
 __all__ = [
@@ -102,7 +103,9 @@ class Mask2DiT(torch.nn.Module):
     Gradient checkpointing per block follows ``transformer.enable_gradient_checkpointing()``.
     """
 
-    def __init__(self, transformer: CogVideoXTransformer3DModel, policy: Policy = "v2") -> None:
+    def __init__(
+        self, transformer: CogVideoXTransformer3DModel, policy: Policy = DEFAULT_POLICY
+    ) -> None:
         super().__init__()
         check_supported_config(transformer.config)
         resolve_policy(policy)  # fail at construction on a bad policy, not mid-training
@@ -115,7 +118,7 @@ class Mask2DiT(torch.nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike, *, policy: Policy = "v2", **kwargs: Any
+        cls, path: str | os.PathLike, *, policy: Policy = DEFAULT_POLICY, **kwargs: Any
     ) -> Mask2DiT:
         """Load a stock CogVideoX transformer (``subfolder=``, ``torch_dtype=`` ... as in
         diffusers) and wrap it."""

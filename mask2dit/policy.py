@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["POLICIES", "BlockRule", "KeySet", "resolve_policy"]
+__all__ = ["DEFAULT_POLICY", "POLICIES", "BlockRule", "KeySet", "resolve_policy"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,10 @@ POLICIES: dict[str, BlockRule] = {
     # n independent generations.
     "isolated": BlockRule(KeySet(True, False, True, False), KeySet(True, False, True, False)),
 }
+
+
+#: The paper's mask (docs/method.md §4): every default in m2d is this one.
+DEFAULT_POLICY = "v2"
 
 
 def resolve_policy(policy: str | BlockRule) -> BlockRule:

@@ -22,6 +22,7 @@ from transformers import T5EncoderModel
 
 from mask2dit.components import ModelParts, load_parts
 from mask2dit.model import Mask2DiT
+from mask2dit.policy import DEFAULT_POLICY
 from sampler.denoise import SCHEDULERS, Scheduler, StoryText, build_scheduler, denoise
 from sampler.encode import (
     decode_scene,
@@ -82,7 +83,7 @@ class MultiScenePipeline:
         path: str | os.PathLike,
         *,
         scheduler: str = "ddim",
-        policy: str = "v2",
+        policy: str = DEFAULT_POLICY,
         device: torch.device | str = "cpu",
         dtype: torch.dtype | None = None,
         **kwargs: Any,
@@ -100,7 +101,12 @@ class MultiScenePipeline:
 
     @classmethod
     def from_parts(
-        cls, parts: ModelParts, *, scheduler: str = "ddim", policy: str = "v2", **kwargs: Any
+        cls,
+        parts: ModelParts,
+        *,
+        scheduler: str = "ddim",
+        policy: str = DEFAULT_POLICY,
+        **kwargs: Any,
     ) -> MultiScenePipeline:
         """Wrap loaded parts (``mask2dit.components``); ``scheduler`` is ``ddim`` or ``dpm``
         over the parts' scheduler config."""

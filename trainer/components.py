@@ -21,6 +21,7 @@ from infra.config import ModelConfig, StorageConfig
 from infra.model_store import ENCODER_SUBFOLDERS, SUBFOLDERS, resolve_model_folder
 from mask2dit.components import load_parts, save_parts, tiny_parts
 from mask2dit.model import Mask2DiT
+from mask2dit.policy import DEFAULT_POLICY
 
 __all__ = [
     "SUBFOLDERS",
@@ -48,7 +49,7 @@ def load_components(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     *,
-    policy: str = "v2",
+    policy: str = DEFAULT_POLICY,
     seed: int = 0,
     encoders_only: bool = False,
 ) -> Components:
