@@ -145,7 +145,9 @@ def ray_head(tmp_path_factory) -> Iterator[str]:
     token_path = root / "auth_token"
     token_path.write_text(secrets.token_hex(16))
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
-    port, dashboard_port = free_port(), free_port()
+    # Every port this head listens on is its own: Ray's defaults (the job agent's 52365)
+    # may be held by another Ray on this machine - a second suite, or a leftover agent.
+    port, dashboard_port, agent_port = free_port(), free_port(), free_port()
     log = (root / "ray.log").open("w")
     # Jobs run `python -m ...`: this virtualenv's python, as an image's would be.
     env = {**os.environ, **auth, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -163,6 +165,8 @@ def ray_head(tmp_path_factory) -> Iterator[str]:
             "127.0.0.1",
             "--dashboard-port",
             str(dashboard_port),
+            "--dashboard-agent-listen-port",
+            str(agent_port),
             "--num-cpus",
             "2",
             "--disable-usage-stats",
