@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from infra.config import RunConfig, StorageConfig
 from infra.errors import ConfigError
 from infra.processes import pid_alive
 from infra.storage import filesystem, join
-from orchestrator import ray_jobs
+from orchestrator import profiles, ray_jobs
 
 
 @dataclass
@@ -165,6 +166,20 @@ def checkpoint_step(checkpoint_uri: str, record: RunRecord) -> int | None:
             return int(json.load(handle)["step"])
     except (OSError, KeyError, ValueError):
         return None
+
+
+def resolve_run(
+    clusters_dir: str | None, cluster: str, stage: str, assignments: Sequence[str] = ()
+) -> RunConfig:
+    """What every command runs: profile ``cluster`` (from ``clusters_dir``, else the
+    default folder) + the stage's recipe + ``--set KEY=VALUE`` assignments, validated once,
+    local paths made absolute."""
+    loaded = profiles.load_profile(
+        profiles.find_profile(cluster, profiles.clusters_dir(clusters_dir))
+    )
+    return with_absolute_paths(
+        profiles.resolve(loaded, stage, profiles.parse_overrides(assignments))
+    )
 
 
 def with_absolute_paths(run: RunConfig) -> RunConfig:

@@ -15,7 +15,7 @@ import click
 
 from infra.config import STAGES, RunConfig
 from infra.job_specs import PrecomputeSpec, default_of
-from orchestrator import profiles, runs
+from orchestrator import runs
 from orchestrator.jobs import make_spec, run_job
 
 
@@ -42,7 +42,7 @@ def precompute(
 
     Idempotent: rerun the same command to resume a killed job; finished shards are kept.
     """
-    run = _resolve(ctx, cluster_name, stage, assignments)
+    run = runs.resolve_run(ctx.find_root().obj["clusters_dir"], cluster_name, stage, assignments)
     manifest = manifest or getattr(run.data, stage)
     if not manifest:
         raise click.UsageError(f"give --manifest (the profile {cluster_name} sets no data.{stage})")
@@ -53,13 +53,6 @@ def precompute(
         f"train from it: m2d launch --cluster {cluster_name} --stage {stage} "
         f"--set data.{stage}_latents={where}"
     )
-
-
-def _resolve(ctx: click.Context, cluster_name: str, stage: str, assignments) -> RunConfig:
-    directory = profiles.clusters_dir(ctx.find_root().obj["clusters_dir"])
-    loaded = profiles.load_profile(profiles.find_profile(cluster_name, directory))
-    run = profiles.resolve(loaded, stage, profiles.parse_overrides(assignments))
-    return runs.with_absolute_paths(run)
 
 
 def job_spec(

@@ -11,7 +11,7 @@ import yaml
 from infra.config import STAGES, RunConfig, looks_secret
 from infra.deepspeed_config import deepspeed_config
 from infra.errors import ConfigError, ServiceError, first_line
-from orchestrator import profiles, ray_jobs, runs, submit
+from orchestrator import ray_jobs, runs, submit
 
 # Credentials the workers read from their own environment, never from config.
 CREDENTIAL_VARS = (
@@ -45,11 +45,7 @@ def render_dry_run(run: RunConfig) -> str:
 
 
 def _resolve(ctx, cluster_name, stage, assignments) -> RunConfig:
-    """Profile + stage recipe + ``--set`` overrides, local paths made absolute."""
-    directory = profiles.clusters_dir(ctx.find_root().obj["clusters_dir"])
-    loaded = profiles.load_profile(profiles.find_profile(cluster_name, directory))
-    run = profiles.resolve(loaded, stage, profiles.parse_overrides(assignments))
-    return runs.with_absolute_paths(run)
+    return runs.resolve_run(ctx.find_root().obj["clusters_dir"], cluster_name, stage, assignments)
 
 
 def _resolve_new_run(ctx, cluster_name, stage, assignments, from_run) -> RunConfig:

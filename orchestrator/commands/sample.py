@@ -20,7 +20,7 @@ from infra.errors import ConfigError
 from infra.jobs import spec_argv
 from infra.sample_spec import CheckpointSpec, SampleJobSpec
 from infra.storage import is_remote
-from orchestrator import jobs, profiles, ray_jobs, runs, submit
+from orchestrator import jobs, ray_jobs, runs, submit
 from orchestrator.cli import UserError
 from orchestrator.jobs import parse_size
 
@@ -178,10 +178,7 @@ def sample_batch(
 ):
     """Render evaluation videos of the stories in --prompts from each --checkpoint."""
     options["seeds"] = parse_seeds(options["seeds"])
-    directory = profiles.clusters_dir(ctx.find_root().obj["clusters_dir"])
-    loaded = profiles.load_profile(profiles.find_profile(cluster_name, directory))
-    overrides = profiles.parse_overrides(assignments)
-    run = runs.with_absolute_paths(profiles.resolve(loaded, "sft", overrides))
+    run = runs.resolve_run(ctx.find_root().obj["clusters_dir"], cluster_name, "sft", assignments)
     try:
         spec = build_spec(run, references, options)
     except ValidationError as exc:  # an option out of range

@@ -1,6 +1,6 @@
-"""Training manifests: pre-training clip tables and SFT shot groups, local or on S3.
-``m2d data inspect MANIFEST`` (``python -m trainer.data.manifest --spec INSPECT_SPEC``)
-counts what one holds.
+"""``m2d data inspect MANIFEST`` (``python -m trainer.data.manifest --spec INSPECT_SPEC``)
+counts what a manifest holds. Training manifests: pre-training clip tables and SFT shot
+groups, local or on S3.
 
 Pre-training (CSV, JSONL or Parquet): one row per single-scene clip with
 ``path, caption, num_frames, fps, width, height`` and optional ``start, end`` seconds
