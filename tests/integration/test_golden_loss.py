@@ -32,11 +32,12 @@ ASSETS = ROOT / "tests" / "assets" / "losses"
 STEPS = 30
 # On the machine that recorded them the losses come back bit for bit: the same run twice,
 # and the pre-training run under ZeRO-3 instead of ZeRO-2 (other partitions and
-# reductions), matched to 0.0 relative. Other CPUs' kernels round differently; rounding-
-# level changes moved sampled latents by 5e-6 (test_sample_batch.py), so 1e-3 relative
-# leaves them a wide margin, while the wrong mask (`full` for `v2`) moves the losses by far
-# more than that within five steps (the second test checks it stays above 10 x RTOL).
-RTOL = 1e-3
+# reductions), matched to 0.0 relative. Other CPUs' kernels round differently, and
+# rounding-level changes moved sampled latents by about 1e-5 relative
+# (test_sample_batch.py): 1e-4 leaves them room. It cannot be much looser: on this tiny,
+# barely trained model the wrong mask (`full` for `v2`) moves the first five losses by only
+# 1.5e-3 relative, which the second test checks stays above 10 x RTOL.
+RTOL = 1e-4
 
 
 def _run(root: Path, stage: str, **overrides) -> RunConfig:
@@ -118,10 +119,10 @@ def test_pretrain_then_sft_match_the_golden_losses(workspace):
 
 
 def test_a_broken_mask_misses_them(workspace):
-    """`full` attention instead of the recipe's `v2`: five steps are enough to tell."""
-    run = _run(workspace, "pretrain", recipe__mask_policy="full", recipe__steps=5)
+    """`full` attention instead of the recipe's `v2`, every other setting the same."""
+    run = _run(workspace, "pretrain", recipe__mask_policy="full")
     losses = _losses(workspace, "full", run)
-    assert _worst(losses, _golden("local_pretrain")[:5]) > 10 * RTOL, losses
+    assert _worst(losses, _golden("local_pretrain")) > 10 * RTOL, losses
 
 
 def _record() -> None:
