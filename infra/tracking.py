@@ -99,14 +99,7 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=tracking.uri)
-        experiment = client.get_experiment_by_name(tracking.experiment)
-        experiment_id = (
-            experiment.experiment_id
-            if experiment is not None
-            else client.create_experiment(
-                tracking.experiment, artifact_location=_artifact_location(tracking.uri)
-            )
-        )
+        experiment_id = _experiment_id(client, tracking)
         created = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
         tracker = cls(tracking.uri, created.info.run_id)
         tracker.log_params(params or {})
@@ -341,6 +334,24 @@ def _parent_run_id(run: RunConfig) -> str | None:
         log.warning("parent MLflow run %s is not in %s; not nesting", parent, run.tracking.uri)
         return None
     return parent
+
+
+def _experiment_id(client, tracking: TrackingConfig) -> str:
+    """The experiment's id, creating it if missing. Two jobs starting at once may both find
+    it missing: the one whose create loses the race reads the other's."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(tracking.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(
+            tracking.experiment, artifact_location=_artifact_location(tracking.uri)
+        )
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(tracking.experiment).experiment_id
 
 
 def _artifact_location(uri: str) -> str | None:

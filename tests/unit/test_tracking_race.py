@@ -1,0 +1,38 @@
+"""Two jobs that open the same new MLflow experiment at once both start."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_ALREADY_EXISTS
+
+from infra.config import TrackingConfig
+from infra.tracking import _experiment_id
+
+TRACKING = TrackingConfig(uri="http://127.0.0.1:5000", experiment="shared")
+
+
+class RacingClient:
+    """An MLflow client for which another job creates the experiment between our look and
+    our create (as two jobs started together do)."""
+
+    def __init__(self, error_code: int = RESOURCE_ALREADY_EXISTS) -> None:
+        self.looks, self.error_code = 0, error_code
+
+    def get_experiment_by_name(self, name: str):
+        self.looks += 1
+        return None if self.looks == 1 else SimpleNamespace(experiment_id="7")
+
+    def create_experiment(self, name: str, artifact_location=None) -> str:
+        raise MlflowException(f"Experiment(name={name}) already exists.", self.error_code)
+
+
+def test_the_loser_of_the_create_race_uses_the_winners_experiment():
+    assert _experiment_id(RacingClient(), TRACKING) == "7"
+
+
+def test_other_create_errors_are_not_swallowed():
+    with pytest.raises(MlflowException):
+        _experiment_id(RacingClient(INVALID_PARAMETER_VALUE), TRACKING)
