@@ -16,6 +16,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+from ray_session import cluster_busy, cluster_report
 
 from infra.processes import free_port
 
@@ -135,7 +136,7 @@ def mlflow_server(tmp_path_factory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def ray_head(tmp_path_factory) -> Iterator[str]:
+def ray_head_session(tmp_path_factory) -> Iterator[str]:
     """A real Ray head (`ray start --head --block`) on 127.0.0.1 with token auth on.
 
     Yields the dashboard (Jobs API) address. The token lives in a temporary file that
@@ -184,3 +185,15 @@ def ray_head(tmp_path_factory) -> Iterator[str]:
             yield address
     finally:
         _stop(process)
+
+
+@pytest.fixture
+def ray_head(ray_head_session) -> str:
+    """The session's Ray head once earlier tests' jobs have let go of it: a stopped job's
+    actors and placement groups are freed asynchronously, and a job submitted before then
+    waits for resources."""
+    deadline = time.monotonic() + 120
+    while cluster_busy(ray_head_session):
+        assert time.monotonic() < deadline, cluster_report(ray_head_session)
+        time.sleep(1)
+    return ray_head_session

@@ -22,7 +22,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from ray_session import ray_session, wait_gone
+from ray_session import ray_session, wait_gone, wait_job
 
 from infra.config import ModelConfig, StageRecipe, StorageConfig
 from infra.job_specs import ExportSpec
@@ -329,7 +329,7 @@ def sample_batch(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 def test_extend_mode_on_a_ray_cluster_matches_the_reference(trained, tmp_path, ray_head):
     """Through the Jobs API: context-video and chained stories equal the in-process
     pipeline's; a rerun with other settings is refused before anything starts."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobSubmissionClient
 
     generator = torch.Generator().manual_seed(5)
     context = torch.randint(0, 256, (12, 32, 32, 3), generator=generator, dtype=torch.uint8)
@@ -344,12 +344,8 @@ def test_extend_mode_on_a_ray_cluster_matches_the_reference(trained, tmp_path, r
     submitted = sample_batch(tmp_path, *args, "--no-tracking", "--set", f"ray.address={ray_head}")
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.split("submitted sample-batch job ")[1].split()[0]
-    client = JobSubmissionClient(ray_head)
-    deadline = time.monotonic() + 400
-    while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED}:
-        assert time.monotonic() < deadline
-        time.sleep(2)
-    assert status == JobStatus.SUCCEEDED, client.get_job_logs(job_id)[-3000:]
+    status = wait_job(ray_head, job_id, timeout=400)
+    assert status == "SUCCEEDED", JobSubmissionClient(ray_head).get_job_logs(job_id)[-3000:]
 
     (folder,) = (tmp_path / "o").glob("*-checkpoint_00000007")
     meta = json.loads((folder / "ctx/0/meta.json").read_text())

@@ -35,16 +35,13 @@ def test_ray_head_runs_jobs_and_requires_the_token(ray_head):
     import urllib.error
     import urllib.request
 
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobSubmissionClient
+    from ray_session import wait_job
 
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(f"{ray_head}/api/jobs/", timeout=10)
     assert refused.value.code in (401, 403)
     client = JobSubmissionClient(ray_head)
     job = client.submit_job(entrypoint="echo fixture-ok")
-    deadline = __import__("time").monotonic() + 60
-    while not client.get_job_status(job).is_terminal():
-        assert __import__("time").monotonic() < deadline
-        __import__("time").sleep(0.5)
-    assert client.get_job_status(job) == JobStatus.SUCCEEDED
+    assert wait_job(ray_head, job, timeout=60) == "SUCCEEDED"
     assert "fixture-ok" in client.get_job_logs(job)
