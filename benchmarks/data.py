@@ -86,7 +86,7 @@ def prepare(run: RunConfig, folder: Path, stories: int, parts) -> None:
 
 def make_step(run: RunConfig, parts) -> Callable[[object, int], None]:
     """One training step from a loader batch, as ``trainer.loop`` does it (no DeepSpeed)."""
-    from mask2dit.tasks import TaskSampler, prepare_training_batch, task_loss
+    from mask2dit.tasks import TaskMix, prepare_training_batch, task_loss
     from trainer.batches import encode_batch
 
     r = run.recipe
@@ -94,7 +94,7 @@ def make_step(run: RunConfig, parts) -> Callable[[object, int], None]:
     optimizer = torch.optim.AdamW(
         params, lr=r.learning_rate, betas=r.betas, eps=r.eps, weight_decay=r.weight_decay
     )
-    tasks = TaskSampler(r.extension_prob, r.seed)
+    tasks = TaskMix(r.extension_prob, r.seed)
 
     def step(batch, i: int) -> None:
         generator = torch.Generator().manual_seed(i)

@@ -192,7 +192,7 @@ def job_steady_state(run: RunConfig, job: dict[str, Any], skip: int) -> dict[str
 
 def plain_loop(run: RunConfig, steps: int, warmup: int) -> dict[str, float]:
     """The same step without Ray, DeepSpeed, files or logging: mean step time, samples/s."""
-    from mask2dit.tasks import TaskSampler, prepare_training_batch, task_loss
+    from mask2dit.tasks import TaskMix, prepare_training_batch, task_loss
     from trainer.components import load_components
     from trainer.encode import encode_prompts, encode_videos
 
@@ -204,7 +204,7 @@ def plain_loop(run: RunConfig, steps: int, warmup: int) -> dict[str, float]:
     optimizer = torch.optim.AdamW(
         params, lr=r.learning_rate, betas=r.betas, eps=r.eps, weight_decay=r.weight_decay
     )
-    tasks = TaskSampler(r.extension_prob, r.seed)
+    tasks = TaskMix(r.extension_prob, r.seed)
     g = torch.Generator().manual_seed(0)
     shape = (batch, r.frames, 3, r.height, r.width)
     stories = [

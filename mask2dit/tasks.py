@@ -18,7 +18,7 @@ import torch
 
 __all__ = [
     "TaskLoss",
-    "TaskSampler",
+    "TaskMix",
     "TrainingBatch",
     "prepare_training_batch",
     "task_loss",
@@ -43,7 +43,7 @@ def _seed_from(*keys: int) -> int:
     return h >> 1
 
 
-class TaskSampler:
+class TaskMix:
     """Chooses the extension task with probability ``p_extension``, reproducibly.
 
     A draw depends only on ``(seed, step)`` - plus ``rank`` and the sample index when

@@ -8,7 +8,7 @@
 is the run's ``data`` section, in this order: ``synthetic`` (seeded random stories for
 smoke runs that need no files), the stage's precomputed latents (``<stage>_latents``,
 written by ``trainer.data.precompute``), or the stage's manifest (``<stage>``) decoded on
-the fly. Both file sources draw stories with the same samplers, so sharding across ranks
+the fly. Both file sources draw stories in the same order, so sharding across ranks
 and exact resume are the same. ``data.prefetch`` > 0 reads that many micro-batches ahead
 in a background thread (:class:`PrefetchedBatches`).
 """
@@ -203,20 +203,20 @@ class SyntheticStories:
 
 
 class ManifestStories:
-    """Stories from the stage's manifest via ``trainer.data`` (sampler + decoding loader)."""
+    """Stories from the stage's manifest via ``trainer.data`` (story order + decoding loader)."""
 
     def __init__(self, run: RunConfig, uri: str, rank: int, world_size: int) -> None:
-        from trainer.data import loader, manifest, samplers
+        from trainer.data import loader, manifest, order
 
         r = run.recipe
         if run.stage == "pretrain":
             clips, self.read_skips = manifest.read_clips(uri, run.storage)
-            sampler = samplers.PretrainSampler(clips, r.num_scenes, r.seed, rank, world_size)
+            story_order = order.PretrainOrder(clips, r.num_scenes, r.seed, rank, world_size)
         else:
             groups, self.read_skips = manifest.read_shot_groups(uri, r.num_scenes, run.storage)
-            sampler = samplers.SFTSampler(groups, r.num_scenes, r.seed, rank, world_size)
+            story_order = order.SFTOrder(groups, r.num_scenes, r.seed, rank, world_size)
         self.loader = loader.StoryLoader(
-            sampler, r.frames, r.height, r.width, run.stage, run.storage, r.seed
+            story_order, r.frames, r.height, r.width, run.stage, run.storage, r.seed
         )
         self.batch_size = run.deepspeed.micro_batch_per_gpu
 
@@ -243,15 +243,15 @@ class ManifestStories:
 
 
 class PrecomputedStories:
-    """Stories from precomputed latents: the decode path's samplers over the index's entries.
+    """Stories from precomputed latents: the decode path's story order over the index's entries.
 
     The index holds the clips (pre-training) or shot groups (SFT) that decoded; the same
-    sampler classes draw stories from them, and each scene's tensors are read from its
+    story-order classes draw stories from them, and each scene's tensors are read from its
     shard instead of decoding and encoding the video.
     """
 
     def __init__(self, run: RunConfig, uri: str, rank: int, world_size: int) -> None:
-        from trainer.data import latents, samplers
+        from trainer.data import latents, order
 
         r = run.recipe
         self.index = latents.read_index(uri, run.storage)
@@ -271,16 +271,16 @@ class PrecomputedStories:
         self.entries = {entry.clip(): entry for entry in self.index.entries}
         if run.stage == "pretrain":
             clips = [entry.clip() for entry in self.index.entries]
-            sampler = samplers.PretrainSampler(clips, r.num_scenes, r.seed, rank, world_size)
+            story_order = order.PretrainOrder(clips, r.num_scenes, r.seed, rank, world_size)
         else:
             groups = self.index.groups()
-            sampler = samplers.SFTSampler(groups, r.num_scenes, r.seed, rank, world_size)
-        self.sampler = sampler
+            story_order = order.SFTOrder(groups, r.num_scenes, r.seed, rank, world_size)
+        self.order = story_order
         self.reader = latents.ShardReader(self.index.uri, run.storage)
         self.batch_size = run.deepspeed.micro_batch_per_gpu
 
     def next(self) -> EncodedBatch:
-        stories = [next(self.sampler) for _ in range(self.batch_size)]
+        stories = [next(self.order) for _ in range(self.batch_size)]
         scenes = [[self.reader.read(self.entries[clip]) for clip in s.clips] for s in stories]
         num_scenes = len(scenes[0])
         means = [torch.stack([story[i]["mean"] for story in scenes]) for i in range(num_scenes)]
@@ -291,10 +291,12 @@ class PrecomputedStories:
     def state_dict(self) -> dict[str, Any]:
         # The decode path's layout, so a run can switch sources when the clips are the same.
         skips = self.index.skips.as_dict()
-        return {"loader": {"sampler": self.sampler.state_dict(), "skips": skips}}
+        return {"loader": {"order": self.order.state_dict(), "skips": skips}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.sampler.load_state_dict(state["loader"]["sampler"])
+        from trainer.data.order import order_state
+
+        self.order.load_state_dict(order_state(state["loader"]))
 
     def skip_counts(self) -> dict[str, int]:
         return self.index.skips.as_dict()

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from infra.config import RunConfig
 from infra.logging import get_logger
 from infra.tracking import Tracker
-from mask2dit.tasks import TaskSampler, prepare_training_batch, task_loss
+from mask2dit.tasks import TaskMix, prepare_training_batch, task_loss
 from trainer.batches import StoryBatches, encode_batch, make_batches
 from trainer.checkpoint import TrainerState, fetch_checkpoint, load_checkpoint, save_checkpoint
 from trainer.components import Components, load_components
@@ -89,7 +89,7 @@ class Worker:
         self.engine = build_engine(run, self.parts.transformer)
         self.batches: StoryBatches = make_batches(run, rank, world)
         recipe = run.recipe
-        self.tasks = TaskSampler(
+        self.tasks = TaskMix(
             recipe.extension_prob, recipe.seed, per_sample=recipe.task_draw == "per_sample"
         )
         self.state = TrainerState(world_size=world, mlflow_run_id=config.get("mlflow_run_id"))

@@ -10,7 +10,7 @@ from infra.storage import filesystem
 from infra.video import read_frames, write_video
 from trainer.data.loader import StoryLoader
 from trainer.data.manifest import Clip, read_clips, read_shot_groups
-from trainer.data.samplers import PretrainSampler, SFTSampler
+from trainer.data.order import PretrainOrder, SFTOrder
 from trainer.data.synth import synthesize
 
 pytestmark = pytest.mark.integration
@@ -38,8 +38,8 @@ def test_both_stages_decode_stories_through_s3fs(dataset):
     root, storage = dataset
     clips, _ = read_clips(f"{root}/pretrain.jsonl", storage)
     groups, _ = read_shot_groups(f"{root}/sft.jsonl", 3, storage)
-    pretrain = StoryLoader(PretrainSampler(clips, 3, seed=0), 9, 16, 16, "pretrain", storage)
-    sft = StoryLoader(SFTSampler(groups, 3, seed=0), 9, 16, 16, "sft", storage)
+    pretrain = StoryLoader(PretrainOrder(clips, 3, seed=0), 9, 16, 16, "pretrain", storage)
+    sft = StoryLoader(SFTOrder(groups, 3, seed=0), 9, 16, 16, "sft", storage)
     for loader in (pretrain, sft):
         decoded = next(loader)
         assert len(decoded.videos) == 3 and loader.skips.total == 0
@@ -56,7 +56,7 @@ def test_bad_objects_in_the_bucket_are_counted(dataset):
     good, _ = read_clips(f"{root}/pretrain.jsonl", storage)
     bad = [Clip(f"{root}/bad/{name}.mp4", name, 17, 8.0, 48, 32) for name in ("zero", "junk")]
     bad.append(Clip(f"{root}/bad/absent.mp4", "absent", 17, 8.0, 48, 32))
-    loader = StoryLoader(PretrainSampler(good[:2] + bad, 1, seed=0), 9, 32, 48, "pretrain", storage)
+    loader = StoryLoader(PretrainOrder(good[:2] + bad, 1, seed=0), 9, 32, 48, "pretrain", storage)
     for _ in range(3):  # 2 good per epoch: the third story finishes epoch 0
         assert next(loader).story.clips[0] in good
     assert set(loader.skips.as_dict()) == {"zero_byte", "undecodable", "missing"}

@@ -24,7 +24,7 @@ from trainer.data import latents, precompute, shard_encoder
 from trainer.data.latents import Entry, Settings
 from trainer.data.loader import SPANS, decode_clip
 from trainer.data.manifest import SkipCounts, read_clips, read_shot_groups
-from trainer.data.samplers import PretrainSampler, SFTSampler
+from trainer.data.order import PretrainOrder, SFTOrder
 from trainer.data.synth import synthesize
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,9 +112,9 @@ def reference_sampler(stage: str, manifest: Path, seed: int):
     """The decode path's sampler over the manifest, built independently of the index."""
     if stage == "pretrain":
         clips, _ = read_clips(str(manifest))
-        return PretrainSampler(clips, SCENES, seed)
+        return PretrainOrder(clips, SCENES, seed)
     groups, _ = read_shot_groups(str(manifest), SCENES)
-    return SFTSampler(groups, SCENES, seed)
+    return SFTOrder(groups, SCENES, seed)
 
 
 def reference_inputs(parts, index, stories, generator_seed: int):
@@ -148,7 +148,7 @@ def test_precomputed_batches_equal_the_on_the_fly_batches(
         batch = pre.next()
         assert isinstance(batch, EncodedBatch)
         stories = [next(sampler) for _ in range(2)]
-        # Same samplers, same seed: the same stories, in the same order.
+        # Same story order, same seed: the same stories, in the same order.
         assert (
             batch.captions == decoded.next()[1] == [[c.caption for c in s.clips] for s in stories]
         )
@@ -182,7 +182,7 @@ def test_stored_posterior_is_the_vae_posterior(parts, pretrain_latents):
     assert stored["text"].shape == (TOKENS, parts.text_encoder.config.d_model)
 
 
-def test_resume_and_ranks_follow_the_samplers(dataset, pretrain_latents):
+def test_resume_and_ranks_follow_the_story_order(dataset, pretrain_latents):
     uri = str(pretrain_latents)
     run = local_run("pretrain", micro_batch=1, pretrain_latents=uri)
     straight = PrecomputedStories(run, uri, 0, 1)

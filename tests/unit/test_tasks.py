@@ -1,4 +1,4 @@
-"""Normal / extension task preparation, loss masking and the task sampler."""
+"""Normal / extension task preparation, loss masking and the task mix."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 
-from mask2dit.tasks import TaskSampler, prepare_training_batch, task_loss
+from mask2dit.tasks import TaskMix, prepare_training_batch, task_loss
 
 SCENE_FRAMES = [2, 3, 2]  # context = first 5 frames, target = last 2
 
@@ -123,47 +123,45 @@ def test_normal_loss_uses_all_scenes_and_components_split_by_task():
     assert not out.normal.requires_grad
 
 
-# ---------------------------------------------------------------- task sampler
+# ---------------------------------------------------------------- task mix
 
 
-def test_sampler_reproducible_and_frequency_near_p():
-    a, b = TaskSampler(0.3, seed=7), TaskSampler(0.3, seed=7)
+def test_task_mix_reproducible_and_frequency_near_p():
+    a, b = TaskMix(0.3, seed=7), TaskMix(0.3, seed=7)
     draws = torch.stack([a.draw(step, 2) for step in range(4000)])
     again = torch.stack([b.draw(step, 2) for step in range(4000)])
     assert torch.equal(draws, again)
     assert (draws[:, 0] == draws[:, 1]).all()  # per step: the whole batch shares the task
     assert abs(draws[:, 0].float().mean().item() - 0.3) < 0.03
-    # A "resumed" sampler drawing from step 2000 on repeats the same sequence.
-    resumed = torch.stack([TaskSampler(0.3, seed=7).draw(s, 2) for s in range(2000, 4000)])
+    # A "resumed" mix drawing from step 2000 on repeats the same sequence.
+    resumed = torch.stack([TaskMix(0.3, seed=7).draw(s, 2) for s in range(2000, 4000)])
     assert torch.equal(resumed, draws[2000:])
-    other_seed = torch.stack([TaskSampler(0.3, seed=8).draw(s, 2) for s in range(4000)])
+    other_seed = torch.stack([TaskMix(0.3, seed=8).draw(s, 2) for s in range(4000)])
     assert not torch.equal(other_seed, draws)
 
 
-def test_sampler_per_step_identical_across_ranks():
-    sampler = TaskSampler(0.5, seed=1)
+def test_task_mix_per_step_identical_across_ranks():
+    mix = TaskMix(0.5, seed=1)
     for step in range(50):
-        assert all(
-            torch.equal(sampler.draw(step, 3, rank=r), sampler.draw(step, 3)) for r in (1, 5)
-        )
-    assert len({bool(sampler.draw(s, 1)[0]) for s in range(50)}) == 2
+        assert all(torch.equal(mix.draw(step, 3, rank=r), mix.draw(step, 3)) for r in (1, 5))
+    assert len({bool(mix.draw(s, 1)[0]) for s in range(50)}) == 2
 
 
-def test_sampler_per_sample_varies_by_rank_and_sample():
-    sampler = TaskSampler(0.5, seed=1, per_sample=True)
-    draws = {r: torch.stack([sampler.draw(s, 4, rank=r) for s in range(200)]) for r in (0, 1)}
-    assert torch.equal(draws[0], torch.stack([sampler.draw(s, 4, rank=0) for s in range(200)]))
+def test_task_mix_per_sample_varies_by_rank_and_sample():
+    mix = TaskMix(0.5, seed=1, per_sample=True)
+    draws = {r: torch.stack([mix.draw(s, 4, rank=r) for s in range(200)]) for r in (0, 1)}
+    assert torch.equal(draws[0], torch.stack([mix.draw(s, 4, rank=0) for s in range(200)]))
     assert not torch.equal(draws[0], draws[1])
     assert (draws[0].any(dim=1) & ~draws[0].all(dim=1)).any()  # mixed batches occur
     assert abs(draws[0].float().mean().item() - 0.5) < 0.06
 
 
 @pytest.mark.parametrize("p", [0.0, 1.0])
-def test_sampler_extremes(p):
-    sampler = TaskSampler(p, seed=0, per_sample=True)
-    assert all(bool((sampler.draw(s, 8) == bool(p)).all()) for s in range(100))
+def test_task_mix_extremes(p):
+    mix = TaskMix(p, seed=0, per_sample=True)
+    assert all(bool((mix.draw(s, 8) == bool(p)).all()) for s in range(100))
 
 
-def test_sampler_rejects_bad_probability():
+def test_task_mix_rejects_bad_probability():
     with pytest.raises(ValueError, match="p_extension"):
-        TaskSampler(1.5, seed=0)
+        TaskMix(1.5, seed=0)

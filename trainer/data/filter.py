@@ -8,7 +8,7 @@ encoder per actor. Adjacent shots of a group are compared by cosine similarity.
 
 Windows and the output manifest: SFT trains on windows of ``n`` consecutive shots, and
 a window is kept when all its ``n - 1`` adjacent similarities are >= the threshold. The
-output cannot list windows (the SFT sampler draws a window from a group), so each group
+output cannot list windows (the SFT story order draws a window from a group), so each group
 is cut wherever an adjacent similarity is below the threshold (or a shot could not be
 embedded: that shot is dropped), and the resulting maximal runs with at least ``n``
 shots are written as groups. Every window of every output group is then a kept window,

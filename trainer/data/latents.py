@@ -12,7 +12,7 @@ Layout under OUT (a local folder or an ``s3://`` prefix)::
 
 An entry is one pre-training clip or one SFT shot, so stories are still drawn at train
 time: random concatenation of clips (pre-training) and windows of consecutive shots (SFT)
-work as on the decode path, with the same samplers.
+work as on the decode path, with the same story orders.
 
 What is stored is the VAE posterior (mean and logvar, unscaled), not a sample: CogVideoX
 training draws a fresh sample every step, and :func:`sample_latents` draws it from the

@@ -19,7 +19,7 @@ from infra.errors import DataError
 from infra.logging import get_logger
 from infra.video import VideoError, read_frames, resize_center_crop, sample_frame_indices
 from trainer.data.manifest import Clip, SkipCounts
-from trainer.data.samplers import PretrainSampler, SFTSampler, Story
+from trainer.data.order import PretrainOrder, SFTOrder, Story, order_state
 
 log = get_logger("data.loader")
 
@@ -73,18 +73,18 @@ def decode_frames(
 
 
 class StoryLoader:
-    """Iterates DecodedStory from a sampler, forever; bad stories are skipped and counted.
+    """Iterates DecodedStory in a story order, forever; bad stories are skipped and counted.
 
     ``skips`` counts skipped stories by the reason of their first bad clip (``missing``,
     ``zero_byte``, ``undecodable``, ``truncated``, ``too_short``). A skipped story still
-    advances the sampler, so ``state_dict`` resumes exactly. ``max_consecutive_skips``
+    advances the order, so ``state_dict`` resumes exactly. ``max_consecutive_skips``
     stories in a row that cannot be used raise DataError: an all-broken dataset is an
     error, not an endless loop.
     """
 
     def __init__(
         self,
-        sampler: PretrainSampler | SFTSampler,
+        order: PretrainOrder | SFTOrder,
         frames: int,
         height: int,
         width: int,
@@ -95,7 +95,7 @@ class StoryLoader:
     ) -> None:
         if stage not in SPANS:
             raise ValueError(f"stage must be 'pretrain' or 'sft', not {stage!r}")
-        self.sampler, self.stage, self.storage, self.seed = sampler, stage, storage, seed
+        self.order, self.stage, self.storage, self.seed = order, stage, storage, seed
         self.frames, self.height, self.width = frames, height, width
         self.max_consecutive_skips = max_consecutive_skips
         self.skips = SkipCounts()
@@ -105,7 +105,7 @@ class StoryLoader:
 
     def __next__(self) -> DecodedStory:
         for _ in range(self.max_consecutive_skips):
-            story = next(self.sampler)
+            story = next(self.order)
             # A per-story seed (not a shared stream) keeps resumed frame choices identical;
             # story ids are unique within an epoch and carry the epoch.
             rng = random.Random(f"frames:{self.seed}:{story.id}")
@@ -127,10 +127,10 @@ class StoryLoader:
         log.warning("skipped story %s: %s; skips so far: %s", story.id, exc, self.skips)
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable: the sampler's position and the skip counts."""
-        return {"sampler": self.sampler.state_dict(), "skips": self.skips.as_dict()}
+        """JSON-serialisable: the order's position and the skip counts."""
+        return {"order": self.order.state_dict(), "skips": self.skips.as_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from ``state_dict()`` of an earlier run."""
-        self.sampler.load_state_dict(state["sampler"])
+        self.order.load_state_dict(order_state(state))
         self.skips = SkipCounts(state.get("skips"))

@@ -1,4 +1,4 @@
-"""Story samplers: which clips make each training sample, per rank, resumable exactly.
+"""Story order: which clips make each training sample, per rank, resumable exactly.
 
 Each epoch has a seeded permutation of items (pre-training: clips, taken ``num_scenes`` at
 a time; SFT: shot groups). Story ``k`` of the epoch belongs to rank ``k % world_size``,
@@ -19,7 +19,7 @@ from infra.errors import DataError
 from infra.logging import get_logger
 from trainer.data.manifest import Clip, ShotGroup
 
-log = get_logger("data.samplers")
+log = get_logger("data.order")
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class Story:
     clips: tuple[Clip, ...]
 
 
-class _EpochSampler:
+class _EpochOrder:
     """Shared machinery: epochs, per-epoch permutation, rank sharding, state."""
 
     kind = ""
@@ -101,7 +101,7 @@ class _EpochSampler:
         """Resume where ``state`` left off (same data; any number of ranks)."""
         if state.get("kind") != self.kind or state.get("data") != self._fingerprint:
             raise DataError(
-                f"{self.kind} sampler state was saved for other data (or another stage); "
+                f"{self.kind} story order was saved for other data (or another stage); "
                 "resume with the manifest and num_scenes of that run"
             )
         self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
@@ -121,7 +121,7 @@ class _EpochSampler:
         self.position = min(position, self.per_rank)
 
 
-class PretrainSampler(_EpochSampler):
+class PretrainOrder(_EpochOrder):
     """Pre-training stories: ``num_scenes`` unrelated clips drawn at random.
 
     Each epoch uses every clip at most once: the permuted clips are cut into stories of
@@ -150,7 +150,7 @@ class PretrainSampler(_EpochSampler):
         return Story(f"pretrain/e{self.epoch}/{k}", tuple(self.clips[i] for i in chosen))
 
 
-class SFTSampler(_EpochSampler):
+class SFTOrder(_EpochOrder):
     """SFT stories: a random window of ``num_scenes`` consecutive shots of a group.
 
     Each epoch visits every group (with at least ``num_scenes`` shots) once, in a seeded
@@ -186,3 +186,9 @@ class SFTSampler(_EpochSampler):
         first = random.Random(f"sft-window:{self.seed}:{self.epoch}:{k}").randrange(windows)
         shots = group.shots[first : first + self.num_scenes]
         return Story(f"{group.id}@{first}/e{self.epoch}", shots)
+
+
+def order_state(loader_state: dict[str, Any]) -> dict[str, Any]:
+    """The story order's part of a loader's saved state (``"sampler"`` in checkpoints
+    written before the story order had its own name)."""
+    return loader_state["order"] if "order" in loader_state else loader_state["sampler"]

@@ -14,7 +14,7 @@ from infra.errors import DataError
 from infra.video import write_video
 from trainer.data.loader import StoryLoader, clip_frame_count, decode_clip
 from trainer.data.manifest import Clip, ShotGroup
-from trainer.data.samplers import PretrainSampler, SFTSampler
+from trainer.data.order import PretrainOrder, SFTOrder, order_state
 
 
 def clip(name: str) -> Clip:
@@ -28,12 +28,12 @@ GROUPS = [ShotGroup(f"g{g}", tuple(clip(f"g{g}s{j}") for j in range(3 + g % 6)))
 
 def make(kind: str, seed: int = 7, rank: int = 0, world_size: int = 1):
     if kind == "pretrain":
-        return PretrainSampler(CLIPS, num_scenes=3, seed=seed, rank=rank, world_size=world_size)
-    return SFTSampler(GROUPS, num_scenes=3, seed=seed, rank=rank, world_size=world_size)
+        return PretrainOrder(CLIPS, num_scenes=3, seed=seed, rank=rank, world_size=world_size)
+    return SFTOrder(GROUPS, num_scenes=3, seed=seed, rank=rank, world_size=world_size)
 
 
-def take(sampler, count: int):
-    return [s for s in itertools.islice(sampler, count)]
+def take(order, count: int):
+    return [s for s in itertools.islice(order, count)]
 
 
 @pytest.mark.parametrize("kind", ["pretrain", "sft"])
@@ -51,10 +51,10 @@ def test_resume_yields_exactly_the_uninterrupted_sequence(kind, cut):
 @pytest.mark.parametrize("kind", ["pretrain", "sft"])
 def test_ranks_share_an_epoch_without_overlap(kind):
     world_size = 3
-    samplers = [make(kind, rank=r, world_size=world_size) for r in range(world_size)]
-    per_rank = len(samplers[0])
-    assert all(len(s) == per_rank for s in samplers)
-    epoch = [take(s, per_rank) for s in samplers]
+    orders = [make(kind, rank=r, world_size=world_size) for r in range(world_size)]
+    per_rank = len(orders[0])
+    assert all(len(s) == per_rank for s in orders)
+    epoch = [take(s, per_rank) for s in orders]
     ids = [story.id for stories in epoch for story in stories]
     assert len(ids) == len(set(ids)) == per_rank * world_size
     if kind == "pretrain":
@@ -107,7 +107,7 @@ def test_resume_on_another_world_size_continues_the_epoch():
 
 def test_state_from_other_data_is_refused():
     state = make("pretrain").state_dict()
-    other = PretrainSampler(CLIPS[:-3], num_scenes=3, seed=7)
+    other = PretrainOrder(CLIPS[:-3], num_scenes=3, seed=7)
     with pytest.raises(DataError, match="other data"):
         other.load_state_dict(state)
     with pytest.raises(DataError, match="other data"):
@@ -116,10 +116,21 @@ def test_state_from_other_data_is_refused():
 
 def test_too_little_data_for_the_ranks_is_a_data_error():
     with pytest.raises(DataError, match="cannot feed 8 ranks"):
-        PretrainSampler(CLIPS[:6], num_scenes=3, seed=0, rank=0, world_size=8)
+        PretrainOrder(CLIPS[:6], num_scenes=3, seed=0, rank=0, world_size=8)
 
 
-# --- StoryLoader: decoding real files through the samplers ---------------------------
+def test_a_state_saved_under_the_old_key_resumes():
+    """Checkpoints written before the story order had its own name keep it under "sampler"."""
+    first = PretrainOrder(CLIPS, num_scenes=3, seed=4)
+    take(first, 2)
+    saved = {"sampler": json.loads(json.dumps(first.state_dict())), "skips": {}}
+    resumed = PretrainOrder(CLIPS, num_scenes=3, seed=4)
+    resumed.load_state_dict(order_state(saved))
+    assert take(resumed, 3) == take(first, 3)
+    assert order_state({"order": {"a": 1}, "sampler": {"b": 2}}) == {"a": 1}
+
+
+# --- StoryLoader: decoding real files in story order ---------------------------
 
 
 def numbered(k: int) -> torch.Tensor:
@@ -169,7 +180,7 @@ def bad_clips(bad) -> list[Clip]:
 
 def test_pretrain_loader_decodes_frames_at_the_recipes_indices(corpus):
     good, _ = corpus
-    sampler = PretrainSampler(good, num_scenes=3, seed=0)
+    sampler = PretrainOrder(good, num_scenes=3, seed=0)
     decoded = next(StoryLoader(sampler, frames=9, height=32, width=48, stage="pretrain"))
     assert sorted(c.caption for c in decoded.story.clips) == ["good0", "good1", "good2"]
     for video in decoded.videos:
@@ -192,7 +203,7 @@ def test_a_cut_clip_samples_inside_its_start_end(corpus):
 
 def test_sft_loader_uses_the_whole_shot_and_resizes(corpus):
     good, _ = corpus
-    sampler = SFTSampler([ShotGroup("g", tuple(good))], num_scenes=2, seed=0)
+    sampler = SFTOrder([ShotGroup("g", tuple(good))], num_scenes=2, seed=0)
     decoded = next(StoryLoader(sampler, frames=49, height=16, width=16, stage="sft"))
     assert len(decoded.videos) == 2
     assert all(v.shape == (49, 3, 16, 16) for v in decoded.videos)  # stride 1 over 60 frames
@@ -200,7 +211,7 @@ def test_sft_loader_uses_the_whole_shot_and_resizes(corpus):
 
 def test_bad_data_of_every_kind_is_skipped_and_counted(corpus):
     good, bad = corpus
-    sampler = PretrainSampler([*good, *bad_clips(bad)], num_scenes=1, seed=3)
+    sampler = PretrainOrder([*good, *bad_clips(bad)], num_scenes=1, seed=3)
     loader = StoryLoader(sampler, frames=9, height=32, width=48, stage="pretrain")
     stories = take(loader, 4)  # 3 good per epoch: the 4th finishes epoch 0 for certain
     assert all(d.story.clips[0] in good for d in stories)
@@ -214,7 +225,7 @@ def test_sft_stories_with_a_bad_shot_of_every_kind_are_skipped(corpus):
     good, bad = corpus
     groups = [ShotGroup("ok", tuple(good[:2]))]
     groups += [ShotGroup(name, (good[0], clip)) for name, (clip, _) in bad.items()]
-    loader = StoryLoader(SFTSampler(groups, 2, seed=0), frames=9, height=8, width=8, stage="sft")
+    loader = StoryLoader(SFTOrder(groups, 2, seed=0), frames=9, height=8, width=8, stage="sft")
     # One usable story per epoch: the second one ends epoch 0, which held every bad group.
     assert {d.story.id.split("@")[0] for d in take(loader, 2)} == {"ok"}
     assert set(loader.skips.as_dict()) == {reason for _, reason in bad.values()}
@@ -223,7 +234,7 @@ def test_sft_stories_with_a_bad_shot_of_every_kind_are_skipped(corpus):
 
 def test_an_all_broken_dataset_is_an_error_not_an_endless_loop(corpus):
     _, bad = corpus
-    sampler = PretrainSampler(bad_clips(bad), num_scenes=1, seed=0)
+    sampler = PretrainOrder(bad_clips(bad), num_scenes=1, seed=0)
     loader = StoryLoader(sampler, 9, 32, 48, "pretrain", max_consecutive_skips=20)
     with pytest.raises(DataError, match="20 stories in a row"):
         next(loader)
@@ -234,7 +245,7 @@ def test_loader_resume_is_exact_including_frame_choice(corpus):
     clips = [*good, bad["missing"][0]]
 
     def loader():
-        return StoryLoader(PretrainSampler(clips, 1, seed=5), 9, 32, 48, "pretrain", seed=11)
+        return StoryLoader(PretrainOrder(clips, 1, seed=5), 9, 32, 48, "pretrain", seed=11)
 
     reference = [(d.story.id, [v.clone() for v in d.videos]) for d in take(loader(), 7)]
     first = loader()
