@@ -23,7 +23,7 @@ from infra.video import VideoError, read_frames
 __all__ = ["EVAL50", "Story", "check_context_videos", "read_stories", "truncation_warnings"]
 
 #: The 50 evaluation stories x 3 scenes shipped with the package (docs/method.md §8).
-EVAL50 = str(Path(__file__).with_name("prompts") / "eval50.jsonl")
+EVAL50 = str(Path(__file__).with_name("prompt_sets") / "eval50.jsonl")
 
 _FIELDS = ("id", "prompts", "context_videos")
 # The id becomes a folder name in the output tree: no separators, no "." or "..".

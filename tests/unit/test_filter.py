@@ -13,8 +13,7 @@ import random
 import pytest
 import torch
 
-from infra.errors import ConfigError, DataError
-from infra.video_encoders import (
+from evaluation.encoders import (
     VideoEncoder,
     check_encoder,
     encoder_names,
@@ -22,6 +21,7 @@ from infra.video_encoders import (
     local_folder,
     uniform_frame_indices,
 )
+from infra.errors import ConfigError, DataError
 from trainer.data.filter import (
     adjacent_similarities,
     filter_groups,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("mask2dit", "orchestrator", "trainer", "sampler", "infra")
+PACKAGES = ("mask2dit", "orchestrator", "trainer", "sampler", "evaluation", "infra")
 
 # What each package must never import (ours and third-party), anywhere in its code.
 FORBIDDEN = {
@@ -18,15 +18,18 @@ FORBIDDEN = {
         "trainer",
         "sampler",
         "infra",
+        "evaluation",
         "ray",
         "deepspeed",
         "mlflow",
         "click",
     },
-    "infra": {"orchestrator", "trainer", "sampler", "mask2dit"},
+    "infra": {"orchestrator", "trainer", "sampler", "mask2dit", "evaluation"},
     "trainer": {"orchestrator", "sampler"},
     "sampler": {"orchestrator", "trainer"},
-    "orchestrator": {"trainer", "sampler", "mask2dit"},
+    # Scores what the trainer's data and the sampler's videos are; imports neither.
+    "evaluation": {"orchestrator", "trainer", "sampler", "mask2dit", "ray", "deepspeed"},
+    "orchestrator": {"trainer", "sampler", "mask2dit", "evaluation"},
 }
 # Exceptions by module: configuration validates mask policies with this torch-free module.
 ALLOWED = {"infra": {"mask2dit.policy"}}

@@ -2,7 +2,7 @@
 trainer.data.filter --spec FILTER_SPEC``): the inter-scene similarity filter for SFT
 manifests (docs/method.md §6).
 
-Every shot of an SFT manifest is embedded with a video encoder (``infra.video_encoders``;
+Every shot of an SFT manifest is embedded with a video encoder (``evaluation.encoders``;
 ``encoder.num_frames`` frames spread evenly over the shot) by a Ray Data actor pool, one
 encoder per actor. Adjacent shots of a group are compared by cosine similarity.
 
@@ -43,6 +43,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from evaluation.encoders import check_encoder
 from infra.config import StorageConfig
 from infra.errors import DataError, ServiceError
 from infra.job_specs import FilterSpec
@@ -50,7 +51,6 @@ from infra.jobs import run_job
 from infra.logging import get_logger
 from infra.ray_runtime import init_ray
 from infra.storage import filesystem, is_remote
-from infra.video_encoders import check_encoder
 from trainer.data.manifest import Clip, ShotGroup, SkipCounts, read_shot_groups
 
 log = get_logger("data.filter")
@@ -120,7 +120,7 @@ class ShotEmbedder:
     """
 
     def __init__(self, encoder: str, encoder_path: str, storage: StorageConfig | None) -> None:
-        from infra.video_encoders import load_encoder
+        from evaluation.encoders import load_encoder
 
         self.storage = storage
         self.encoder = load_encoder(encoder, encoder_path, storage)
@@ -140,8 +140,8 @@ class ShotEmbedder:
         }
 
     def _embed(self, path: str, frames: int, start: float, end: float) -> tuple[bytes, str]:
+        from evaluation.encoders import uniform_frame_indices
         from infra.video import VideoError, read_frames
-        from infra.video_encoders import uniform_frame_indices
 
         try:
             indices = uniform_frame_indices(int(frames), self.encoder.num_frames)
