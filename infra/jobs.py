@@ -18,6 +18,7 @@ Callers decide from the exit status alone; none reads the job's stderr.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import traceback
@@ -50,6 +51,8 @@ def run_job(
     """Run ``body(spec)`` as a job entry point; the process's exit status (``None`` from
     ``body`` is success)."""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # m2d names its MLflow runs itself; MLflow would also print them on stdout, the data.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:
         spec = _read_spec(spec_type, sys.argv[1:] if argv is None else argv)
         return body(spec) or 0

@@ -8,6 +8,7 @@ DeepSpeed. Register a new command by adding one line to ``COMMANDS``.
 from __future__ import annotations
 
 import importlib
+import os
 
 import click
 
@@ -77,11 +78,29 @@ class LazyGroup(click.Group):
     type=click.Path(file_okay=False),
     help="Folder of cluster profiles (default: ./clusters, else the repository's).",
 )
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    envvar="M2D_VERBOSE",
+    help="Show everything a job prints (Ray's and DeepSpeed's lines too), not only m2d's.",
+)
 @click.version_option(package_name="m2d")
 @click.pass_context
-def cli(ctx: click.Context, clusters_dir: str | None) -> None:
+def cli(ctx: click.Context, clusters_dir: str | None, verbose: bool) -> None:
     """m2d: train and sample Mask²DiT multi-scene video models on Ray + DeepSpeed clusters."""
-    ctx.obj = {"clusters_dir": clusters_dir}
+    ctx.obj = {"clusters_dir": clusters_dir, "verbose": verbose}
+    # m2d names its MLflow runs itself; MLflow would also print them on stdout, the data.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    if not verbose:  # MLflow's own INFO lines (e.g. creating a new store's tables)
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
+
+def verbose() -> bool:
+    """Whether ``m2d -v`` asked for every line of a job on the console."""
+    ctx = click.get_current_context(silent=True)
+    root = ctx.find_root() if ctx else None
+    return bool(root and (root.obj or {}).get("verbose"))
 
 
 def main() -> None:

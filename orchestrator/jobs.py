@@ -1,21 +1,25 @@
 """The CLI's one way to a job that runs here: build the job's typed spec from the
 command's options, run ``python -m MODULE --spec JSON`` with this Python (so the
-orchestrator never imports the trainer or torch), relay what it prints, and exit with its
-exit status (``infra.jobs``: 2 for a user error, which the job has said in one line)."""
+orchestrator never imports the trainer or torch), sort what it prints into its log and the
+console (``orchestrator.console``), and exit with its exit status (``infra.jobs``: 2 for
+a user error, which the job has said in one line)."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
-import threading
+import time
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 from pydantic import BaseModel, ValidationError
 
-from infra.jobs import spec_argv
-from orchestrator.cli import UserError
+from infra.jobs import EXIT_FAILURE, spec_argv
+from orchestrator.cli import UserError, verbose
+from orchestrator.console import JobConsole
 
 __all__ = ["make_spec", "parse_size", "run_job"]
 
@@ -38,9 +42,15 @@ def make_spec(
 
 
 def run_job(module: str, spec: BaseModel) -> None:
-    """Run the job ``module`` on ``spec`` here, in the foreground: its stdout and stderr are
-    relayed line by line as it prints them, and a failure exits with the job's own exit
-    status. Ctrl-C reaches the job too (the terminal signals both); its exit is waited for."""
+    """Run the job ``module`` on ``spec`` here, in the foreground. Everything it prints goes
+    to a log file (``$M2D_HOME/logs/``, named on the console once it holds more than the
+    console shows); the console gets the job's data (stdout), m2d's messages and progress
+    (``orchestrator.console``; ``m2d -v``: every line). A failure exits with the job's own
+    exit status. Ctrl-C reaches the job too (the terminal signals both); its exit is
+    waited for."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    log_path = job_log_dir() / f"{module.rsplit('.', 1)[-1]}-{stamp}-{os.getpid()}.log"
+    console = JobConsole(log_path, verbose=verbose(), name_log_when_hiding=True)
     process = subprocess.Popen(
         [sys.executable, "-m", module, *spec_argv(spec)],
         stdout=subprocess.PIPE,
@@ -48,21 +58,20 @@ def run_job(module: str, spec: BaseModel) -> None:
         text=True,
         bufsize=1,
     )
-    errors = threading.Thread(target=_relay, args=(process.stderr, True), daemon=True)
-    errors.start()
     try:
-        _relay(process.stdout, False)
-        code = process.wait()
+        code = console.relay(process)
     except KeyboardInterrupt:
         code = process.wait()
-    errors.join()
+    console.close()
+    if code == EXIT_FAILURE:
+        console.say(f"the job failed; its traceback is in {log_path}")
     if code:
         raise click.exceptions.Exit(code)
 
 
-def _relay(stream, err: bool) -> None:
-    for line in stream:
-        click.echo(line, nl=False, err=err)
+def job_log_dir() -> Path:
+    """Where the logs of the jobs the CLI runs here go: ``$M2D_HOME/logs``."""
+    return Path(os.environ.get("M2D_HOME", Path.home() / ".m2d")) / "logs"
 
 
 def parse_size(value: str | None) -> tuple[int | None, int | None]:

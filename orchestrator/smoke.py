@@ -138,9 +138,11 @@ def write_run_config(record: runs.RunRecord, run: RunConfig) -> None:
 
 
 def run_job(record: runs.RunRecord, run: RunConfig, job_id: str, echo) -> int:
-    """Run the job to its end, locally or as a Ray job named ``job_id``; its exit status."""
+    """Run the job to its end, locally (its console: m2d's lines and progress) or as a Ray
+    job named ``job_id`` (the tail of its log through ``echo`` when it fails); its exit
+    status."""
     if record.kind == "local":
-        return submit.run_local(record, echo=echo)
+        return submit.run_local(record)
     submit.submit_remote(record, run, submission_id=job_id)
     client = ray_jobs.job_client(record.address)
     while True:

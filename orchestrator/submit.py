@@ -18,9 +18,10 @@ from typing import Any
 
 from infra.config import RunConfig
 from infra.job_specs import TrainJobSpec
-from infra.jobs import spec_argv
+from infra.jobs import EXIT_FAILURE, spec_argv
 from infra.processes import pid_alive
 from orchestrator import ray_jobs
+from orchestrator.console import JobConsole
 from orchestrator.runs import RunRecord, load_record, registry_dir
 
 JOB_MODULE = "trainer.job"
@@ -32,13 +33,16 @@ def job_command(record: RunRecord, python: str = "python") -> list[str]:
     return [python, "-m", JOB_MODULE, *spec_argv(spec)]
 
 
-def run_local(record: RunRecord, echo=sys.stdout.write) -> int:
-    """Run the job in the foreground; its output goes to ``echo`` and the run's log file."""
+def run_local(record: RunRecord, verbose: bool = False) -> int:
+    """Run the job in the foreground: all its output goes to the run's log file, m2d's
+    lines and its progress to the console (``orchestrator.console``)."""
     record.log_path = str(registry_dir() / f"{record.name}.log")
+    console = JobConsole(record.log_path, verbose=verbose)
+    console.say(f"log: {record.log_path}")
     process = subprocess.Popen(
         job_command(record, python=sys.executable),
         stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        stderr=subprocess.PIPE,
         text=True,
         bufsize=1,
         start_new_session=True,  # `m2d stop` ends the whole group, Ray workers included
@@ -46,15 +50,14 @@ def run_local(record: RunRecord, echo=sys.stdout.write) -> int:
     record.pid, record.exit_code, record.stopped = process.pid, None, False
     record.save()
     try:
-        with open(record.log_path, "a") as log:
-            for line in process.stdout:
-                echo(line)
-                log.write(line)
-                log.flush()
-        record.exit_code = process.wait()
+        record.exit_code = console.relay(process)
     except KeyboardInterrupt:
         stop_local(record)
         record.exit_code = process.wait()
+    finally:
+        console.close()
+    if record.exit_code == EXIT_FAILURE:
+        console.say(f"the job failed; its traceback is in {record.log_path}")
     # `m2d stop` from another shell marked the record meanwhile: keep its mark.
     record.stopped = record.stopped or load_record(record.name).stopped
     record.save()

@@ -70,6 +70,13 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
+@pytest.fixture(autouse=True)
+def _m2d_home(tmp_path_factory, monkeypatch) -> None:
+    """Every test's run records and job logs go to a temporary M2D_HOME, never ~/.m2d
+    (a test that wants its own sets M2D_HOME after this)."""
+    monkeypatch.setenv("M2D_HOME", str(tmp_path_factory.mktemp("m2d-home")))
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory) -> Iterator[str]:
     """A real S3 API server (moto_server) on 127.0.0.1, with dummy credentials set."""

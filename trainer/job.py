@@ -24,7 +24,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +31,7 @@ from infra.config import RunConfig, StorageConfig, stage_input
 from infra.errors import ConfigError, M2DError, StorageError
 from infra.job_specs import TrainJobSpec
 from infra.jobs import run_job
-from infra.logging import get_logger
+from infra.logging import get_logger, progress
 from infra.ray_runtime import init_ray
 from infra.storage import check_stage_input, filesystem, is_remote, storage_options
 from infra.tracking import Tracker, end_run, open_run
@@ -144,26 +143,19 @@ def git_commit() -> str:
 
 
 def _progress_callback(folder: RunFolder, tracker: Tracker) -> Any:
-    """A controller-side callback: progress line per report, checkpoints into MLflow."""
-    steps = folder.run.recipe.steps
+    """A controller-side callback: a progress record per report (``infra.logging.progress``,
+    which the CLI's console displays), checkpoints into MLflow."""
     from ray.train import UserCallback
 
     class Progress(UserCallback):
-        def __init__(self) -> None:
-            self.start = time.monotonic()
-            self.first_step: int | None = None
-
         def after_report(self, run_context: Any, metrics: list, checkpoint: Any) -> None:
             rank0 = metrics[0] if metrics else {}
             step = int(rank0.get("step", 0))
-            if self.first_step is None:
-                self.first_step, self.start = step, time.monotonic()
-            done = step - self.first_step
-            eta = (time.monotonic() - self.start) / done * (steps - step) if done else 0.0
-            print(
-                f"[m2d] step {step}/{steps} loss {rank0.get('loss', float('nan')):.4f} "
-                f"{rank0.get('samples_per_s', 0.0):.2f} samples/s ETA {eta:.0f}s",
-                flush=True,
+            progress(
+                step=step,
+                loss=round(float(rank0.get("loss", float("nan"))), 6),
+                samples_per_s=round(float(rank0.get("samples_per_s", 0.0)), 3),
+                checkpoint=checkpoint is not None,
             )
             if checkpoint is not None:
                 name = checkpoint.path.rstrip("/").rsplit("/", 1)[-1]

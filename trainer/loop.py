@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from infra.config import RunConfig
-from infra.logging import get_logger
+from infra.logging import get_logger, progress, set_rank
 from infra.tracking import Tracker
 from mask2dit.tasks import TaskMix, prepare_training_batch, task_loss
 from trainer.batches import StoryBatches, encode_batch, make_batches
@@ -73,6 +73,7 @@ class Worker:
 
     def __init__(self, run: RunConfig, config: dict[str, Any], rank: int, world: int) -> None:
         self.run, self.rank, self.world = run, rank, world
+        set_rank(rank)
         self.device, self.dtype = device_and_dtype(run)
         if self.device.type == "cpu":
             torch.set_num_threads(run.workers.cpus_per_worker)
@@ -129,15 +130,14 @@ class Worker:
                 # lost attempt may have logged already: log each step once.
                 self.logged_through = self.tracker.last_step("loss")
         steps, every = self.run.recipe.steps, self.run.fault_tolerance.checkpoint_every
+        if self.rank == 0:  # once per attempt: the console counts restarts
+            progress(event="start", step=self.state.step, steps=steps)
         try:
             while self.state.step < steps:
                 metrics = self.train_step()
                 self.state.step += 1
                 done = self.state.step
-                if done % every == 0 or done == steps:
-                    self.report(metrics, checkpoint=True)
-                else:
-                    self.report(metrics)
+                self.report(metrics, checkpoint=done % every == 0 or done == steps)
         finally:
             self.batches.close()
 
@@ -241,7 +241,6 @@ class Worker:
                 checkpoint_dir_name=f"checkpoint_{self.state.step:08d}",
             )
         self.last_report = time.monotonic()
-        self._progress(metrics)
 
     def _track(self, metrics: dict[str, float], flush: bool) -> None:
         """Queue this step's metrics for MLflow (rank 0); write the queue when ``flush``.
@@ -256,16 +255,6 @@ class Worker:
         if flush and self.pending:
             self.tracker.log_rows(self.pending)
             self.pending = []
-
-    def _progress(self, metrics: dict[str, float]) -> None:
-        if self.rank == 0:
-            log.info(
-                "step %d/%d loss %.4f %.2f samples/s",
-                self.state.step,
-                self.run.recipe.steps,
-                metrics["loss"],
-                metrics["samples_per_s"],
-            )
 
 
 def _loss_totals(loss: Any, extension: torch.Tensor) -> torch.Tensor:

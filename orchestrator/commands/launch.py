@@ -12,6 +12,7 @@ from infra.config import STAGES, RunConfig, looks_secret
 from infra.deepspeed_config import deepspeed_config
 from infra.errors import ConfigError, ServiceError, first_line
 from orchestrator import ray_jobs, runs, submit
+from orchestrator.cli import verbose
 
 # Credentials the workers read from their own environment, never from config.
 CREDENTIAL_VARS = (
@@ -88,7 +89,7 @@ def _start(record: runs.RunRecord, run: RunConfig, follow: bool) -> int:
             "the run in the cluster's store"
         )
     if record.kind == "local":
-        return submit.run_local(record, echo=click.echo)
+        return submit.run_local(record, verbose=verbose())
     try:
         submit.submit_remote(record, run, submission_id=_next_job_id(record))
     except ServiceError:
@@ -164,9 +165,8 @@ def _smoke(ctx, run: RunConfig, assignments: tuple[str, ...]) -> None:
     """Smoke-test ``run``'s stage (pretrain: then SFT from it); exit 1 unless all pass."""
     from orchestrator import smoke
 
-    def echo(line: str) -> None:  # the job's progress and verdict lines, not all its output
-        if "[m2d]" in line or line.startswith(("run ", "error:")):
-            click.echo(f"  {line}", nl=False)
+    def echo(line: str) -> None:  # a failed remote job's last lines
+        click.echo(f"  {line}", nl=False, err=True)
 
     def start(record: runs.RunRecord, run: RunConfig, job_id: str) -> int:
         click.echo(f"{job_id}: {run.recipe.steps} steps on {run.cluster} -> {record.run_dir}")

@@ -185,3 +185,27 @@ def test_a_refused_submission_leaves_no_mlflow_run_running(tmp_path, monkeypatch
     assert "Ray refused the job refused: no such image" in result.output
     run_id = json.loads((tmp_path / "runs" / "refused" / "mlflow_run.json").read_text())["run_id"]
     assert MlflowClient(uri).get_run(run_id).info.status == "FAILED"
+
+
+def test_a_local_launch_shows_m2ds_lines_and_logs_the_rest(workspace):
+    """A 200-step local launch, as `make demo` runs it: fewer than 40 lines on the console,
+    all m2d's; Ray's and DeepSpeed's output (every worker's) is in the run's log file."""
+    sets = ["recipe.steps=200", "fault_tolerance.checkpoint_every=50"]
+    flags = [*workspace["flags"], *(arg for value in sets for arg in ("--set", value))]
+    done = m2d(
+        workspace, "launch", "--cluster", "local", "--stage", "pretrain", "--name", "quiet", *flags
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = (done.stdout + done.stderr).splitlines()
+    assert len(lines) < 40, "\n".join(lines)
+    ours = ("run quiet", "MLflow run", "log: ", "step ", "DeepSpeed ZeRO-2 engine: ")
+    assert all(line.startswith(ours) for line in lines), "\n".join(lines)
+    assert done.stdout.splitlines()[-1].startswith("run quiet finished: step 200/200")
+    progress = [line for line in done.stderr.splitlines() if line.startswith("step ")]
+    assert progress[-1].startswith("step 200/200") and "checkpoints 4  restarts 0" in progress[-1]
+    log = Path(_records(workspace)["quiet"]["log_path"])
+    assert done.stderr.splitlines()[0] == f"log: {log}"
+    text = log.read_text()
+    for noise in ("(RayTrainWorker pid=", "Reporting training result", "[real_accelerator.py"):
+        assert noise in text, noise
+    assert text.count("Reporting training result") >= 2 * 4  # both ranks, every checkpoint

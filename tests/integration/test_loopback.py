@@ -114,7 +114,7 @@ def test_local_job_listens_on_loopback_only(tmp_path):
         )
     session: list[psutil.Process] = []
     try:
-        _wait_for(lambda: "[m2d] step " in log.read_text(), job, log, timeout=240)
+        _wait_for(lambda: 'm2d.progress: {"step"' in log.read_text(), job, log, timeout=240)
         session = ray_session(psutil.Process(job.pid))
         listeners = _listeners(session)
         names = {listener.name for listener in listeners}
