@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from infra.checkpoints import TRAINER_STATE
+from infra.checkpoint_layout import TRAINER_STATE
 from infra.config import RunConfig, StorageConfig, TrackingConfig, looks_secret
 from infra.errors import ServiceError, first_line
 from infra.logging import get_logger

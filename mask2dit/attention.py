@@ -17,17 +17,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from mask2dit.policy import DEFAULT_POLICY, POLICIES, BlockRule, KeySet, resolve_policy
+from mask2dit.policy import DEFAULT_POLICY, BlockRule, resolve_policy
 
-__all__ = [
-    "POLICIES",
-    "BlockRule",
-    "KeySet",
-    "SceneLayout",
-    "build_attention_mask",
-    "masked_attention",
-    "resolve_policy",
-]
+__all__ = ["SceneLayout", "build_attention_mask", "masked_attention"]
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import apply_rotary_emb
 
-from mask2dit.attention import BlockRule, SceneLayout, masked_attention
-from mask2dit.policy import DEFAULT_POLICY
+from mask2dit.attention import SceneLayout, masked_attention
+from mask2dit.policy import DEFAULT_POLICY, BlockRule
 
 __all__ = [
     "MaskedCogVideoXAttnProcessor",

@@ -23,7 +23,7 @@ from diffusers import CogVideoXTransformer3DModel
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
 from torch.utils.checkpoint import checkpoint
 
-from mask2dit.attention import SceneLayout, resolve_policy
+from mask2dit.attention import SceneLayout
 from mask2dit.blocks import (
     MaskedCogVideoXAttnProcessor,
     Policy,
@@ -33,12 +33,11 @@ from mask2dit.blocks import (
     modulation,
     timestep_runs,
 )
-from mask2dit.policy import DEFAULT_POLICY
+from mask2dit.policy import DEFAULT_POLICY, resolve_policy
 from mask2dit.weights import load_pretrained
 
 __all__ = [
     "Mask2DiT",
-    "MaskedCogVideoXAttnProcessor",
     "check_supported_config",
     "video_rotary_embedding",
 ]

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from infra.checkpoints import RUN_CONFIG, TRAINER_STATE
+from infra.checkpoint_layout import RUN_CONFIG, TRAINER_STATE
 from infra.config import RunConfig, StorageConfig
 from infra.errors import ConfigError
 from infra.processes import pid_alive

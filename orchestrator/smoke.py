@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from infra.checkpoints import TRAINER_STATE
+from infra.checkpoint_layout import TRAINER_STATE
 from infra.config import RunConfig, deep_merge
 from infra.storage import filesystem, join
 from orchestrator import ray_jobs, runs, submit

@@ -32,7 +32,7 @@ from infra.errors import ConfigError, DataError
 from infra.sample_spec import CheckpointSpec, SampleJobSpec
 from infra.storage import filesystem, join
 from infra.video import read_frames, resize_center_crop, write_video
-from sampler.checkpoints import CheckpointInfo
+from sampler.checkpoint_info import CheckpointInfo
 from sampler.params import SamplingParams, StoryOutput
 from sampler.previews import write_contact_sheet, write_gif
 from sampler.prompts import Story

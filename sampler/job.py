@@ -39,7 +39,7 @@ from sampler.batch import (
     sampling_params,
     write_item,
 )
-from sampler.checkpoints import CheckpointInfo, describe_checkpoint
+from sampler.checkpoint_info import CheckpointInfo, describe_checkpoint
 from sampler.params import SamplingParams
 from sampler.prompts import EVAL50, Story, check_context_videos, read_stories
 

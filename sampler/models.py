@@ -1,5 +1,5 @@
 """A checkpoint to sample, loaded into a ``MultiScenePipeline`` (in the sample job's actors;
-``sampler.checkpoints`` describes it without weights).
+``sampler.checkpoint_info`` describes it without weights).
 
 Three kinds of checkpoint folder are accepted (local or ``s3://``):
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from diffusers import CogVideoXTransformer3DModel
 
-from infra.checkpoints import consolidated_state_dict, fetch_checkpoint
+from infra.checkpoint_layout import consolidated_state_dict, fetch_checkpoint
 from infra.model_store import ENCODER_SUBFOLDERS, fetch_folder, resolve_model_folder
 from infra.sample_spec import CheckpointSpec, SampleJobSpec
 from mask2dit.components import (
@@ -32,7 +32,7 @@ from mask2dit.components import (
     transformer_config,
 )
 from mask2dit.weights import load_pretrained
-from sampler.checkpoints import CheckpointInfo
+from sampler.checkpoint_info import CheckpointInfo
 from sampler.pipeline import MultiScenePipeline
 
 __all__ = ["load_pipeline"]

@@ -32,7 +32,7 @@ from sampler.encode import (
 )
 from sampler.params import SamplingParams, StoryOutput
 
-__all__ = ["MultiScenePipeline", "SamplingParams", "StoryOutput", "build_scheduler"]
+__all__ = ["MultiScenePipeline"]
 
 DEFAULT_PARAMS = SamplingParams()  # frozen, so one shared default is safe
 

@@ -24,10 +24,8 @@ from mask2dit.model import Mask2DiT
 from mask2dit.policy import DEFAULT_POLICY
 
 __all__ = [
-    "SUBFOLDERS",
     "Components",
     "load_components",
-    "resolve_model_folder",
     "save_tiny_pretrained",
 ]
 

@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from infra.checkpoints import consolidated_state_dict, fetch_checkpoint, read_run_config
+from infra.checkpoint_layout import consolidated_state_dict, fetch_checkpoint, read_run_config
 from infra.config import StorageConfig
 from infra.errors import StorageError, first_line
 from infra.job_specs import ExportSpec

@@ -12,7 +12,7 @@ backpropagate the task loss; DeepSpeed steps AdamW and the warm-up schedule at t
 accumulation boundary. Metrics go to MLflow from rank 0 every step, and to
 ``ray.train.report`` (the driver's progress line) with each checkpoint and otherwise at
 most every ``REPORT_INTERVAL_S``. Every ``fault_tolerance.checkpoint_every`` steps and
-at the end all ranks save a checkpoint (``trainer.checkpoint``) and report it; a
+at the end all ranks save a checkpoint (``trainer.checkpointing``) and report it; a
 (re)started worker group resumes from the latest reported checkpoint.
 """
 
@@ -27,12 +27,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from infra.checkpoint_layout import fetch_checkpoint
 from infra.config import RunConfig
 from infra.logging import get_logger, progress, set_rank
 from infra.tracking import Tracker
 from mask2dit.tasks import TaskMix, prepare_training_batch, task_loss
 from trainer.batches import StoryBatches, encode_batch, make_batches
-from trainer.checkpoint import TrainerState, fetch_checkpoint, load_checkpoint, save_checkpoint
+from trainer.checkpointing import TrainerState, load_checkpoint, save_checkpoint
 from trainer.components import Components, load_components
 from trainer.engine import build_engine, device_and_dtype
 from trainer.export import consolidated_state_dict

@@ -45,7 +45,7 @@ CHECKPOINT_SCRIPT = textwrap.dedent(
     import os, sys, torch, torch.distributed as dist, yaml
     from pathlib import Path
     from infra.config import ClusterProfile, resolve_run
-    from trainer.checkpoint import TrainerState, save_checkpoint
+    from trainer.checkpointing import TrainerState, save_checkpoint
     from trainer.components import load_components
     from trainer.engine import build_engine
 

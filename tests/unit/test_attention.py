@@ -15,15 +15,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mask2dit.attention as attn
-from mask2dit.attention import (
-    POLICIES,
-    BlockRule,
-    KeySet,
-    SceneLayout,
-    build_attention_mask,
-    masked_attention,
-    resolve_policy,
-)
+from mask2dit.attention import SceneLayout, build_attention_mask, masked_attention
+from mask2dit.policy import POLICIES, BlockRule, KeySet, resolve_policy
 
 V2_STRING = "text:own_text,own_video;video:own_text,own_video,other_video"
 CUSTOM_RULES = [

@@ -15,7 +15,7 @@ from orchestrator import runs
 from orchestrator.cli import cli
 from orchestrator.commands.sample import resolve_checkpoint
 from sampler.batch import META, Item, inputs_record, item_uri, plan_items, sampling_params
-from sampler.checkpoints import CheckpointInfo
+from sampler.checkpoint_info import CheckpointInfo
 from sampler.prompts import Story
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,7 +13,9 @@ import pytest
 import torch
 from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
 
-from sampler.pipeline import MultiScenePipeline, SamplingParams, build_scheduler
+from sampler.denoise import build_scheduler
+from sampler.params import SamplingParams
+from sampler.pipeline import MultiScenePipeline
 from trainer.components import save_tiny_pretrained
 
 PARAMS = SamplingParams(

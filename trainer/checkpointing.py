@@ -1,6 +1,6 @@
 """Checkpoints of a run: DeepSpeed shards of every rank plus what exact resume needs.
 
-Each rank writes its part of the folder (layout in ``infra.checkpoints``, which readers
+Each rank writes its part of the folder (layout in ``infra.checkpoint_layout``, which readers
 use); Ray Train merges the folders every rank reports.
 
 Task draws and noise are functions of (seed, step, rank), so with the data position and
@@ -18,17 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from infra.checkpoints import DEEPSPEED_TAG, RUN_CONFIG, TRAINER_STATE, fetch_checkpoint
+from infra.checkpoint_layout import DEEPSPEED_TAG, RUN_CONFIG, TRAINER_STATE
 from infra.config import RunConfig
 from infra.errors import ConfigError
 
-__all__ = [
-    "DEEPSPEED_TAG",
-    "TrainerState",
-    "fetch_checkpoint",
-    "load_checkpoint",
-    "save_checkpoint",
-]
+__all__ = ["TrainerState", "load_checkpoint", "save_checkpoint"]
 
 
 @dataclass

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from infra.checkpoints import DEEPSPEED_TAG, RUN_CONFIG, TRAINER_STATE
+from infra.checkpoint_layout import DEEPSPEED_TAG, RUN_CONFIG, TRAINER_STATE
 from infra.config import ModelConfig, RunConfig, StageRecipe, StorageConfig
 from infra.errors import ConfigError, StorageError
 from infra.sample_spec import CheckpointSpec, SampleJobSpec

@@ -1,6 +1,6 @@
 """Reading a training checkpoint: its layout, fetching it, its config, its full weights.
 
-Shared by the trainer (which writes checkpoints, ``trainer.checkpoint``), the exporter and
+Shared by the trainer (which writes checkpoints, ``trainer.checkpointing``), the exporter and
 the sampler (which only read them). Layout of one checkpoint folder:
 
     deepspeed/            ``engine.save_checkpoint(dir, tag="deepspeed")``: model states
