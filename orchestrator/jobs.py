@@ -11,6 +11,8 @@ import re
 import subprocess
 import sys
 import time
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,7 +23,7 @@ from infra.jobs import EXIT_FAILURE, spec_argv
 from orchestrator.cli import UserError, verbose
 from orchestrator.console import JobConsole
 
-__all__ = ["make_spec", "parse_size", "run_job"]
+__all__ = ["make_spec", "parse_size", "run_job", "spec_options"]
 
 SpecT = TypeVar("SpecT", bound=BaseModel)
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
@@ -72,6 +74,32 @@ def run_job(module: str, spec: BaseModel) -> None:
 def job_log_dir() -> Path:
     """Where the logs of the jobs the CLI runs here go: ``$M2D_HOME/logs``."""
     return Path(os.environ.get("M2D_HOME", Path.home() / ".m2d")) / "logs"
+
+
+def spec_options(spec_type: type[BaseModel], *fields: str) -> Callable[[Callable], Callable]:
+    """Click options ``--field-name`` for ``fields`` of a job's spec, declared once there:
+    help from the field's description, its default (shown), required when it has none."""
+
+    def apply(command: Callable) -> Callable:
+        for field in reversed(fields):
+            command = _spec_option(spec_type, field)(command)
+        return command
+
+    return apply
+
+
+def _spec_option(spec_type: type[BaseModel], field: str) -> Callable[[Callable], Callable]:
+    info = spec_type.model_fields[field]
+    settings: dict[str, Any] = {"help": info.description}
+    if info.is_required():
+        settings["required"] = True
+    elif info.default is None:  # the type of an optional value: int | None -> int
+        settings["default"] = None
+        kinds = [kind for kind in typing.get_args(info.annotation) if kind is not type(None)]
+        settings["type"] = kinds[0] if len(kinds) == 1 else None
+    else:
+        settings.update(default=info.default, show_default=True)
+    return click.option("--" + field.replace("_", "-"), **settings)
 
 
 def parse_size(value: str | None) -> tuple[int | None, int | None]:

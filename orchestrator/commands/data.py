@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import click
 
-from infra.job_specs import InspectSpec, SynthSpec, default_of
+from infra.job_specs import InspectSpec, SynthSpec
 from orchestrator.commands.data_filter import filter_
 from orchestrator.commands.data_precompute import precompute
-from orchestrator.jobs import make_spec, parse_size, run_job
+from orchestrator.jobs import make_spec, parse_size, run_job, spec_options
 
 
 @click.group()
@@ -20,34 +20,9 @@ def data() -> None:
 
 
 @data.command()
-@click.option("--out", required=True, help="New (or empty) folder or s3:// URI.")
-@click.option(
-    "--stories",
-    default=default_of(SynthSpec, "stories"),
-    show_default=True,
-    help="Stories (shot groups).",
-)
-@click.option(
-    "--scenes",
-    default=default_of(SynthSpec, "scenes"),
-    show_default=True,
-    help="Scenes per training story.",
-)
-@click.option("--shots", type=int, default=None, help="Shots per story [default: scenes + 1].")
-@click.option(
-    "--frames", default=default_of(SynthSpec, "frames"), show_default=True, help="Frames per shot."
-)
+@spec_options(SynthSpec, "out", "stories", "scenes", "shots", "frames")
 @click.option("--size", default="32x32", show_default=True, help="HEIGHTxWIDTH of the videos.")
-@click.option(
-    "--fps", default=default_of(SynthSpec, "fps"), show_default=True, help="Frames per second."
-)
-@click.option(
-    "--seed",
-    default=default_of(SynthSpec, "seed"),
-    show_default=True,
-    help="Same seed, same dataset.",
-)
-@click.option("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// output.")
+@spec_options(SynthSpec, "fps", "seed", "endpoint_url")
 def synth(size: str, **options) -> None:
     """Write mp4 stories with recurring characters plus pretrain.jsonl and sft.jsonl."""
     height, width = parse_size(size)
@@ -59,8 +34,7 @@ def synth(size: str, **options) -> None:
 
 @data.command()
 @click.argument("manifest")
-@click.option("--scenes", type=int, default=None, help="Read as SFT shot groups of N scenes.")
-@click.option("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// paths.")
+@spec_options(InspectSpec, "scenes", "endpoint_url")
 def inspect(**options) -> None:
     """Count the usable rows (or SFT groups) of MANIFEST and the skipped ones by reason."""
     run_job("trainer.data.manifest", make_spec(InspectSpec, **options))

@@ -16,7 +16,7 @@ import click
 from infra.config import STAGES, RunConfig
 from infra.job_specs import PrecomputeSpec, default_of
 from orchestrator import runs
-from orchestrator.jobs import make_spec, run_job
+from orchestrator.jobs import make_spec, run_job, spec_options
 
 
 @click.command()
@@ -24,14 +24,7 @@ from orchestrator.jobs import make_spec, run_job
 @click.option("--stage", type=click.Choice(STAGES), required=True, help="Recipe to encode for.")
 @click.option("--out", required=True, help="Output folder or s3:// prefix (new, or this job's).")
 @click.option("--manifest", default=None, help="Manifest [default: the profile's data.STAGE].")
-@click.option(
-    "--shard-size",
-    type=click.IntRange(min=1),
-    default=default_of(PrecomputeSpec, "shard_size"),
-    show_default=True,
-    help="Entries per shard.",
-)
-@click.option("--num-actors", type=click.IntRange(min=1), default=None, help="Encoder actors.")
+@spec_options(PrecomputeSpec, "shard_size", "num_actors")
 @click.option("--set", "assignments", multiple=True, help="Override a config key: KEY.PATH=VALUE.")
 @click.option("--no-tracking", is_flag=True, help="Do not log the counts to MLflow.")
 @click.pass_context
