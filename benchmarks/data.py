@@ -56,32 +56,21 @@ def local_run(manifest: Path, latents: Path) -> RunConfig:
 
 def prepare(run: RunConfig, folder: Path, stories: int, parts) -> None:
     """Synthetic stories under ``folder`` and their precomputed latents."""
+    from infra.job_specs import PrecomputeSpec
     from trainer.data import precompute, shard_encoder
-    from trainer.data.latents import Settings
     from trainer.data.synth import synthesize
 
     r = run.recipe
     synthesize(str(folder), stories=stories, scenes=r.num_scenes, frames=17, seed=0)
-    settings = Settings(
-        manifest=run.data.pretrain,
-        manifest_sha1=precompute.manifest_sha1(run.data.pretrain, None),
-        stage="pretrain",
-        model_source=run.model.source,
-        text_tokens=run.model.text_tokens,
-        frames=r.frames,
-        height=r.height,
-        width=r.width,
-        num_scenes=r.num_scenes,
-        seed=r.seed,
-        dtype="fp32",
-        shard_size=64,
-    )
+    # What `m2d data precompute` would encode with, from the same spec the job reads.
+    spec = PrecomputeSpec(run=run, manifest=run.data.pretrain, out=run.data.pretrain_latents)
+    settings = precompute.settings_from(spec)
 
     def runner(pending, settings, out, storage, options):
         for name, items in pending:
             shard_encoder.encode_shard(parts, settings, out, name, items, storage)
 
-    precompute.precompute(settings, run.data.pretrain_latents, None, argparse.Namespace(), runner)
+    precompute.precompute(settings, spec.out, None, None, runner)
 
 
 def make_step(run: RunConfig, parts) -> Callable[[object, int], None]:

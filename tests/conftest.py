@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-from ray_session import cluster_busy, cluster_report
+from ray_session import cluster_busy, cluster_report, stop_group
 
 from infra.processes import free_port
 
@@ -60,16 +59,6 @@ def _wait_job_agent(address: str, process: subprocess.Popen, timeout: float = 12
         time.sleep(0.5)
 
 
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
 @pytest.fixture(autouse=True)
 def _m2d_home(tmp_path_factory, monkeypatch) -> None:
     """Every test's run records and job logs go to a temporary M2D_HOME, never ~/.m2d
@@ -95,7 +84,7 @@ def s3_endpoint(tmp_path_factory) -> Iterator[str]:
             _wait_http(f"{endpoint}/moto-api/", process)
             yield endpoint
     finally:
-        _stop(process)
+        stop_group(process)
 
 
 @pytest.fixture
@@ -138,7 +127,7 @@ def mlflow_server(tmp_path_factory) -> Iterator[str]:
         _wait_http(f"{uri}/health", process, timeout=120)
         yield uri
     finally:
-        _stop(process)
+        stop_group(process)
         shutil.rmtree(root / "artifacts", ignore_errors=True)
 
 
@@ -191,7 +180,7 @@ def ray_head_session(tmp_path_factory) -> Iterator[str]:
             _wait_job_agent(address, process)
             yield address
     finally:
-        _stop(process)
+        stop_group(process)
 
 
 @pytest.fixture

@@ -5,6 +5,9 @@ jobs that say why when they run out."""
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import subprocess
 import time
 
 import psutil
@@ -43,6 +46,18 @@ def wait_gone(processes: list[psutil.Process], timeout: float = 60.0) -> list[ps
             process.kill()
     psutil.wait_procs(alive, timeout=10)
     return alive
+
+
+def stop_group(process: subprocess.Popen, timeout: float = 15.0) -> None:
+    """End a service or job started with ``start_new_session``: SIGTERM to its process
+    group, SIGKILL to the group if it has not exited after ``timeout``."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def cluster_report(address: str) -> str:

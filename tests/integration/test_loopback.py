@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from typing import NamedTuple
 import psutil
 import pytest
 import yaml
-from ray_session import ray_session, wait_gone
+from ray_session import ray_session, stop_group, wait_gone
 
 from infra.config import ClusterProfile, resolve_run
 from infra.job_specs import TrainJobSpec
@@ -125,12 +124,6 @@ def test_local_job_listens_on_loopback_only(tmp_path):
         workers = [lst for lst in listeners if lst.name == "ray::RayTrainWorker"]
         assert len({lst.pid for lst in workers}) == 2 and len(workers) >= 5, workers
     finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGTERM)
-            try:
-                job.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(job.pid, signal.SIGKILL)
-                job.wait()
+        stop_group(job, timeout=60)
         left = wait_gone(session)
     assert not left, f"left running after the job: {left}"
