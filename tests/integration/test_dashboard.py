@@ -65,6 +65,9 @@ def test_stopping_it_stops_the_server_and_its_workers(tmp_path, stop):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # As from a terminal: a suite started in the background (`make test &`) hands its
+        # children SIGINT ignored, and Python then keeps ignoring it (no Ctrl-C).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 120
