@@ -196,7 +196,9 @@ def _collect(
     keep, last, frames, first = set(wanted), wanted[-1], {}, None
     # One reformatter for the clip: it keeps its swscale context between frames, where
     # ``frame.to_ndarray(format=...)`` builds one per frame (most of a small clip's cost).
-    to_rgb = VideoReformatter()
+    # Its slice threads keep to the decoder's budget (``_set_decoder_threads``): PyAV's
+    # default, 0, starts one per core of the machine in a worker given one.
+    to_rgb, threads = VideoReformatter(), max(1, torch.get_num_threads())
     seconds_per_tick = float(stream.time_base)  # a Fraction per frame costs more than a frame
     for frame in _decoded(container, stream):
         if frame.pts is None:
@@ -204,7 +206,7 @@ def _collect(
         index = round((frame.pts * seconds_per_tick - origin) * fps)
         first = index if first is None else first
         if index in keep:
-            frames[index] = to_rgb.reformat(frame, format="rgb24").to_ndarray()
+            frames[index] = to_rgb.reformat(frame, format="rgb24", threads=threads).to_ndarray()
         if index >= last:
             break
     return frames, (wanted[0] if first is None else first)
