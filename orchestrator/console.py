@@ -47,7 +47,11 @@ def _strip(line: str) -> tuple[str, bool]:
 def m2d_message(line: str) -> tuple[str, str, dict[str, Any] | None] | None:
     """``(level, message, progress)`` when ``line`` is one of m2d's for the console, else
     None. ``progress`` is the record of an ``m2d.progress`` line (else None)."""
-    plain, forwarded = _strip(line)
+    return _message(*_strip(line))
+
+
+def _message(plain: str, forwarded: bool) -> tuple[str, str, dict[str, Any] | None] | None:
+    """``m2d_message`` of a line already stripped (``_strip``)."""
     if not forwarded and _JOB_LINE.match(plain):
         return "ERROR" if plain.startswith("error: ") else "INFO", plain, None
     record = _M2D_RECORD.match(plain)
@@ -98,9 +102,10 @@ class JobConsole:
         if self.verbose:
             self._say(line.rstrip("\n"), data)
             return
-        found = m2d_message(line)
+        plain, forwarded = _strip(line)
+        found = _message(plain, forwarded)
         if found is None:
-            if data and not _strip(line)[1]:
+            if data and not forwarded:
                 self._say(line.rstrip("\n"), True)
             elif self.name_log:
                 self.name_log = False
