@@ -299,6 +299,27 @@ STAGE_DEFAULTS: dict[Stage, StageRecipe] = {
 }
 
 
+class PlanConfig(_Strict):
+    """What `m2d plan` assumes about this cluster's hardware and prices (docs/planner.md)."""
+
+    usd_per_gpu_hour: float | None = Field(
+        None, ge=0, description="What one GPU costs per hour; the plan prices the stage with it."
+    )
+    mfu: float = Field(
+        0.35,
+        gt=0,
+        le=1,
+        description="Model FLOPs utilisation the step time assumes: model FLOPs (3 x forward, "
+        "recomputation not counted) per second over the GPUs' peak.",
+    )
+    gpu_memory_gib: float | None = Field(
+        None, gt=0, description="Memory per GPU (CPU workers: per worker); default by gpu_type."
+    )
+    peak_tflops: float | None = Field(
+        None, gt=0, description="Dense bf16 peak per GPU in TFLOP/s; default by gpu_type."
+    )
+
+
 class _Placement(_Strict):
     """The sections a profile and a run share."""
 
@@ -311,6 +332,7 @@ class _Placement(_Strict):
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)
     runtime_env: RuntimeEnvConfig = Field(default_factory=RuntimeEnvConfig)
+    plan: PlanConfig = Field(default_factory=PlanConfig)
 
     @model_validator(mode="after")
     def _placement(self) -> _Placement:

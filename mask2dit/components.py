@@ -19,6 +19,7 @@ from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXT
 from transformers import AutoTokenizer, ByT5Tokenizer, T5Config, T5EncoderModel
 
 from mask2dit.presets import COGVIDEOX_SCHEDULER, build_transformer, preset_config
+from mask2dit.tiny import TINY_T5, TINY_VAE
 from mask2dit.weights import load_pretrained
 
 __all__ = [
@@ -32,25 +33,6 @@ __all__ = [
 ]
 
 TINY_PRESET = "tiny"
-
-# A 4-level CogVideoX VAE: 8x spatial and 4x temporal compression (4k+1 -> k+1 frames),
-# as diffusers' own VAE tests build it; latent channels match the tiny transformer.
-_TINY_VAE: dict[str, Any] = {
-    "block_out_channels": (8, 8, 8, 8),
-    "layers_per_block": 1,
-    "norm_num_groups": 2,
-    "temporal_compression_ratio": 4,
-    "sample_height": 32,
-    "sample_width": 32,
-}
-_TINY_T5: dict[str, Any] = {
-    "d_kv": 8,
-    "d_ff": 32,
-    "num_layers": 1,
-    "num_heads": 2,
-    "relative_attention_num_buckets": 8,
-    "dropout_rate": 0.0,
-}
 
 
 class ModelParts(NamedTuple):
@@ -71,8 +53,8 @@ def tiny_parts(seed: int = 0) -> ModelParts:
     transformer = build_transformer(TINY_PRESET, seed=seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
-        vae = AutoencoderKLCogVideoX(latent_channels=cfg["in_channels"], **_TINY_VAE)
-        t5 = T5Config(vocab_size=len(tokenizer), d_model=cfg["text_embed_dim"], **_TINY_T5)
+        vae = AutoencoderKLCogVideoX(latent_channels=cfg["in_channels"], **TINY_VAE)
+        t5 = T5Config(vocab_size=len(tokenizer), d_model=cfg["text_embed_dim"], **TINY_T5)
         text_encoder = T5EncoderModel(t5)
     scheduler = CogVideoXDDIMScheduler(**COGVIDEOX_SCHEDULER)
     return ModelParts(transformer, vae, text_encoder, tokenizer, scheduler)

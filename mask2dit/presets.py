@@ -1,8 +1,7 @@
-"""Tiny CogVideoX transformer configs for tests and toy runs (built, never downloaded).
+"""Tiny CogVideoX transformers for tests and toy runs (built, never downloaded).
 
-The configs are plain ``CogVideoXTransformer3DModel`` keyword dicts, so a model built from
-one has exactly the stock parameter set. ``attention_head_dim`` is 16: CogVideoX RoPE
-splits the head dim into a temporal quarter and two spatial 3/8 parts (docs/method.md §9).
+The presets are plain ``CogVideoXTransformer3DModel`` keyword dicts (``mask2dit.tiny``,
+torch-free), so a model built from one has exactly the stock parameter set.
 """
 
 from __future__ import annotations
@@ -13,33 +12,11 @@ from typing import Any
 import torch
 from diffusers import CogVideoXTransformer3DModel
 
+from mask2dit.tiny import TRANSFORMER_PRESETS
+
 __all__ = ["COGVIDEOX_SCHEDULER", "PRESETS", "build_transformer", "preset_config"]
 
-_TINY: dict[str, Any] = {
-    "num_attention_heads": 2,
-    "attention_head_dim": 16,
-    "in_channels": 4,
-    "out_channels": 4,
-    "time_embed_dim": 16,
-    "text_embed_dim": 16,
-    "num_layers": 2,
-    "sample_width": 8,
-    "sample_height": 8,
-    # Pixel frames: (K - 1) * 4 + 1 for K latent frames (diffusers' documented quirk).
-    "sample_frames": 9,
-    "patch_size": 2,
-    "temporal_compression_ratio": 4,
-    "max_text_seq_length": 12,
-    "use_rotary_positional_embeddings": True,
-}
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # CogVideoX-5B style: RoPE on video tokens, no additive positional embedding.
-    "tiny": _TINY,
-    # CogVideoX-2B style: 3D sin-cos embedding added to video tokens, no RoPE. The stock
-    # model then needs text length == max_text_seq_length (12 = 3 scenes x 4 tokens).
-    "tiny_sincos": {**_TINY, "use_rotary_positional_embeddings": False},
-}
+PRESETS = TRANSFORMER_PRESETS
 
 
 # The noise schedule CogVideoX-5B ships (its scheduler/scheduler_config.json): v-prediction

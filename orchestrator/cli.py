@@ -25,6 +25,7 @@ COMMANDS = {
     "launch": ("orchestrator.commands.launch:launch", "Launch a training stage on a cluster."),
     "data": ("orchestrator.commands.data:data", "Synthesize and inspect training data."),
     "logs": ("orchestrator.commands.status:logs", "Print (or follow) a run's output."),
+    "plan": ("orchestrator.commands.plan:plan", "Memory per GPU, step time and cost of a stage."),
     "runs": ("orchestrator.commands.status:runs_", "Table of recent runs."),
     "sample-batch": (
         "orchestrator.commands.sample:sample_batch",
