@@ -247,8 +247,9 @@ def model_state_bytes(run: RunConfig, shapes: Shapes) -> tuple[int, int, int, in
     # Gradients: this rank's partition in the training dtype, and the fp32 copy the
     # optimizer step makes of it (none when training in fp32).
     grads_low, grads_fp32 = partition * b, (partition * 4 if b != 4 else 0)
-    # fp32 master weights (a copy even in fp32) and AdamW's two moments.
-    optimizer = 12 * partition
+    # AdamW's two moments and fp32 master weights: a copy of the partition, except that
+    # ZeRO-3 steps an fp32 model's own partitions (stage3.py, _create_fp32_partitions).
+    optimizer = (8 if ds.zero_stage == 3 and b == 4 else 12) * partition
     cpu = 0
     if ds.offload_optimizer == "cpu":
         # The step runs on the host: master weights, moments and fp32 gradients live
@@ -292,12 +293,15 @@ def saved_activation_elements(tcfg: dict[str, Any], seq: Sequence, checkpointing
     block_fp32 = (2 * 2 + 2 * 2 * heads + heads) * tokens
     patch, channels = tcfg.get("patch_size", 2), tcfg.get("in_channels", 16)
     outside_low = (
-        d * tokens  # norm_final's input
-        + 3 * d * seq.video_tokens  # norm_out's input and scaled output, proj_out's input
+        # norm_final's and norm_out's inputs, norm_out's scaled output, proj_out's input
+        # (video tokens only: Mask2DiT.forward)
+        4 * d * seq.video_tokens
         + tcfg.get("text_embed_dim", 4096) * seq.text_tokens  # text_proj's input
         + channels * patch * patch * seq.video_tokens  # patch_embed's input
     )
-    outside_fp32 = 2 * tokens  # norm_final's statistics
+    outside_fp32 = 2 * 2 * seq.video_tokens  # norm_final's and norm_out's statistics
+    if tcfg.get("use_rotary_positional_embeddings"):
+        outside_fp32 += 2 * seq.video_tokens * tcfg["attention_head_dim"]  # RoPE cos, sin
     if checkpointing:
         # Each block keeps its inputs (the residual stream); backward recomputes one block.
         low = layers * d * tokens + block_low + outside_low
