@@ -10,7 +10,7 @@ import yaml
 
 from infra.config import STAGES, RunConfig, looks_secret
 from infra.deepspeed_config import deepspeed_config
-from infra.errors import ConfigError, ServiceError, first_line
+from infra.errors import ConfigError, M2DError, ServiceError, first_line
 from orchestrator import ray_jobs, runs, submit
 from orchestrator.cli import verbose
 
@@ -43,6 +43,44 @@ def render_dry_run(run: RunConfig) -> str:
         json.dumps(deepspeed_config(run), indent=2),
     ]
     return "\n".join(parts) + "\n"
+
+
+def render_plan(run: RunConfig) -> str:
+    """`m2d plan`'s table for ``run`` as comment lines (or why there is none)."""
+    from orchestrator.plan import plan_for, report
+
+    try:
+        table = report.as_table(plan_for(run))
+    except M2DError as exc:
+        return f"# Plan: not available ({exc})\n"
+    return "# Plan (m2d plan)\n" + "".join(
+        f"# {line}".rstrip() + "\n" for line in table.splitlines()
+    )
+
+
+def check_fits(run: RunConfig) -> None:
+    """Refuse a run the planner says cannot fit its GPUs, naming the cheapest change that
+    does; a plan that cannot be made (model configs out of reach) refuses nothing."""
+    from orchestrator.plan import plan_for
+    from orchestrator.plan.estimate import GIB
+
+    try:
+        found = plan_for(run)
+    except M2DError as exc:
+        click.echo(f"plan skipped: {exc}", err=True)
+        return
+    if found.fits:
+        return
+    fix = (
+        "cheapest change that fits: " + " ".join(f"--set {a}" for a in found.suggestion)
+        if found.suggestion
+        else "no change of ZeRO, offload, checkpointing or nodes fits"
+    )
+    raise ConfigError(
+        f"{run.cluster} {run.stage}: the plan needs {found.memory.peak / GIB:.1f} GiB per GPU "
+        f"of {found.memory_gib:.1f} GiB (m2d plan --cluster {run.cluster} --stage {run.stage} "
+        f"shows why); {fix}; or pass --force to launch anyway"
+    )
 
 
 def _resolve(ctx, cluster_name, stage, assignments) -> RunConfig:
@@ -210,7 +248,10 @@ def _follow_remote(record: runs.RunRecord) -> int:
     metavar="KEY.PATH=VALUE",
     help="Override one resolved key, e.g. recipe.steps=200 or deepspeed.zero_stage=3.",
 )
-@click.option("--dry-run", is_flag=True, help="Print the resolved run and DeepSpeed JSON only.")
+@click.option(
+    "--dry-run", is_flag=True, help="Print the resolved run, its DeepSpeed JSON and its plan only."
+)
+@click.option("--force", is_flag=True, help="Launch even when `m2d plan` says it does not fit.")
 @click.option("--name", help="Run name (default CLUSTER-STAGE-UTCTIME).")
 @click.option("--resume", "resume_name", metavar="RUN", help="Continue RUN from its checkpoint.")
 @click.option("--from", "from_run", metavar="RUN", help="SFT: start from this pretrain run.")
@@ -233,6 +274,7 @@ def launch(
     from_run: str | None,
     follow: bool,
     smoke: bool,
+    force: bool,
 ) -> None:
     """Launch STAGE (pretrain or sft) on cluster CLUSTER, or --resume a run."""
     if smoke and (resume_name or name):
@@ -243,13 +285,16 @@ def launch(
         record = runs.load_record(resume_name)
         run = runs.read_run_config(record)
         if dry_run:  # reads the run's folder and record, writes neither
-            click.echo(render_dry_run(run) + _resume_point(record), nl=False)
+            click.echo(render_dry_run(run) + render_plan(run) + _resume_point(record), nl=False)
             return
     else:
         run = _resolve_new_run(ctx, cluster_name, stage, assignments, from_run)
         if dry_run:
-            click.echo(render_dry_run(_smoke_size(run) if smoke else run), nl=False)
+            shown = _smoke_size(run) if smoke else run
+            click.echo(render_dry_run(shown) + render_plan(shown), nl=False)
             return
+        if not (smoke or force):
+            check_fits(run)
         if run.ray.address == "local":
             _check_input(run)  # a training input that is not there fails before any write
         else:

@@ -247,3 +247,33 @@ def test_plan_imports_no_torch_ray_or_deepspeed():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_launch_dry_run_shows_the_plan():
+    source = f"model.source={MODELS / 'CogVideoX-5b'}"
+    done = _invoke(
+        "launch", "--cluster", "a100x64", "--stage", "pretrain", "--set", source, "--dry-run"
+    )
+    assert done.exit_code == 0, done.output
+    plan = done.output.split("# Plan (m2d plan)\n", 1)[1]
+    assert "# plan: pretrain on a100x64 (64 x A100-80G" in plan and "fits" in plan
+    unreachable = _invoke("launch", "--cluster", "a100x64", "--stage", "pretrain", "--dry-run")
+    assert unreachable.exit_code == 0  # the model is on S3, out of reach here: said, not fatal
+    assert (
+        "# Plan: not available (model.source = s3://m2d-models/CogVideoX-5b" in unreachable.output
+    )
+
+
+def test_launch_refuses_a_run_that_does_not_fit_unless_forced(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the local profile's data paths do not exist here
+    tight = ("--set", "plan.gpu_memory_gib=0.0001")
+    done = _invoke("launch", "--cluster", "local", "--stage", "pretrain", *tight)
+    assert done.exit_code == 2
+    line = done.output.strip()
+    assert len(line.splitlines()) == 1
+    assert "the plan needs" in line and "--force" in line
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
+    forced = _invoke("launch", "--cluster", "local", "--stage", "pretrain", *tight, "--force")
+    # Past the plan: the next check is the training input, which is not there.
+    assert forced.exit_code == 2 and "the plan needs" not in forced.output
+    assert "pretrain" in forced.output and "not found" in forced.output

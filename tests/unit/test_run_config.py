@@ -108,7 +108,7 @@ def test_dry_run_prints_config_and_deepspeed_json_without_secrets(monkeypatch):
     assert "s3cr3t-value" not in result.output and "t0ken-value" not in result.output
     assert "AWS_SECRET_ACCESS_KEY: set" in result.output
     assert "cluster: a100x64" in result.output and "stage: pretrain" in result.output
-    ds_json = json.loads(result.output.split("# DeepSpeed config\n", 1)[1])
+    ds_json = json.loads(result.output.split("# DeepSpeed config\n", 1)[1].split("# Plan")[0])
     assert ds_json["train_batch_size"] == 64 and ds_json["bf16"]["enabled"] is True
 
 
