@@ -273,7 +273,9 @@ def _select_kernels(q: torch.Tensor):
     flash_head_dim = q.shape[-1] % 8 == 0 and q.shape[-1] <= 256  # FlashAttention-2 limits
     if _FORCE_FALLBACK:
         return _fallback_forward, _fallback_backward
-    if q.device.type == "cpu" and q.dtype in _CPU_FLASH_DTYPES:
+    # On the meta device the CPU kernel's meta function gives the shapes (production-size
+    # forwards without memory: tests/unit/test_production_shapes.py).
+    if q.device.type in ("cpu", "meta") and q.dtype in _CPU_FLASH_DTYPES:
         return _cpu_forward, _cpu_backward
     if q.device.type == "cuda" and q.dtype in _CUDA_FLASH_DTYPES and flash_head_dim:
         return _cuda_forward, _cuda_backward
