@@ -332,7 +332,9 @@ def test_cuda_matches_reference(dtype):
 
 def test_kernel_selection():
     assert attn._select_kernels(torch.empty(1, 1, 4, 16))[0] is attn._cpu_forward
-    # no fused kernel for meta tensors (or any unknown device): the exact pure-torch pair
-    assert attn._select_kernels(torch.empty(1, 1, 4, 16, device="meta"))[0] is (
+    # meta tensors take the CPU kernel, whose meta function gives shapes without compute
+    assert attn._select_kernels(torch.empty(1, 1, 4, 16, device="meta"))[0] is attn._cpu_forward
+    # an unknown device (or a dtype no fused kernel takes): the exact pure-torch pair
+    assert attn._select_kernels(torch.empty(1, 1, 4, 16, dtype=torch.int32))[0] is (
         attn._fallback_forward
     )
