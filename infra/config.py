@@ -117,7 +117,11 @@ class DeepSpeedConfig(_Strict):
     offload_param: Offload = Field("none", description="Keep parameters on the CPU (ZeRO-3).")
     micro_batch_per_gpu: int = Field(1, ge=1, description="Samples per worker per forward.")
     gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    precision: Precision = Field("bf16", description="bf16 on GPUs; CPU workers use fp32.")
+    precision: Precision = Field(
+        "bf16",
+        description="Training dtype of the transformer: bf16 or fp16 on GPUs; fp32 or bf16 "
+        "on CPU workers (bf16 there is slow but takes the GPU's dtype path).",
+    )
     activation_checkpointing: bool = Field(True, description="Recompute each block's activations.")
 
     @model_validator(mode="after")
@@ -337,9 +341,10 @@ class _Placement(_Strict):
     @model_validator(mode="after")
     def _placement(self) -> _Placement:
         cpu = self.workers.gpus_per_worker == 0
-        if cpu and self.deepspeed.precision != "fp32":
+        if cpu and self.deepspeed.precision == "fp16":
             raise KeyProblem(
-                "deepspeed.precision", "CPU workers train in fp32; set precision: fp32"
+                "deepspeed.precision",
+                "fp16 needs GPU workers (loss scaling); CPU workers train in fp32 or bf16",
             )
         if cpu and "cpu" in (self.deepspeed.offload_optimizer, self.deepspeed.offload_param):
             raise KeyProblem("deepspeed.offload_optimizer", "offload needs GPU workers")

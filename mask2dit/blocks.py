@@ -143,10 +143,26 @@ def timestep_runs(
 def modulation(
     ada: torch.nn.Module, emb_BRE: torch.Tensor, chunks: int
 ) -> tuple[torch.Tensor, ...]:
-    """An AdaLN layer's shift/scale/gate vectors per run, each (B, R, D)."""
+    """An AdaLN layer's shift/scale/gate vectors per run, each (B, R, D), in float32.
+
+    Computed in float32 from weights of any dtype: under bf16 training the modulation
+    keeps its precision (docs/planner.md); in fp32 every cast is a no-op.
+    """
     batch_size, runs, _ = emb_BRE.shape
-    out = ada.linear(ada.silu(emb_BRE.flatten(0, 1)))
+    out = linear_fp32(ada.linear, ada.silu(emb_BRE.flatten(0, 1).float()))
     return out.view(batch_size, runs, -1).chunk(chunks, dim=-1)
+
+
+def linear_fp32(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)`` in float32 whatever the dtype of its weights.
+
+    fp32 weights: the module's own call (hooks and all). Lower-precision weights are
+    upcast for the product, so their gradient flows back in their own dtype.
+    """
+    if linear.weight.dtype == torch.float32:
+        return linear(x.float())
+    bias = None if linear.bias is None else linear.bias.float()
+    return F.linear(x.float(), linear.weight.float(), bias)
 
 
 def adaln(
@@ -156,25 +172,30 @@ def adaln(
     scale_BRD: torch.Tensor,
     slices: tuple[slice, ...],
 ) -> torch.Tensor:
-    """``norm(x) * (1 + scale) + shift`` with each run's vectors on its own token slice."""
+    """``norm(x) * (1 + scale) + shift`` with each run's vectors on its own token slice.
+
+    The float32 modulation is applied in float32 and the result rounded once to x's dtype.
+    """
+    dtype = x_BLD.dtype
     x_BLD = norm(x_BLD)
     if len(slices) == 1:  # the stock broadcast, bit for bit
-        return x_BLD * (1 + scale_BRD[:, 0])[:, None, :] + shift_BRD[:, 0][:, None, :]
+        out = x_BLD * (1 + scale_BRD[:, 0])[:, None, :] + shift_BRD[:, 0][:, None, :]
+        return out.to(dtype)
     parts = [
         x_BLD[:, s] * (1 + scale_BRD[:, r])[:, None, :] + shift_BRD[:, r][:, None, :]
         for r, s in enumerate(slices)
     ]
-    return torch.cat(parts, dim=1)
+    return torch.cat(parts, dim=1).to(dtype)
 
 
 def gated_add(
     x_BLD: torch.Tensor, gate_BRD: torch.Tensor, y_BLD: torch.Tensor, slices: tuple[slice, ...]
 ) -> torch.Tensor:
-    """``x + gate * y`` with each run's gate on its own token slice."""
+    """``x + gate * y`` with each run's gate on its own token slice, in x's dtype."""
     if len(slices) == 1:
-        return x_BLD + gate_BRD[:, 0][:, None, :] * y_BLD
+        return (x_BLD + gate_BRD[:, 0][:, None, :] * y_BLD).to(x_BLD.dtype)
     parts = [gate_BRD[:, r][:, None, :] * y_BLD[:, s] for r, s in enumerate(slices)]
-    return x_BLD + torch.cat(parts, dim=1)
+    return (x_BLD + torch.cat(parts, dim=1)).to(x_BLD.dtype)
 
 
 def block_forward(

@@ -30,6 +30,7 @@ from mask2dit.blocks import (
     RotaryEmb,
     adaln,
     block_forward,
+    linear_fp32,
     modulation,
     timestep_runs,
 )
@@ -160,7 +161,7 @@ class Mask2DiT(torch.nn.Module):
         timesteps = _scene_timesteps(timesteps, batch_size, layout.num_scenes, latents.device)
         self._check_processors()
         run_timesteps, runs = timestep_runs(timesteps, layout)
-        emb_BRE = self._time_embedding(run_timesteps, latents.dtype)
+        emb_BRE = self._time_embedding(run_timesteps)
         video, text = self._embed(latents, text_embeds)
         rope = self._rope(num_frames, height, width, latents.device)
         for block in self.transformer.transformer_blocks:
@@ -225,12 +226,19 @@ class Mask2DiT(torch.nn.Module):
         tokens_per_frame = (height // cfg.patch_size) * (width // cfg.patch_size)
         return SceneLayout.from_frames(text_lens, scene_frames, tokens_per_frame)
 
-    def _time_embedding(self, timesteps_BR: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Stock time embedding of each (sample, run) timestep: (B, R, E)."""
+    def _time_embedding(self, timesteps_BR: torch.Tensor) -> torch.Tensor:
+        """Stock time embedding of each (sample, run) timestep, in float32: (B, R, E).
+
+        The stock forward casts the sinusoids to the model dtype; here the MLP runs in
+        float32 from weights of any dtype (the same ops in fp32), as the modulation does.
+        """
         batch_size, runs = timesteps_BR.shape
-        # time_proj returns float32 whatever the model dtype; cast as the stock forward does.
-        t_emb = self.transformer.time_proj(timesteps_BR.flatten()).to(dtype=dtype)
-        return self.transformer.time_embedding(t_emb, None).view(batch_size, runs, -1)
+        embedding = self.transformer.time_embedding
+        if embedding.cond_proj is not None or embedding.post_act is not None:
+            raise ValueError("Mask2DiT supports CogVideoX's plain timestep MLP only")
+        t_emb = self.transformer.time_proj(timesteps_BR.flatten()).float()
+        hidden = embedding.act(linear_fp32(embedding.linear_1, t_emb))
+        return linear_fp32(embedding.linear_2, hidden).view(batch_size, runs, -1)
 
     def _embed(self, latents: torch.Tensor, text_embeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``CogVideoXPatchEmbed`` split into video (B, Lv, D) and text (B, Lt, D) tokens."""

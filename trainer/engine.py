@@ -19,12 +19,15 @@ path calls (``inference_all_reduce``); training collectives go through the proce
 
 from __future__ import annotations
 
+import os
+import platform
 from typing import Any
 
 import torch
 
 from infra.config import RunConfig
 from infra.deepspeed_config import deepspeed_config
+from infra.errors import ConfigError
 from infra.logging import get_logger
 
 __all__ = ["build_engine", "device_and_dtype"]
@@ -35,12 +38,25 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def device_and_dtype(run: RunConfig) -> tuple[torch.device, torch.dtype]:
-    """This worker's device (its GPU, or the CPU) and the run's compute dtype."""
-    if run.workers.gpus_per_worker > 0 and torch.cuda.is_available():
-        import ray.train.torch
+    """This worker's device and the transformer's dtype: the profile's, never a fallback.
 
-        return ray.train.torch.get_device(), _DTYPES[run.deepspeed.precision]
-    return torch.device("cpu"), torch.float32
+    A GPU profile whose worker sees no CUDA device fails here, naming the node, rather
+    than training on its CPU in another precision.
+    """
+    dtype = _DTYPES[run.deepspeed.precision]
+    if run.workers.gpus_per_worker == 0:
+        return torch.device("cpu"), dtype
+    if not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+        raise ConfigError(
+            f"node {platform.node()}: the profile gives each worker a GPU "
+            f"(workers.gpus_per_worker: 1) but this worker sees no CUDA device "
+            f"(CUDA_VISIBLE_DEVICES={visible}); check the node's driver and the GPUs Ray "
+            "reports (`ray status`), or use a CPU profile"
+        )
+    import ray.train.torch
+
+    return ray.train.torch.get_device(), dtype
 
 
 def build_engine(run: RunConfig, transformer: torch.nn.Module) -> Any:

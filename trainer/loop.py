@@ -78,11 +78,13 @@ class Worker:
         self.device, self.dtype = device_and_dtype(run)
         if self.device.type == "cpu":
             torch.set_num_threads(run.workers.cpus_per_worker)
+        # The frozen VAE and T5, the latents, the noising and the loss stay in fp32 in every
+        # precision; DeepSpeed trains the transformer in self.dtype (docs/planner.md).
         self.parts: Components = load_components(
             run.model,
             run.storage,
             self.device,
-            self.dtype,
+            torch.float32,
             policy=run.recipe.mask_policy,
             seed=run.recipe.seed,
         )
@@ -189,7 +191,7 @@ class Worker:
             latents, scene_frames, extension, self.parts.scheduler, generator
         )
         pred = self.engine(
-            batch.noisy_latents, text.to(latents.dtype), batch.timesteps, scene_frames
+            batch.noisy_latents.to(self.dtype), text.to(self.dtype), batch.timesteps, scene_frames
         )
         loss = task_loss(pred, batch.target, batch.loss_mask, batch.extension)
         self.engine.backward(loss.loss)

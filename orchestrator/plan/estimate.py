@@ -328,7 +328,7 @@ def vae_encode_bytes(run: RunConfig, configs: ModelConfigs) -> int:
     widest = configs.vae.get("block_out_channels", (128,))[0]
     frames = min(run.recipe.frames, VAE_FRAME_BATCH + 2)
     pixels = frames * run.recipe.height * run.recipe.width
-    return VAE_LIVE_MAPS * widest * pixels * compute_bytes(run) * run.deepspeed.micro_batch_per_gpu
+    return VAE_LIVE_MAPS * widest * pixels * 4 * run.deepspeed.micro_batch_per_gpu  # fp32
 
 
 def visible_pairs(seq: Sequence, policy: str) -> int:
@@ -366,7 +366,6 @@ def plan_run(run: RunConfig, configs: ModelConfigs) -> Plan:
     """The memory, FLOPs and time of ``run`` per GPU (see docs/planner.md)."""
     shapes = transformer_shapes(configs.transformer)
     seq = sequence_of(run, configs)
-    b = compute_bytes(run)
     params, grads, optimizer, buffers, cpu = model_state_bytes(run, shapes)
     activations, saved = activation_bytes(run, configs, seq)
     parameters = {
@@ -378,8 +377,9 @@ def plan_run(run: RunConfig, configs: ModelConfigs) -> Plan:
     found = stage_input(run.data.model_dump(), run.stage)
     on_the_fly = found is None or not found[0].endswith("_latents")
     if on_the_fly and not run.data.synthetic:
-        # Videos and prompts are encoded in the step: T5 and the VAE stay on the GPU.
-        frozen = (parameters["text_encoder"] + parameters["vae"]) * b
+        # Videos and prompts are encoded in the step: T5 and the VAE stay on the GPU, in
+        # fp32 whatever the training precision (trainer/loop.py).
+        frozen = (parameters["text_encoder"] + parameters["vae"]) * 4
         activations = max(activations, vae_encode_bytes(run, configs))
     allocated = params + grads + optimizer + activations + frozen + buffers
     on_gpu = run.workers.gpus_per_worker > 0

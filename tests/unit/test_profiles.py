@@ -145,9 +145,9 @@ MALFORMED = {
         ),
         ["deepspeed.offload_param", "zero_stage: 3"],
     ),
-    "bf16-on-cpu-workers": (
-        VALID.replace("precision: fp32", "precision: bf16"),
-        ["{f}:4:", "deepspeed.precision", "fp32"],
+    "fp16-on-cpu-workers": (
+        VALID.replace("precision: fp32", "precision: fp16"),
+        ["{f}:4:", "deepspeed.precision", "fp32 or bf16"],
     ),
     "bad-zero-stage": (
         VALID.replace("precision: fp32", "precision: fp32\n  zero_stage: 1"),
