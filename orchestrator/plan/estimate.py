@@ -147,6 +147,8 @@ class Plan:
     parameters: dict[str, int]
     memory: Memory
     saved_activation_bytes: int
+    # The transformer's activations with checkpointing on and off (whichever the run uses).
+    activations_by_checkpointing: dict[bool, int]
     forward_flops: float
     step_flops: float
     step_seconds: float | None
@@ -368,6 +370,12 @@ def plan_run(run: RunConfig, configs: ModelConfigs) -> Plan:
     seq = sequence_of(run, configs)
     params, grads, optimizer, buffers, cpu = model_state_bytes(run, shapes)
     activations, saved = activation_bytes(run, configs, seq)
+    by_checkpointing = {}
+    for checkpointing in (True, False):
+        ds = run.deepspeed.model_copy(update={"activation_checkpointing": checkpointing})
+        by_checkpointing[checkpointing] = activation_bytes(
+            run.model_copy(update={"deepspeed": ds}), configs, seq
+        )[0]
     parameters = {
         "transformer": numel(shapes),
         "text_encoder": numel(t5_encoder_shapes(configs.text_encoder)),
@@ -399,6 +407,7 @@ def plan_run(run: RunConfig, configs: ModelConfigs) -> Plan:
         parameters=parameters,
         memory=memory,
         saved_activation_bytes=saved,
+        activations_by_checkpointing=by_checkpointing,
         forward_flops=fwd,
         step_flops=step_flops,
         step_seconds=step_seconds,

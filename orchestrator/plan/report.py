@@ -30,6 +30,10 @@ def as_json(plan: Plan) -> dict[str, Any]:
         "fits": plan.fits,
         "breakdown_gib": plan.memory.gib(),
         "cpu_offload_gib": round(plan.memory.cpu / GIB, 3),
+        "activations_gib_by_checkpointing": {
+            "on": round(plan.activations_by_checkpointing[True] / GIB, 3),
+            "off": round(plan.activations_by_checkpointing[False] / GIB, 3),
+        },
         "tokens_per_sample": plan.sequence.tokens,
         "parameters": plan.parameters,
         "flops_per_step": plan.step_flops,
@@ -58,8 +62,11 @@ def as_table(plan: Plan) -> str:
         "",
         "memory per GPU" if run.workers.gpus_per_worker else "memory per worker",
     ]
+    on, off = (plan.activations_by_checkpointing[c] / GIB for c in (True, False))
     for kind, label in _KINDS:
         lines.append(f"  {label:<44} {getattr(memory, kind) / GIB:9.2f} GiB")
+        if kind == "activations":
+            lines.append(f"    (transformer: {on:.2f} GiB checkpointed, {off:.2f} GiB not)")
     limit = plan.memory_gib
     verdict = "fits" if plan.fits else "DOES NOT FIT"
     against = f" of {limit:.1f} GiB: {verdict}" if limit else ""

@@ -199,6 +199,9 @@ def test_plan_prints_a_table_and_json_for_the_64_gpu_profile():
         sum(found["breakdown_gib"].values()), abs=0.01
     )
     assert found["stage_gpu_hours"] > 0 and found["step_seconds"] > 0
+    by_checkpointing = found["activations_gib_by_checkpointing"]
+    assert by_checkpointing["off"] > 5 * by_checkpointing["on"]
+    assert "GiB checkpointed" in table.output
 
 
 def test_plan_prices_the_stage_from_the_profile(tmp_path):
