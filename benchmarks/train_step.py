@@ -22,12 +22,15 @@ machine's cores with each other and with Ray's own processes), and the job's own
 reader, the metrics all-reduce; no Ray, MLflow or reports), which splits the job's
 overhead into what DeepSpeed and data cost and what Ray and logging add.
 
-Per-worker throughput ratio = (job samples/s / workers) / (plain samples/s); target
->= 0.85. Wall time on a shared machine moves with other people's load, so CPU time is
-measured too: CPU seconds per sample of the plain process against those of the job's
-worker processes and of its whole process tree (driver, Ray daemons, controller,
-workers; sampled with psutil over the measured steps). The CPU ratios barely move with
-foreign load and say what Ray, DeepSpeed, data and logging cost in work.
+At this tiny model a step is mostly fixed costs, so the number this benchmark stands for
+is the job's fixed per-step overhead in ms: job step interval - plain step time (and the
+per-worker throughput ratio, for context). The throughput target (>= 0.95x a plain
+torchrun + DeepSpeed script) is measured at a model whose step is real work:
+``benchmarks/train_vs_deepspeed.py``. Wall time on a shared machine moves with other
+people's load, so CPU time is measured too: CPU seconds per sample of the plain process
+against those of the job's worker processes and of its whole process tree (driver, Ray
+daemons, controller, workers; sampled with psutil over the measured steps). The CPU
+ratios barely move with foreign load and say what Ray, DeepSpeed, data and logging cost.
 
     python benchmarks/train_step.py                 # 60 job steps, 10 skipped
     python benchmarks/train_step.py --steps 100 --skip 20 --plain-steps 60
@@ -379,7 +382,11 @@ def _print_table(run, args, before, after, pair, bare, job, steady, loads) -> No
         ("job in-step time s (mean step_time_s)", f"{steady['in_step_s']:.4f}"),
         ("job samples/s per worker", f"{steady['per_worker_samples_s']:.2f}"),
         ("job samples/s all workers", f"{steady['per_worker_samples_s'] * workers:.2f}"),
-        ("per-worker / plain", f"{ratio:.3f} ({'meets' if ratio >= 0.85 else 'misses'} 0.85)"),
+        ("per-worker / plain", f"{ratio:.3f}"),
+        (
+            "job fixed overhead per step, ms (interval - plain step)",
+            f"{(steady['interval_s'] - 1 / plain) * 1000:.0f}",
+        ),
         ("2 plain loops side by side: samples/s each", f"{pair['samples_s']:.2f}"),
         (
             "per-worker / side-by-side plain",

@@ -1,0 +1,201 @@
+"""The training job's per-worker throughput against a plain torchrun + DeepSpeed script.
+
+Issue 16, point 7: at the tiny model a step is mostly fixed costs (see
+``benchmarks/train_step.py``, which now reports them in ms); here the model is large
+enough that the plain step takes >= 0.5 s on one CPU thread, so the ratio says what the
+job costs on top of the work a user's own script would do.
+
+- Model: a CogVideoX layout of 8 heads x 64 (D = 512), 8 blocks, ~25M parameters, with
+  the tiny VAE and T5 (saved as a diffusers folder; the job loads it as ``model.source``).
+- Data: ``m2d data synth`` stories (3 scenes, 64x64), precomputed into latents as
+  ``m2d data precompute`` does; the job reads them (``data.pretrain_latents``); the plain
+  script gets the same stories' posteriors, per rank, in memory.
+- Job: ``python -m trainer.job`` on the ``local`` profile (Ray Train, 2 CPU workers x 1
+  thread, DeepSpeed ZeRO-2, MLflow on sqlite, one checkpoint at the end); its steady
+  state from MLflow timestamps, first ``--skip`` steps and the checkpoint step left out.
+- Peer: ``benchmarks/plain_deepspeed.py`` under ``torch.distributed.run``, 2 processes x
+  1 thread, the job's own DeepSpeed JSON; run before and after the job.
+
+Ratio = plain step time / job step interval (per-worker samples/s, job over plain);
+target >= 0.95.
+
+    python benchmarks/train_vs_deepspeed.py [--steps 40 --skip 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import train_step  # noqa: E402
+
+from infra.config import ClusterProfile, RunConfig, resolve_run  # noqa: E402
+from infra.processes import free_port  # noqa: E402
+
+MEDIUM = {
+    "num_attention_heads": 8,
+    "attention_head_dim": 64,
+    "num_layers": 8,
+    "time_embed_dim": 64,
+}
+SIZE, FRAMES, STORIES = 64, 9, 8
+
+
+def build_model(folder: Path) -> None:
+    from diffusers import CogVideoXTransformer3DModel
+
+    from mask2dit.components import save_parts, tiny_parts
+    from mask2dit.tiny import tiny_configs
+
+    parts = tiny_parts(seed=0)
+    torch.manual_seed(0)
+    transformer = CogVideoXTransformer3DModel(**{**tiny_configs()["transformer"], **MEDIUM})
+    save_parts(parts._replace(transformer=transformer), folder)
+
+
+def bench_run(root: Path, steps: int, prefetch: int | None = None) -> RunConfig:
+    profile = ClusterProfile.model_validate(
+        yaml.safe_load((ROOT / "clusters" / "local.yaml").read_text())
+    )
+    overrides = {
+        "model": {"source": str(root / "model")},
+        "recipe": {"steps": steps, "frames": FRAMES, "height": SIZE, "width": SIZE},
+        "fault_tolerance": {"checkpoint_every": steps, "keep_checkpoints": 1, "max_failures": 0},
+        "storage": {"root": str(root / "runs")},
+        "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "bench"},
+        "data": {
+            "pretrain": str(root / "data" / "pretrain.jsonl"),
+            "pretrain_latents": str(root / "latents"),
+        },
+    }
+    if prefetch is not None:
+        overrides["data"]["prefetch"] = prefetch
+    return resolve_run(profile, "local", "pretrain", overrides)
+
+
+def precompute(run: RunConfig) -> None:
+    """The stories' latents and T5 text, as `m2d data precompute` writes them."""
+    from infra.job_specs import PrecomputeSpec
+    from trainer.components import load_components
+    from trainer.data import precompute, shard_encoder
+    from trainer.data.synth import synthesize
+
+    r = run.recipe
+    folder = Path(run.data.pretrain).parent
+    synthesize(str(folder), stories=STORIES, scenes=r.num_scenes, frames=17, height=SIZE,
+               width=SIZE, seed=0)  # fmt: skip
+    parts = load_components(run.model, None, "cpu", encoders_only=True)
+    spec = PrecomputeSpec(run=run, manifest=run.data.pretrain, out=run.data.pretrain_latents)
+    settings = precompute.settings_from(spec)
+
+    def runner(pending, settings, out, storage, options):
+        for name, items in pending:
+            shard_encoder.encode_shard(parts, settings, out, name, items, storage)
+
+    precompute.precompute(settings, spec.out, None, None, runner)
+
+
+def export_for_plain(run: RunConfig, path: Path, per_rank: int = 8) -> None:
+    """Each rank's first stories as the job's loader gives them: (means, logvars, text)."""
+    from trainer.batches import PrecomputedStories
+
+    world = run.workers.num_workers
+    ranks = []
+    for rank in range(world):
+        stories = PrecomputedStories(run, run.data.pretrain_latents, rank, world)
+        batches = [stories.next() for _ in range(per_rank)]
+        ranks.append([(b.means, b.logvars, b.text) for b in batches])
+    torch.save(ranks, path)
+
+
+def plain(run: RunConfig, root: Path, steps: int, warmup: int) -> float:
+    ds_config, out = root / "ds.json", root / "plain.json"
+    from infra.deepspeed_config import deepspeed_config
+
+    ds_config.write_text(json.dumps(deepspeed_config(run)))
+    env = {**os.environ, "OMP_NUM_THREADS": str(run.workers.cpus_per_worker)}
+    command = [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nproc_per_node={run.workers.num_workers}", f"--master_port={free_port()}",
+        str(ROOT / "benchmarks" / "plain_deepspeed.py"),
+        "--model", run.model.source, "--data", str(root / "stories.pt"),
+        "--ds-config", str(ds_config), "--steps", str(steps), "--warmup", str(warmup),
+        "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"the plain script failed:\n{done.stderr[-3000:]}")
+    return json.loads(out.read_text())["step_s"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=40, help="job steps")
+    parser.add_argument("--skip", type=int, default=5, help="job steps left out (start-up)")
+    parser.add_argument("--prefetch", type=int, default=None, help="data.prefetch of the job")
+    parser.add_argument("--plain-steps", type=int, default=20)
+    parser.add_argument("--plain-warmup", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="m2d-bench-ds-") as scratch:
+        root = Path(scratch)
+        build_model(root / "model")
+        run = bench_run(root, args.steps, args.prefetch)
+        precompute(run)
+        export_for_plain(run, root / "stories.pt")
+        loads = [os.getloadavg()[0]]
+        before = plain(run, root, args.plain_steps, args.plain_warmup)
+        loads.append(os.getloadavg()[0])
+        started = time.monotonic()
+        job = train_step.run_job(run, root)
+        steady = train_step.job_steady_state(run, job, args.skip)
+        loads.append(os.getloadavg()[0])
+        after = plain(run, root, args.plain_steps, args.plain_warmup)
+        loads.append(os.getloadavg()[0])
+        parameters = _parameters(run)
+    plain_step = (before + after) / 2
+    ratio = plain_step / steady["interval_s"]
+    fixed_ms = (steady["interval_s"] - plain_step) * 1000
+    verdict = "meets" if ratio >= 0.95 else "misses"
+    r = run.recipe
+    wall = time.monotonic() - started
+    print(
+        f"model: {parameters / 1e6:.1f}M parameters (D = 512, 8 blocks); {r.num_scenes} scenes x "
+        f"{r.frames} frames at {r.height}x{r.width}, precomputed latents (prefetch "
+        f"{run.data.prefetch}); 2 workers x 1 thread, ZeRO-2; job {args.steps} steps in "
+        f"{wall:.0f} s wall"
+    )
+    rows = [
+        ("plain torchrun + DeepSpeed step s (before / after)", f"{before:.3f} / {after:.3f}"),
+        ("job step interval s (steady state)", f"{steady['interval_s']:.3f}"),
+        ("job in-step time s (mean step_time_s)", f"{steady['in_step_s']:.3f}"),
+        ("job fixed cost per step, ms (interval - plain)", f"{fixed_ms:.0f}"),
+        ("per-worker throughput, job / plain", f"{ratio:.3f} ({verdict} 0.95)"),
+        ("load average: start, plain, job, plain", " ".join(f"{x:.1f}" for x in loads)),
+    ]  # fmt: skip
+    print("| measure | value |\n|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+
+
+def _parameters(run: RunConfig) -> int:
+    from orchestrator.plan.shapes import numel, transformer_shapes
+
+    config = json.loads((Path(run.model.source) / "transformer" / "config.json").read_text())
+    return numel(transformer_shapes(config))
+
+
+if __name__ == "__main__":
+    main()
