@@ -83,7 +83,15 @@ class WorkersConfig(_Strict):
     gpus_per_worker: int = Field(0, ge=0, description="0 (CPU workers) or 1.")
     cpus_per_worker: int = Field(1, ge=1, description="CPU cores reserved per worker.")
     gpu_type: str | None = Field(
-        None, description="Ray accelerator type the workers need, e.g. A100-80G or H100."
+        None,
+        description="Ray accelerator type the workers need, as Ray labels nodes by the GPU "
+        "model it detects: A100, H100, H200, L40S, A10G... (not A100-80G: memory size is "
+        "plan.gpu_memory_gib).",
+    )
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="Ray placement strategy of the workers: PACK fills each node before the "
+        "next (GPU nodes), SPREAD/STRICT_SPREAD put them on different nodes.",
     )
 
     @model_validator(mode="after")
@@ -101,6 +109,13 @@ class WorkersConfig(_Strict):
             )
         if self.gpu_type and not self.gpus_per_worker:
             raise KeyProblem("gpu_type", "gpu_type needs gpus_per_worker: 1")
+        if self.placement == "STRICT_SPREAD" and self.num_workers != self.nodes:
+            raise KeyProblem(
+                "placement",
+                "STRICT_SPREAD puts one worker per node: set nodes equal to num_workers",
+            )
+        if self.placement == "STRICT_PACK" and self.nodes != 1:
+            raise KeyProblem("placement", "STRICT_PACK puts every worker on one node: nodes: 1")
         return self
 
     @property

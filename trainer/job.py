@@ -97,6 +97,7 @@ def scaling_config(run: RunConfig) -> Any:
         use_gpu=workers.gpus_per_worker > 0,
         resources_per_worker=resources,
         accelerator_type=workers.gpu_type,
+        placement_strategy=workers.placement,
     )
 
 

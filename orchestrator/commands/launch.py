@@ -13,6 +13,7 @@ from infra.deepspeed_config import deepspeed_config
 from infra.errors import ConfigError, M2DError, ServiceError, first_line
 from orchestrator import ray_jobs, runs, submit
 from orchestrator.cli import verbose
+from orchestrator.placement import placement_lines
 
 # Credentials the workers read from their own environment, never from config.
 CREDENTIAL_VARS = (
@@ -39,6 +40,8 @@ def render_dry_run(run: RunConfig) -> str:
         yaml.safe_dump(run.model_dump(mode="json"), sort_keys=False).rstrip(),
         "# Credentials (read from the environment of each process; values never shown)",
         yaml.safe_dump({"credentials": credential_status()}, sort_keys=False).rstrip(),
+        "# Placement (Ray Train)",
+        *(f"# {line}" for line in placement_lines(run)),
         "# DeepSpeed config",
         json.dumps(deepspeed_config(run), indent=2),
     ]
@@ -251,7 +254,11 @@ def _follow_remote(record: runs.RunRecord) -> int:
 @click.option(
     "--dry-run", is_flag=True, help="Print the resolved run, its DeepSpeed JSON and its plan only."
 )
-@click.option("--force", is_flag=True, help="Launch even when `m2d plan` says it does not fit.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Launch even when `m2d plan` says it does not fit or the cluster lacks the nodes.",
+)
 @click.option("--name", help="Run name (default CLUSTER-STAGE-UTCTIME).")
 @click.option("--resume", "resume_name", metavar="RUN", help="Continue RUN from its checkpoint.")
 @click.option("--from", "from_run", metavar="RUN", help="SFT: start from this pretrain run.")
@@ -299,6 +306,10 @@ def launch(
             _check_input(run)  # a training input that is not there fails before any write
         else:
             ray_jobs.job_client(run.ray.address)  # so does an unreachable cluster
+            if not (smoke or force):
+                from orchestrator.placement import check_cluster
+
+                check_cluster(run)  # and one that can never hold the workers
         if not smoke and _opens_mlflow_here(run):
             from infra.tracking import check_store
 

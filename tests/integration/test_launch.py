@@ -94,6 +94,22 @@ def _mlflow_status(workspace, name: str) -> str:
     return MlflowClient(workspace["tracking"]).get_run(run_id).info.status
 
 
+def test_remote_launch_refuses_workers_the_cluster_cannot_hold(workspace, ray_head):
+    """The session's head has 2 CPUs on one node; 4 one-CPU workers would wait forever."""
+    flags = [*workspace["flags"], "--set", f"ray.address={ray_head}"]
+    wide = ["--set", "workers.num_workers=4", "--set", "recipe.global_batch=4"]
+    done = m2d(workspace, "launch", "--cluster", "local", "--stage", "pretrain", *flags, *wide)
+    assert done.returncode == 2, done.stdout + done.stderr
+    line = done.stderr.strip()
+    assert len(line.splitlines()) == 1 and "Traceback" not in line
+    assert "needs 1 node(s) with 4 CPU each" in line and " CPU=2)" in line
+    assert not _records(workspace)  # refused before any run was recorded
+    from orchestrator.placement import cluster_nodes
+
+    nodes = cluster_nodes(ray_head)  # Ray's own view of the head, as the check read it
+    assert [n.resources["CPU"] for n in nodes] == [2.0]
+
+
 def test_remote_launch_status_logs_stop(workspace, ray_head):
     flags = [*workspace["flags"], "--set", f"ray.address={ray_head}"]
     done = m2d(

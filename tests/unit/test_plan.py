@@ -189,7 +189,7 @@ def test_plan_prints_a_table_and_json_for_the_64_gpu_profile():
     source = f"model.source={MODELS / 'CogVideoX-5b'}"
     table = _invoke("plan", "--cluster", "a100x64", "--stage", "pretrain", "--set", source)
     assert table.exit_code == 0, table.output
-    assert "64 x A100-80G" in table.output and "peak" in table.output
+    assert "64 x A100," in table.output and "peak" in table.output
     assert "53,328 tokens per sample" in table.output
     done = _invoke("plan", "--cluster", "a100x64", "--stage", "pretrain", "--set", source, "--json")
     found = json.loads(done.output)
@@ -260,7 +260,7 @@ def test_launch_dry_run_shows_the_plan():
     )
     assert done.exit_code == 0, done.output
     plan = done.output.split("# Plan (m2d plan)\n", 1)[1]
-    assert "# plan: pretrain on a100x64 (64 x A100-80G" in plan and "fits" in plan
+    assert "# plan: pretrain on a100x64 (64 x A100," in plan and "fits" in plan
     unreachable = _invoke("launch", "--cluster", "a100x64", "--stage", "pretrain", "--dry-run")
     assert unreachable.exit_code == 0  # the model is on S3, out of reach here: said, not fatal
     assert (
