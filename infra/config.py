@@ -251,7 +251,18 @@ class DataConfig(_Strict):
 class RuntimeEnvConfig(_Strict):
     """What a remote job runs in. Never put credentials here: Ray displays it."""
 
-    image: str | None = Field(None, description="Container image for the job's workers.")
+    image: str | None = Field(
+        None,
+        description="Opt-in: a container image for the job (Ray's image_uri, experimental and "
+        "podman-based; the nodes must be able to pull it). Default none: the cluster's own "
+        "environment, with this checkout's code shipped (ship_code).",
+    )
+    ship_code: bool = Field(
+        True,
+        description="Send the submitting checkout's m2d packages with the job (Ray "
+        "py_modules), so a remote job runs the code you launched from, on top of the "
+        "cluster's installed dependencies.",
+    )
     env_vars: dict[str, str] = Field(default_factory=dict, description="Non-secret env vars.")
     pip: list[str] = Field(default_factory=list, description="Extra pip requirements.")
 

@@ -14,9 +14,11 @@ import shlex
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from infra.config import RunConfig
+from infra.errors import ConfigError
 from infra.job_specs import TrainJobSpec
 from infra.jobs import EXIT_FAILURE, spec_argv
 from infra.processes import pid_alive
@@ -75,11 +77,47 @@ def stop_local(record: RunRecord) -> bool:
     return True
 
 
+# The packages a job imports, shipped as Ray py_modules; what never goes with them.
+SHIPPED_PACKAGES = ("infra", "mask2dit", "trainer", "sampler", "evaluation", "orchestrator")
+SHIP_EXCLUDES = ["__pycache__", "*.pyc", "runs/", "data/", ".venv/", "*.egg-info/"]
+
+
+def shipped_code() -> list[str]:
+    """This checkout's package folders (the ones this process imported m2d from)."""
+    import importlib.util
+
+    folders = []
+    for package in SHIPPED_PACKAGES:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(f"cannot find the {package} package to ship with the job")
+        folders.append(str(Path(next(iter(spec.submodule_search_locations))).resolve()))
+    return folders
+
+
+def shipped_bytes(folder: str) -> int:
+    """Bytes of ``folder`` that go with a job (what ``SHIP_EXCLUDES`` leaves)."""
+    skip_dirs = {"__pycache__", "runs", "data", ".venv"}
+    total = 0
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not skip_dirs & set(path.parts) and path.suffix != ".pyc":
+            total += path.stat().st_size
+    return total
+
+
 def runtime_env(run: RunConfig) -> dict[str, Any]:
-    """The Ray runtime_env of a remote job: image, pip and non-secret env vars only."""
+    """The Ray runtime_env of a remote job: this checkout's code (unless
+    ``runtime_env.ship_code`` is off), image, pip and non-secret env vars - no secrets."""
     env: dict[str, Any] = {}
-    if run.runtime_env.env_vars:
-        env["env_vars"] = dict(run.runtime_env.env_vars)
+    env_vars = dict(run.runtime_env.env_vars)
+    if run.runtime_env.ship_code:
+        env["py_modules"] = shipped_code()
+        env["excludes"] = list(SHIP_EXCLUDES)
+        # `python -m` would put the job's working directory first on sys.path, ahead of
+        # the shipped packages: a copy of m2d there (the head's own checkout) would win.
+        env_vars.setdefault("PYTHONSAFEPATH", "1")
+    if env_vars:
+        env["env_vars"] = env_vars
     if run.runtime_env.pip:
         env["pip"] = list(run.runtime_env.pip)
     if run.runtime_env.image:

@@ -42,10 +42,26 @@ def render_dry_run(run: RunConfig) -> str:
         yaml.safe_dump({"credentials": credential_status()}, sort_keys=False).rstrip(),
         "# Placement (Ray Train)",
         *(f"# {line}" for line in placement_lines(run)),
+        *_shipping_lines(run),
         "# DeepSpeed config",
         json.dumps(deepspeed_config(run), indent=2),
     ]
     return "\n".join(parts) + "\n"
+
+
+def _shipping_lines(run: RunConfig) -> list[str]:
+    """What a remote job takes with it (none for a local run: it runs this checkout)."""
+    if run.ray.address == "local":
+        return []
+    env = submit.runtime_env(run)
+    lines = ["# Runtime environment (shipped with the job)"]
+    for folder in env.get("py_modules", []):
+        lines.append(f"#   {folder}  {submit.shipped_bytes(folder) / 1e6:.2f} MB")
+    if env.get("excludes"):
+        lines.append(f"#   excluded: {' '.join(env['excludes'])}")
+    shown = {k: v for k, v in env.items() if k not in ("py_modules", "excludes")}
+    lines.append(f"#   {json.dumps(shown)}" if shown else "#   (no image, pip or env vars)")
+    return lines
 
 
 def render_plan(run: RunConfig) -> str:

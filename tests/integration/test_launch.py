@@ -110,6 +110,40 @@ def test_remote_launch_refuses_workers_the_cluster_cannot_hold(workspace, ray_he
     assert [n.resources["CPU"] for n in nodes] == [2.0]
 
 
+def test_a_remote_job_runs_the_submitting_checkouts_code(workspace, ray_head, tmp_path):
+    """Launched from a copy of the checkout with a change the cluster's installed m2d (this
+    repository, installed editable in the head's environment) lacks: the job runs the
+    change, because the launcher ships its own packages with the job."""
+    import shutil
+    import uuid
+
+    from orchestrator.submit import SHIPPED_PACKAGES
+
+    copy = tmp_path / "checkout"
+    for package in (*SHIPPED_PACKAGES, "clusters"):
+        shutil.copytree(
+            ROOT / package, copy / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    marker = f"shipped-code-{uuid.uuid4().hex[:8]}"
+    job = copy / "trainer" / "job.py"
+    text = job.read_text()
+    future = "from __future__ import annotations\n"
+    job.write_text(text.replace(future, f"{future}print({marker!r}, flush=True)\n", 1))
+    assert marker not in (ROOT / "trainer" / "job.py").read_text()
+    launcher = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(copy)!r}); "
+                "from orchestrator.cli import main; main()"]  # fmt: skip
+    flags = [*workspace["flags"], "--set", f"ray.address={ray_head}", "--set", "recipe.steps=2"]
+    auth = {k: v for k, v in os.environ.items() if k.startswith("RAY_AUTH_")}
+    done = subprocess.run(
+        [*launcher, "launch", "--cluster", "local", "--stage", "pretrain", "--name", "shipped",
+         *flags],
+        cwd=copy, env={**workspace["env"], **auth}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _wait_state(workspace, "shipped", {"SUCCEEDED", "FAILED"}) == "SUCCEEDED"
+    assert marker in m2d(workspace, "logs", "shipped").stdout
+
+
 def test_remote_launch_status_logs_stop(workspace, ray_head):
     flags = [*workspace["flags"], "--set", f"ray.address={ray_head}"]
     done = m2d(

@@ -80,3 +80,31 @@ def test_strict_spread_needs_one_worker_on_each_of_nodes():
     check_cluster(run, [_gpu_node(f"10.0.{i // 250}.{i % 250}", gpus=1, cpus=8) for i in range(64)])
     with pytest.raises(ConfigError, match="1 worker"):
         check_cluster(run, [_gpu_node(f"10.0.0.{i}") for i in range(8)])
+
+
+def test_a_remote_job_ships_this_checkouts_packages_and_no_secrets(monkeypatch):
+    from orchestrator.submit import SHIPPED_PACKAGES, runtime_env
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
+    env = runtime_env(_run())
+    assert env["py_modules"] == [str(ROOT / package) for package in SHIPPED_PACKAGES]
+    assert {"__pycache__", "runs/", "data/", ".venv/"} <= set(env["excludes"])
+    assert env["env_vars"]["PYTHONSAFEPATH"] == "1"  # the job's cwd cannot shadow them
+    assert "image_uri" not in env  # an image is an opt-in (runtime_env.image)
+    assert "s3cr3t" not in repr(env)
+    off = _run().model_copy(
+        update={"runtime_env": _run().runtime_env.model_copy(update={"ship_code": False})}
+    )
+    assert "py_modules" not in runtime_env(off)
+
+
+def test_dry_run_shows_what_ships():
+    from click.testing import CliRunner
+
+    from orchestrator.cli import cli
+
+    done = CliRunner().invoke(
+        cli, ["launch", "--cluster", "a100x64", "--stage", "pretrain", "--dry-run"]
+    )
+    shipped = done.output.split("# Runtime environment (shipped with the job)\n", 1)[1]
+    assert f"#   {ROOT / 'trainer'}  " in shipped and "excluded: __pycache__" in shipped
