@@ -71,10 +71,13 @@ def cluster_report(address: str) -> str:
         for job in JobSubmissionClient(address).list_jobs()
         if not job.status.is_terminal()
     ]
+    # Actors that hold what a job needs: Ray Train's PlacementGroupCleaner outlives its job
+    # for a while holding only a sliver of the head's `node:` label, which blocks nothing.
     actors = [
         f"{actor.class_name} {actor.state} {actor.required_resources}"
         for actor in list_actors(address=address, detail=True, raise_on_missing_output=False)
-        if actor.state != "DEAD" and any(actor.required_resources or {})
+        if actor.state != "DEAD"
+        and any(not key.startswith("node:") for key in actor.required_resources or {})
     ]
     groups = [
         f"{group.placement_group_id[:8]} {group.state}"
