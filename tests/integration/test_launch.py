@@ -258,4 +258,6 @@ def test_a_local_launch_shows_m2ds_lines_and_logs_the_rest(workspace):
     text = log.read_text()
     for noise in ("(RayTrainWorker pid=", "Reporting training result", "[real_accelerator.py"):
         assert noise in text, noise
-    assert text.count("Reporting training result") >= 2 * 4  # both ranks, every checkpoint
+    # Every checkpoint's report; Ray folds the two ranks' identical lines into one
+    # ("[repeated 2x across cluster]") when they arrive together, so not always 2 x 4.
+    assert text.count("Reporting training result") >= 4
