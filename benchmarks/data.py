@@ -61,7 +61,15 @@ def prepare(run: RunConfig, folder: Path, stories: int, parts) -> None:
     from trainer.data.synth import synthesize
 
     r = run.recipe
-    synthesize(str(folder), stories=stories, scenes=r.num_scenes, frames=17, seed=0)
+    synthesize(
+        str(folder),
+        stories=stories,
+        scenes=r.num_scenes,
+        frames=17,
+        height=r.height,
+        width=r.width,
+        seed=0,
+    )
     # What `m2d data precompute` would encode with, from the same spec the job reads.
     spec = PrecomputeSpec(run=run, manifest=run.data.pretrain, out=run.data.pretrain_latents)
     settings = precompute.settings_from(spec)

@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import data  # noqa: E402
 import train_step  # noqa: E402
 
 from infra.config import ClusterProfile, RunConfig, resolve_run  # noqa: E402
@@ -87,25 +88,12 @@ def bench_run(root: Path, steps: int, prefetch: int | None = None) -> RunConfig:
 
 
 def precompute(run: RunConfig) -> None:
-    """The stories' latents and T5 text, as `m2d data precompute` writes them."""
-    from infra.job_specs import PrecomputeSpec
+    """The stories and their latents and T5 text, as `m2d data precompute` writes them
+    (``benchmarks/data.py``'s in-process precompute)."""
     from trainer.components import load_components
-    from trainer.data import precompute, shard_encoder
-    from trainer.data.synth import synthesize
 
-    r = run.recipe
-    folder = Path(run.data.pretrain).parent
-    synthesize(str(folder), stories=STORIES, scenes=r.num_scenes, frames=17, height=SIZE,
-               width=SIZE, seed=0)  # fmt: skip
     parts = load_components(run.model, None, "cpu", encoders_only=True)
-    spec = PrecomputeSpec(run=run, manifest=run.data.pretrain, out=run.data.pretrain_latents)
-    settings = precompute.settings_from(spec)
-
-    def runner(pending, settings, out, storage, options):
-        for name, items in pending:
-            shard_encoder.encode_shard(parts, settings, out, name, items, storage)
-
-    precompute.precompute(settings, spec.out, None, None, runner)
+    data.prepare(run, Path(run.data.pretrain).parent, STORIES, parts)
 
 
 def export_for_plain(run: RunConfig, path: Path, per_rank: int = 8) -> None:

@@ -119,6 +119,14 @@ class WorkersConfig(_Strict):
         return self
 
     @property
+    def resources_per_worker(self) -> dict[str, float]:
+        """The Ray resources one worker reserves (its GPU label aside: Ray adds that)."""
+        resources: dict[str, float] = {"CPU": self.cpus_per_worker}
+        if self.gpus_per_worker:
+            resources["GPU"] = self.gpus_per_worker
+        return resources
+
+    @property
     def workers_per_node(self) -> int:
         """Workers placed on each node."""
         return self.num_workers // self.nodes

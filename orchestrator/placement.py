@@ -16,9 +16,7 @@ from infra.errors import ConfigError, first_line
 
 def worker_resources(workers: WorkersConfig) -> dict[str, float]:
     """The Ray resources of one worker, as the training job asks for them."""
-    resources: dict[str, float] = {"CPU": workers.cpus_per_worker}
-    if workers.gpus_per_worker:
-        resources["GPU"] = workers.gpus_per_worker
+    resources = dict(workers.resources_per_worker)
     if workers.gpu_type:
         # Ray Train asks a sliver of the label resource per worker (any amount > 0).
         resources[f"accelerator_type:{workers.gpu_type}"] = 0.001

@@ -14,6 +14,7 @@ import shlex
 import signal
 import subprocess
 import sys
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -96,13 +97,14 @@ def shipped_code() -> list[str]:
 
 
 def shipped_bytes(folder: str) -> int:
-    """Bytes of ``folder`` that go with a job (what ``SHIP_EXCLUDES`` leaves)."""
-    skip_dirs = {"__pycache__", "runs", "data", ".venv"}
-    total = 0
-    for path in Path(folder).rglob("*"):
-        if path.is_file() and not skip_dirs & set(path.parts) and path.suffix != ".pyc":
-            total += path.stat().st_size
-    return total
+    """Bytes of ``folder`` that go with a job: what ``SHIP_EXCLUDES`` leaves."""
+    patterns = [pattern.rstrip("/") for pattern in SHIP_EXCLUDES]
+    return sum(
+        path.stat().st_size
+        for path in Path(folder).rglob("*")
+        if path.is_file()
+        and not any(fnmatch(part, p) for part in path.relative_to(folder).parts for p in patterns)
+    )
 
 
 def runtime_env(run: RunConfig) -> dict[str, Any]:

@@ -89,13 +89,10 @@ def scaling_config(run: RunConfig) -> Any:
     from ray.train import ScalingConfig
 
     workers = run.workers
-    resources: dict[str, float] = {"CPU": workers.cpus_per_worker}
-    if workers.gpus_per_worker:
-        resources["GPU"] = workers.gpus_per_worker
     return ScalingConfig(
         num_workers=workers.num_workers,
         use_gpu=workers.gpus_per_worker > 0,
-        resources_per_worker=resources,
+        resources_per_worker=workers.resources_per_worker,
         accelerator_type=workers.gpu_type,
         placement_strategy=workers.placement,
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from infra.config import RunConfig, deep_merge, stage_input
@@ -107,6 +107,10 @@ class Sequence:
         return self.text_tokens + self.video_tokens
 
 
+#: What lies on the GPU, by kind (the JSON's ``breakdown_gib``); their sum is the peak.
+MEMORY_KINDS = ("params", "grads", "optimizer", "activations", "frozen", "buffers", "overhead")
+
+
 @dataclass(frozen=True)
 class Memory:
     """Bytes per GPU by kind; ``peak`` is what must fit."""
@@ -122,19 +126,10 @@ class Memory:
 
     @property
     def peak(self) -> int:
-        return (
-            self.params
-            + self.grads
-            + self.optimizer
-            + self.activations
-            + self.frozen
-            + self.buffers
-            + self.overhead
-        )
+        return sum(getattr(self, kind) for kind in MEMORY_KINDS)
 
     def gib(self) -> dict[str, float]:
-        kinds = ("params", "grads", "optimizer", "activations", "frozen", "buffers", "overhead")
-        return {kind: round(getattr(self, kind) / GIB, 3) for kind in kinds}
+        return {kind: round(getattr(self, kind) / GIB, 3) for kind in MEMORY_KINDS}
 
 
 @dataclass(frozen=True)
@@ -146,14 +141,11 @@ class Plan:
     sequence: Sequence
     parameters: dict[str, int]
     memory: Memory
-    saved_activation_bytes: int
     # The transformer's activations with checkpointing on and off (whichever the run uses).
     activations_by_checkpointing: dict[bool, int]
-    forward_flops: float
     step_flops: float
     step_seconds: float | None
     suggestion: list[str] | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def memory_gib(self) -> float | None:
@@ -262,14 +254,10 @@ def model_state_bytes(run: RunConfig, shapes: Shapes) -> tuple[int, int, int, in
     buffers = buckets if zero.get("contiguous_gradients") else 0
     if ds.zero_stage == 3:
         buffers += _live_parameters(shapes) * b
-        if ds.offload_param == "cpu":
-            cpu += (held - _persistent(shapes)) * b
-            params = _persistent(shapes) * b
+        if ds.offload_param == "cpu":  # the partitions go to the host, persistent ones stay
+            cpu += partition * b
+            params = (held - partition) * b
     return params, grads_low + grads_fp32, optimizer, buffers, cpu
-
-
-def _persistent(shapes: Shapes) -> int:
-    return sum(n for n in map(math.prod, shapes.values()) if n <= PARAM_PERSISTENCE_THRESHOLD)
 
 
 def _live_parameters(shapes: Shapes) -> int:
@@ -314,15 +302,17 @@ def saved_activation_elements(tcfg: dict[str, Any], seq: Sequence, checkpointing
     return {"low": low, "fp32": fp32}
 
 
-def activation_bytes(run: RunConfig, configs: ModelConfigs, seq: Sequence) -> tuple[int, int]:
-    """(peak activation bytes of one micro-batch, of which saved for backward)."""
+def activation_bytes(
+    run: RunConfig, configs: ModelConfigs, seq: Sequence, checkpointing: bool
+) -> int:
+    """Peak activation bytes of one micro-batch: what is saved for backward, and one
+    block's gradient working set."""
     tcfg, b = configs.transformer, compute_bytes(run)
-    saved = saved_activation_elements(tcfg, seq, run.deepspeed.activation_checkpointing)
-    per_sample = saved["low"] * b + saved["fp32"] * 4
+    saved = saved_activation_elements(tcfg, seq, checkpointing)
     d = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
     workset = BACKWARD_WORKSET * d * seq.tokens * b
-    micro = run.deepspeed.micro_batch_per_gpu
-    return micro * (per_sample + workset), micro * per_sample
+    per_sample = saved["low"] * b + saved["fp32"] * 4 + workset
+    return run.deepspeed.micro_batch_per_gpu * per_sample
 
 
 def vae_encode_bytes(run: RunConfig, configs: ModelConfigs) -> int:
@@ -369,13 +359,8 @@ def plan_run(run: RunConfig, configs: ModelConfigs) -> Plan:
     shapes = transformer_shapes(configs.transformer)
     seq = sequence_of(run, configs)
     params, grads, optimizer, buffers, cpu = model_state_bytes(run, shapes)
-    activations, saved = activation_bytes(run, configs, seq)
-    by_checkpointing = {}
-    for checkpointing in (True, False):
-        ds = run.deepspeed.model_copy(update={"activation_checkpointing": checkpointing})
-        by_checkpointing[checkpointing] = activation_bytes(
-            run.model_copy(update={"deepspeed": ds}), configs, seq
-        )[0]
+    by_checkpointing = {c: activation_bytes(run, configs, seq, c) for c in (True, False)}
+    activations = by_checkpointing[run.deepspeed.activation_checkpointing]
     parameters = {
         "transformer": numel(shapes),
         "text_encoder": numel(t5_encoder_shapes(configs.text_encoder)),
@@ -394,8 +379,7 @@ def plan_run(run: RunConfig, configs: ModelConfigs) -> Plan:
     overhead = int(FRAGMENTATION * allocated + (CUDA_CONTEXT_GIB * GIB if on_gpu else 0))
     memory = Memory(params, grads, optimizer, activations, frozen, buffers, overhead, cpu)
     accelerator = accelerator_of(run)
-    fwd = forward_flops(run, configs.transformer, seq)
-    step_flops = 3 * fwd * run.recipe.global_batch
+    step_flops = 3 * forward_flops(run, configs.transformer, seq) * run.recipe.global_batch
     peak = accelerator.peak_tflops if accelerator else run.plan.peak_tflops
     step_seconds = None
     if peak:
@@ -406,9 +390,7 @@ def plan_run(run: RunConfig, configs: ModelConfigs) -> Plan:
         sequence=seq,
         parameters=parameters,
         memory=memory,
-        saved_activation_bytes=saved,
         activations_by_checkpointing=by_checkpointing,
-        forward_flops=fwd,
         step_flops=step_flops,
         step_seconds=step_seconds,
     )

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestrator.plan.estimate import GIB, Plan
+from orchestrator.plan.estimate import GIB, MEMORY_KINDS, Plan
 
-_KINDS = (
-    ("params", "parameters (trained, in the training dtype)"),
-    ("grads", "gradients (this rank's partition)"),
-    ("optimizer", "optimizer (fp32 master + AdamW moments)"),
-    ("activations", "activations (one micro-batch)"),
-    ("frozen", "frozen T5 + VAE"),
-    ("buffers", "DeepSpeed buffers"),
-    ("overhead", "CUDA context + fragmentation"),
-)
+_LABELS = {
+    "params": "parameters (trained, in the training dtype)",
+    "grads": "gradients (this rank's partition)",
+    "optimizer": "optimizer (fp32 master + AdamW moments)",
+    "activations": "activations (one micro-batch)",
+    "frozen": "frozen T5 + VAE",
+    "buffers": "DeepSpeed buffers",
+    "overhead": "CUDA context + fragmentation",
+}
 
 
 def as_json(plan: Plan) -> dict[str, Any]:
@@ -63,8 +63,8 @@ def as_table(plan: Plan) -> str:
         "memory per GPU" if run.workers.gpus_per_worker else "memory per worker",
     ]
     on, off = (plan.activations_by_checkpointing[c] / GIB for c in (True, False))
-    for kind, label in _KINDS:
-        lines.append(f"  {label:<44} {getattr(memory, kind) / GIB:9.2f} GiB")
+    for kind in MEMORY_KINDS:
+        lines.append(f"  {_LABELS[kind]:<44} {getattr(memory, kind) / GIB:9.2f} GiB")
         if kind == "activations":
             lines.append(f"    (transformer: {on:.2f} GiB checkpointed, {off:.2f} GiB not)")
     limit = plan.memory_gib

@@ -13,7 +13,7 @@ import posixpath
 from infra.config import ModelConfig, StorageConfig
 from infra.errors import ConfigError, StorageError, first_line
 from infra.storage import filesystem
-from mask2dit.tiny import TRANSFORMER_PRESETS, tiny_configs
+from mask2dit.tiny import tiny_configs
 from orchestrator.plan.estimate import ModelConfigs
 
 PARTS = ("transformer", "text_encoder", "vae")
@@ -21,8 +21,8 @@ PARTS = ("transformer", "text_encoder", "vae")
 
 def read_model_configs(model: ModelConfig, storage: StorageConfig | None) -> ModelConfigs:
     """The configs of ``model.source``; a one-line error names the file that is missing."""
-    if model.source in TRANSFORMER_PRESETS:
-        return ModelConfigs(**tiny_configs(model.source))
+    if model.source == "tiny":  # as trainer.components.load_components reads it
+        return ModelConfigs(**tiny_configs())
     fs, root = filesystem(model.source, storage)
     found = {}
     for part in PARTS:

@@ -86,10 +86,14 @@ def test_the_published_parameter_counts():
 
 
 def test_tiny_configs_are_the_tiny_model_m2d_builds():
+    from transformers import ByT5Tokenizer
+
     from infra.config import ModelConfig
     from mask2dit.components import tiny_parts
+    from mask2dit.tiny import BYT5_VOCAB_SIZE
     from orchestrator.plan.sources import read_model_configs as read
 
+    assert len(ByT5Tokenizer()) == BYT5_VOCAB_SIZE  # the tokenizer the tiny T5 is built for
     parts = tiny_parts()
     planned = _planned_shapes(read(ModelConfig(source="tiny"), None))
     built = {
