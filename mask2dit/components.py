@@ -19,7 +19,7 @@ from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXT
 from transformers import AutoTokenizer, ByT5Tokenizer, T5Config, T5EncoderModel
 
 from mask2dit.presets import COGVIDEOX_SCHEDULER, build_transformer, preset_config
-from mask2dit.tiny import tiny_configs
+from mask2dit.tiny import TINY_T5, TINY_VAE
 from mask2dit.weights import load_pretrained
 
 __all__ = [
@@ -48,13 +48,14 @@ class ModelParts(NamedTuple):
 
 def tiny_parts(seed: int = 0) -> ModelParts:
     """Tiny transformer, VAE, T5, tokenizer and scheduler, weights drawn from ``seed``."""
-    configs = tiny_configs(TINY_PRESET)
+    cfg = preset_config(TINY_PRESET)
     tokenizer = ByT5Tokenizer()
     transformer = build_transformer(TINY_PRESET, seed=seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
-        vae = AutoencoderKLCogVideoX(**configs["vae"])
-        text_encoder = T5EncoderModel(T5Config(**configs["text_encoder"]))
+        vae = AutoencoderKLCogVideoX(latent_channels=cfg["in_channels"], **TINY_VAE)
+        t5 = T5Config(vocab_size=len(tokenizer), d_model=cfg["text_embed_dim"], **TINY_T5)
+        text_encoder = T5EncoderModel(t5)
     scheduler = CogVideoXDDIMScheduler(**COGVIDEOX_SCHEDULER)
     return ModelParts(transformer, vae, text_encoder, tokenizer, scheduler)
 
