@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -45,6 +47,9 @@ MLFLOW_RUN_FILE = "mlflow_run.json"  # in a run folder: {"run_id": its MLflow ru
 
 # MLflow limits a param value to 6000 characters and a batch to 100 params.
 _MAX_VALUE = 6000
+_IMAGE_NAME = re.compile(
+    r"images/(?P<key>.+)[+%]step[+%](?P<step>\d+)[+%]timestamp[+%]\d+[+%][^+%]+\.png"
+)
 _PARAM_BATCH = 100
 _METRIC_BATCH = 1000
 # Unfinished runs looked at when resuming one: the latest of an experiment.
@@ -205,10 +210,19 @@ class Tracker:
         """Upload a local folder's files under ``artifact_path``."""
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
 
-    def folders(self, artifact_path: str) -> list[str]:
-        """Names of the artifact folders directly under ``artifact_path``."""
-        entries = self.client.list_artifacts(self.run_id, artifact_path)
-        return [entry.path.rsplit("/", 1)[-1] for entry in entries if entry.is_dir]
+    def logged_images(self) -> Counter[tuple[str, int]]:
+        """How many images ``log_image`` put in the run under each (key, step).
+
+        Read from the artifact names MLflow gives them,
+        ``images/KEY+step+STEP+timestamp+MS+UUID.png`` ('%' separators before MLflow
+        3.5); their ``+compressed.webp`` thumbnails are not counted.
+        """
+        found: Counter[tuple[str, int]] = Counter()
+        for entry in self.client.list_artifacts(self.run_id, "images"):
+            name = _IMAGE_NAME.fullmatch(entry.path)
+            if name and not entry.is_dir:
+                found[name["key"].replace("~", "/"), int(name["step"])] += 1
+        return found
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         for key, value in tags.items():

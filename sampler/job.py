@@ -184,7 +184,7 @@ def _run(plan: Plan, echo: Callable[[str], None]) -> Plan:
     )
     tracker = _open_tracker(plan, echo) if spec.tracking else None
     if tracker is not None:  # this job's MLflow run shows all its items, earlier ones too
-        logged = _logged_items(tracker)
+        logged = _logged_items(tracker, plan)
         for item in plan.finished:
             if item not in logged:
                 _log_item(tracker, plan, item)
@@ -301,29 +301,38 @@ def _open_tracker(plan: Plan, echo: Callable[[str], None]):
     return tracker
 
 
-def _logged_items(tracker) -> set[Item]:
-    """Items whose files are in the run already (uploaded by an interrupted attempt)."""
-    return {
-        Item(checkpoint, story, int(seed))
-        for checkpoint in tracker.folders("samples")
-        for story in tracker.folders(f"samples/{checkpoint}")
-        for seed in tracker.folders(f"samples/{checkpoint}/{story}")
-    }
+def _logged_items(tracker, plan: Plan) -> set[Item]:
+    """Finished items an interrupted attempt logged already: those whose preview image is
+    in the run (an item's image goes in last, after its files).
+
+    Items that share an image key and step (the same story and seed from checkpoints at
+    the same step) count as logged only when all their images are there; short of that,
+    they are all logged again - a duplicate image at worst, never a missing item.
+    """
+    images = tracker.logged_images()
+    groups: dict[tuple[str, int], list[Item]] = {}
+    for item in plan.finished:
+        groups.setdefault(_image_key(plan, item), []).append(item)
+    return {item for key, items in groups.items() if images[key] >= len(items) for item in items}
+
+
+def _image_key(plan: Plan, item: Item) -> tuple[str, int]:
+    return f"{item.story}_seed{item.seed}", plan.infos[item.checkpoint].step
 
 
 def _log_item(tracker, plan: Plan, item: Item) -> None:
-    """Previews as images at the checkpoint's step (the dashboard's slider compares
-    checkpoints), the GIF and videos as artifacts."""
-    spec, info = plan.spec, plan.infos[item.checkpoint]
+    """The item's files as artifacts, then its contact sheet as an image at the
+    checkpoint's step (the dashboard's slider compares checkpoints): the image, logged
+    last, marks the item as logged (``_logged_items``)."""
+    spec = plan.spec
     fs, path = filesystem(item_uri(spec.out, item), spec.storage)
     folder = f"{item.checkpoint}/{item.story}/{item.seed}"
+    key, step = _image_key(plan, item)
     with tempfile.TemporaryDirectory(prefix="m2d-mlflow-") as tmp:
         local = Path(tmp) / "item"
         fs.get(f"{path}/", str(local), recursive=True)
-        tracker.log_image(
-            local / "contact.png", key=f"{item.story}_seed{item.seed}", step=info.step
-        )
         tracker.log_artifacts(local, f"samples/{folder}")
+        tracker.log_image(local / "contact.png", key=key, step=step)
 
 
 def main(argv: list[str] | None = None) -> int:
