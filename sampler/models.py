@@ -4,7 +4,8 @@
 Three kinds of checkpoint folder are accepted (local or ``s3://``):
 
 - a **training checkpoint** (``checkpoint_NNNNNNNN/`` with ``deepspeed/`` and
-  ``run_config.json``): ZeRO shards consolidated by DeepSpeed's reader; VAE, T5 and
+  ``run_config.json``): its weights file alone (``infra.checkpoint_layout.read_weights``;
+  older checkpoints: ZeRO shards consolidated by DeepSpeed's reader); VAE, T5 and
   scheduler from the run's own model source (the ``tiny`` ones drawn from the run's
   seed, so they are the ones it trained with); frames, size and text length default to
   the run's recipe;
@@ -15,13 +16,12 @@ Three kinds of checkpoint folder are accepted (local or ``s3://``):
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import torch
 from diffusers import CogVideoXTransformer3DModel
 
-from infra.checkpoint_layout import consolidated_state_dict, fetch_checkpoint
+from infra.checkpoint_layout import read_weights
 from infra.model_store import ENCODER_SUBFOLDERS, fetch_folder, resolve_model_folder
 from infra.sample_spec import CheckpointSpec, SampleJobSpec
 from mask2dit.components import (
@@ -50,9 +50,7 @@ def load_pipeline(
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if info.kind == "training":
-        with tempfile.TemporaryDirectory(prefix="m2d-sample-") as tmp:
-            local = fetch_checkpoint(checkpoint.uri, spec.storage, Path(tmp))
-            state = consolidated_state_dict(local)
+        state = read_weights(checkpoint.uri, spec.storage)  # not the optimizer shards
         base = _base_folder(info)
         transformer = load_transformer(transformer_config(base), state)
         parts = _with_transformer(base, transformer, info.recipe.seed, dtype)

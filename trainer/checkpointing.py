@@ -1,7 +1,8 @@
 """Checkpoints of a run: DeepSpeed shards of every rank plus what exact resume needs.
 
 Each rank writes its part of the folder (layout in ``infra.checkpoint_layout``, which readers
-use); Ray Train merges the folders every rank reports.
+use); Ray Train merges the folders every rank reports. Rank 0 also writes the whole
+transformer weights file, so readers of the weights never touch the optimizer shards.
 
 Task draws and noise are functions of (seed, step, rank), so with the data position and
 the RNG states a resumed run takes exactly the steps the uninterrupted run takes.
@@ -9,20 +10,38 @@ the RNG states a resumed run takes exactly the steps the uninterrupted run takes
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import random
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.torch
 import torch
+import torch.distributed as dist
 
-from infra.checkpoint_layout import DEEPSPEED_TAG, RUN_CONFIG, TRAINER_STATE
+from infra.checkpoint_layout import (
+    DEEPSPEED_TAG,
+    MODULE_PREFIX,
+    RUN_CONFIG,
+    TRAINER_STATE,
+    WEIGHTS,
+)
 from infra.config import RunConfig
 from infra.errors import ConfigError
 
-__all__ = ["TrainerState", "load_checkpoint", "save_checkpoint"]
+__all__ = ["TrainerState", "load_checkpoint", "resume_view", "save_checkpoint"]
+
+WEIGHTS_DIR = WEIGHTS.split("/", 1)[0]
+# A file that belongs to one rank: its ZeRO shards, its data position and RNG states.
+_RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_|^ranks/rank_(\d+)\.pt$")
 
 
 @dataclass
@@ -42,8 +61,14 @@ def save_checkpoint(
     rank: int,
     data_state: dict[str, Any],
 ) -> None:
-    """Write this rank's part of a checkpoint into ``folder`` (a local temp dir)."""
+    """Write this rank's part of a checkpoint into ``folder`` (a local temp dir); every
+    rank calls it (ZeRO-3 gathers the weights file's parameters from all of them)."""
     engine.save_checkpoint(str(folder), tag=DEEPSPEED_TAG)
+    weights = _whole_weights(engine, rank)
+    if rank == 0:
+        path = folder / WEIGHTS
+        path.parent.mkdir(parents=True, exist_ok=True)
+        safetensors.torch.save_file(weights, str(path), metadata={"format": "pt"})
     rank_file = folder / "ranks" / f"rank_{rank}.pt"
     rank_file.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"data": data_state, "rng": _rng_states()}, rank_file)
@@ -70,6 +95,79 @@ def load_checkpoint(
     saved = torch.load(folder / "ranks" / f"rank_{rank}.pt", weights_only=False)
     _set_rng_states(saved["rng"])
     return state, saved["data"]
+
+
+@contextlib.contextmanager
+def resume_view(checkpoint: Any, rank: int, local_rank: int) -> Iterator[Path]:
+    """A local folder holding what ``rank`` reads to resume from ``checkpoint`` (a
+    ``ray.train.Checkpoint``); every rank enters it together.
+
+    On local disk that is the checkpoint's own folder. From an object store, where Ray's
+    ``as_directory`` would copy the whole checkpoint - every rank's optimizer shard - to
+    each node, a node takes the shared files once (its local rank 0, into a node-wide
+    folder) and each rank only its own shards, and not the weights file.
+    """
+    import pyarrow.fs
+
+    fs, root = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    if isinstance(fs, pyarrow.fs.LocalFileSystem):
+        yield Path(root)
+        return
+    listed = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))
+    files = [i.path[len(root) + 1 :] for i in listed if i.type == pyarrow.fs.FileType.File]
+    shared = [f for f in files if _owner(f) is None and not f.startswith(f"{WEIGHTS_DIR}/")]
+    node = Path(tempfile.gettempdir()) / f"m2d-resume-{hashlib.sha1(root.encode()).hexdigest()}"
+    if local_rank == 0:
+        shutil.rmtree(node, ignore_errors=True)
+        _download(fs, root, shared, node)
+    _barrier()
+    try:
+        with tempfile.TemporaryDirectory(prefix="m2d-resume-") as mine:
+            for name in shared:
+                (Path(mine) / name).parent.mkdir(parents=True, exist_ok=True)
+                (Path(mine) / name).symlink_to(node / name)
+            _download(fs, root, [f for f in files if _owner(f) == rank], Path(mine))
+            yield Path(mine)
+    finally:
+        _barrier()
+        if local_rank == 0:
+            shutil.rmtree(node, ignore_errors=True)
+
+
+def _owner(name: str) -> int | None:
+    """The rank a checkpoint file belongs to (``None``: every rank reads it)."""
+    found = _RANK_FILE.search(name)
+    return None if found is None else int(found.group(1) or found.group(2))
+
+
+def _download(fs: Any, root: str, names: list[str], into: Path) -> None:
+    import pyarrow.fs
+
+    local = pyarrow.fs.LocalFileSystem()
+    for name in names:
+        (into / name).parent.mkdir(parents=True, exist_ok=True)
+        pyarrow.fs.copy_files(
+            f"{root}/{name}", str(into / name), source_filesystem=fs, destination_filesystem=local
+        )
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _whole_weights(engine: Any, rank: int) -> dict[str, torch.Tensor] | None:
+    """The transformer's full weights on rank 0 (``None`` elsewhere), in the precision it
+    trains in (fp32 runs: the optimizer's master weights exactly), keys as in stock
+    CogVideoX. ZeRO-3 gathers them layer by layer, as DeepSpeed's ``save_16bit_model``
+    does; below ZeRO-3 every rank holds them whole."""
+    if engine.zero_optimization_partition_weights():
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = engine.module_state_dict() if rank == 0 else None
+    if state is None:
+        return None
+    return {k.removeprefix(MODULE_PREFIX): v.detach().cpu().contiguous() for k, v in state.items()}
 
 
 def _rng_states() -> dict[str, Any]:

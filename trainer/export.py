@@ -1,11 +1,12 @@
 """``m2d export RUN --out DIR|s3://...`` (``python -m trainer.export --spec EXPORT_SPEC``):
 a training checkpoint as a diffusers CogVideoX transformer folder.
 
-ZeRO shards are consolidated with DeepSpeed's own ``zero_to_fp32`` reader, the weights are
-loaded (strictly) into a stock ``CogVideoXTransformer3DModel`` built from the run's model
-config, and written with ``save_pretrained`` (safetensors) - so plain diffusers loads it.
-``--out`` is a new (or empty) local folder or ``s3://`` prefix: an object-store export is
-written locally, then uploaded, config.json last, and nothing already there is replaced.
+The checkpoint's weights file (older checkpoints: its ZeRO shards, consolidated with
+DeepSpeed's own ``zero_to_fp32`` reader) is loaded (strictly) into a stock
+``CogVideoXTransformer3DModel`` built from the run's model config, and written with
+``save_pretrained`` (safetensors) - so plain diffusers loads it. ``--out`` is a new (or
+empty) local folder or ``s3://`` prefix: an object-store export is written locally, then
+uploaded, config.json last, and nothing already there is replaced.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from infra.checkpoint_layout import consolidated_state_dict, fetch_checkpoint, read_run_config
+from infra.checkpoint_layout import read_weights, remote_run_config
 from infra.config import StorageConfig
 from infra.errors import StorageError, first_line
 from infra.job_specs import ExportSpec
@@ -24,9 +25,9 @@ from infra.storage import filesystem, is_remote
 from mask2dit.components import load_transformer, transformer_config
 
 
-def checkpoint_config(checkpoint: Path) -> dict:
+def checkpoint_config(checkpoint_uri: str, storage: StorageConfig | None) -> dict:
     """The stock transformer config of a checkpoint's run (its model source's)."""
-    run = read_run_config(checkpoint)
+    run = remote_run_config(checkpoint_uri, storage)
     if run.model.source == "tiny":
         return transformer_config(None)
     return transformer_config(resolve_model_folder(run.model.source, run.storage))
@@ -35,16 +36,17 @@ def checkpoint_config(checkpoint: Path) -> dict:
 def export_checkpoint(checkpoint_uri: str, out: str, storage: StorageConfig | None) -> str:
     """Write the checkpoint's transformer to ``out`` (a folder or URI holding nothing yet).
 
-    ``storage`` serves the checkpoint and, for an object-store ``out``, the upload.
+    ``storage`` serves the checkpoint and, for an object-store ``out``, the upload. Only
+    the checkpoint's run config and weights file are read.
     """
     out = str(out)
     _check_new(out, storage)
+    config = checkpoint_config(checkpoint_uri, storage)
+    model = load_transformer(config, read_weights(checkpoint_uri, storage))
+    if not is_remote(out):
+        model.save_pretrained(out, safe_serialization=True)
+        return out
     with tempfile.TemporaryDirectory(prefix="m2d-export-") as tmp:
-        local = fetch_checkpoint(checkpoint_uri, storage, Path(tmp))
-        model = load_transformer(checkpoint_config(local), consolidated_state_dict(local))
-        if not is_remote(out):
-            model.save_pretrained(out, safe_serialization=True)
-            return out
         folder = Path(tmp) / "export"
         model.save_pretrained(folder, safe_serialization=True)
         _upload(folder, out, storage)

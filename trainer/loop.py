@@ -27,16 +27,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from infra.checkpoint_layout import fetch_checkpoint
+from infra.checkpoint_layout import read_weights
 from infra.config import RunConfig
 from infra.logging import get_logger, progress, set_rank
 from infra.tracking import Tracker
 from mask2dit.tasks import TaskMix, prepare_training_batch, task_loss
 from trainer.batches import StoryBatches, encode_batch, make_batches
-from trainer.checkpointing import TrainerState, load_checkpoint, save_checkpoint
+from trainer.checkpointing import TrainerState, load_checkpoint, resume_view, save_checkpoint
 from trainer.components import Components, load_components
 from trainer.engine import build_engine, device_and_dtype
-from trainer.export import consolidated_state_dict
 
 __all__ = ["Worker", "step_seed", "train_loop_per_worker"]
 
@@ -56,7 +55,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     context = ray.train.get_context()
     run = RunConfig.model_validate(config["run"])
-    worker = Worker(run, config, context.get_world_rank(), context.get_world_size())
+    rank, world = context.get_world_rank(), context.get_world_size()
+    set_rank(rank)
+    log.info(
+        "rank %d of %d: node_rank %d, local_rank %d of %d on this node",
+        rank,
+        world,
+        context.get_node_rank(),
+        context.get_local_rank(),
+        context.get_local_world_size(),
+    )
+    worker = Worker(run, config, rank, world, context.get_local_rank())
     worker.restore(ray.train.get_checkpoint())
     worker.train()
 
@@ -72,8 +81,10 @@ def step_seed(seed: int, step: int, rank: int, micro: int = 0) -> int:
 class Worker:
     """One DeepSpeed rank: components, engine, data, tasks and the loop state."""
 
-    def __init__(self, run: RunConfig, config: dict[str, Any], rank: int, world: int) -> None:
-        self.run, self.rank, self.world = run, rank, world
+    def __init__(
+        self, run: RunConfig, config: dict[str, Any], rank: int, world: int, local_rank: int = 0
+    ) -> None:
+        self.run, self.rank, self.world, self.local_rank = run, rank, world, local_rank
         set_rank(rank)
         self.device, self.dtype = device_and_dtype(run)
         if self.device.type == "cpu":
@@ -104,22 +115,22 @@ class Worker:
         self.report_due = False  # the same on every rank: rank 0's clock, all-reduced
 
     def _init_weights(self, uri: str) -> None:
-        """Start from another run's checkpoint (stage chaining: SFT from pretrain)."""
-        with tempfile.TemporaryDirectory(prefix="m2d-init-") as scratch:
-            folder = fetch_checkpoint(uri, self.run.storage, Path(scratch))
-            weights = consolidated_state_dict(folder)
-        self.parts.transformer.transformer.load_state_dict(weights, strict=True)
-        log.info("rank %d initialised the transformer from %s", self.rank, uri)
+        """Start from another run's checkpoint (stage chaining: SFT from pretrain): rank 0
+        reads its weights file - the model once per run, never the optimizer shards - and
+        DeepSpeed's engine start broadcasts rank 0's parameters to every rank (ZeRO-2
+        ``_broadcast_model``, ZeRO-3 partitioning alike), so the others read nothing."""
+        if self.rank == 0:
+            weights = read_weights(uri, self.run.storage)
+            self.parts.transformer.transformer.load_state_dict(weights, strict=True)
+            log.info("rank 0 initialised the transformer from %s", uri)
 
     def restore(self, checkpoint: Any) -> None:
         """Resume engine, data position, RNGs and step from a Ray checkpoint (if any)."""
         if checkpoint is None:
             return
         run_id = self.state.mlflow_run_id
-        with checkpoint.as_directory() as folder:
-            self.state, data_state = load_checkpoint(
-                Path(folder), self.engine, self.rank, self.world
-            )
+        with resume_view(checkpoint, self.rank, self.local_rank) as folder:
+            self.state, data_state = load_checkpoint(folder, self.engine, self.rank, self.world)
         self.batches.load_state_dict(data_state)
         self.state.mlflow_run_id = run_id or self.state.mlflow_run_id
         log.info("rank %d resumed at step %d", self.rank, self.state.step)

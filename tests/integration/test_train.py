@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from s3_proxy import CountingProxy
 
 from infra.config import ClusterProfile, RunConfig, resolve_run
 from infra.job_specs import ExportSpec, SynthSpec, TrainJobSpec
 from infra.jobs import spec_argv
+from trainer.checkpointing import _owner
 
 pytestmark = pytest.mark.integration
 
@@ -189,6 +192,40 @@ def test_resume_equals_uninterrupted_run(s3_pretrain, mlflow_server, synth_data,
     assert [m.step for m in history] == list(range(1, STEPS + 1))
 
 
+def test_resume_from_s3_reads_each_file_once_per_node_and_only_own_shards(
+    s3_pretrain, mlflow_server, synth_data, s3_endpoint, tmp_path
+):
+    """A resume from the object store: the shared files once per node, each rank its own
+    optimizer shard and position, never another rank's nor the weights file (Ray's
+    ``as_directory`` copied all of them to every node) - and it resumes exactly."""
+    fs, bucket = s3_pretrain["fs"], s3_pretrain["bucket"]
+    config = f"{bucket}/runs/pre-resume-s3/run_config.json"
+    with CountingProxy(s3_endpoint) as proxy:
+        storage = {"root": f"s3://{bucket}/runs", "endpoint_url": proxy.url}
+        data = str(synth_data / "pretrain.jsonl")
+        for steps in (EVERY, STEPS):
+            run = make_run(storage, mlflow_server, recipe__steps=steps, data__pretrain=data)
+            fs.pipe(config, run.model_dump_json().encode())
+            proxy.clear()
+            done = run_job(f"s3://{config}", endpoint_url=proxy.url)
+            assert done.returncode == 0, done.stderr[-3000:]
+        checkpoint = f"{bucket}/runs/pre-resume-s3/checkpoint_{EVERY:08d}"
+        reads = [(pid, key) for pid, key in proxy.reads if key.startswith(checkpoint)]
+    files = set(fs.find(checkpoint))
+    read = [key for _, key in reads]
+    assert sorted(read) == sorted(f for f in files if "/weights/" not in f), read  # each once
+    by_pid: dict[int, set[str]] = {}
+    for pid, key in reads:
+        by_pid.setdefault(pid, set()).add(key.removeprefix(f"{checkpoint}/"))
+    own = {pid: {_owner(k) for k in keys} - {None} for pid, keys in by_pid.items()}
+    assert sorted(own.values(), key=sorted) == [{0}, {1}], by_pid
+    final = f"{bucket}/runs/pre-resume-s3/checkpoint_{STEPS:08d}/deepspeed"
+    fs.get(f"{final}/mp_rank_00_model_states.pt", str(tmp_path / "deepspeed") + "/")
+    resumed = module_weights(tmp_path)
+    reference = module_weights(s3_pretrain["local"] / f"checkpoint_{STEPS:08d}")
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
 def test_sft_zero3_from_pretrain_checkpoint(s3_pretrain, mlflow_server, synth_data, tmp_path):
     """Stage chaining: SFT (ZeRO-3, per-sample task draws) starts from the ZeRO-2 pretrain.
 
@@ -222,6 +259,97 @@ def test_sft_zero3_from_pretrain_checkpoint(s3_pretrain, mlflow_server, synth_da
         p.name for p in (root / "sft-z3" / "checkpoint_00000006" / "deepspeed").iterdir()
     )
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in shards
+    # ZeRO-3's weights file is gathered from the partitions: the shards' weights exactly.
+    from infra.checkpoint_layout import consolidated_state_dict, read_weights
+
+    final = root / "sft-z3" / "checkpoint_00000006"
+    written, merged = read_weights(str(final), None), consolidated_state_dict(final)
+    assert written.keys() == merged.keys()
+    assert all(torch.equal(written[k], merged[k]) for k in merged)
+
+
+def test_checkpoints_carry_their_weights_and_readers_read_only_them(
+    s3_pretrain, s3_endpoint, mlflow_server, synth_data, tmp_path, caplog
+):
+    """SFT (ZeRO-3) from an S3 checkpoint: one rank reads the weights file - the model's
+    bytes, no optimizer shard - and the other gets them from DeepSpeed's start-up
+    broadcast; a sampler reads only the file too (every rank used to download and merge
+    the whole checkpoint). Old checkpoints without the file still load, by merging their
+    shards."""
+    from infra.checkpoint_layout import (
+        RUN_CONFIG,
+        TRAINER_STATE,
+        WEIGHTS,
+        consolidated_state_dict,
+        read_weights,
+    )
+    from infra.config import StorageConfig
+    from infra.sample_spec import CheckpointSpec, SampleJobSpec
+    from sampler.checkpoint_info import describe_checkpoint
+    from sampler.models import load_pipeline
+
+    fs, bucket = s3_pretrain["fs"], s3_pretrain["bucket"]
+    checkpoint = f"{bucket}/runs/pre-z2/checkpoint_{STEPS:08d}"
+    local = s3_pretrain["local"] / f"checkpoint_{STEPS:08d}"
+    # The file holds what the shards hold: ZeRO-2 fp32, the master weights exactly.
+    merged = consolidated_state_dict(local)
+    weights = read_weights(str(local), None)
+    assert weights.keys() == merged.keys()
+    assert all(torch.equal(weights[k], merged[k]) for k in merged)
+    size = fs.size(f"{checkpoint}/{WEIGHTS}")
+    optimizer = sum(fs.size(p) for p in fs.find(f"{checkpoint}/deepspeed") if "optim" in p)
+    assert optimizer > 1.5 * size  # Adam's two moments and the fp32 partitions
+
+    with CountingProxy(s3_endpoint) as proxy:
+        root = tmp_path / "runs"
+        (root / "sft-read").mkdir(parents=True)
+        run = make_run(
+            {"root": str(root), "endpoint_url": proxy.url},
+            mlflow_server,
+            stage="sft",
+            deepspeed__zero_stage=3,  # no engine broadcast: each rank keeps its own copy
+            recipe__steps=1,
+            fault_tolerance__checkpoint_every=1,
+            data__sft=str(synth_data / "sft.jsonl"),
+        ).model_copy(update={"init_from": f"s3://{checkpoint}"})
+        (root / "sft-read" / "run_config.json").write_text(run.model_dump_json())
+        done = run_job(str(root / "sft-read" / "run_config.json"))
+        assert done.returncode == 0, done.stderr[-3000:]
+        readers = proxy.bytes_by_pid(f"{checkpoint}/{WEIGHTS}")
+        assert list(readers.values()) == [size], readers  # one rank, the file once
+        # Besides it, only the driver's look at the source run (its MLflow run id).
+        small = {f"{checkpoint}/{name}" for name in (WEIGHTS, TRAINER_STATE, RUN_CONFIG)}
+        assert proxy.keys_read(checkpoint) <= small, proxy.keys_read(checkpoint)
+        assert sum(proxy.bytes_by_pid(checkpoint).values()) < size + 16_384
+        # Step 1 runs at lr 0 (WarmupLR), so the gathered partitions of both ranks are
+        # what the file holds: rank 1, which read nothing, got rank 0's weights.
+        started = read_weights(str(root / "sft-read" / "checkpoint_00000001"), None)
+        assert all(torch.equal(started[k], merged[k]) for k in merged)
+
+        proxy.clear()
+        storage = StorageConfig(root=f"s3://{bucket}/runs", endpoint_url=proxy.url)
+        source = CheckpointSpec(uri=f"s3://{checkpoint}", label="ds")
+        spec = SampleJobSpec(
+            cluster="local",
+            checkpoints=[source],
+            prompts="unused.jsonl",
+            out=str(tmp_path / "samples"),
+            model=run.model,
+            recipe=run.recipe,
+            storage=storage,
+        )
+        pipeline = load_pipeline(spec, source, describe_checkpoint(spec, source))
+        assert proxy.bytes_by_pid(f"{checkpoint}/{WEIGHTS}") == {os.getpid(): size}
+        assert proxy.keys_read(f"{checkpoint}/deepspeed") == set()
+        for key, value in pipeline.transformer.state_dict().items():
+            assert torch.equal(value, merged[key.removeprefix("transformer.")]), key
+
+    old = tmp_path / "old"
+    shutil.copytree(local, old, ignore=shutil.ignore_patterns("weights"))
+    with caplog.at_level("WARNING"):
+        again = read_weights(str(old), None)
+    assert f"has no {WEIGHTS}" in caplog.text
+    assert all(torch.equal(again[k], merged[k]) for k in merged)
 
 
 def test_bad_config_exits_2_with_one_line(tmp_path):
