@@ -248,7 +248,14 @@ def test_a_local_launch_shows_m2ds_lines_and_logs_the_rest(workspace):
     assert done.returncode == 0, done.stdout + done.stderr
     lines = (done.stdout + done.stderr).splitlines()
     assert len(lines) < 40, "\n".join(lines)
-    ours = ("run quiet", "MLflow run", "log: ", "step ", "DeepSpeed ZeRO-2 engine: ")
+    ours = (
+        "run quiet",
+        "MLflow run",
+        "log: ",
+        "step ",
+        "DeepSpeed ZeRO-2 engine: ",
+        "rank 0 of 2: ",
+    )
     assert all(line.startswith(ours) for line in lines), "\n".join(lines)
     assert done.stdout.splitlines()[-1].startswith("run quiet finished: step 200/200")
     progress = [line for line in done.stderr.splitlines() if line.startswith("step ")]
