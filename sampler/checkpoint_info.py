@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from infra.checkpoint_layout import DEEPSPEED_TAG, RUN_CONFIG, TRAINER_STATE
-from infra.config import ModelConfig, RunConfig, StageRecipe, StorageConfig
-from infra.errors import ConfigError, StorageError
+from infra.checkpoint_layout import DEEPSPEED_TAG, TRAINER_STATE, remote_run_config
+from infra.config import ModelConfig, StageRecipe, StorageConfig
+from infra.errors import ConfigError, StorageError, first_line
 from infra.sample_spec import CheckpointSpec, SampleJobSpec
 from infra.storage import filesystem
 
@@ -66,13 +66,13 @@ def describe_checkpoint(spec: SampleJobSpec, checkpoint: CheckpointSpec) -> Chec
     kind = checkpoint_kind(checkpoint.uri, spec.storage)
     if kind != "training":
         return CheckpointInfo(kind, 0, None, spec.recipe, spec.model, spec.storage)
+    run = remote_run_config(checkpoint.uri, spec.storage)
     fs, path = filesystem(checkpoint.uri, spec.storage)
     try:
-        run = RunConfig.model_validate_json(fs.cat_file(f"{path.rstrip('/')}/{RUN_CONFIG}"))
         state = json.loads(fs.cat_file(f"{path.rstrip('/')}/{TRAINER_STATE}"))
     except (OSError, ValueError) as exc:
         raise ConfigError(
-            f"checkpoint {checkpoint.uri}: unreadable {RUN_CONFIG}/{TRAINER_STATE} ({exc}); "
+            f"checkpoint {checkpoint.uri}: unreadable {TRAINER_STATE} ({first_line(exc)}); "
             "give a checkpoint of a finished save"
         ) from None
     return CheckpointInfo(
