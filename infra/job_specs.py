@@ -117,4 +117,8 @@ class TrainJobSpec(_Strict):
     everything); this spec only says where it is."""
 
     config: str = Field(description="URI of the run's run_config.json (path or s3://).")
-    endpoint_url: str | None = Field(None, description="S3 endpoint for reading the config.")
+    storage: StorageConfig | None = Field(
+        None,
+        description="How to reach the config: the run's storage settings (endpoint, region, "
+        "credentials file; never keys).",
+    )

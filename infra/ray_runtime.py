@@ -7,10 +7,10 @@ import sys
 
 from infra.processes import free_port
 
-__all__ = ["init_ray"]
+__all__ = ["LOOPBACK_IFNAME", "init_ray"]
 
 # The interface Gloo and NCCL open their listeners on in a local Ray (Linux names it lo).
-_LOOPBACK_IFNAME = "lo0" if sys.platform == "darwin" else "lo"
+LOOPBACK_IFNAME = "lo0" if sys.platform == "darwin" else "lo"
 
 
 def init_ray(num_cpus: int | None = None, *, log_to_driver: bool = True) -> bool:
@@ -45,7 +45,7 @@ def init_ray(num_cpus: int | None = None, *, log_to_driver: bool = True) -> bool
     # The training workers' process group (Gloo on CPUs, NCCL on GPUs) listens on the
     # interface these name, else on the hostname's address; one a user set still wins.
     ifnames = {
-        name: os.environ.get(name, _LOOPBACK_IFNAME)
+        name: os.environ.get(name, LOOPBACK_IFNAME)
         for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
     }
     ray.init(

@@ -31,6 +31,10 @@ COMMANDS = {
         "orchestrator.commands.sample:sample_batch",
         "Render evaluation videos from checkpoints.",
     ),
+    "stack": (
+        "orchestrator.commands.stack:stack",
+        "Run the localstack services (Ray, MLflow, S3) here.",
+    ),
     "status": ("orchestrator.commands.status:status", "State of a run."),
     "stop": ("orchestrator.commands.status:stop", "Stop a run (checkpoints stay)."),
 }

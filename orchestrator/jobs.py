@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 from infra.jobs import EXIT_FAILURE, spec_argv
 from orchestrator.cli import UserError, verbose
 from orchestrator.console import JobConsole
+from orchestrator.runs import m2d_home
 
 __all__ = ["make_spec", "parse_size", "run_job", "spec_options"]
 
@@ -73,7 +74,7 @@ def run_job(module: str, spec: BaseModel) -> None:
 
 def job_log_dir() -> Path:
     """Where the logs of the jobs the CLI runs here go: ``$M2D_HOME/logs``."""
-    return Path(os.environ.get("M2D_HOME", Path.home() / ".m2d")) / "logs"
+    return m2d_home() / "logs"
 
 
 def spec_options(spec_type: type[BaseModel], *fields: str) -> Callable[[Callable], Callable]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from infra.config import RunConfig, WorkersConfig
 from infra.errors import ConfigError, first_line
+from orchestrator.ray_jobs import client_auth
 
 
 def worker_resources(workers: WorkersConfig) -> dict[str, float]:
@@ -66,6 +67,7 @@ class Node:
 
 def cluster_nodes(address: str) -> list[Node]:
     """The alive nodes of the cluster behind ``address`` (its Ray dashboard)."""
+    client_auth()
     from ray.util.state import list_nodes
 
     found = list_nodes(address=address, detail=True, raise_on_missing_output=False)

@@ -3,6 +3,8 @@ for a cluster just brought up, and calls about a run's job - each failure one li
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -15,8 +17,26 @@ from infra.errors import ServiceError, first_line
 AGENT_WAIT_S = 120.0
 
 
+def client_auth() -> None:
+    """Send the cluster's token where one is at hand: Ray's clients send it only in token
+    mode (``RAY_AUTH_MODE=token``), which a user's shell rarely sets, while Ray's own
+    clusters ask for it by default. An explicit mode (``disabled`` too) is left alone.
+    Call before a Ray client call: Ray caches the mode, so a change is pushed to it."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    token_file = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(token_file)):
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if "ray._raylet" in sys.modules:
+        from ray._raylet import Config
+
+        Config.initialize("")
+
+
 def job_client(address: str):
     """A Ray Jobs client; the auth token comes from RAY_AUTH_TOKEN(_PATH) or ~/.ray."""
+    client_auth()
     from ray.job_submission import JobSubmissionClient
 
     try:

@@ -69,9 +69,14 @@ class RunRecord:
         tmp.replace(path)
 
 
+def m2d_home() -> Path:
+    """Where m2d keeps this machine's state: ``$M2D_HOME``, default ``~/.m2d``."""
+    return Path(os.environ.get("M2D_HOME", Path.home() / ".m2d"))
+
+
 def registry_dir() -> Path:
-    """Where launch records live: ``$M2D_HOME/runs`` (default ``~/.m2d/runs``)."""
-    return Path(os.environ.get("M2D_HOME", Path.home() / ".m2d")) / "runs"
+    """Where launch records live: ``$M2D_HOME/runs``."""
+    return m2d_home() / "runs"
 
 
 def has_record(name: str) -> bool:

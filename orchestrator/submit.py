@@ -31,8 +31,8 @@ JOB_MODULE = "trainer.job"
 
 
 def job_command(record: RunRecord, python: str = "python") -> list[str]:
-    """The job entry point's command line (the endpoint lets it read an S3 config)."""
-    spec = TrainJobSpec(config=record.config_uri, endpoint_url=record.storage.get("endpoint_url"))
+    """The job entry point's command line (the storage settings let it read an S3 config)."""
+    spec = TrainJobSpec(config=record.config_uri, storage=record.storage_config)
     return [python, "-m", JOB_MODULE, *spec_argv(spec)]
 
 
@@ -112,6 +112,10 @@ def runtime_env(run: RunConfig) -> dict[str, Any]:
     ``runtime_env.ship_code`` is off), image, pip and non-secret env vars - no secrets."""
     env: dict[str, Any] = {}
     env_vars = dict(run.runtime_env.env_vars)
+    if run.storage.credentials_file:
+        # Every process of the job opens storage, Ray Train's controller too: the file's
+        # path (never its keys) goes to all of them, as storage_options sets it here.
+        env_vars.setdefault("AWS_SHARED_CREDENTIALS_FILE", run.storage.credentials_file)
     if run.runtime_env.ship_code:
         env["py_modules"] = shipped_code()
         env["excludes"] = list(SHIP_EXCLUDES)

@@ -59,10 +59,10 @@ class RunFolder:
     run: RunConfig
 
 
-def read_run_folder(config_uri: str, endpoint_url: str | None = None) -> RunFolder:
-    """Read and validate ``run_config.json``; the run is named after its folder."""
-    probe = StorageConfig(root=config_uri, endpoint_url=endpoint_url)
-    fs, path = filesystem(config_uri, probe)
+def read_run_folder(config_uri: str, storage: StorageConfig | None = None) -> RunFolder:
+    """Read and validate ``run_config.json``, reached with ``storage``'s settings; the run
+    is named after its folder."""
+    fs, path = filesystem(config_uri, storage)
     try:
         with fs.open(path, "r") as handle:
             data = json.load(handle)
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(spec: TrainJobSpec) -> int:
     folder = None
     try:
-        folder = read_run_folder(spec.config, spec.endpoint_url)
+        folder = read_run_folder(spec.config, spec.storage)
         check_input(folder.run)
         outcome = fit(folder)
     except M2DError:

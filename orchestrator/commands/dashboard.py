@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import click
 
+from infra.processes import port_in_use
 from orchestrator import profiles
 from orchestrator.cli import UserError
 
@@ -48,14 +48,11 @@ def ui_command(tracking_uri: str, port: int) -> list[str]:
 def check_port(port: int) -> None:
     """Refuse a port something on 127.0.0.1 already listens on (the server would fail
     after its start-up, or a user would read another server's UI)."""
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError as exc:
-            raise UserError(
-                f"--port {port}: 127.0.0.1:{port} is in use ({exc.strerror}); stop what "
-                "listens there or pass another --port"
-            ) from None
+    if port_in_use(port):
+        raise UserError(
+            f"--port {port}: 127.0.0.1:{port} is in use; stop what listens there or pass "
+            "another --port"
+        )
 
 
 @contextlib.contextmanager

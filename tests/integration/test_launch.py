@@ -12,11 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from m2d_cli import M2D, ROOT, run_m2d, wait_state
 
 pytestmark = pytest.mark.integration
-
-ROOT = Path(__file__).resolve().parents[2]
-M2D = [sys.executable, "-c", "from orchestrator.cli import main; main()"]
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +43,7 @@ def workspace(tmp_path_factory, mlflow_server):
 def m2d(workspace, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     # The Ray head fixture may have started after the workspace: pass its token along.
     auth = {k: v for k, v in os.environ.items() if k.startswith("RAY_AUTH_")}
-    return subprocess.run(
-        [*M2D, *args],
-        cwd=ROOT,
-        env={**workspace["env"], **auth},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_m2d({**workspace["env"], **auth}, *args, timeout=timeout)
 
 
 def _records(workspace) -> dict[str, dict]:
@@ -61,22 +52,8 @@ def _records(workspace) -> dict[str, dict]:
 
 
 def _wait_state(workspace, name: str, wanted: set[str], timeout: float = 420) -> str:
-    deadline = time.monotonic() + timeout
-    state = ""
-    while time.monotonic() < deadline:
-        status = m2d(workspace, "status", name)
-        state = next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in status.stdout.splitlines()
-                if line.startswith("state:")
-            ),
-            "",
-        )
-        if state in wanted:
-            return state
-        time.sleep(2)
-    raise AssertionError(f"run {name} stayed {state!r}, wanted {wanted}")
+    auth = {k: v for k, v in os.environ.items() if k.startswith("RAY_AUTH_")}
+    return wait_state({**workspace["env"], **auth}, name, wanted, timeout)
 
 
 def _wait_log(workspace, name: str, text: str, timeout: float = 120) -> None:
@@ -265,6 +242,5 @@ def test_a_local_launch_shows_m2ds_lines_and_logs_the_rest(workspace):
     text = log.read_text()
     for noise in ("(RayTrainWorker pid=", "Reporting training result", "[real_accelerator.py"):
         assert noise in text, noise
-    # Every checkpoint's report; Ray folds the two ranks' identical lines into one
-    # ("[repeated 2x across cluster]") when they arrive together, so not always 2 x 4.
-    assert text.count("Reporting training result") >= 4
+    # (How many report lines the log holds is Ray's: its deduplicator folds lines that
+    # differ only in numbers - both ranks', and successive reports' - into one.)

@@ -20,7 +20,7 @@ import torch
 import yaml
 from s3_proxy import CountingProxy
 
-from infra.config import ClusterProfile, RunConfig, resolve_run
+from infra.config import ClusterProfile, RunConfig, StorageConfig, resolve_run
 from infra.job_specs import ExportSpec, SynthSpec, TrainJobSpec
 from infra.jobs import spec_argv
 from trainer.checkpointing import _owner
@@ -73,7 +73,8 @@ def make_run(storage: dict, tracking_uri: str, stage: str = "pretrain", **change
 
 def run_job(config_uri: str, endpoint_url: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    spec = TrainJobSpec(config=config_uri, endpoint_url=endpoint_url)
+    storage = StorageConfig(root=config_uri, endpoint_url=endpoint_url) if endpoint_url else None
+    spec = TrainJobSpec(config=config_uri, storage=storage)
     return subprocess.run(
         [sys.executable, "-m", "trainer.job", *spec_argv(spec)],
         cwd=ROOT,
@@ -283,7 +284,6 @@ def test_checkpoints_carry_their_weights_and_readers_read_only_them(
         consolidated_state_dict,
         read_weights,
     )
-    from infra.config import StorageConfig
     from infra.sample_spec import CheckpointSpec, SampleJobSpec
     from sampler.checkpoint_info import describe_checkpoint
     from sampler.models import load_pipeline
