@@ -13,12 +13,22 @@ the sampler (which only read them). Layout of one checkpoint folder:
     run_config.json       the resolved run config (rank 0; holds no secrets)
     trainer_state.json    step, world size, MLflow run id (rank 0)
     ranks/rank_R.pt       rank R's data position and RNG states
+    ranks/files_rank_R.json
+                          size and sha256 of every file rank R wrote (hashed on its disk)
+    manifest.json         every file with its size and sha256: written last, by the job's
+                          coordinator once every rank's files are on storage at their
+                          sizes. Only a checkpoint with a manifest whose files all check
+                          counts as complete (DeepSpeed's ``latest`` and Ray's own record
+                          come before all shards are known to be there).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +41,14 @@ log = get_logger("infra.checkpoint_layout")
 
 __all__ = [
     "DEEPSPEED_TAG",
+    "MANIFEST",
     "MODULE_PREFIX",
     "RUN_CONFIG",
     "TRAINER_STATE",
     "WEIGHTS",
+    "CheckpointState",
+    "check_checkpoint",
+    "complete_checkpoint",
     "consolidated_state_dict",
     "fetch_checkpoint",
     "is_checkpoint",
@@ -42,12 +56,17 @@ __all__ = [
     "read_trainer_state",
     "read_weights",
     "remote_run_config",
+    "write_file_list",
+    "write_manifest",
 ]
 
 DEEPSPEED_TAG = "deepspeed"
 RUN_CONFIG = "run_config.json"
 TRAINER_STATE = "trainer_state.json"
 WEIGHTS = "weights/transformer.safetensors"
+MANIFEST = "manifest.json"
+RANK_FILES = "ranks/files_rank_{rank}.json"
+_CHUNK = 8 << 20
 
 # The engine wraps Mask2DiT, whose only submodule is the stock transformer.
 MODULE_PREFIX = "transformer."
@@ -136,3 +155,134 @@ def remote_run_config(uri: str, storage: StorageConfig | None) -> RunConfig:
             f"checkpoint {uri}: unreadable {RUN_CONFIG} ({first_line(exc)}); "
             "give a checkpoint of a finished save"
         ) from None
+
+
+# -- completeness: each rank's file list, the coordinator's manifest, the readers' check ----
+
+
+def _sha256(handle: Any) -> str:
+    digest = hashlib.sha256()
+    while chunk := handle.read(_CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_file_list(folder: Path, rank: int) -> None:
+    """Record size and sha256 of every file in ``folder`` (this rank's part of a
+    checkpoint, on local disk before the upload) in ``ranks/files_rank_R.json``."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        with path.open("rb") as handle:
+            files[path.relative_to(folder).as_posix()] = {
+                "size": path.stat().st_size,
+                "sha256": _sha256(handle),
+            }
+    target = folder / RANK_FILES.format(rank=rank)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(files, indent=1))
+
+
+def _sizes(fs: Any, path: str) -> dict[str, int]:
+    """Relative name -> size of every file under ``path`` on ``fs``."""
+    fs.invalidate_cache(path)
+    found = fs.find(path, detail=True)
+    return {name[len(path) + 1 :]: int(info["size"]) for name, info in found.items()}
+
+
+def write_manifest(uri: str, storage: StorageConfig | None, world_size: int) -> str | None:
+    """Write ``manifest.json`` of checkpoint ``uri`` once every rank's files are there at
+    the sizes their lists give; the problem (and no manifest) otherwise."""
+    fs, path = filesystem(uri, storage)
+    path = path.rstrip("/")
+    sizes = _sizes(fs, path)
+    files: dict[str, dict[str, Any]] = {}
+    for rank in range(world_size):
+        name = RANK_FILES.format(rank=rank)
+        if name not in sizes:
+            return f"rank {rank}'s file list {name} is missing"
+        listed = fs.cat_file(f"{path}/{name}")
+        files[name] = {"size": len(listed), "sha256": hashlib.sha256(listed).hexdigest()}
+        files.update(json.loads(listed))
+    for name, info in files.items():
+        if sizes.get(name) != info["size"]:
+            return _size_problem(name, info["size"], sizes.get(name))
+    manifest = {"world_size": world_size, "files": dict(sorted(files.items()))}
+    with fs.open(f"{path}/{MANIFEST}", "w") as handle:
+        handle.write(json.dumps(manifest, indent=1))
+    return None
+
+
+def _size_problem(name: str, want: int, have: int | None) -> str:
+    if have is None:
+        return f"{name} is missing"
+    return f"{name} is {have} bytes, the manifest says {want}"
+
+
+@dataclass(frozen=True)
+class CheckpointState:
+    """What a check of one checkpoint found: ``problem`` is None when it is complete."""
+
+    uri: str
+    problem: str | None
+    manifest: bool
+    total_bytes: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.problem is None
+
+
+def check_checkpoint(
+    uri: str, storage: StorageConfig | None, verify: bool = False
+) -> CheckpointState:
+    """Whether checkpoint ``uri`` is complete: its manifest is there and every file it
+    lists is there at its size (``verify``: and has its sha256, which reads every byte)."""
+    fs, path = filesystem(uri, storage)
+    path = path.rstrip("/")
+    fs.invalidate_cache(path)  # a listing cached before the save would hide its files
+    try:
+        manifest = json.loads(fs.cat_file(f"{path}/{MANIFEST}"))
+        files = manifest["files"]
+    except FileNotFoundError:
+        return CheckpointState(uri, f"no {MANIFEST} (the save did not finish)", False)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return CheckpointState(uri, f"unreadable {MANIFEST} ({first_line(exc)})", True)
+    total = sum(info["size"] for info in files.values())
+    sizes = _sizes(fs, path)
+    for name, info in files.items():
+        if sizes.get(name) != info["size"]:
+            return CheckpointState(uri, _size_problem(name, info["size"], sizes.get(name)), True)
+    if verify:
+        for name, info in files.items():
+            with fs.open(f"{path}/{name}", "rb") as handle:
+                if _sha256(handle) != info["sha256"]:
+                    return CheckpointState(uri, f"{name} differs from its sha256", True, total)
+    return CheckpointState(uri, None, True, total)
+
+
+def complete_checkpoint(
+    uris: list[str], storage: StorageConfig | None, warn: Callable[[str], None]
+) -> str | None:
+    """The newest of ``uris`` (oldest first) that is complete, each newer one skipped
+    with a warning saying what is wrong with it; None if none is.
+
+    A run none of whose checkpoints has a manifest was written before m2d wrote them: its
+    newest is used, with a warning that it is unverified.
+    """
+    skipped = []
+    for uri in reversed(uris):
+        state = check_checkpoint(uri, storage)
+        if state.complete:
+            for newer in skipped:
+                warn(f"checkpoint {newer.uri} is incomplete ({newer.problem}); using {uri}")
+            return uri
+        skipped.append(state)
+    if skipped and not any(state.manifest for state in skipped):
+        warn(
+            f"no checkpoint of {uris[-1].rsplit('/', 1)[0]} has a {MANIFEST} (written by an "
+            f"older m2d): using the newest, {uris[-1]}, unverified"
+        )
+        return uris[-1]
+    for state in skipped:
+        warn(f"checkpoint {state.uri} is incomplete ({state.problem})")
+    return None

@@ -201,7 +201,12 @@ class FaultToleranceConfig(_Strict):
 
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts; -1 for unlimited.")
     checkpoint_every: int = Field(500, ge=1, description="Steps between checkpoints.")
-    keep_checkpoints: int = Field(3, ge=1, description="Checkpoints kept per run (latest K).")
+    keep_checkpoints: int = Field(
+        3,
+        ge=1,
+        description="Checkpoints kept per run (the latest K; 2 at least, in case the newer "
+        "turns out incomplete).",
+    )
 
 
 class ModelConfig(_Strict):

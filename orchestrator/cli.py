@@ -16,6 +16,10 @@ from infra.errors import M2DError
 
 # name -> "module:attribute" of a click command or group.
 COMMANDS = {
+    "checkpoints": (
+        "orchestrator.commands.checkpoints:checkpoints",
+        "A run's checkpoints and whether each is complete.",
+    ),
     "cluster": (
         "orchestrator.commands.cluster:cluster",
         "List, show and validate cluster profiles.",

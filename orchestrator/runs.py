@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from infra.checkpoint_layout import RUN_CONFIG, TRAINER_STATE
+from infra.checkpoint_layout import (
+    MANIFEST,
+    RUN_CONFIG,
+    check_checkpoint,
+    complete_checkpoint,
+)
 from infra.config import RunConfig, StorageConfig
 from infra.errors import ConfigError
 from infra.processes import pid_alive
@@ -155,22 +161,43 @@ def checkpoints(record: RunRecord) -> list[str]:
     return [join(record.run_dir, name) for name in names if name.startswith("checkpoint_")]
 
 
-def latest_checkpoint(record: RunRecord) -> str:
-    """The newest checkpoint of a run; a ConfigError if it has none."""
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def latest_checkpoint(record: RunRecord, warn: Callable[[str], None] = _warn) -> str:
+    """The newest complete checkpoint of a run (newer incomplete ones skipped with a
+    warning each); a ConfigError if it has none."""
     found = checkpoints(record)
     if not found:
         raise ConfigError(f"run {record.name} has no checkpoint yet (looked in {record.run_dir})")
-    return found[-1]
+    uri = complete_checkpoint(found, record.storage_config, warn)
+    if uri is None:
+        raise ConfigError(
+            f"run {record.name} has no complete checkpoint ({len(found)} incomplete); "
+            f"`m2d checkpoints {record.name}` shows what each lacks"
+        )
+    return uri
 
 
-def checkpoint_step(checkpoint_uri: str, record: RunRecord) -> int | None:
-    """The training step a checkpoint was taken at (its trainer_state.json), if readable."""
-    fs, path = filesystem(join(checkpoint_uri, TRAINER_STATE), record.storage_config)
-    try:
-        with fs.open(path) as handle:
-            return int(json.load(handle)["step"])
-    except (OSError, KeyError, ValueError):
-        return None
+def checkpoint_at(record: RunRecord, step: int, warn: Callable[[str], None] = _warn) -> str:
+    """The run's checkpoint taken at ``step``, which must be complete; a ConfigError
+    naming the steps it has otherwise."""
+    found = checkpoints(record)
+    wanted = [uri for uri in found if uri.rstrip("/").endswith(f"checkpoint_{step:08d}")]
+    if not wanted:
+        steps = ", ".join(str(int(uri.rsplit("_", 1)[-1])) for uri in found) or "none yet"
+        raise ConfigError(f"run {record.name} has no checkpoint at step {step}; it has: {steps}")
+    state = check_checkpoint(wanted[0], record.storage_config)
+    if state.complete:
+        return wanted[0]
+    if not any(check_checkpoint(uri, record.storage_config).manifest for uri in found):
+        warn(f"{wanted[0]} has no {MANIFEST} (written by an older m2d): using it unverified")
+        return wanted[0]
+    raise ConfigError(
+        f"run {record.name}: the checkpoint at step {step} is incomplete ({state.problem}); "
+        f"pick another (`m2d checkpoints {record.name}`)"
+    )
 
 
 def resolve_run(

@@ -1,5 +1,6 @@
 """A reverse proxy in front of the S3 API server that counts, per client process, the
-bytes of every object it GETs: how tests measure what a rank or an actor reads.
+bytes of every object it GETs: how tests measure what a rank or an actor reads. It can
+also hold the requests on chosen keys, never forwarding them: an upload caught halfway.
 
 Everything runs on 127.0.0.1, so the client's TCP port names its process (psutil).
 Requests are forwarded unchanged (moto does not check signatures against the host).
@@ -10,6 +11,7 @@ from __future__ import annotations
 import http.client
 import threading
 from collections import Counter
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
@@ -28,6 +30,9 @@ class CountingProxy:
         self.upstream = (target.hostname, target.port)
         self.reads: Counter[tuple[int, str]] = Counter()
         self.lock = threading.Lock()
+        self.holds: Callable[[str], bool] = lambda key: False
+        self.held = threading.Event()  # set once a request was held
+        self.release = threading.Event()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -37,6 +42,7 @@ class CountingProxy:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.release.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -62,6 +68,11 @@ class CountingProxy:
             self.reads[pid, key] += size
 
 
+def _key(path: str) -> str:
+    """``bucket/key`` of a request path (query string dropped)."""
+    return unquote(urlsplit(path).path).lstrip("/")
+
+
 def _client_pid(address: tuple[str, int]) -> int:
     """The local process whose TCP socket is ``address`` (-1 if it is gone already)."""
     for conn in psutil.net_connections(kind="tcp"):
@@ -84,6 +95,11 @@ def _handler(proxy: CountingProxy) -> type[BaseHTTPRequestHandler]:
         def _forward(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else None
+            if self.command in ("PUT", "POST") and proxy.holds(_key(self.path)):
+                proxy.held.set()
+                proxy.release.wait(timeout=600)
+                self.send_error(503, "held by the test")
+                return
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
             upstream = http.client.HTTPConnection(*proxy.upstream, timeout=120)
             try:
@@ -104,8 +120,7 @@ def _handler(proxy: CountingProxy) -> type[BaseHTTPRequestHandler]:
             if self.command != "HEAD":
                 self.wfile.write(data)
             if self.command == "GET" and response.status in (200, 206):
-                key = unquote(urlsplit(self.path).path).lstrip("/")
-                proxy.record(self.pid, key, len(data))
+                proxy.record(self.pid, _key(self.path), len(data))
 
         do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
 

@@ -33,6 +33,7 @@ from infra.checkpoint_layout import (
     RUN_CONFIG,
     TRAINER_STATE,
     WEIGHTS,
+    write_file_list,
 )
 from infra.config import RunConfig
 from infra.errors import ConfigError
@@ -75,6 +76,7 @@ def save_checkpoint(
     if rank == 0:
         (folder / RUN_CONFIG).write_text(json.dumps(run.model_dump(mode="json"), indent=2))
         (folder / TRAINER_STATE).write_text(json.dumps(state.__dict__, indent=2))
+    write_file_list(folder, rank)  # last: what the coordinator's manifest checks
 
 
 def load_checkpoint(

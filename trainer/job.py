@@ -27,8 +27,9 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from infra.checkpoint_layout import write_manifest
 from infra.config import RunConfig, StorageConfig, stage_input
-from infra.errors import ConfigError, M2DError, StorageError
+from infra.errors import ConfigError, M2DError, StorageError, first_line
 from infra.job_specs import TrainJobSpec
 from infra.jobs import run_job
 from infra.logging import get_logger, progress
@@ -109,7 +110,8 @@ def ray_run_config(folder: RunFolder, callbacks: list[Any] | None = None) -> Any
         storage_path=storage_path,
         storage_filesystem=storage_fs,
         failure_config=ray.train.FailureConfig(max_failures=ft.max_failures),
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=ft.keep_checkpoints),
+        # Two at least, whatever keep_checkpoints says: the newer may turn out torn.
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(2, ft.keep_checkpoints)),
         callbacks=callbacks or [],
     )
 
@@ -157,9 +159,23 @@ def _progress_callback(folder: RunFolder, tracker: Tracker) -> Any:
             )
             if checkpoint is not None:
                 name = checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
-                tracker.log_checkpoint(f"{folder.parent}/{folder.name}/{name}", step)
+                uri = f"{folder.parent}/{folder.name}/{name}"
+                _commit(uri, folder.run)
+                tracker.log_checkpoint(uri, step)
 
     return Progress()
+
+
+def _commit(uri: str, run: RunConfig) -> None:
+    """Write checkpoint ``uri``'s manifest - every rank's files are on storage once Ray
+    reports it - which makes it count; a checkpoint that cannot get one is left without
+    (its readers take the one before), saying why."""
+    try:
+        problem = write_manifest(uri, run.storage, run.workers.num_workers)
+    except (OSError, ValueError) as exc:
+        problem = first_line(exc)
+    if problem:
+        log.warning("checkpoint %s has no manifest (%s): readers use the one before", uri, problem)
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 
-from infra.errors import ConfigError
 from infra.job_specs import ExportSpec
 from orchestrator import runs
 from orchestrator.jobs import make_spec, run_job
@@ -13,14 +12,10 @@ EXPORT_MODULE = "trainer.export"
 
 
 def pick_checkpoint(record: runs.RunRecord, step: int | None) -> str:
-    """The latest checkpoint, or the one taken at ``step``."""
+    """The latest complete checkpoint, or the one taken at ``step``."""
     if step is None:
         return runs.latest_checkpoint(record)
-    found = {runs.checkpoint_step(c, record): c for c in runs.checkpoints(record)}
-    if step not in found:
-        steps = ", ".join(str(s) for s in sorted(s for s in found if s is not None)) or "none"
-        raise ConfigError(f"run {record.name} has no checkpoint at step {step} (has: {steps})")
-    return found[step]
+    return runs.checkpoint_at(record, step)
 
 
 @click.command()

@@ -63,13 +63,7 @@ def _latest_run(cluster: str, stage: str) -> str:
 def _run_checkpoint(record: runs.RunRecord, step: str) -> str:
     if not step.isdigit():
         raise ConfigError(f"--checkpoint {record.name}:{step}: STEP must be a step number")
-    found = runs.checkpoints(record)
-    wanted = f"checkpoint_{int(step):08d}"
-    for uri in found:
-        if uri.rstrip("/").endswith(wanted):
-            return uri
-    steps = ", ".join(str(int(uri.rsplit("_", 1)[-1])) for uri in found) or "none yet"
-    raise ConfigError(f"run {record.name} has no checkpoint at step {step}; it has: {steps}")
+    return runs.checkpoint_at(record, int(step))
 
 
 def _folder_label(uri: str) -> str:

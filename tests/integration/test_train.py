@@ -8,16 +8,20 @@ once the weights have really moved.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import yaml
+from m2d_cli import M2D as M2D_CLI
 from s3_proxy import CountingProxy
 
 from infra.config import ClusterProfile, RunConfig, StorageConfig, resolve_run
@@ -422,3 +426,123 @@ def test_worker_side_user_error_exits_2_with_its_message(tmp_path, mlflow_server
     assert done.stdout.strip().splitlines()[-1].startswith("run bad-data failed: step 0/")
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: DataError: {columns}: missing required column(s) "), last
+
+
+def test_a_kill_during_a_checkpoint_upload_leaves_it_incomplete_and_unused(
+    s3_endpoint, mlflow_server, synth_data, tmp_path
+):
+    """The job SIGKILLed while rank 1 uploads the last checkpoint to the S3 server (the
+    proxy holds those requests): that checkpoint has rank 0's files but no manifest, so
+    `m2d checkpoints` calls it incomplete and readers take the one before; the resumed run
+    continues from that one, and keeps two checkpoints although keep_checkpoints is 1."""
+    import signal
+
+    import boto3
+    import s3fs
+    from ray_session import ray_session, wait_gone
+
+    from orchestrator.runs import RunRecord, latest_checkpoint
+
+    bucket = f"m2d-torn-{os.getpid()}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(
+        Bucket=bucket
+    )
+    run_dir = f"s3://{bucket}/runs/torn"
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    last = f"{bucket}/runs/torn/checkpoint_{STEPS:08d}"
+    with CountingProxy(s3_endpoint) as proxy:
+        proxy.holds = lambda key: key.startswith(f"{last}/") and "rank_1" in key
+        storage = {"root": f"s3://{bucket}/runs", "endpoint_url": proxy.url}
+        run = make_run(
+            storage,
+            mlflow_server,
+            data__pretrain=str(synth_data / "pretrain.jsonl"),
+            fault_tolerance__keep_checkpoints=1,
+        )
+        fs.pipe(f"{bucket}/runs/torn/run_config.json", run.model_dump_json().encode())
+        spec = TrainJobSpec(config=f"{run_dir}/run_config.json", storage=run.storage)
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        job = _start([sys.executable, "-m", "trainer.job", *spec_argv(spec)], env)
+        try:
+            assert proxy.held.wait(timeout=600), "rank 1 never uploaded the last checkpoint"
+            # The controller commits the checkpoint before (it reports asynchronously):
+            # with rank 1 held, the job can go no further than that.
+            first = f"{bucket}/runs/torn/checkpoint_{EVERY:08d}/manifest.json"
+            deadline = time.monotonic() + 120
+            while not fs.exists(first):
+                assert time.monotonic() < deadline, "the first checkpoint got no manifest"
+                time.sleep(0.2)
+                fs.invalidate_cache()
+            session = ray_session(psutil.Process(job.pid))
+            os.killpg(job.pid, signal.SIGKILL)
+            for process in session:
+                with contextlib.suppress(psutil.Error):
+                    process.kill()
+            wait_gone(session)
+        finally:
+            if job.poll() is None:
+                job.kill()
+            job.wait()
+    fs.invalidate_cache()
+    torn = fs.find(last)
+    assert any("rank_0" in key for key in torn), torn  # rank 0's part did land
+    assert not any(key.endswith("manifest.json") for key in torn)
+
+    record = RunRecord(
+        name="torn",
+        cluster="local",
+        stage="pretrain",
+        run_dir=run_dir,
+        config_uri=f"{run_dir}/run_config.json",
+        kind="local",
+        storage={"root": f"s3://{bucket}/runs", "endpoint_url": s3_endpoint},
+    )
+    record.save()
+    listed = subprocess.run(
+        [*M2D_CLI, "checkpoints", "torn"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert lines[0].startswith(f"checkpoint_{EVERY:08d}  complete")
+    assert lines[1] == (
+        f"checkpoint_{STEPS:08d}  incomplete  no manifest.json (the save did not finish)"
+    )
+    warnings: list[str] = []
+    before = f"{run_dir}/checkpoint_{EVERY:08d}"
+    assert latest_checkpoint(record, warnings.append) == before
+    assert warnings == [
+        f"checkpoint {run_dir}/checkpoint_{STEPS:08d} is incomplete (no manifest.json (the "
+        f"save did not finish)); using {before}"
+    ]
+
+    direct = run.model_copy(update={"storage": StorageConfig(**record.storage)})
+    fs.pipe(f"{bucket}/runs/torn/run_config.json", direct.model_dump_json().encode())
+    done = run_job(f"{run_dir}/run_config.json", endpoint_url=s3_endpoint)  # no proxy now
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"rank 0 resumed at step {EVERY}" in done.stdout + done.stderr
+    warnings.clear()
+    latest = latest_checkpoint(record, warnings.append)
+    assert latest == f"{run_dir}/checkpoint_{STEPS:08d}" and not warnings, warnings
+    fs.invalidate_cache()
+    kept = sorted(
+        name for p in fs.ls(f"{bucket}/runs/torn") if (name := p.rsplit("/", 1)[-1])[11:].isdigit()
+    )
+    assert kept == [f"checkpoint_{EVERY:08d}", f"checkpoint_{STEPS:08d}"]  # 2, not 1
+    verified = subprocess.run(
+        [*M2D_CLI, "checkpoints", "torn", "--verify"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert [line.split()[1] for line in verified.stdout.splitlines()] == ["verified"] * 2
+
+
+def _start(command: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )

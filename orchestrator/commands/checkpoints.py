@@ -1,0 +1,35 @@
+"""``m2d checkpoints RUN [--verify]``: a run's checkpoints, each complete or not and why.
+
+A checkpoint is complete when its ``manifest.json`` (written last, once every rank's files
+are on storage) is there and every file it lists is there at its size; ``--verify`` also
+checks each file's sha256, reading every byte. Readers (SFT ``--from``, export,
+sample-batch) use the newest complete one.
+"""
+
+from __future__ import annotations
+
+import click
+
+from infra.checkpoint_layout import check_checkpoint
+from orchestrator import runs
+
+
+@click.command()
+@click.argument("name")
+@click.option("--verify", is_flag=True, help="Also check every file's sha256 (reads them all).")
+def checkpoints(name: str, verify: bool) -> None:
+    """List run NAME's checkpoints, oldest first, with their state."""
+    record = runs.load_record(name)
+    found = runs.checkpoints(record)
+    if not found:
+        click.echo(f"run {name} has no checkpoint yet ({record.run_dir})")
+        return
+    for uri in found:
+        state = check_checkpoint(uri, record.storage_config, verify=verify)
+        folder = uri.rstrip("/").rsplit("/", 1)[-1]
+        if state.complete:
+            size = f"{state.total_bytes / 2**20:.1f} MiB"
+            what = "verified" if verify else "complete"
+            click.echo(f"{folder}  {what:<10}  {size}")
+        else:
+            click.echo(f"{folder}  incomplete  {state.problem}")

@@ -1,0 +1,122 @@
+"""A checkpoint counts only when complete: each rank's file list, the coordinator's
+manifest written last, and the readers' check - on local folders laid out as a 2-rank
+save leaves them (the kill during an upload to an S3 server: tests/integration)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from infra.checkpoint_layout import (
+    MANIFEST,
+    check_checkpoint,
+    complete_checkpoint,
+    write_file_list,
+    write_manifest,
+)
+
+
+def _rank_part(root: Path, rank: int) -> None:
+    """What one rank's save writes (its own folder before Ray merges them)."""
+    part = root / f"part{rank}"
+    (part / "deepspeed").mkdir(parents=True)
+    (part / "deepspeed" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(
+        bytes(range(256)) * (rank + 3)
+    )
+    (part / "ranks").mkdir()
+    (part / "ranks" / f"rank_{rank}.pt").write_bytes(b"position %d" % rank)
+    if rank == 0:
+        (part / "trainer_state.json").write_text('{"step": 4}')
+    write_file_list(part, rank)
+
+
+def _merged(tmp_path: Path, name: str = "checkpoint_00000004", ranks=(0, 1)) -> Path:
+    """The checkpoint folder as storage holds it once these ranks' parts are uploaded."""
+    folder = tmp_path / "run" / name
+    for rank in ranks:
+        _rank_part(tmp_path / name, rank)
+        for path in (tmp_path / name / f"part{rank}").rglob("*"):
+            if path.is_file():
+                target = folder / path.relative_to(tmp_path / name / f"part{rank}")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(path.read_bytes())
+    return folder
+
+
+def test_the_manifest_lists_every_file_with_its_size_and_sha256(tmp_path):
+    folder = _merged(tmp_path)
+    assert write_manifest(str(folder), None, world_size=2) is None
+    files = json.loads((folder / MANIFEST).read_text())["files"]
+    on_disk = {
+        p.relative_to(folder).as_posix(): p
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != MANIFEST
+    }
+    assert set(files) == set(on_disk)  # the rank lists themselves included
+    for name, path in on_disk.items():
+        data = path.read_bytes()
+        assert files[name] == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    state = check_checkpoint(str(folder), None, verify=True)
+    assert state.complete and state.total_bytes == sum(
+        len(p.read_bytes()) for p in on_disk.values()
+    )
+
+
+def test_no_manifest_while_a_rank_is_missing_or_short(tmp_path):
+    folder = _merged(tmp_path, ranks=(0,))  # rank 1's upload never came
+    assert write_manifest(str(folder), None, 2) == (
+        "rank 1's file list ranks/files_rank_1.json is missing"
+    )
+    assert not (folder / MANIFEST).exists()
+    other = _merged(tmp_path / "b")
+    shard = other / "deepspeed" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[:100])  # a torn upload
+    assert write_manifest(str(other), None, 2) == (
+        "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt is 100 bytes, the manifest says 1024"
+    )
+    assert not (other / MANIFEST).exists()
+    assert (
+        check_checkpoint(str(other), None).problem == "no manifest.json (the save did not finish)"
+    )
+
+
+def test_a_short_or_altered_file_after_the_manifest_is_caught(tmp_path):
+    folder = _merged(tmp_path)
+    assert write_manifest(str(folder), None, 2) is None
+    position = folder / "ranks" / "rank_1.pt"
+    position.write_bytes(b"position 9")  # same size, other bytes
+    assert check_checkpoint(str(folder), None).complete  # sizes only: cheap
+    assert check_checkpoint(str(folder), None, verify=True).problem == (
+        "ranks/rank_1.pt differs from its sha256"
+    )
+    position.write_bytes(b"pos")
+    assert check_checkpoint(str(folder), None).problem == (
+        "ranks/rank_1.pt is 3 bytes, the manifest says 10"
+    )
+    position.unlink()
+    assert check_checkpoint(str(folder), None).problem == "ranks/rank_1.pt is missing"
+
+
+def test_readers_take_the_newest_complete_checkpoint_and_say_what_they_skipped(tmp_path):
+    older = _merged(tmp_path, "checkpoint_00000002")
+    assert write_manifest(str(older), None, 2) is None
+    newer = _merged(tmp_path, "checkpoint_00000004", ranks=(0,))
+    warnings: list[str] = []
+    assert complete_checkpoint([str(older), str(newer)], None, warnings.append) == str(older)
+    assert warnings == [
+        f"checkpoint {newer} is incomplete (no manifest.json (the save did not finish)); "
+        f"using {older}"
+    ]
+    (older / "trainer_state.json").unlink()
+    warnings.clear()
+    assert complete_checkpoint([str(older), str(newer)], None, warnings.append) is None
+    assert len(warnings) == 2 and "trainer_state.json is missing" in warnings[1]
+
+
+def test_a_run_from_before_manifests_uses_its_newest_unverified(tmp_path):
+    first = _merged(tmp_path, "checkpoint_00000002")
+    second = _merged(tmp_path, "checkpoint_00000004")
+    warnings: list[str] = []
+    assert complete_checkpoint([str(first), str(second)], None, warnings.append) == str(second)
+    assert len(warnings) == 1 and "older m2d" in warnings[0] and "unverified" in warnings[0]
