@@ -14,6 +14,12 @@ Encoders:
   image processor; X-CLIP needs no tokenizer for video, so none is loaded. A folder
   without a processor config gets the image processor transformers maps X-CLIP to
   (``CLIPImageProcessor`` with its defaults) sized to ``vision_config.image_size``.
+- ``clip``: transformers' CLIP, frame-averaged: each of ``num_frames`` frames through
+  ``CLIPModel.get_image_features``, unit-normalised, then averaged.
+
+Encoders that also embed text (``embed_texts``: X-CLIP's and CLIP's text towers, with the
+folder's own tokenizer, loaded on first use) give evaluation its semantic consistency;
+:func:`text_encoder_of` says whether one does.
 
 Shape legend: T frames, C = 3 RGB channels, H height, W width, D embedding size.
 torch and transformers load inside functions, so importing this module stays cheap.
@@ -29,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from infra.config import StorageConfig
-from infra.errors import ConfigError, DataError
+from infra.errors import ConfigError, DataError, first_line
 from infra.model_store import fetch_folder
 from infra.storage import filesystem, is_remote
 
@@ -37,12 +43,14 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "TextVideoEncoder",
     "VideoEncoder",
     "check_encoder",
     "encoder_names",
     "load_encoder",
     "local_folder",
     "register_encoder",
+    "text_encoder_of",
     "uniform_frame_indices",
 ]
 
@@ -63,6 +71,20 @@ class VideoEncoder(Protocol):
     def embed(self, frames_TCHW: torch.Tensor) -> torch.Tensor:
         """The clip's embedding, float32 (D,). Frames are uint8, or float in [0, 1]."""
         ...
+
+
+@runtime_checkable
+class TextVideoEncoder(VideoEncoder, Protocol):
+    """A video encoder whose text tower embeds prompts into the same space."""
+
+    def embed_texts(self, prompts: list[str]) -> torch.Tensor:
+        """One embedding per prompt, float32 (N, D)."""
+        ...
+
+
+def text_encoder_of(encoder: VideoEncoder) -> TextVideoEncoder | None:
+    """``encoder`` if it embeds text too, else None (then no semantic consistency)."""
+    return encoder if isinstance(encoder, TextVideoEncoder) else None
 
 
 class _EncoderClass(Protocol):
@@ -160,35 +182,22 @@ class XCLIPEncoder:
     def __init__(self, model, image_processor) -> None:
         self.model = model.eval()
         self.image_processor = image_processor
+        self.folder: Path | None = None
 
     @classmethod
     def check(cls, uri: str, storage: StorageConfig | None = None) -> None:
         """The folder holds an X-CLIP ``config.json`` (read without loading transformers)."""
-        fs, path = filesystem(uri, storage)
-        try:
-            config = json.loads(fs.cat_file(f"{path.rstrip('/')}/config.json"))
-        except FileNotFoundError:
-            raise DataError(
-                f"{uri}: no config.json; give a folder written by save_pretrained"
-            ) from None
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{uri}: cannot read config.json ({exc})") from None
-        if not isinstance(config, dict) or config.get("model_type") != "xclip":
-            kind = config.get("model_type") if isinstance(config, dict) else None
-            raise DataError(f"{uri}: config.json is not an X-CLIP model (model_type {kind!r})")
+        _check_model_type(uri, storage, "xclip", "an X-CLIP")
 
     @classmethod
     def from_pretrained(cls, uri: str, storage: StorageConfig | None = None) -> XCLIPEncoder:
         """Load a ``save_pretrained`` folder (local or ``s3://``) on the best device."""
-        import torch
         from transformers import XCLIPModel
 
-        folder = local_folder(uri, storage)
-        if not (folder / "config.json").is_file():
-            raise DataError(f"{uri}: no config.json; save the model with save_pretrained")
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = XCLIPModel.from_pretrained(folder).to(device)
-        return cls(model, _image_processor(folder, model.config.vision_config.image_size))
+        folder, model = _load_model(XCLIPModel, uri, storage)
+        encoder = cls(model, _image_processor(folder, model.config.vision_config.image_size))
+        encoder.folder = folder
+        return encoder
 
     @property
     def num_frames(self) -> int:
@@ -212,6 +221,112 @@ class XCLIPEncoder:
         # transformers 5 returns a ModelOutput whose pooler_output is the video embedding.
         features = getattr(output, "pooler_output", output)
         return features[0].float().cpu()
+
+    def embed_texts(self, prompts: list[str]) -> torch.Tensor:
+        """X-CLIP's text tower (``get_text_features``), float32 (N, projection_dim)."""
+        return _text_features(self, prompts)
+
+
+@register_encoder("clip")
+class CLIPFrameEncoder:
+    """transformers' CLIP image tower over ``num_frames`` frames, unit-normalised per frame
+    and averaged; its text tower for prompts."""
+
+    name = "clip"
+    num_frames = 8
+
+    def __init__(self, model, image_processor, folder: Path | None = None) -> None:
+        self.model = model.eval()
+        self.image_processor = image_processor
+        self.folder = folder
+
+    @classmethod
+    def check(cls, uri: str, storage: StorageConfig | None = None) -> None:
+        """The folder holds a CLIP ``config.json`` (read without loading transformers)."""
+        _check_model_type(uri, storage, "clip", "a CLIP")
+
+    @classmethod
+    def from_pretrained(cls, uri: str, storage: StorageConfig | None = None) -> CLIPFrameEncoder:
+        from transformers import CLIPModel
+
+        folder, model = _load_model(CLIPModel, uri, storage)
+        return cls(model, _image_processor(folder, model.config.vision_config.image_size), folder)
+
+    def embed(self, frames_TCHW: torch.Tensor) -> torch.Tensor:
+        """The mean of the frames' unit CLIP image embeddings, float32 (projection_dim,)."""
+        import torch
+
+        frames = _as_uint8(frames_TCHW)
+        pixels = self.image_processor(
+            images=list(frames), input_data_format="channels_first", return_tensors="pt"
+        )["pixel_values"]
+        parameter = next(self.model.parameters())
+        with torch.inference_mode():
+            output = self.model.get_image_features(
+                pixel_values=pixels.to(parameter.device, parameter.dtype)
+            )
+        features = getattr(output, "pooler_output", output).float()
+        features = features / features.norm(dim=-1, keepdim=True)
+        return features.mean(dim=0).cpu()
+
+    def embed_texts(self, prompts: list[str]) -> torch.Tensor:
+        """CLIP's text tower (``get_text_features``), float32 (N, projection_dim)."""
+        return _text_features(self, prompts)
+
+
+def _check_model_type(uri: str, storage: StorageConfig | None, kind: str, what: str) -> None:
+    """The folder at ``uri`` holds a ``config.json`` of ``model_type`` ``kind``."""
+    fs, path = filesystem(uri, storage)
+    try:
+        config = json.loads(fs.cat_file(f"{path.rstrip('/')}/config.json"))
+    except FileNotFoundError:
+        raise DataError(
+            f"{uri}: no config.json; give a folder written by save_pretrained"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{uri}: cannot read config.json ({exc})") from None
+    if not isinstance(config, dict) or config.get("model_type") != kind:
+        found = config.get("model_type") if isinstance(config, dict) else None
+        raise DataError(f"{uri}: config.json is not {what} model (model_type {found!r})")
+
+
+def _load_model(model_class, uri: str, storage: StorageConfig | None):
+    """(local folder, model on the best device) of a ``save_pretrained`` folder."""
+    import torch
+
+    folder = local_folder(uri, storage)
+    if not (folder / "config.json").is_file():
+        raise DataError(f"{uri}: no config.json; save the model with save_pretrained")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return folder, model_class.from_pretrained(folder).to(device)
+
+
+def _text_features(encoder, prompts: list[str]) -> torch.Tensor:
+    """The text tower's features of ``prompts`` with the folder's tokenizer (loaded once),
+    cut to the tower's length."""
+    import torch
+    from transformers import AutoTokenizer
+
+    if getattr(encoder, "tokenizer", None) is None:
+        try:
+            encoder.tokenizer = AutoTokenizer.from_pretrained(encoder.folder)
+        except (OSError, ValueError) as exc:
+            raise DataError(
+                f"{encoder.folder}: no tokenizer for the text tower ({first_line(exc)}); save "
+                "the model's tokenizer into the folder with save_pretrained"
+            ) from None
+    length = encoder.model.config.text_config.max_position_embeddings
+    tokens = encoder.tokenizer(
+        list(prompts), padding="max_length", truncation=True, max_length=length,
+        return_tensors="pt",
+    )  # fmt: skip
+    device = next(encoder.model.parameters()).device
+    with torch.inference_mode():
+        output = encoder.model.get_text_features(
+            input_ids=tokens["input_ids"].to(device),
+            attention_mask=tokens["attention_mask"].to(device),
+        )
+    return getattr(output, "pooler_output", output).float().cpu()
 
 
 def _image_processor(folder: Path, image_size: int):

@@ -1,6 +1,6 @@
 """The numbers a checkpoint is judged by: the paper's consistency scores and FVD.
 
-Per story (``../shared/METHOD.md`` section 8), from one video embedding per scene and one
+Per story (docs/method.md §8), from one video embedding per scene and one
 text embedding per prompt, in percent as the paper prints them:
 
 - visual consistency: the mean cosine similarity over every pair of the story's scenes;
@@ -67,12 +67,12 @@ def characters(prompt: str) -> set[str]:
 @dataclass(frozen=True)
 class StoryScores:
     """One story's scores in percent; the character splits are None where the story
-    has no such pair of scenes."""
+    has no such pair of scenes, semantic and sequence where the encoder embeds no text."""
 
     story: str
     visual: float
-    semantic: float
-    sequence: float
+    semantic: float | None
+    sequence: float | None
     visual_shared_character: float | None
     visual_no_shared_character: float | None
 
@@ -83,11 +83,13 @@ class StoryScores:
 def score_story(
     story: str,
     scenes_SD: np.ndarray,
-    prompts_SD: np.ndarray,
+    prompts_SD: np.ndarray | None,
     prompts: list[str],
 ) -> StoryScores:
-    """The scores of one story from its scene and prompt embeddings (same order)."""
-    scenes, texts = _unit(scenes_SD), _unit(prompts_SD)
+    """The scores of one story from its scene and prompt embeddings (same order; no
+    prompt embeddings: no semantic consistency)."""
+    scenes = _unit(scenes_SD)
+    texts = scenes if prompts_SD is None else _unit(prompts_SD)
     if len(scenes) < 2:
         raise DataError(f"story {story}: {len(scenes)} scene(s); consistency needs two or more")
     if not (len(scenes) == len(texts) == len(prompts)):
@@ -100,7 +102,7 @@ def score_story(
     shared = [(i, j) for i, j in pairs if characters(prompts[i]) & characters(prompts[j])]
     unshared = [pair for pair in pairs if pair not in shared]
     visual = _percent(np.mean([similarity[i, j] for i, j in pairs]))
-    semantic = _percent(np.mean(np.sum(scenes * texts, axis=1)))
+    semantic = None if prompts_SD is None else _percent(np.mean(np.sum(scenes * texts, axis=1)))
 
     def over(chosen: list[tuple[int, int]]) -> float | None:
         return _percent(np.mean([similarity[i, j] for i, j in chosen])) if chosen else None
@@ -109,7 +111,7 @@ def score_story(
         story=story,
         visual=visual,
         semantic=semantic,
-        sequence=(visual + semantic) / 2,
+        sequence=None if semantic is None else (visual + semantic) / 2,
         visual_shared_character=over(shared),
         visual_no_shared_character=over(unshared),
     )

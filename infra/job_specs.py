@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from infra.config import RunConfig, StorageConfig, _Strict
+from infra.config import RunConfig, StorageConfig, TrackingConfig, _Strict
 
 __all__ = [
     "ExportSpec",
@@ -63,6 +63,21 @@ class InspectSpec(_Strict):
     manifest: str = Field(description="Manifest path or URI.")
     scenes: int | None = Field(None, ge=1, description="Read as SFT groups of N scenes.")
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint.")
+
+
+class EvalSpec(_Strict):
+    """``python -m sampler.eval_job``: score the stories a sample-batch job rendered."""
+
+    samples: str = Field(description="The sample-batch output root (path or s3:// URI).")
+    encoder: str = Field("xclip", description="Registered video encoder.")
+    encoder_path: str = Field(description="Encoder folder (save_pretrained), path or URI.")
+    overwrite: bool = Field(False, description="Score finished items again.")
+    num_actors: int = Field(1, ge=1, description="Encoder actors (one model each).")
+    cpus_per_actor: int = Field(1, ge=1)
+    gpus_per_actor: int = Field(0, ge=0, le=1)
+    seed: int = Field(0, description="Seed of the bootstrap intervals.")
+    storage: StorageConfig | None = Field(None, description="The samples' store.")
+    tracking: TrackingConfig | None = Field(None, description="MLflow: None logs nothing.")
 
 
 class ExportSpec(_Strict):

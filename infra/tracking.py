@@ -116,21 +116,7 @@ class Tracker:
     ) -> Tracker | None:
         """The latest run of ``tracking.experiment`` with these tags and params that did not
         finish (its job was killed or failed part-way), or ``None``."""
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=tracking.uri)
-        experiment = client.get_experiment_by_name(tracking.experiment)
-        if experiment is None:
-            return None
-        # Tags are compared here, not in the filter: MLflow's filter strings cannot quote
-        # every value (a path may hold a quote).
-        unfinished = client.search_runs(
-            [experiment.experiment_id],
-            filter_string="attributes.status != 'FINISHED'",
-            order_by=["attributes.start_time DESC"],
-            max_results=_SEARCH_RESULTS,
-        )
-        for run in unfinished:
+        for run in _latest_runs(tracking, "attributes.status != 'FINISHED'"):
             same_tags = all(run.data.tags.get(key) == value for key, value in tags.items())
             if same_tags and run.data.params == dict(params):
                 return cls(tracking.uri, run.info.run_id)
@@ -235,6 +221,33 @@ class Tracker:
     def reopen(self) -> None:
         """Mark a resumed run as running again."""
         self.client.update_run(self.run_id, status="RUNNING")
+
+
+def sample_run_of(tracking: TrackingConfig, out: str) -> Tracker | None:
+    """The latest sample-batch run of ``tracking.experiment`` that wrote into ``out`` (its
+    ``m2d.out`` tag), or None."""
+    for run in _latest_runs(tracking, "tags.stage = 'sample'"):
+        if run.data.tags.get("m2d.out") == out:
+            return Tracker(tracking.uri, run.info.run_id)
+    return None
+
+
+def _latest_runs(tracking: TrackingConfig, filter_string: str) -> list[Any]:
+    """The newest runs of ``tracking.experiment`` that match ``filter_string`` (none if the
+    experiment does not exist). Callers compare tags themselves: MLflow's filter strings
+    cannot quote every value (a path may hold a quote)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking.uri)
+    experiment = client.get_experiment_by_name(tracking.experiment)
+    if experiment is None:
+        return []
+    return client.search_runs(
+        [experiment.experiment_id],
+        filter_string=filter_string,
+        order_by=["attributes.start_time DESC"],
+        max_results=_SEARCH_RESULTS,
+    )
 
 
 def is_server(uri: str) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 
 import click
 
@@ -25,6 +26,7 @@ COMMANDS = {
         "List, show and validate cluster profiles.",
     ),
     "dashboard": ("orchestrator.commands.dashboard:dashboard", "Open the MLflow UI."),
+    "eval": ("orchestrator.commands.eval:eval_", "Score sampled stories (consistency metrics)."),
     "export": ("orchestrator.commands.export:export", "Export a checkpoint for diffusers."),
     "launch": ("orchestrator.commands.launch:launch", "Launch a training stage on a cluster."),
     "data": ("orchestrator.commands.data:data", "Synthesize and inspect training data."),
@@ -42,6 +44,17 @@ COMMANDS = {
     "status": ("orchestrator.commands.status:status", "State of a run."),
     "stop": ("orchestrator.commands.status:stop", "Stop a run (checkpoints stay)."),
 }
+
+
+def set_option(example: str) -> Callable[[Callable], Callable]:
+    """``--set KEY.PATH=VALUE`` (repeatable): one resolved key of the profile + stage."""
+    return click.option(
+        "--set",
+        "assignments",
+        multiple=True,
+        metavar="KEY.PATH=VALUE",
+        help=f"Override one resolved key, e.g. {example}.",
+    )
 
 
 class UserError(click.ClickException):

@@ -98,6 +98,11 @@ def _spec_option(spec_type: type[BaseModel], field: str) -> Callable[[Callable],
         settings["default"] = None
         kinds = [kind for kind in typing.get_args(info.annotation) if kind is not type(None)]
         settings["type"] = kinds[0] if len(kinds) == 1 else None
+    elif isinstance(info.default, bool):  # a switch: --name (default off) or --name/--no-name
+        name = "--" + field.replace("_", "-")
+        if info.default:
+            return click.option(f"{name}/--no-{name[2:]}", field, default=True, **settings)
+        return click.option(name, field, is_flag=True, **settings)
     else:
         settings.update(default=info.default, show_default=True)
     return click.option("--" + field.replace("_", "-"), **settings)

@@ -28,10 +28,18 @@ def client_auth() -> None:
     if not (os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(token_file)):
         return
     os.environ["RAY_AUTH_MODE"] = "token"
-    if "ray._raylet" in sys.modules:
-        from ray._raylet import Config
+    refresh_auth()
 
-        Config.initialize("")
+
+def refresh_auth() -> None:
+    """Make this process's Ray read ``RAY_AUTH_*`` again: it caches the mode and the token
+    the first time it needs them (nothing to do before Ray is imported)."""
+    if "ray._raylet" not in sys.modules:
+        return
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def job_client(address: str):

@@ -18,6 +18,8 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from infra.config import RunConfig
 from infra.errors import ConfigError
 from infra.job_specs import TrainJobSpec
@@ -149,3 +151,26 @@ def submit_remote(record: RunRecord, run: RunConfig, submission_id: str | None =
         metadata={"m2d_run": record.name, "cluster": run.cluster, "stage": run.stage},
     )
     record.save()
+
+
+def run_job_on(run: RunConfig, module: str, spec: BaseModel, what: str) -> None:
+    """``python -m MODULE --spec SPEC`` here in the foreground (a failure exits with the
+    job's status) when ``run``'s Ray is local, else submitted to its Ray cluster with the
+    shipped code (``what`` names the job in Ray's metadata and in the lines printed)."""
+    import click
+
+    from orchestrator import jobs
+
+    if run.ray.address == "local":
+        jobs.run_job(module, spec)
+        return
+    job_id = ray_jobs.submit_job(
+        ray_jobs.job_client(run.ray.address),
+        f"the {what} job",
+        echo=click.echo,
+        entrypoint=shlex.join(["python", "-m", module, *spec_argv(spec)]),
+        runtime_env=runtime_env(run),
+        metadata={"m2d": what, "cluster": run.cluster},
+    )
+    click.echo(f"submitted {what} job {job_id} to {run.ray.address}")
+    click.echo(f"follow with: ray job logs --follow --address {run.ray.address} {job_id}")

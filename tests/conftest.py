@@ -18,6 +18,7 @@ import pytest
 from ray_session import cluster_busy, cluster_report, stop_group
 
 from infra.processes import free_port
+from orchestrator.ray_jobs import refresh_auth
 
 BIN = Path(sys.executable).parent
 
@@ -176,6 +177,7 @@ def ray_head_session(tmp_path_factory) -> Iterator[str]:
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
         with mock.patch.dict(os.environ, auth):
+            refresh_auth()  # a Ray used in this process before cached another token
             _wait_http(f"{address}/api/version", process, timeout=120)
             _wait_job_agent(address, process)
             yield address
@@ -188,6 +190,7 @@ def ray_head(ray_head_session) -> str:
     """The session's Ray head once earlier tests' jobs have let go of it: a stopped job's
     actors and placement groups are freed asynchronously, and a job submitted before then
     waits for resources."""
+    refresh_auth()  # an in-process Ray since (a local job's) may have cached its own token
     deadline = time.monotonic() + 120
     while cluster_busy(ray_head_session):
         assert time.monotonic() < deadline, cluster_report(ray_head_session)

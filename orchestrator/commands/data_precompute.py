@@ -16,6 +16,7 @@ import click
 from infra.config import STAGES, RunConfig
 from infra.job_specs import PrecomputeSpec, default_of
 from orchestrator import runs
+from orchestrator.cli import set_option
 from orchestrator.jobs import make_spec, run_job, spec_options
 
 
@@ -25,7 +26,7 @@ from orchestrator.jobs import make_spec, run_job, spec_options
 @click.option("--out", required=True, help="Output folder or s3:// prefix (new, or this job's).")
 @click.option("--manifest", default=None, help="Manifest [default: the profile's data.STAGE].")
 @spec_options(PrecomputeSpec, "shard_size", "num_actors")
-@click.option("--set", "assignments", multiple=True, help="Override a config key: KEY.PATH=VALUE.")
+@set_option("data.prefetch=4")
 @click.option("--no-tracking", is_flag=True, help="Do not log the counts to MLflow.")
 @click.pass_context
 def precompute(

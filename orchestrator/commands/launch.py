@@ -12,7 +12,7 @@ from infra.config import STAGES, RunConfig, looks_secret
 from infra.deepspeed_config import deepspeed_config
 from infra.errors import ConfigError, M2DError, ServiceError, first_line
 from orchestrator import ray_jobs, runs, submit
-from orchestrator.cli import verbose
+from orchestrator.cli import set_option, verbose
 from orchestrator.placement import placement_lines
 
 # Credentials the workers read from their own environment, never from config.
@@ -260,13 +260,7 @@ def _follow_remote(record: runs.RunRecord) -> int:
 @click.command()
 @click.option("--cluster", "cluster_name", help="Profile name in clusters/.")
 @click.option("--stage", type=click.Choice(STAGES), help="Training stage.")
-@click.option(
-    "--set",
-    "assignments",
-    multiple=True,
-    metavar="KEY.PATH=VALUE",
-    help="Override one resolved key, e.g. recipe.steps=200 or deepspeed.zero_stage=3.",
-)
+@set_option("recipe.steps=200 or deepspeed.zero_stage=3")
 @click.option(
     "--dry-run", is_flag=True, help="Print the resolved run, its DeepSpeed JSON and its plan only."
 )

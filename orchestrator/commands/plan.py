@@ -12,12 +12,13 @@ import click
 
 from infra.config import STAGES
 from orchestrator import runs
+from orchestrator.cli import set_option
 
 
 @click.command()
 @click.option("--cluster", "cluster_name", required=True, help="Cluster profile name.")
 @click.option("--stage", type=click.Choice(STAGES), required=True, help="Training stage.")
-@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help="Override.")
+@set_option("deepspeed.zero_stage=3 or workers.nodes=16")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead.")
 @click.pass_context
 def plan(ctx, cluster_name: str, stage: str, assignments: tuple[str, ...], as_json: bool) -> None:

@@ -9,7 +9,6 @@ imports the sampler (or torch), so it starts at once.
 from __future__ import annotations
 
 import re
-import shlex
 from pathlib import Path
 
 import click
@@ -17,11 +16,10 @@ from pydantic import ValidationError
 
 from infra.config import RunConfig
 from infra.errors import ConfigError
-from infra.jobs import spec_argv
 from infra.sample_spec import CheckpointSpec, SampleJobSpec
 from infra.storage import is_remote
-from orchestrator import jobs, ray_jobs, runs, submit
-from orchestrator.cli import UserError
+from orchestrator import runs, submit
+from orchestrator.cli import UserError, set_option
 from orchestrator.jobs import parse_size
 
 JOB_MODULE = "sampler.job"
@@ -112,24 +110,6 @@ def _absolute(value: str) -> str:
     return value if is_remote(value) else str(Path(value).expanduser().resolve())
 
 
-def run_job(spec: SampleJobSpec, run: RunConfig) -> None:
-    """Run the job here in the foreground (a failure exits with the job's status), or
-    submit it to the profile's Ray cluster."""
-    if run.ray.address == "local":
-        jobs.run_job(JOB_MODULE, spec)
-        return
-    job_id = ray_jobs.submit_job(
-        ray_jobs.job_client(run.ray.address),
-        "the sample-batch job",
-        echo=click.echo,
-        entrypoint=shlex.join(["python", "-m", JOB_MODULE, *spec_argv(spec)]),
-        runtime_env=submit.runtime_env(run),
-        metadata={"m2d": "sample-batch", "cluster": run.cluster},
-    )
-    click.echo(f"submitted sample-batch job {job_id} to {run.ray.address}")
-    click.echo(f"follow with: ray job logs --follow --address {run.ray.address} {job_id}")
-
-
 @click.command("sample-batch")
 @click.option("--cluster", "cluster_name", required=True, help="Profile name in clusters/.")
 @click.option(
@@ -155,13 +135,7 @@ def run_job(spec: SampleJobSpec, run: RunConfig) -> None:
 @click.option("--vae-tiling", is_flag=True, help="Decode scenes in tiles (less GPU memory).")
 @click.option("--vae-slicing", is_flag=True, help="Decode one sample at a time.")
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
-@click.option(
-    "--set",
-    "assignments",
-    multiple=True,
-    metavar="KEY.PATH=VALUE",
-    help="Override a profile key, e.g. workers.num_workers=4 or ray.address=http://...",
-)
+@set_option("workers.num_workers=4 or ray.address=http://HOST:8265")
 @click.pass_context
 def sample_batch(
     ctx: click.Context,
@@ -179,4 +153,4 @@ def sample_batch(
         error = exc.errors()[0]
         option = "--" + str(error["loc"][0]).replace("_", "-") if error["loc"] else "option"
         raise UserError(f"{option}: {error['msg']}") from None
-    run_job(spec, run)
+    submit.run_job_on(run, JOB_MODULE, spec, "sample-batch")

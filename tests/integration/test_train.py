@@ -138,9 +138,16 @@ def test_pretrain_zero2_checkpoints_in_s3_and_metrics_in_mlflow(s3_pretrain, mlf
         "zero_pp_rank_1_mp_rank_00_optim_states.pt",
     ]
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{final}/ranks")) == [
+        "files_rank_0.json",
+        "files_rank_1.json",
         "rank_0.pt",
         "rank_1.pt",
     ]
+    manifest = json.loads(fs.cat(f"{final}/manifest.json"))
+    assert manifest["world_size"] == 2
+    assert set(manifest["files"]) == {
+        p.removeprefix(f"{final}/") for p in fs.find(final) if not p.endswith("/manifest.json")
+    }
     state = json.loads(fs.cat(f"{final}/trainer_state.json"))
     assert state["step"] == STEPS and state["world_size"] == 2
     saved_run = RunConfig.model_validate_json(fs.cat(f"{final}/run_config.json"))

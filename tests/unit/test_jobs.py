@@ -120,3 +120,27 @@ def test_sigterm_stops_the_job_through_its_cleanup(tmp_path):
     job.send_signal(signal.SIGTERM)
     assert job.wait(timeout=30) == 128 + signal.SIGTERM
     assert (tmp_path / "cleaned").exists()
+
+
+def test_spec_options_make_switches_of_boolean_fields():
+    """A field that defaults to False is a flag (`--overwrite`); one that defaults to True
+    is a pair (`--tracking/--no-tracking`); neither takes a value."""
+    import click
+    from click.testing import CliRunner
+    from pydantic import BaseModel
+
+    from orchestrator.jobs import spec_options
+
+    class Switches(BaseModel):
+        overwrite: bool = False
+        tracking: bool = True
+
+    @click.command()
+    @spec_options(Switches, "overwrite", "tracking")
+    def command(overwrite: bool, tracking: bool) -> None:
+        click.echo(f"{overwrite} {tracking}")
+
+    runner = CliRunner()
+    assert runner.invoke(command, []).output == "False True\n"
+    assert runner.invoke(command, ["--overwrite", "--no-tracking"]).output == "True False\n"
+    assert runner.invoke(command, ["--overwrite", "yes"]).exit_code == 2  # no value taken

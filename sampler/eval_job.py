@@ -1,0 +1,285 @@
+"""``m2d eval --cluster NAME --samples URI`` (``python -m sampler.eval_job --spec EVAL_SPEC``):
+score the stories a sample-batch job rendered, with the paper's consistency metrics.
+
+Every finished item of the sample-batch layout (``OUT/<checkpoint>/<story>/<seed>/``, its
+``meta.json`` there) is scored by a pool of Ray Data actors, one encoder each: its scenes'
+video embeddings and its prompts' text embeddings give ``evaluation.metrics.score_story``
+(extension-mode items also the new scenes' similarity to their context scenes). An item's
+scores go to its folder as ``scores.json`` (with the encoder that made them: a rerun with
+the same encoder reuses them); then per checkpoint ``OUT/<checkpoint>/metrics.json``
+(means with bootstrap 95% intervals) and ``stories.csv`` (one row per item), and
+``OUT/metrics.json`` for all of them. With tracking on, each checkpoint's metrics go to
+its training run at the checkpoint's step (``eval/visual``, ``eval/visual_low`` ...: the
+dashboard plots them against training steps) and to the sample-batch job's run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from evaluation.metrics import StoryScores, extension_consistency, score_story, summarize
+from infra.errors import DataError, first_line
+from infra.job_specs import EvalSpec
+from infra.jobs import run_job
+from infra.logging import get_logger
+from infra.ray_runtime import init_ray
+from infra.storage import filesystem
+
+log = get_logger("sampler.eval_job")
+
+META = "meta.json"
+SCORES = "scores.json"
+METRICS = "metrics.json"
+STORIES_CSV = "stories.csv"
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One item's scores (or why it has none) and what it was rendered from."""
+
+    label: str
+    uri: str
+    meta: dict[str, Any]
+    scores: dict[str, Any] | None
+    skipped: str | None = None
+
+
+def encoder_record(spec: EvalSpec) -> dict[str, str]:
+    return {"name": spec.encoder, "path": spec.encoder_path}
+
+
+def find_items(spec: EvalSpec) -> list[tuple[str, str]]:
+    """(checkpoint label, item URI) of every finished item under ``spec.samples``."""
+    fs, root = filesystem(spec.samples, spec.storage)
+    root = root.rstrip("/")
+    try:
+        metas = sorted(fs.glob(f"{root}/*/*/*/{META}"))
+    except OSError as exc:
+        raise DataError(f"--samples {spec.samples}: cannot list it ({first_line(exc)})") from None
+    if not metas:
+        raise DataError(
+            f"--samples {spec.samples}: no finished sample-batch item (no */*/*/{META}); "
+            "give the --out folder of `m2d sample-batch`"
+        )
+    base = spec.samples.rstrip("/")
+    items = []
+    for meta in metas:
+        label, story, seed = meta[len(root) + 1 :].split("/")[:3]
+        items.append((label, f"{base}/{label}/{story}/{seed}"))
+    return items
+
+
+def _read_json(fs: Any, path: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(fs.cat_file(path))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+class ItemScorer:
+    """Ray Data callable class: one encoder per actor; a batch of items -> their scores
+    (written into each item's folder)."""
+
+    def __init__(self, spec_json: str) -> None:
+        from evaluation.encoders import load_encoder, text_encoder_of
+
+        self.spec = EvalSpec.model_validate_json(spec_json)
+        self.encoder = load_encoder(self.spec.encoder, self.spec.encoder_path, self.spec.storage)
+        self.text = text_encoder_of(self.encoder)
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        skipped = [self._score(str(uri)) for uri in batch["uri"]]
+        return {"uri": batch["uri"], "skipped": np.array(skipped, dtype=object)}
+
+    def _score(self, uri: str) -> str:
+        """Score one item into its ``scores.json``; '' or why it was skipped."""
+        import numpy as np
+
+        from evaluation.encoders import uniform_frame_indices
+        from infra.video import VideoError, read_frames
+
+        fs, path = filesystem(uri, self.spec.storage)
+        meta = json.loads(fs.cat_file(f"{path}/{META}"))
+        embeddings = []
+        for index, frames in enumerate(meta["scene_frames"]):
+            scene = f"{uri}/scene_{index:02d}.mp4"
+            try:
+                indices = uniform_frame_indices(int(frames), self.encoder.num_frames)
+                frames_THWC = read_frames(scene, indices, self.spec.storage)
+            except VideoError as exc:
+                log.warning("skipped %s: %s", uri, exc)
+                return exc.reason
+            except DataError:
+                return "too_short"
+            embeddings.append(self.encoder.embed(frames_THWC.permute(0, 3, 1, 2)).numpy())
+        scenes = np.stack(embeddings)
+        prompts = list(meta["inputs"]["prompts"])
+        texts = self.text.embed_texts(prompts).numpy() if self.text is not None else None
+        story = score_story(meta["inputs"]["story"], scenes, texts, prompts)
+        context = int(meta.get("context_scenes") or 0)
+        extension = None
+        if 0 < context < len(scenes):
+            extension = [
+                float(np.mean(extension_consistency(scenes[i], scenes[:context])))
+                for i in range(context, len(scenes))
+            ]
+        record = {
+            "encoder": encoder_record(self.spec),
+            "scores": story.row(),
+            "extension": extension,
+        }
+        with fs.open(f"{path}/{SCORES}", "w") as handle:
+            handle.write(json.dumps(record, indent=1))
+        return ""
+
+
+def score_items(spec: EvalSpec, todo: list[str]) -> dict[str, str]:
+    """Score ``todo`` (item URIs) on the actor pool; why each skipped one was skipped."""
+    import ray.data
+
+    if not todo:
+        return {}
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    dataset = ray.data.from_items([{"uri": uri} for uri in todo], override_num_blocks=len(todo))
+    scored = dataset.map_batches(
+        ItemScorer,
+        fn_constructor_kwargs={"spec_json": spec.model_dump_json()},
+        batch_size=1,
+        concurrency=min(spec.num_actors, len(todo)),
+        num_cpus=spec.cpus_per_actor,
+        num_gpus=spec.gpus_per_actor,
+    )
+    return {row["uri"]: row["skipped"] for row in scored.iter_rows() if row["skipped"]}
+
+
+def collect(spec: EvalSpec, items: list[tuple[str, str]], skipped: dict[str, str]) -> list[Scored]:
+    fs, _ = filesystem(spec.samples, spec.storage)
+    found = []
+    for label, uri in items:
+        _, path = filesystem(uri, spec.storage)
+        meta = json.loads(fs.cat_file(f"{path}/{META}"))
+        record = _read_json(fs, f"{path}/{SCORES}")
+        scores = record["scores"] if record and uri not in skipped else None
+        found.append(Scored(label, uri, meta, scores, skipped.get(uri)))
+    return found
+
+
+def _summary(scored: list[Scored], spec: EvalSpec) -> dict[str, Any]:
+    stories = [StoryScores(**item.scores) for item in scored if item.scores]
+    skips: dict[str, int] = {}
+    for item in scored:
+        if item.skipped:
+            skips[item.skipped] = skips.get(item.skipped, 0) + 1
+    checkpoint = scored[0].meta.get("checkpoint", {})
+    return {
+        "checkpoint": checkpoint,
+        "encoder": encoder_record(spec),
+        "items": len(stories),
+        "skipped": skips,
+        "metrics": summarize(stories, seed=spec.seed) if stories else {},
+    }
+
+
+def _csv(scored: list[Scored]) -> str:
+    columns = list(StoryScores.__dataclass_fields__)
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=["seed", *columns, "skipped"])
+    writer.writeheader()
+    for item in scored:
+        inputs = item.meta.get("inputs", {})
+        row = dict(item.scores or {"story": inputs.get("story")})
+        writer.writerow({"seed": inputs.get("seed"), **row, "skipped": item.skipped or ""})
+    return out.getvalue()
+
+
+def write_results(spec: EvalSpec, scored: list[Scored]) -> dict[str, dict[str, Any]]:
+    """metrics.json and stories.csv per checkpoint, OUT/metrics.json; the summaries."""
+    fs, root = filesystem(spec.samples, spec.storage)
+    root = root.rstrip("/")
+    summaries = {}
+    for label in sorted({item.label for item in scored}):
+        mine = [item for item in scored if item.label == label]
+        summaries[label] = _summary(mine, spec)
+        with fs.open(f"{root}/{label}/{METRICS}", "w") as handle:
+            handle.write(json.dumps(summaries[label], indent=1))
+        with fs.open(f"{root}/{label}/{STORIES_CSV}", "w") as handle:
+            handle.write(_csv(mine))
+    with fs.open(f"{root}/{METRICS}", "w") as handle:
+        handle.write(json.dumps(summaries, indent=1))
+    return summaries
+
+
+def mlflow_metrics(summary: dict[str, Any], prefix: str = "eval/") -> dict[str, float]:
+    """``eval/visual``, ``eval/visual_low``, ``eval/visual_high`` ... of one checkpoint."""
+    metrics = {}
+    for name, values in summary["metrics"].items():
+        metrics[f"{prefix}{name}"] = values["mean"]
+        metrics[f"{prefix}{name}_low"] = values["low"]
+        metrics[f"{prefix}{name}_high"] = values["high"]
+    return metrics
+
+
+def log_to_mlflow(spec: EvalSpec, summaries: dict[str, dict[str, Any]], echo) -> None:
+    """Each checkpoint's metrics at its step: into its training run, and into the
+    sample-batch job's run (keys carry the checkpoint's label there)."""
+    from infra.tracking import Tracker, sample_run_of
+
+    assert spec.tracking is not None
+    sample_run = sample_run_of(spec.tracking, spec.samples)
+    for label, summary in summaries.items():
+        step = int(summary["checkpoint"].get("step") or 0)
+        training = summary["checkpoint"].get("mlflow_run_id")
+        if training:
+            Tracker(spec.tracking.uri, training).log_metrics(mlflow_metrics(summary), step=step)
+            echo(f"{label}: metrics logged to training run {training} at step {step}")
+        if sample_run is not None:
+            sample_run.log_metrics(mlflow_metrics(summary, f"eval/{label}/"), step=step)
+    if sample_run is not None:
+        echo(f"metrics logged to the sample-batch run {sample_run.run_id}")
+
+
+def run(spec: EvalSpec, echo: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
+    """Score every unscored item, write the results; the summaries by checkpoint."""
+    from evaluation.encoders import check_encoder
+
+    check_encoder(spec.encoder, spec.encoder_path, spec.storage)
+    items = find_items(spec)
+    fs, _ = filesystem(spec.samples, spec.storage)
+    todo = []
+    for _, uri in items:
+        _, path = filesystem(uri, spec.storage)
+        record = _read_json(fs, f"{path}/{SCORES}")
+        if spec.overwrite or not record or record.get("encoder") != encoder_record(spec):
+            todo.append(uri)
+    echo(f"{len(todo)} item(s) to score, {len(items) - len(todo)} already scored")
+    skipped = {}
+    if todo:
+        init_ray(num_cpus=max(2, spec.num_actors * spec.cpus_per_actor))
+        skipped = score_items(spec, todo)
+    summaries = write_results(spec, collect(spec, items, skipped))
+    for label, summary in summaries.items():
+        shown = ", ".join(
+            f"{name} {v['mean']:.2f} [{v['low']:.2f}, {v['high']:.2f}]"
+            for name, v in summary["metrics"].items()
+            if name in ("visual", "semantic", "sequence")
+        )
+        echo(f"{label}: {summary['items']} item(s); {shown or 'no scores'}")
+    if spec.tracking is not None:
+        log_to_mlflow(spec, summaries, echo)
+    return summaries
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(EvalSpec, lambda spec: run(spec) and 0, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
