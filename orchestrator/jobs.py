@@ -77,23 +77,28 @@ def job_log_dir() -> Path:
     return m2d_home() / "logs"
 
 
-def spec_options(spec_type: type[BaseModel], *fields: str) -> Callable[[Callable], Callable]:
+def spec_options(
+    spec_type: type[BaseModel], *fields: str, optional: tuple[str, ...] = ()
+) -> Callable[[Callable], Callable]:
     """Click options ``--field-name`` for ``fields`` of a job's spec, declared once there:
-    help from the field's description, its default (shown), required when it has none."""
+    help from the field's description, its default (shown), required when it has none
+    (unless ``optional`` names it: a mode of the command that runs no job needs none)."""
 
     def apply(command: Callable) -> Callable:
         for field in reversed(fields):
-            command = _spec_option(spec_type, field)(command)
+            command = _spec_option(spec_type, field, field not in optional)(command)
         return command
 
     return apply
 
 
-def _spec_option(spec_type: type[BaseModel], field: str) -> Callable[[Callable], Callable]:
+def _spec_option(
+    spec_type: type[BaseModel], field: str, enforce: bool = True
+) -> Callable[[Callable], Callable]:
     info = spec_type.model_fields[field]
     settings: dict[str, Any] = {"help": info.description}
     if info.is_required():
-        settings["required"] = True
+        settings["required"] = enforce
     elif info.default is None:  # the type of an optional value: int | None -> int
         settings["default"] = None
         kinds = [kind for kind in typing.get_args(info.annotation) if kind is not type(None)]

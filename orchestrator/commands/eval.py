@@ -1,51 +1,164 @@
-"""``m2d eval``: score the stories a sample-batch job rendered (``sampler.eval_job``).
+"""``m2d eval``: score the stories a sample-batch job rendered (``sampler.eval_job``), or
+compare scored checkpoints in the paper's table (``--compare``).
 
 The job runs here (embedded ``local`` Ray) or on the profile's Ray cluster, like
-sample-batch; the orchestrator never imports the encoders (or torch).
+sample-batch; the orchestrator never imports the encoders (or torch). ``--compare`` only
+reads ``metrics.json`` files.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 from pathlib import Path
 
 import click
 
+from infra.errors import DataError, first_line
 from infra.job_specs import EvalSpec
-from infra.storage import is_remote
+from infra.storage import filesystem, is_remote
 from orchestrator import runs, submit
-from orchestrator.cli import set_option
+from orchestrator.cli import UserError, set_option
 from orchestrator.jobs import make_spec, spec_options
 
 JOB_MODULE = "sampler.eval_job"
+# The paper's columns (docs/method.md §8), then ours.
+COLUMNS = {
+    "visual": "visual",
+    "semantic": "semantic",
+    "sequence": "sequence",
+    "visual_shared_character": "visual, shared character",
+    "visual_no_shared_character": "visual, no shared character",
+}
+
+
+def _absolute(value: str) -> str:
+    return value if is_remote(value) else str(Path(value).expanduser().resolve())
+
+
+def read_summaries(source: str, storage=None) -> dict[str, dict]:
+    """The checkpoint summaries under ``source``: an eval'd sample-batch output (its
+    ``metrics.json``), one checkpoint folder of it, or a ``metrics.json`` itself."""
+    fs, path = filesystem(source, storage)
+    path = path.rstrip("/")
+    file = path if path.endswith(".json") else f"{path}/metrics.json"
+    try:
+        data = json.loads(fs.cat_file(file))
+    except FileNotFoundError:
+        raise DataError(
+            f"--compare {source}: no metrics.json; run `m2d eval` on it first"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise DataError(
+            f"--compare {source}: unreadable metrics.json ({first_line(exc)})"
+        ) from None
+    if isinstance(data, dict) and "metrics" in data:  # one checkpoint's
+        return {Path(path).name if not path.endswith(".json") else Path(path).parent.name: data}
+    return data
+
+
+def comparison(sources: list[str], storage=None) -> list[dict]:
+    """One row per checkpoint of every source: its name and each metric's
+    ``mean [low, high]``, in the order given."""
+    rows = []
+    for source in sources:
+        for label, summary in read_summaries(source, storage).items():
+            row = {"checkpoint": label if len(sources) == 1 else f"{Path(source).name}/{label}"}
+            row["step"] = summary.get("checkpoint", {}).get("step")
+            row["items"] = summary.get("items")
+            for key in COLUMNS:
+                values = summary.get("metrics", {}).get(key)
+                row[key] = values
+            rows.append(row)
+    return rows
+
+
+def _cell(values: dict | None) -> str:
+    if not values:
+        return "-"
+    return f"{values['mean']:.2f} [{values['low']:.2f}, {values['high']:.2f}]"
+
+
+def render(rows: list[dict], kind: str) -> str:
+    """The table as ``text`` (aligned), ``markdown`` or ``csv`` (means and bounds apart)."""
+    if kind == "csv":
+        out = io.StringIO()
+        fields = ["checkpoint", "step", "items"]
+        fields += [f"{key}{part}" for key in COLUMNS for part in ("", "_low", "_high")]
+        writer = csv.DictWriter(out, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            flat = {"checkpoint": row["checkpoint"], "step": row["step"], "items": row["items"]}
+            for key in COLUMNS:
+                values = row[key] or {}
+                flat.update({key: values.get("mean"), f"{key}_low": values.get("low")})
+                flat[f"{key}_high"] = values.get("high")
+            writer.writerow(flat)
+        return out.getvalue()
+    header = ["checkpoint", "step", "items", *COLUMNS.values()]
+    body = [
+        [row["checkpoint"], str(row["step"]), str(row["items"]), *(_cell(row[k]) for k in COLUMNS)]
+        for row in rows
+    ]
+    if kind == "markdown":
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body]) + "\n"
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    return (
+        "\n".join(
+            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+            for r in [header, *body]
+        )
+        + "\n"
+    )
 
 
 @click.command("eval")
 @click.option("--cluster", "cluster_name", required=True, help="Profile name in clusters/.")
-@click.option("--samples", required=True, help="The --out folder of `m2d sample-batch`.")
-@spec_options(EvalSpec, "encoder", "encoder_path", "overwrite", "seed")
+@click.option("--samples", help="The --out folder of `m2d sample-batch` to score.")
+@spec_options(EvalSpec, "encoder", "encoder_path", "overwrite", "seed", optional=("encoder_path",))
 @click.option("--num-actors", type=int, help="Encoder actors [default: the profile's workers].")
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
+@click.option(
+    "--compare",
+    multiple=True,
+    metavar="SAMPLES",
+    help="Print the table of these scored outputs (or checkpoint folders); repeat.",
+)
+@click.option(
+    "--table-out",
+    type=click.Path(dir_okay=False),
+    help="Also write the --compare table to this .csv or .md file (a new file).",
+)
 @set_option("ray.address=http://HOST:8265")
 @click.pass_context
 def eval_(
     ctx: click.Context,
     cluster_name: str,
-    samples: str,
+    samples: str | None,
     num_actors: int | None,
     no_tracking: bool,
+    compare: tuple[str, ...],
+    table_out: str | None,
     assignments: tuple[str, ...],
     **options,
 ) -> None:
-    """Score every sampled story with the paper's consistency metrics; metrics.json and
-    stories.csv per checkpoint next to the samples, and the metrics in MLflow at each
-    checkpoint's training step."""
+    """Score every sampled story with the paper's consistency metrics (metrics.json and
+    stories.csv per checkpoint next to the samples, the metrics in MLflow at each
+    checkpoint's training step), or compare scored checkpoints with --compare."""
     run = runs.resolve_run(ctx.find_root().obj["clusters_dir"], cluster_name, "sft", assignments)
+    if compare:
+        _compare(list(compare), table_out, run.storage)
+        return
+    if not samples:
+        raise UserError("--samples: give the --out folder of `m2d sample-batch` (or --compare)")
     workers = run.workers
     path = options.pop("encoder_path")
     spec = make_spec(
         EvalSpec,
-        samples=samples if is_remote(samples) else str(Path(samples).expanduser().resolve()),
-        encoder_path=path if is_remote(path) else str(Path(path).expanduser().resolve()),
+        samples=_absolute(samples),
+        encoder_path=_absolute(path) if path else None,
         num_actors=num_actors or workers.num_workers,
         cpus_per_actor=workers.cpus_per_worker,
         gpus_per_actor=workers.gpus_per_worker,
@@ -54,3 +167,18 @@ def eval_(
         **options,
     )
     submit.run_job_on(run, JOB_MODULE, spec, "eval")
+
+
+def _compare(sources: list[str], table_out: str | None, storage) -> None:
+    kind = None
+    if table_out:
+        kind = {".csv": "csv", ".md": "markdown"}.get(Path(table_out).suffix)
+        if kind is None:
+            raise UserError(f"--table-out {table_out}: name a .csv or .md file")
+        if Path(table_out).exists():
+            raise UserError(f"--table-out {table_out}: exists; give a new file")
+    rows = comparison([_absolute(s) for s in sources], storage)
+    click.echo(render(rows, "text"), nl=False)
+    if table_out and kind:
+        Path(table_out).write_text(render(rows, kind))
+        click.echo(f"table written to {table_out}")
