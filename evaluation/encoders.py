@@ -16,6 +16,12 @@ Encoders:
   (``CLIPImageProcessor`` with its defaults) sized to ``vision_config.image_size``.
 - ``clip``: transformers' CLIP, frame-averaged: each of ``num_frames`` frames through
   ``CLIPModel.get_image_features``, unit-normalised, then averaged.
+- ``dinov2``: transformers' DINOv2 (``Dinov2Model``), frame-averaged like ``clip``: image
+  features for subject consistency; it embeds no text.
+- ``videomae``: transformers' VideoMAE (``VideoMAEModel``), the mean of its last hidden
+  states over ``num_frames`` frames: the features of the content-debiased FVD (Ge et al.,
+  CVPR 2024). Frames are resized (shorter side), centre-cropped and normalised with the
+  folder's ``preprocessor_config.json`` mean and std (ImageNet's without one).
 
 Encoders that also embed text (``embed_texts``: X-CLIP's and CLIP's text towers, with the
 folder's own tokenizer, loaded on first use) give evaluation its semantic consistency;
@@ -272,6 +278,114 @@ class CLIPFrameEncoder:
     def embed_texts(self, prompts: list[str]) -> torch.Tensor:
         """CLIP's text tower (``get_text_features``), float32 (N, projection_dim)."""
         return _text_features(self, prompts)
+
+
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _normalisation(folder: Path) -> tuple[list[float], list[float]]:
+    """The image mean and std of the folder's processor config, else ImageNet's."""
+    config = folder / "preprocessor_config.json"
+    found = json.loads(config.read_text()) if config.is_file() else {}
+    return list(found.get("image_mean", _IMAGENET_MEAN)), list(
+        found.get("image_std", _IMAGENET_STD)
+    )
+
+
+def _pixels(frames_TCHW: torch.Tensor, size: int, mean, std) -> torch.Tensor:
+    """Float frames (T, 3, size, size): shorter side resized to ``size``, centre crop,
+    normalised."""
+    import torch
+    import torch.nn.functional as F
+
+    frames = _as_uint8(frames_TCHW).float() / 255
+    height, width = frames.shape[-2:]
+    scale = size / min(height, width)
+    resized = F.interpolate(
+        frames,
+        size=(max(size, round(height * scale)), max(size, round(width * scale))),
+        mode="bilinear",
+        align_corners=False,
+        antialias=True,
+    )
+    top, left = (resized.shape[-2] - size) // 2, (resized.shape[-1] - size) // 2
+    cropped = resized[..., top : top + size, left : left + size]
+    mean_ = torch.tensor(mean).view(1, 3, 1, 1)
+    std_ = torch.tensor(std).view(1, 3, 1, 1)
+    return (cropped - mean_) / std_
+
+
+@register_encoder("dinov2")
+class Dinov2FrameEncoder:
+    """transformers' DINOv2 over ``num_frames`` frames: each frame's pooled (CLS)
+    features, unit-normalised, averaged. Image features only: no text tower."""
+
+    name = "dinov2"
+    num_frames = 8
+
+    def __init__(self, model, mean, std) -> None:
+        self.model, self.mean, self.std = model.eval(), mean, std
+
+    @classmethod
+    def check(cls, uri: str, storage: StorageConfig | None = None) -> None:
+        _check_model_type(uri, storage, "dinov2", "a DINOv2")
+
+    @classmethod
+    def from_pretrained(cls, uri: str, storage: StorageConfig | None = None) -> Dinov2FrameEncoder:
+        from transformers import Dinov2Model
+
+        folder, model = _load_model(Dinov2Model, uri, storage)
+        return cls(model, *_normalisation(folder))
+
+    def embed(self, frames_TCHW: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        pixels = _pixels(frames_TCHW, self.model.config.image_size, self.mean, self.std)
+        parameter = next(self.model.parameters())
+        with torch.inference_mode():
+            output = self.model(pixel_values=pixels.to(parameter.device, parameter.dtype))
+        features = output.pooler_output.float()
+        features = features / features.norm(dim=-1, keepdim=True)
+        return features.mean(dim=0).cpu()
+
+
+@register_encoder("videomae")
+class VideoMAEEncoder:
+    """transformers' VideoMAE: the mean of the last hidden states of ``num_frames`` frames
+    (the content-debiased FVD's features)."""
+
+    name = "videomae"
+
+    def __init__(self, model, mean, std) -> None:
+        self.model, self.mean, self.std = model.eval(), mean, std
+
+    @classmethod
+    def check(cls, uri: str, storage: StorageConfig | None = None) -> None:
+        _check_model_type(uri, storage, "videomae", "a VideoMAE")
+
+    @classmethod
+    def from_pretrained(cls, uri: str, storage: StorageConfig | None = None) -> VideoMAEEncoder:
+        from transformers import VideoMAEModel
+
+        folder, model = _load_model(VideoMAEModel, uri, storage)
+        return cls(model, *_normalisation(folder))
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.model.config.num_frames)
+
+    def embed(self, frames_TCHW: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        if frames_TCHW.shape[0] != self.num_frames:
+            raise ValueError(f"VideoMAE takes {self.num_frames} frames, got {frames_TCHW.shape[0]}")
+        pixels = _pixels(frames_TCHW, self.model.config.image_size, self.mean, self.std)
+        parameter = next(self.model.parameters())
+        with torch.inference_mode():
+            output = self.model(
+                pixel_values=pixels.unsqueeze(0).to(parameter.device, parameter.dtype)
+            )
+        return output.last_hidden_state.mean(dim=1)[0].float().cpu()
 
 
 def _check_model_type(uri: str, storage: StorageConfig | None, kind: str, what: str) -> None:

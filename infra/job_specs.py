@@ -76,6 +76,15 @@ class EvalSpec(_Strict):
     cpus_per_actor: int = Field(1, ge=1)
     gpus_per_actor: int = Field(0, ge=0, le=1)
     seed: int = Field(0, description="Seed of the bootstrap intervals.")
+    reference: str | None = Field(
+        None,
+        description="FVD: a manifest of real clips (JSONL rows with path and num_frames, "
+        "paths relative to it), path or URI.",
+    )
+    fvd_features: str = Field("videomae", description="Registered encoder of the FVD features.")
+    fvd_path: str | None = Field(
+        None, description="Folder of the FVD features' model (save_pretrained), path or URI."
+    )
     storage: StorageConfig | None = Field(None, description="The samples' store.")
     tracking: TrackingConfig | None = Field(None, description="MLflow: None logs nothing.")
 

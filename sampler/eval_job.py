@@ -11,11 +11,18 @@ the same encoder reuses them); then per checkpoint ``OUT/<checkpoint>/metrics.js
 ``OUT/metrics.json`` for all of them. With tracking on, each checkpoint's metrics go to
 its training run at the checkpoint's step (``eval/visual``, ``eval/visual_low`` ...: the
 dashboard plots them against training steps) and to the sample-batch job's run.
+
+With ``reference`` (a manifest of real clips), each checkpoint also gets its FVD: the
+Fréchet distance between Gaussians fitted to the FVD features (``fvd_features``, VideoMAE
+by default) of its generated scenes and of the reference clips. The reference statistics
+are computed once (on the same actors) and cached on storage under
+``{storage.root}/fvd_reference/``, keyed by the features' model and the manifest's bytes.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import sys
@@ -23,13 +30,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from evaluation.metrics import StoryScores, extension_consistency, score_story, summarize
+from evaluation.metrics import (
+    StoryScores,
+    extension_consistency,
+    feature_statistics,
+    frechet_distance,
+    score_story,
+    summarize,
+)
 from infra.errors import DataError, first_line
 from infra.job_specs import EvalSpec
 from infra.jobs import run_job
 from infra.logging import get_logger
 from infra.ray_runtime import init_ray
-from infra.storage import filesystem
+from infra.storage import filesystem, is_remote, join
 
 log = get_logger("sampler.eval_job")
 
@@ -48,10 +62,13 @@ class Scored:
     meta: dict[str, Any]
     scores: dict[str, Any] | None
     skipped: str | None = None
+    fvd_features: list[list[float]] | None = None
 
 
-def encoder_record(spec: EvalSpec) -> dict[str, str]:
-    return {"name": spec.encoder, "path": spec.encoder_path}
+def encoder_record(spec: EvalSpec) -> dict[str, Any]:
+    """What an item's scores depend on: the encoder, and the FVD features' model."""
+    fvd = {"name": spec.fvd_features, "path": spec.fvd_path} if spec.reference else None
+    return {"name": spec.encoder, "path": spec.encoder_path, "fvd": fvd}
 
 
 def find_items(spec: EvalSpec) -> list[tuple[str, str]]:
@@ -92,6 +109,9 @@ class ItemScorer:
         self.spec = EvalSpec.model_validate_json(spec_json)
         self.encoder = load_encoder(self.spec.encoder, self.spec.encoder_path, self.spec.storage)
         self.text = text_encoder_of(self.encoder)
+        self.fvd = None
+        if self.spec.reference:
+            self.fvd = load_encoder(self.spec.fvd_features, self.spec.fvd_path, self.spec.storage)
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
@@ -103,23 +123,22 @@ class ItemScorer:
         """Score one item into its ``scores.json``; '' or why it was skipped."""
         import numpy as np
 
-        from evaluation.encoders import uniform_frame_indices
-        from infra.video import VideoError, read_frames
+        from infra.video import VideoError
 
         fs, path = filesystem(uri, self.spec.storage)
         meta = json.loads(fs.cat_file(f"{path}/{META}"))
-        embeddings = []
+        embeddings, fvd_features = [], []
         for index, frames in enumerate(meta["scene_frames"]):
             scene = f"{uri}/scene_{index:02d}.mp4"
             try:
-                indices = uniform_frame_indices(int(frames), self.encoder.num_frames)
-                frames_THWC = read_frames(scene, indices, self.spec.storage)
+                embeddings.append(clip_features(self.encoder, scene, int(frames), self.spec))
+                if self.fvd is not None:
+                    fvd_features.append(clip_features(self.fvd, scene, int(frames), self.spec))
             except VideoError as exc:
                 log.warning("skipped %s: %s", uri, exc)
                 return exc.reason
             except DataError:
                 return "too_short"
-            embeddings.append(self.encoder.embed(frames_THWC.permute(0, 3, 1, 2)).numpy())
         scenes = np.stack(embeddings)
         prompts = list(meta["inputs"]["prompts"])
         texts = self.text.embed_texts(prompts).numpy() if self.text is not None else None
@@ -135,10 +154,126 @@ class ItemScorer:
             "encoder": encoder_record(self.spec),
             "scores": story.row(),
             "extension": extension,
+            "fvd_features": [f.tolist() for f in fvd_features] if self.fvd is not None else None,
         }
         with fs.open(f"{path}/{SCORES}", "w") as handle:
             handle.write(json.dumps(record, indent=1))
         return ""
+
+
+def clip_features(encoder: Any, uri: str, frames: int, spec: EvalSpec):
+    """``encoder``'s embedding (a NumPy vector) of the video at ``uri`` (``frames`` long),
+    from frames spread evenly over it; DataError (VideoError) when it cannot be read."""
+    from evaluation.encoders import uniform_frame_indices
+    from infra.video import read_frames
+
+    indices = uniform_frame_indices(frames, encoder.num_frames)
+    frames_THWC = read_frames(uri, indices, spec.storage)
+    return encoder.embed(frames_THWC.permute(0, 3, 1, 2)).numpy()
+
+
+class ReferenceFeatures:
+    """Ray Data callable class: the FVD features of real clips, one model per actor."""
+
+    def __init__(self, spec_json: str) -> None:
+        from evaluation.encoders import load_encoder
+
+        self.spec = EvalSpec.model_validate_json(spec_json)
+        self.fvd = load_encoder(self.spec.fvd_features, self.spec.fvd_path, self.spec.storage)
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        from infra.video import VideoError
+
+        features, reasons = [], []
+        for uri, frames in zip(batch["uri"], batch["num_frames"], strict=True):
+            try:
+                found = clip_features(self.fvd, str(uri), int(frames), self.spec)
+                features.append(found.astype("float64").tobytes())
+                reasons.append("")
+            except VideoError as exc:
+                features.append(b"")
+                reasons.append(exc.reason)
+            except DataError:
+                features.append(b"")
+                reasons.append("too_short")
+        return {
+            "features": np.array(features, dtype=object),
+            "reason": np.array(reasons, dtype=object),
+        }
+
+
+def _reference_rows(spec: EvalSpec) -> tuple[list[dict[str, Any]], bytes]:
+    """(rows {uri, num_frames} of the reference manifest, its bytes)."""
+    assert spec.reference is not None
+    fs, path = filesystem(spec.reference, spec.storage)
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError:
+        raise DataError(f"--reference {spec.reference}: not found; give a JSONL manifest") from None
+    base = spec.reference.rsplit("/", 1)[0]
+    rows = []
+    for number, line in enumerate(data.decode().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            clip = row["path"]
+            frames = int(row["num_frames"])
+        except (ValueError, KeyError, TypeError):
+            raise DataError(
+                f"--reference {spec.reference}:{number}: not a JSON row with path and num_frames"
+            ) from None
+        absolute = is_remote(clip) or clip.startswith("/")
+        rows.append({"uri": clip if absolute else join(base, clip), "num_frames": frames})
+    return rows, data
+
+
+def reference_statistics(spec: EvalSpec, echo: Callable[[str], None]) -> dict[str, Any]:
+    """Mean and covariance of the reference clips' FVD features, from the cache if there."""
+    import numpy as np
+    import ray.data
+
+    rows, data = _reference_rows(spec)
+    key = hashlib.sha256(
+        json.dumps([spec.fvd_features, spec.fvd_path]).encode() + data
+    ).hexdigest()[:24]
+    root = spec.storage.root if spec.storage else spec.samples.rsplit("/", 1)[0]
+    cached = join(root, f"fvd_reference/{key}.npz")
+    fs, path = filesystem(cached, spec.storage)
+    if fs.exists(path):
+        with fs.open(path, "rb") as handle:
+            saved = np.load(io.BytesIO(handle.read()))
+            echo(f"reference statistics from {cached} ({int(saved['count'])} clips)")
+            return {"mu": saved["mu"], "sigma": saved["sigma"], "count": int(saved["count"])}
+    dataset = ray.data.from_items(rows, override_num_blocks=min(len(rows), 64) or 1)
+    found = dataset.map_batches(
+        ReferenceFeatures,
+        fn_constructor_kwargs={"spec_json": spec.model_dump_json()},
+        batch_size=8,
+        concurrency=min(spec.num_actors, len(rows)) or 1,
+        num_cpus=spec.cpus_per_actor,
+        num_gpus=spec.gpus_per_actor,
+    )
+    features = [
+        np.frombuffer(r["features"], dtype=np.float64) for r in found.iter_rows() if r["features"]
+    ]
+    if not features:
+        raise DataError(
+            f"--reference {spec.reference}: none of its {len(rows)} clips could be read"
+        )
+    mu, sigma = feature_statistics(np.stack(features), what=f"--reference {spec.reference}")
+    if len(features) < len(rows):
+        echo(f"reference: {len(rows) - len(features)} of {len(rows)} clips skipped (unreadable)")
+    buffer = io.BytesIO()
+    np.savez(buffer, mu=mu, sigma=sigma, count=len(features))
+    if not is_remote(cached):
+        fs.makedirs(fs._parent(path), exist_ok=True)
+    with fs.open(path, "wb") as handle:
+        handle.write(buffer.getvalue())
+    echo(f"reference statistics of {len(features)} clips cached in {cached}")
+    return {"mu": mu, "sigma": sigma, "count": len(features)}
 
 
 def score_items(spec: EvalSpec, todo: list[str]) -> dict[str, str]:
@@ -167,9 +302,20 @@ def collect(spec: EvalSpec, items: list[tuple[str, str]], skipped: dict[str, str
         _, path = filesystem(uri, spec.storage)
         meta = json.loads(fs.cat_file(f"{path}/{META}"))
         record = _read_json(fs, f"{path}/{SCORES}")
-        scores = record["scores"] if record and uri not in skipped else None
-        found.append(Scored(label, uri, meta, scores, skipped.get(uri)))
+        usable = record is not None and uri not in skipped
+        scores = record["scores"] if usable else None
+        fvd = record.get("fvd_features") if usable else None
+        found.append(Scored(label, uri, meta, scores, skipped.get(uri), fvd))
     return found
+
+
+def _fvd(scored: list[Scored], label: str, reference: dict[str, Any]) -> dict[str, Any]:
+    import numpy as np
+
+    scenes = [scene for item in scored for scene in item.fvd_features or []]
+    mu, sigma = feature_statistics(np.asarray(scenes), what=f"{label}: generated scenes")
+    value = frechet_distance(mu, sigma, reference["mu"], reference["sigma"])
+    return {"value": value, "generated": len(scenes), "reference": reference["count"]}
 
 
 def _summary(scored: list[Scored], spec: EvalSpec) -> dict[str, Any]:
@@ -200,7 +346,9 @@ def _csv(scored: list[Scored]) -> str:
     return out.getvalue()
 
 
-def write_results(spec: EvalSpec, scored: list[Scored]) -> dict[str, dict[str, Any]]:
+def write_results(
+    spec: EvalSpec, scored: list[Scored], reference: dict[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
     """metrics.json and stories.csv per checkpoint, OUT/metrics.json; the summaries."""
     fs, root = filesystem(spec.samples, spec.storage)
     root = root.rstrip("/")
@@ -208,6 +356,8 @@ def write_results(spec: EvalSpec, scored: list[Scored]) -> dict[str, dict[str, A
     for label in sorted({item.label for item in scored}):
         mine = [item for item in scored if item.label == label]
         summaries[label] = _summary(mine, spec)
+        if reference is not None:
+            summaries[label]["fvd"] = _fvd(mine, label, reference)
         with fs.open(f"{root}/{label}/{METRICS}", "w") as handle:
             handle.write(json.dumps(summaries[label], indent=1))
         with fs.open(f"{root}/{label}/{STORIES_CSV}", "w") as handle:
@@ -224,6 +374,8 @@ def mlflow_metrics(summary: dict[str, Any], prefix: str = "eval/") -> dict[str, 
         metrics[f"{prefix}{name}"] = values["mean"]
         metrics[f"{prefix}{name}_low"] = values["low"]
         metrics[f"{prefix}{name}_high"] = values["high"]
+    if "fvd" in summary:
+        metrics[f"{prefix}fvd"] = summary["fvd"]["value"]
     return metrics
 
 
@@ -251,6 +403,10 @@ def run(spec: EvalSpec, echo: Callable[[str], None] = print) -> dict[str, dict[s
     from evaluation.encoders import check_encoder
 
     check_encoder(spec.encoder, spec.encoder_path, spec.storage)
+    if spec.reference:
+        if not spec.fvd_path:
+            raise DataError("--reference needs --fvd-path: the FVD features' model folder")
+        check_encoder(spec.fvd_features, spec.fvd_path, spec.storage)
     items = find_items(spec)
     fs, _ = filesystem(spec.samples, spec.storage)
     todo = []
@@ -260,18 +416,22 @@ def run(spec: EvalSpec, echo: Callable[[str], None] = print) -> dict[str, dict[s
         if spec.overwrite or not record or record.get("encoder") != encoder_record(spec):
             todo.append(uri)
     echo(f"{len(todo)} item(s) to score, {len(items) - len(todo)} already scored")
-    skipped = {}
-    if todo:
+    skipped, reference = {}, None
+    if todo or spec.reference:
         init_ray(num_cpus=max(2, spec.num_actors * spec.cpus_per_actor))
+    if todo:
         skipped = score_items(spec, todo)
-    summaries = write_results(spec, collect(spec, items, skipped))
+    if spec.reference:
+        reference = reference_statistics(spec, echo)
+    summaries = write_results(spec, collect(spec, items, skipped), reference)
     for label, summary in summaries.items():
         shown = ", ".join(
             f"{name} {v['mean']:.2f} [{v['low']:.2f}, {v['high']:.2f}]"
             for name, v in summary["metrics"].items()
             if name in ("visual", "semantic", "sequence")
         )
-        echo(f"{label}: {summary['items']} item(s); {shown or 'no scores'}")
+        fvd = f"; FVD {summary['fvd']['value']:.2f}" if "fvd" in summary else ""
+        echo(f"{label}: {summary['items']} item(s); {shown or 'no scores'}{fvd}")
     if spec.tracking is not None:
         log_to_mlflow(spec, summaries, echo)
     return summaries

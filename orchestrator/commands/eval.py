@@ -70,6 +70,7 @@ def comparison(sources: list[str], storage=None) -> list[dict]:
             for key in COLUMNS:
                 values = summary.get("metrics", {}).get(key)
                 row[key] = values
+            row["fvd"] = summary.get("fvd", {}).get("value")
             rows.append(row)
     return rows
 
@@ -86,19 +87,27 @@ def render(rows: list[dict], kind: str) -> str:
         out = io.StringIO()
         fields = ["checkpoint", "step", "items"]
         fields += [f"{key}{part}" for key in COLUMNS for part in ("", "_low", "_high")]
+        fields.append("fvd")
         writer = csv.DictWriter(out, fieldnames=fields)
         writer.writeheader()
         for row in rows:
             flat = {"checkpoint": row["checkpoint"], "step": row["step"], "items": row["items"]}
+            flat["fvd"] = row["fvd"]
             for key in COLUMNS:
                 values = row[key] or {}
                 flat.update({key: values.get("mean"), f"{key}_low": values.get("low")})
                 flat[f"{key}_high"] = values.get("high")
             writer.writerow(flat)
         return out.getvalue()
-    header = ["checkpoint", "step", "items", *COLUMNS.values()]
+    header = ["checkpoint", "step", "items", *COLUMNS.values(), "FVD"]
     body = [
-        [row["checkpoint"], str(row["step"]), str(row["items"]), *(_cell(row[k]) for k in COLUMNS)]
+        [
+            row["checkpoint"],
+            str(row["step"]),
+            str(row["items"]),
+            *(_cell(row[k]) for k in COLUMNS),
+            "-" if row["fvd"] is None else f"{row['fvd']:.2f}",
+        ]
         for row in rows
     ]
     if kind == "markdown":
@@ -118,6 +127,7 @@ def render(rows: list[dict], kind: str) -> str:
 @click.option("--cluster", "cluster_name", required=True, help="Profile name in clusters/.")
 @click.option("--samples", help="The --out folder of `m2d sample-batch` to score.")
 @spec_options(EvalSpec, "encoder", "encoder_path", "overwrite", "seed", optional=("encoder_path",))
+@spec_options(EvalSpec, "reference", "fvd_features", "fvd_path")
 @click.option("--num-actors", type=int, help="Encoder actors [default: the profile's workers].")
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
 @click.option(
@@ -154,11 +164,15 @@ def eval_(
     if not samples:
         raise UserError("--samples: give the --out folder of `m2d sample-batch` (or --compare)")
     workers = run.workers
-    path = options.pop("encoder_path")
+    path, reference, fvd_path = (options.pop(k) for k in ("encoder_path", "reference", "fvd_path"))
+    if reference and not fvd_path:
+        raise UserError("--reference needs --fvd-path: the FVD features' model folder")
     spec = make_spec(
         EvalSpec,
         samples=_absolute(samples),
         encoder_path=_absolute(path) if path else None,
+        reference=_absolute(reference) if reference else None,
+        fvd_path=_absolute(fvd_path) if fvd_path else None,
         num_actors=num_actors or workers.num_workers,
         cpus_per_actor=workers.cpus_per_worker,
         gpus_per_actor=workers.gpus_per_worker,

@@ -97,14 +97,14 @@ def layout(tmp_path, mlflow_server):
 
 
 def m2d_eval(
-    layout, *args: str, samples: Path | None = None, encoder: str = "clip"
+    layout, *args: str, samples: Path | None = None, encoder: str = "clip", tracking: bool = True
 ) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    tracking = layout["tracking"]
     command = [*M2D, "eval", "--cluster", "local", "--samples", str(samples or layout["out"])]
     command += ["--encoder", encoder, "--encoder-path", str(layout["clip"])]
-    command += ["--set", f"tracking.uri={tracking.uri}"]
-    command += ["--set", f"tracking.experiment={tracking.experiment}"]
+    if tracking:
+        command += ["--set", f"tracking.uri={layout['tracking'].uri}"]
+        command += ["--set", f"tracking.experiment={layout['tracking'].experiment}"]
     return subprocess.run(
         [*command, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
@@ -167,3 +167,91 @@ def test_bad_samples_are_one_line_or_a_counted_skip(layout, tmp_path):
     metrics = json.loads((layout["out"] / LABEL / "metrics.json").read_text())
     assert metrics["items"] == 1 and metrics["skipped"] == {"undecodable": 1}
     assert metrics["metrics"]["visual"]["mean"] == pytest.approx(100.0, abs=1e-3)
+
+
+def tiny_videomae(folder: Path) -> Path:
+    from transformers import VideoMAEConfig, VideoMAEModel
+
+    config = VideoMAEConfig(
+        image_size=32,
+        patch_size=8,
+        num_frames=4,
+        tubelet_size=2,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+    )
+    torch.manual_seed(0)
+    VideoMAEModel(config).save_pretrained(folder)
+    return folder
+
+
+def _reference_fvd(features_a, features_b) -> float:
+    """The textbook Fréchet distance, with scipy's sqrtm: an independent computation."""
+    import numpy as np
+    import scipy.linalg
+
+    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s_a @ s_b).real
+    return float(np.sum((mu_a - mu_b) ** 2) + np.trace(s_a + s_b - 2 * covmean))
+
+
+def test_fvd_is_zero_against_itself_and_matches_an_independent_computation(tmp_path):
+    """Real clips from `m2d data synth` as the reference; as samples, once those very clips
+    (FVD 0) and once noise videos (the FVD scipy computes from the same features)."""
+    import shutil
+
+    from evaluation.encoders import load_encoder
+    from infra.job_specs import EvalSpec
+    from sampler.eval_job import clip_features
+
+    reference = tmp_path / "ref"
+    synth = [*M2D, "data", "synth", "--out", str(reference), "--stories", "3", "--frames", "9"]
+    subprocess.run(synth, cwd=ROOT, check=True, capture_output=True)
+    manifest = reference / "pretrain.jsonl"
+    clips = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert len(clips) == 12  # more than the features' 8 dimensions
+    layout = {"clip": tiny_clip(tmp_path / "clip"), "tracking": None}
+    videomae = tiny_videomae(tmp_path / "videomae")
+
+    same, noise = tmp_path / "same", tmp_path / "noise"
+    stories: dict[str, list[str]] = {}
+    for clip in clips:
+        stories.setdefault(clip["path"].split("/")[1], []).append(clip["path"])
+    for number, (story, paths) in enumerate(stories.items()):
+        folder = write_item(same, story, [_video(0)] * len(paths), "")
+        for index, path in enumerate(paths):  # the reference clip itself as the scene
+            shutil.copyfile(reference / path, folder / f"scene_{index:02d}.mp4")
+        write_item(noise, story, [_noise(10 * number + i) for i in range(len(paths))], "")
+
+    fvd = ["--reference", str(manifest), "--fvd-path", str(videomae), "--no-tracking"]
+    fvd += ["--set", f"storage.root={tmp_path / 'runs'}"]  # where the statistics are cached
+    values = {}
+    for samples in (same, noise):
+        done = m2d_eval(layout, *fvd, samples=samples, tracking=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+        values[samples.name] = json.loads((samples / LABEL / "metrics.json").read_text())["fvd"]
+        cached = "reference statistics from" if samples is noise else "cached in"
+        assert cached in done.stdout, done.stdout
+    assert values["same"]["generated"] == values["same"]["reference"] == 12
+    assert abs(values["same"]["value"]) < 1e-6
+
+    spec = EvalSpec(samples=str(noise), encoder_path=str(layout["clip"]))
+    encoder = load_encoder("videomae", str(videomae))
+    real = [clip_features(encoder, str(reference / c["path"]), 9, spec) for c in clips]
+    fake = [
+        clip_features(encoder, str(scene), 9, spec) for scene in sorted(noise.rglob("scene_*.mp4"))
+    ]
+    assert values["noise"]["value"] == pytest.approx(_reference_fvd(fake, real), rel=1e-6)
+    assert values["noise"]["value"] > 1e-3
+
+    again = m2d_eval(layout, *fvd, samples=noise, tracking=False)
+    assert again.returncode == 0 and "reference statistics from" in again.stdout, again.stdout
+
+
+def _noise(seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (FRAMES, 32, 32, 3), generator=generator, dtype=torch.uint8)

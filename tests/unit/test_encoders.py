@@ -1,0 +1,56 @@
+"""The evaluation encoders on tiny random models saved with save_pretrained: what each
+embeds, and how it reads its folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from evaluation.encoders import check_encoder, load_encoder, text_encoder_of
+from infra.errors import DataError
+
+TOWER = {"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2}
+
+
+def _frames(seed: int, count: int = 8) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (count, 3, 40, 48), generator=generator, dtype=torch.uint8)
+
+
+def test_dinov2_averages_unit_frame_features_and_embeds_no_text(tmp_path):
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    model = Dinov2Model(Dinov2Config(image_size=32, patch_size=8, intermediate_size=16, **TOWER))
+    model.save_pretrained(tmp_path)
+    check_encoder("dinov2", str(tmp_path))
+    encoder = load_encoder("dinov2", str(tmp_path))
+    assert text_encoder_of(encoder) is None  # no semantic consistency from it
+    still = _frames(1, 1).repeat(8, 1, 1, 1)
+    embedding = encoder.embed(still)
+    assert embedding.shape == (8,) and embedding.norm() == pytest.approx(1.0, abs=1e-5)
+    assert not torch.allclose(embedding, encoder.embed(_frames(2)))
+
+
+def test_videomae_reads_its_folders_normalisation(tmp_path):
+    from transformers import VideoMAEConfig, VideoMAEModel
+
+    config = VideoMAEConfig(
+        image_size=32, patch_size=8, num_frames=4, tubelet_size=2, intermediate_size=16, **TOWER
+    )
+    torch.manual_seed(0)
+    VideoMAEModel(config).save_pretrained(tmp_path)
+    encoder = load_encoder("videomae", str(tmp_path))
+    assert encoder.num_frames == 4
+    default = encoder.embed(_frames(3, 4))
+    assert default.shape == (8,) and default.dtype == torch.float32
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.5] * 3, "image_std": [0.5] * 3})
+    )
+    assert not torch.allclose(load_encoder("videomae", str(tmp_path)).embed(_frames(3, 4)), default)
+    with pytest.raises(ValueError, match="VideoMAE takes 4 frames, got 8"):
+        encoder.embed(_frames(3))
+    with pytest.raises(DataError, match="is not a DINOv2 model"):
+        check_encoder("dinov2", str(tmp_path))
