@@ -23,6 +23,11 @@ Encoders:
   CVPR 2024). Frames are resized (shorter side), centre-cropped and normalised with the
   folder's ``preprocessor_config.json`` mean and std (ImageNet's without one).
 
+A user's own encoder (the paper's ViCLIP, which transformers does not ship) plugs in as
+``MODULE:FUNCTION`` in place of a name: ``FUNCTION(uri, storage)`` returns an object with
+``num_frames`` and ``embed`` (and ``embed_texts`` for semantic scores). The module must be
+importable where the job runs (installed in the cluster's image, or on ``PYTHONPATH``).
+
 Encoders that also embed text (``embed_texts``: X-CLIP's and CLIP's text towers, with the
 folder's own tokenizer, loaded on first use) give evaluation its semantic consistency;
 :func:`text_encoder_of` says whether one does.
@@ -122,22 +127,53 @@ def encoder_names() -> list[str]:
 
 
 def check_encoder_name(name: str) -> None:
-    """ConfigError naming the choices when ``name`` is not a registered encoder."""
-    if name not in _REGISTRY:
+    """ConfigError naming the choices when ``name`` is neither a registered encoder nor a
+    ``MODULE:FUNCTION`` that can be imported."""
+    if ":" in name:
+        _user_loader(name)
+    elif name not in _REGISTRY:
         raise ConfigError(
-            f"unknown video encoder {name!r}; choose one of: {', '.join(encoder_names())}"
+            f"unknown video encoder {name!r}; choose one of: {', '.join(encoder_names())}, "
+            "or give MODULE:FUNCTION"
         )
+
+
+def _user_loader(name: str) -> Callable[[str, StorageConfig | None], VideoEncoder]:
+    """The function a ``MODULE:FUNCTION`` encoder names."""
+    import importlib
+
+    module_name, _, function = name.partition(":")
+    try:
+        loader = getattr(importlib.import_module(module_name), function)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(
+            f"encoder {name}: cannot import it ({first_line(exc)}); install the module or "
+            "put it on PYTHONPATH where the job runs"
+        ) from None
+    if not callable(loader):
+        raise ConfigError(f"encoder {name}: {function} is not a function")
+    return loader
 
 
 def check_encoder(name: str, uri: str, storage: StorageConfig | None = None) -> None:
     """Cheap checks before a job starts (the name, the folder's config); errors name the fix."""
     check_encoder_name(name)
-    _REGISTRY[name].check(uri, storage)
+    if ":" not in name:  # a user's encoder checks its folder when it loads
+        _REGISTRY[name].check(uri, storage)
 
 
 def load_encoder(name: str, uri: str, storage: StorageConfig | None = None) -> VideoEncoder:
-    """The encoder ``name`` loaded from the folder at ``uri`` (path or ``s3://``)."""
+    """The encoder ``name`` (or ``MODULE:FUNCTION``'s) loaded from the folder at ``uri``
+    (path or ``s3://``)."""
     check_encoder_name(name)
+    if ":" in name:
+        encoder = _user_loader(name)(uri, storage)
+        if not isinstance(encoder, VideoEncoder):
+            raise ConfigError(
+                f"encoder {name}: returned {type(encoder).__name__}, which lacks num_frames "
+                "or embed"
+            )
+        return encoder
     return _REGISTRY[name].from_pretrained(uri, storage)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from evaluation.encoders import check_encoder, load_encoder, text_encoder_of
-from infra.errors import DataError
+from infra.errors import ConfigError, DataError
 
 TOWER = {"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2}
 
@@ -54,3 +54,30 @@ def test_videomae_reads_its_folders_normalisation(tmp_path):
         encoder.embed(_frames(3))
     with pytest.raises(DataError, match="is not a DINOv2 model"):
         check_encoder("dinov2", str(tmp_path))
+
+
+def test_a_users_own_encoder_plugs_in_by_module_and_function(tmp_path, monkeypatch):
+    (tmp_path / "my_viclip.py").write_text(
+        "import torch\n"
+        "class Encoder:\n"
+        "    name = 'viclip'\n"
+        "    num_frames = 2\n"
+        "    def __init__(self, uri): self.uri = uri\n"
+        "    def embed(self, frames): return frames.float().mean(dim=(0, 2, 3))\n"
+        "    def embed_texts(self, prompts): return torch.ones(len(prompts), 3)\n"
+        "def load(uri, storage):\n"
+        "    return Encoder(uri)\n"
+        "def broken(uri, storage):\n"
+        "    return 'not an encoder'\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    check_encoder("my_viclip:load", "/models/viclip")
+    encoder = load_encoder("my_viclip:load", "/models/viclip")
+    assert encoder.uri == "/models/viclip" and text_encoder_of(encoder) is encoder
+    assert encoder.embed(_frames(1, 2)).shape == (3,)
+    with pytest.raises(ConfigError, match=r"my_viclip:nothing: cannot import it .*PYTHONPATH"):
+        check_encoder("my_viclip:nothing", "x")
+    with pytest.raises(ConfigError, match="no_such_module:load: cannot import it"):
+        load_encoder("no_such_module:load", "x")
+    with pytest.raises(ConfigError, match="returned str, which lacks num_frames or embed"):
+        load_encoder("my_viclip:broken", "x")

@@ -264,7 +264,7 @@ def test_xclip_without_a_processor_config_uses_clip_defaults(tmp_path, xclip_fol
 
 
 def test_encoder_errors_name_the_problem(tmp_path):
-    choices = "unknown video encoder 'viclip'; choose one of: clip, dinov2, videomae, xclip"
+    choices = "unknown video encoder 'viclip'; choose one of: clip, dinov2, videomae, xclip, or"
     with pytest.raises(ConfigError, match=choices):
         load_encoder("viclip", str(tmp_path))
     with pytest.raises(DataError, match="encoder folder not found"):
