@@ -153,22 +153,33 @@ def submit_remote(record: RunRecord, run: RunConfig, submission_id: str | None =
     record.save()
 
 
-def run_job_on(run: RunConfig, module: str, spec: BaseModel, what: str) -> None:
+def run_job_on(
+    run: RunConfig,
+    module: str,
+    spec: BaseModel,
+    what: str,
+    then: tuple[tuple[str, BaseModel], ...] = (),
+) -> None:
     """``python -m MODULE --spec SPEC`` here in the foreground (a failure exits with the
     job's status) when ``run``'s Ray is local, else submitted to its Ray cluster with the
-    shipped code (``what`` names the job in Ray's metadata and in the lines printed)."""
+    shipped code (``what`` names the job in Ray's metadata and in the lines printed).
+    ``then``: (module, spec) jobs that follow it once it succeeded (on the cluster: in the
+    same Ray job)."""
     import click
 
     from orchestrator import jobs
 
+    steps = ((module, spec), *then)
     if run.ray.address == "local":
-        jobs.run_job(module, spec)
+        for step_module, step_spec in steps:
+            jobs.run_job(step_module, step_spec)
         return
+    commands = [shlex.join(["python", "-m", m, *spec_argv(s)]) for m, s in steps]
     job_id = ray_jobs.submit_job(
         ray_jobs.job_client(run.ray.address),
         f"the {what} job",
         echo=click.echo,
-        entrypoint=shlex.join(["python", "-m", module, *spec_argv(spec)]),
+        entrypoint=" && ".join(commands),
         runtime_env=runtime_env(run),
         metadata={"m2d": what, "cluster": run.cluster},
     )

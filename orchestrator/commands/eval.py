@@ -163,14 +163,25 @@ def eval_(
         return
     if not samples:
         raise UserError("--samples: give the --out folder of `m2d sample-batch` (or --compare)")
+    spec = eval_spec(run, samples, num_actors, no_tracking, options)
+    submit.run_job_on(run, JOB_MODULE, spec, "eval")
+
+
+def eval_spec(
+    run, samples: str, num_actors: int | None, no_tracking: bool, options: dict
+) -> EvalSpec:
+    """The eval job's spec from the resolved run and the command's options (also what
+    ``m2d sample-batch --eval`` chains)."""
     workers = run.workers
     path, reference, fvd_path = (options.pop(k) for k in ("encoder_path", "reference", "fvd_path"))
+    if not path:
+        raise UserError("--encoder-path: give the encoder's folder (save_pretrained)")
     if reference and not fvd_path:
         raise UserError("--reference needs --fvd-path: the FVD features' model folder")
-    spec = make_spec(
+    return make_spec(
         EvalSpec,
         samples=_absolute(samples),
-        encoder_path=_absolute(path) if path else None,
+        encoder_path=_absolute(path),
         reference=_absolute(reference) if reference else None,
         fvd_path=_absolute(fvd_path) if fvd_path else None,
         num_actors=num_actors or workers.num_workers,
@@ -180,7 +191,6 @@ def eval_(
         tracking=None if no_tracking else run.tracking,
         **options,
     )
-    submit.run_job_on(run, JOB_MODULE, spec, "eval")
 
 
 def _compare(sources: list[str], table_out: str | None, storage) -> None:

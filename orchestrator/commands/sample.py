@@ -16,15 +16,19 @@ from pydantic import ValidationError
 
 from infra.config import RunConfig
 from infra.errors import ConfigError
+from infra.job_specs import EvalSpec
 from infra.sample_spec import CheckpointSpec, SampleJobSpec
 from infra.storage import is_remote
 from orchestrator import runs, submit
 from orchestrator.cli import UserError, set_option
-from orchestrator.jobs import parse_size
+from orchestrator.commands.eval import JOB_MODULE as EVAL_MODULE
+from orchestrator.commands.eval import eval_spec
+from orchestrator.jobs import parse_size, spec_options
 
 JOB_MODULE = "sampler.job"
 
 
+FVD_OPTIONS = ("reference", "fvd_features", "fvd_path")
 LATEST = {"latest-pretrain": "pretrain", "latest-sft": "sft"}
 
 
@@ -135,6 +139,9 @@ def _absolute(value: str) -> str:
 @click.option("--vae-tiling", is_flag=True, help="Decode scenes in tiles (less GPU memory).")
 @click.option("--vae-slicing", is_flag=True, help="Decode one sample at a time.")
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
+@click.option("--eval", "then_eval", is_flag=True, help="Then score them (as `m2d eval`).")
+@spec_options(EvalSpec, "encoder", "encoder_path", optional=("encoder_path",))
+@spec_options(EvalSpec, "reference", "fvd_features", "fvd_path")
 @set_option("workers.num_workers=4 or ray.address=http://HOST:8265")
 @click.pass_context
 def sample_batch(
@@ -142,9 +149,14 @@ def sample_batch(
     cluster_name: str,
     references: tuple[str, ...],
     assignments: tuple[str, ...],
+    then_eval: bool,
     **options,
 ):
-    """Render evaluation videos of the stories in --prompts from each --checkpoint."""
+    """Render evaluation videos of the stories in --prompts from each --checkpoint (and
+    with --eval, score them)."""
+    scoring = {k: options.pop(k) for k in ("encoder", "encoder_path", *FVD_OPTIONS)}
+    if not then_eval and (scoring["encoder_path"] or scoring["reference"]):
+        raise UserError("--encoder-path and --reference score samples: add --eval")
     options["seeds"] = parse_seeds(options["seeds"])
     run = runs.resolve_run(ctx.find_root().obj["clusters_dir"], cluster_name, "sft", assignments)
     try:
@@ -153,4 +165,8 @@ def sample_batch(
         error = exc.errors()[0]
         option = "--" + str(error["loc"][0]).replace("_", "-") if error["loc"] else "option"
         raise UserError(f"{option}: {error['msg']}") from None
-    submit.run_job_on(run, JOB_MODULE, spec, "sample-batch")
+    then = ()
+    if then_eval:
+        scored = eval_spec(run, spec.out, spec.num_actors, spec.tracking is None, scoring)
+        then = ((EVAL_MODULE, scored),)
+    submit.run_job_on(run, JOB_MODULE, spec, "sample-batch", then=then)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import tiny_clip, tiny_videomae
 
 from infra.video import write_video
 
@@ -27,25 +28,6 @@ ROOT = Path(__file__).resolve().parents[2]
 M2D = [sys.executable, "-c", "from orchestrator.cli import main; main()"]
 LABEL = "pre-step7"
 FRAMES = 9
-
-
-def tiny_clip(folder: Path) -> Path:
-    from transformers import ByT5Tokenizer, CLIPConfig, CLIPModel
-
-    tokenizer = ByT5Tokenizer()
-    tower = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1}
-    tower["num_attention_heads"] = 2
-    text = {**tower, "vocab_size": len(tokenizer), "max_position_embeddings": 32}
-    text.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    config = CLIPConfig(
-        text_config=text,
-        vision_config={**tower, "image_size": 32, "patch_size": 8},
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def _video(seed: int) -> torch.Tensor:
@@ -167,24 +149,6 @@ def test_bad_samples_are_one_line_or_a_counted_skip(layout, tmp_path):
     metrics = json.loads((layout["out"] / LABEL / "metrics.json").read_text())
     assert metrics["items"] == 1 and metrics["skipped"] == {"undecodable": 1}
     assert metrics["metrics"]["visual"]["mean"] == pytest.approx(100.0, abs=1e-3)
-
-
-def tiny_videomae(folder: Path) -> Path:
-    from transformers import VideoMAEConfig, VideoMAEModel
-
-    config = VideoMAEConfig(
-        image_size=32,
-        patch_size=8,
-        num_frames=4,
-        tubelet_size=2,
-        hidden_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=16,
-    )
-    torch.manual_seed(0)
-    VideoMAEModel(config).save_pretrained(folder)
-    return folder
 
 
 def _reference_fvd(features_a, features_b) -> float:

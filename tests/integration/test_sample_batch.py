@@ -316,13 +316,13 @@ def _artifact_paths(client, run_id: str, path: str | None = None) -> set[str]:
     return paths
 
 
-def sample_batch(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def sample_batch(tmp_path: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """`m2d sample-batch --cluster local ARGS` as a user types it."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["M2D_HOME"] = str(tmp_path / "home")
     command = [str(Path(sys.executable).parent / "m2d"), "sample-batch", "--cluster", "local"]
     return subprocess.run(
-        [*command, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        [*command, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -370,3 +370,26 @@ def test_extend_mode_on_a_ray_cluster_matches_the_reference(trained, tmp_path, r
     refused = sample_batch(tmp_path, *args, "--no-tracking", "--guidance", "3")
     assert refused.returncode == 2
     assert "guidance_scale" in refused.stderr and "--overwrite" in refused.stderr
+
+
+def test_sample_batch_then_eval_scores_what_it_rendered(trained, tmp_path):
+    """`--eval` chains `m2d eval` on the same output: every rendered item gets its scores,
+    the checkpoint its metrics.json; scoring options without --eval are refused."""
+    from tiny_models import tiny_clip
+
+    clip = tiny_clip(tmp_path / "clip")
+    scenes = ["Actor1 (a fox) runs", "Actor1 (a fox) sleeps"]
+    stories = [{"id": f"s{i}", "prompts": scenes} for i in range(2)]
+    prompts = write_prompts(tmp_path / "stories.jsonl", stories)
+    args = ["--checkpoint", str(trained / "checkpoint_00000007"), "--prompts", str(prompts)]
+    args += ["--out", str(tmp_path / "o"), "--steps", str(STEPS), "--no-tracking"]
+    scoring = ["--encoder", "clip", "--encoder-path", str(clip)]
+    refused = sample_batch(tmp_path, *args, *scoring)
+    assert refused.returncode == 2 and "add --eval" in refused.stderr
+    done = sample_batch(tmp_path, *args, "--eval", *scoring, timeout=400)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (folder,) = (tmp_path / "o").glob("*-checkpoint_00000007")
+    assert sorted(p.parent.parent.name for p in folder.glob("*/0/scores.json")) == ["s0", "s1"]
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["items"] == 2 and metrics["checkpoint"]["step"] == 7
+    assert "2 item(s) to score, 0 already scored" in done.stdout
