@@ -318,6 +318,22 @@ def _fvd(scored: list[Scored], label: str, reference: dict[str, Any]) -> dict[st
     return {"value": value, "generated": len(scenes), "reference": reference["count"]}
 
 
+def _check_same_settings(scored: list[Scored], label: str) -> None:
+    """One checkpoint's items must share their sampling settings: a mean over items of
+    different step counts or sizes would be no one's number."""
+    settings = {}
+    for item in scored:
+        inputs = item.meta.get("inputs", {})
+        key = json.dumps([inputs.get("mode"), inputs.get("params"), inputs.get("scheduler")])
+        settings.setdefault(key, item.uri)
+    if len(settings) > 1:
+        first, other = list(settings.values())[:2]
+        raise DataError(
+            f"{label}: its items were sampled with different settings ({first} and {other}); "
+            "render them into separate --out folders and score each"
+        )
+
+
 def _summary(scored: list[Scored], spec: EvalSpec) -> dict[str, Any]:
     stories = [StoryScores(**item.scores) for item in scored if item.scores]
     skips: dict[str, int] = {}
@@ -355,6 +371,7 @@ def write_results(
     summaries = {}
     for label in sorted({item.label for item in scored}):
         mine = [item for item in scored if item.label == label]
+        _check_same_settings(mine, label)
         summaries[label] = _summary(mine, spec)
         if reference is not None:
             summaries[label]["fvd"] = _fvd(mine, label, reference)

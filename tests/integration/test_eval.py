@@ -150,6 +150,14 @@ def test_bad_samples_are_one_line_or_a_counted_skip(layout, tmp_path):
     assert metrics["items"] == 1 and metrics["skipped"] == {"undecodable": 1}
     assert metrics["metrics"]["visual"]["mean"] == pytest.approx(100.0, abs=1e-3)
 
+    meta_file = layout["out"] / LABEL / "copies" / "0" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["inputs"]["params"] = {"steps": 50}  # the other item: no params recorded
+    meta_file.write_text(json.dumps(meta))
+    mixed = m2d_eval(layout, "--no-tracking")
+    assert mixed.returncode == 2 and "Traceback" not in mixed.stderr, mixed.stderr
+    assert "sampled with different settings" in mixed.stderr.strip().splitlines()[-1]
+
 
 def _reference_fvd(features_a, features_b) -> float:
     """The textbook Fréchet distance, with scipy's sqrtm: an independent computation."""
