@@ -32,18 +32,39 @@ def _zombie(pid: int) -> bool:
         return False
 
 
+# Below Linux's ephemeral range (32768-60999, where every bind to port 0 and every
+# outgoing connection takes its port) and above Ray's worker ports (10002-19999).
+_QUIET_PORTS = (20000, 32767)
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (the OS picks it; whoever
-    binds it next may still race another process for it)."""
+    """A TCP port on 127.0.0.1 that nothing holds now, drawn at random from a range the
+    OS hands to no one by itself: a port it picked (bind to port 0) is the one it hands
+    out next to other processes' connections and servers - on a busy machine (a Ray
+    cluster starting its processes) taken again before the caller binds it. Whoever
+    binds it next may still race another process for it."""
+    import random
+
+    for _ in range(100):
+        port = random.randint(*_QUIET_PORTS)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
-    """Whether something already listens on (or holds) ``host:port``: a server started
-    there would fail after its start-up, or a user would reach another one."""
+    """Whether something already listens on ``host:port``: a server started there would
+    fail after its start-up, or a user would reach another one. (With SO_REUSEADDR, as
+    servers bind: the closed connections of a server stopped a moment ago, in TIME_WAIT,
+    do not count.)"""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

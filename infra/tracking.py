@@ -250,6 +250,154 @@ def _latest_runs(tracking: TrackingConfig, filter_string: str) -> list[Any]:
     )
 
 
+PENDING_METRICS = "mlflow_pending.jsonl"
+
+
+class MetricWriter:
+    """Metrics for one MLflow run, written by a background thread so that the training
+    step never waits on the tracking server.
+
+    ``submit`` queues rows and returns at once. The thread sends them in batches, each
+    request failing fast (no MLflow retries, ``timeout_s``); a batch the server did not
+    take stays queued, in order, and is sent again after a backoff (1 s doubling to 30 s),
+    so a server that is down or does not answer costs no step time and loses nothing: its
+    metrics arrive when it is back. A batch leaves the queue only once the server took it,
+    so nothing is logged twice (unless a request times out after the server stored it).
+    ``close`` flushes within ``flush_s`` and returns the rows still unsent (the caller
+    keeps them: ``spill``).
+    """
+
+    def __init__(self, tracker: Tracker, timeout_s: int = 10, warn=None) -> None:
+        import threading
+
+        self.tracker, self.timeout_s = tracker, timeout_s
+        self.warn = warn or (lambda message: None)
+        self.queue: list[Any] = []  # mlflow Metric items, in order
+        self.lock = threading.Condition()
+        self.closing = False
+        self.failing_since: float | None = None
+        self.thread = threading.Thread(target=self._run, name="m2d-mlflow", daemon=True)
+        self.thread.start()
+
+    def submit(self, rows: Sequence[tuple[int, int, Mapping[str, float]]]) -> None:
+        from mlflow.entities import Metric
+
+        items = [
+            Metric(key, float(value), timestamp, step)
+            for step, timestamp, metrics in rows
+            for key, value in metrics.items()
+            if value is not None
+        ]
+        with self.lock:
+            self.queue.extend(items)
+            self.lock.notify()
+
+    def _run(self) -> None:
+
+        delay = 1.0
+        while True:
+            with self.lock:
+                while not self.queue and not self.closing:
+                    self.lock.wait()
+                if not self.queue and self.closing:
+                    return
+                batch = self.queue[:_METRIC_BATCH]
+            if self._send(batch):
+                with self.lock:
+                    del self.queue[: len(batch)]
+                    self.lock.notify_all()
+                delay = 1.0
+                continue
+            with self.lock:
+                if self.closing:
+                    self.lock.notify_all()
+                    return
+                self.lock.wait(timeout=delay)
+            delay = min(2 * delay, 30.0)
+
+    def _send(self, batch: list[Any]) -> bool:
+        import time
+
+        try:
+            with fail_fast(self.timeout_s):
+                self.tracker.client.log_batch(self.tracker.run_id, metrics=batch)
+        except Exception as exc:  # MLflow raises MlflowException, requests' errors...
+            if self.failing_since is None:
+                self.failing_since = time.monotonic()
+                self.warn(
+                    f"MLflow at {self.tracker.client.tracking_uri} does not take metrics "
+                    f"({type(exc).__name__}); training goes on, its metrics wait here"
+                )
+            return False
+        if self.failing_since is not None:
+            self.warn(f"MLflow answers again: sending {len(self.queue)} queued metric(s)")
+            self.failing_since = None
+        return True
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the queue to empty; whether it did."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        with self.lock:
+            while self.queue and time.monotonic() < deadline:
+                self.lock.wait(timeout=min(1.0, deadline - time.monotonic()))
+            return not self.queue
+
+    def close(self, flush_s: float = 30.0) -> list[dict[str, Any]]:
+        """Flush within ``flush_s``, stop the thread; the metrics still unsent, as rows
+        ``{key, value, timestamp, step}``."""
+        self.flush(flush_s)
+        with self.lock:
+            self.closing = True
+            self.lock.notify_all()
+        self.thread.join(timeout=self.timeout_s + 1)
+        with self.lock:
+            left, self.queue = self.queue, []
+        return [
+            {"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step} for m in left
+        ]
+
+
+def spill(rows: list[dict[str, Any]], run_dir: str, storage: StorageConfig | None) -> str:
+    """Append unsent metric rows to the run folder's ``mlflow_pending.jsonl``; its URI."""
+    from infra.storage import filesystem, join
+
+    uri = join(run_dir, PENDING_METRICS)
+    fs, path = filesystem(uri, storage)
+    old = fs.cat_file(path).decode() if fs.exists(path) else ""
+    with fs.open(path, "w") as handle:
+        handle.write(old + "".join(json.dumps(row) + "\n" for row in rows))
+    return uri
+
+
+def replay_pending(run_dir: str, storage: StorageConfig | None, uri: str, run_id: str) -> int:
+    """Log the run folder's pending metrics to MLflow run ``run_id`` (the steps it has
+    already are skipped, per key), then remove the file; how many were sent."""
+    from mlflow.entities import Metric
+
+    from infra.storage import filesystem, join
+
+    fs, path = filesystem(join(run_dir, PENDING_METRICS), storage)
+    if not fs.exists(path):
+        return 0
+    rows = [json.loads(line) for line in fs.cat_file(path).decode().splitlines() if line]
+    tracker = Tracker(uri, run_id)
+    logged: dict[str, set[int]] = {}
+    items = []
+    for row in rows:
+        if row["key"] not in logged:
+            history = tracker.client.get_metric_history(run_id, row["key"])
+            logged[row["key"]] = {m.step for m in history}
+        if row["step"] not in logged[row["key"]]:
+            items.append(Metric(row["key"], row["value"], row["timestamp"], row["step"]))
+            logged[row["key"]].add(row["step"])
+    for start in range(0, len(items), _METRIC_BATCH):
+        tracker.client.log_batch(run_id, metrics=items[start : start + _METRIC_BATCH])
+    fs.rm(path)
+    return len(items)
+
+
 def is_server(uri: str) -> bool:
     """Whether ``uri`` names a tracking server (every machine sees the same store), not a
     file or database path (which is the store of the machine that opens it)."""

@@ -35,7 +35,7 @@ from infra.jobs import run_job
 from infra.logging import get_logger, progress
 from infra.ray_runtime import init_ray
 from infra.storage import check_stage_input, filesystem, is_remote, storage_options
-from infra.tracking import Tracker, end_run, open_run
+from infra.tracking import Tracker, end_run, fail_fast, open_run
 
 __all__ = [
     "RunFolder",
@@ -161,7 +161,11 @@ def _progress_callback(folder: RunFolder, tracker: Tracker) -> Any:
                 name = checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
                 uri = f"{folder.parent}/{folder.name}/{name}"
                 _commit(uri, folder.run)
-                tracker.log_checkpoint(uri, step)
+                try:  # a tracking server that does not answer must not hold up training
+                    with fail_fast(10):
+                        tracker.log_checkpoint(uri, step)
+                except Exception as exc:  # MlflowException, requests' errors...
+                    log.warning("MLflow did not record checkpoint %s (%s)", uri, exc)
 
     return Progress()
 
@@ -211,7 +215,11 @@ def fit(folder: RunFolder) -> Outcome:
         outcome = Outcome(tracker, result.metrics or {}, result.checkpoint, result.error)
     except ray.train.TrainingFailedError as exc:  # V2 raises where V1 returned result.error
         outcome = Outcome(tracker, {}, None, exc)
-    tracker.finish("FAILED" if outcome.error else "FINISHED")
+    try:
+        with fail_fast(30):
+            tracker.finish("FAILED" if outcome.error else "FINISHED")
+    except Exception as exc:  # the run is done; only its MLflow status is not
+        log.warning("MLflow did not record the run's end (%s)", exc)
     return outcome
 
 

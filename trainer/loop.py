@@ -30,7 +30,7 @@ import torch.distributed as dist
 from infra.checkpoint_layout import read_weights
 from infra.config import RunConfig
 from infra.logging import get_logger, progress, set_rank
-from infra.tracking import Tracker
+from infra.tracking import MetricWriter, Tracker, fail_fast, spill
 from mask2dit.tasks import TaskMix, prepare_training_batch, task_loss
 from trainer.batches import StoryBatches, encode_batch, make_batches
 from trainer.checkpointing import TrainerState, load_checkpoint, resume_view, save_checkpoint
@@ -109,6 +109,7 @@ class Worker:
         )
         self.state = TrainerState(world_size=world, mlflow_run_id=config.get("mlflow_run_id"))
         self.tracker: Tracker | None = None
+        self.writer: MetricWriter | None = None
         self.logged_through = 0  # the last step already in MLflow (restarts redo a few)
         self.pending: list[tuple[int, int, dict[str, float]]] = []  # (step, ms, metrics)
         self.last_report = time.monotonic()
@@ -142,7 +143,8 @@ class Worker:
             if self.state.step:
                 # A restart after a crash redoes the steps since the checkpoint, which the
                 # lost attempt may have logged already: log each step once.
-                self.logged_through = self.tracker.last_step("loss")
+                self.logged_through = self._logged_through()
+            self.writer = MetricWriter(self.tracker, warn=log.warning)
         steps, every = self.run.recipe.steps, self.run.fault_tolerance.checkpoint_every
         if self.rank == 0:  # once per attempt: the console counts restarts
             progress(event="start", step=self.state.step, steps=steps)
@@ -154,6 +156,36 @@ class Worker:
                 self.report(metrics, checkpoint=done % every == 0 or done == steps)
         finally:
             self.batches.close()
+            self._close_writer()
+
+    def _logged_through(self) -> int:
+        """The last step MLflow holds; a server that does not answer now: none (the
+        restart's first steps may then be logged twice; `m2d runs sync` keeps once)."""
+        try:
+            with fail_fast(10):
+                return self.tracker.last_step("loss")
+        except Exception as exc:  # MLflow raises MlflowException, requests' errors...
+            log.warning("MLflow does not answer (%s): cannot tell what it holds", exc)
+            return 0
+
+    def _close_writer(self) -> None:
+        """Send what the writer holds (30 s at most); what MLflow still did not take goes
+        to the run folder, for `m2d runs sync RUN`."""
+        if self.writer is None:
+            return
+        left = self.writer.close(flush_s=30)
+        if left:
+            import ray.train
+
+            run_dir = f"{self.run.storage.root.rstrip('/')}/"
+            run_dir += ray.train.get_context().get_experiment_name()
+            where = spill(left, run_dir, self.run.storage)
+            log.warning(
+                "MLflow did not take %d metric value(s): kept in %s; `m2d runs sync RUN` "
+                "sends them",
+                len(left),
+                where,
+            )
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over ``gradient_accumulation`` micro-batches; its metrics."""
@@ -267,7 +299,7 @@ class Worker:
         if self.state.step > self.logged_through:
             self.pending.append((self.state.step, int(time.time() * 1000), metrics))
         if flush and self.pending:
-            self.tracker.log_rows(self.pending)
+            self.writer.submit(self.pending)  # never waits on the server
             self.pending = []
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import click
 
 from orchestrator import ray_jobs, runs, submit
+from orchestrator.cli import UserError
 
 _TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED", "LOST")
 
@@ -130,10 +131,13 @@ def stop(name: str) -> None:
     click.echo(f"{name}: {'stopping' if stopped else 'was not running'}")
 
 
-@click.command("runs")
+@click.group("runs", invoke_without_command=True)
 @click.option("--limit", default=20, show_default=True, help="How many recent runs.")
-def runs_(limit: int) -> None:
+@click.pass_context
+def runs_(ctx: click.Context, limit: int) -> None:
     """Table of recent runs: stage, cluster, state, step, last loss, checkpoints."""
+    if ctx.invoked_subcommand is not None:
+        return
     from rich.console import Console
     from rich.table import Table
 
@@ -167,3 +171,28 @@ def _step(progress: Progress | None) -> str:
 
 def _loss(progress: Progress | None) -> str:
     return "-" if progress is None or progress.loss is None else f"{progress.loss:.4f}"
+
+
+@runs_.command("sync")
+@click.argument("name")
+def sync(name: str) -> None:
+    """Send run NAME's metrics that MLflow did not take while the job ran (kept in its
+    folder's mlflow_pending.jsonl); a step MLflow already has is not sent again."""
+    from infra.tracking import PENDING_METRICS, fail_fast, replay_pending, run_id_in
+
+    record = runs.load_record(name)
+    storage = record.storage_config
+    run_id = run_id_in(record.run_dir, storage)
+    if not record.tracking_uri or not run_id:
+        raise UserError(f"run {name} has no MLflow run to send metrics to")
+    try:
+        with fail_fast(30):
+            sent = replay_pending(record.run_dir, storage, record.tracking_uri, run_id)
+    except Exception as exc:  # MlflowException, requests' errors...
+        raise UserError(
+            f"MLflow at {record.tracking_uri} did not take the metrics ({type(exc).__name__}); "
+            f"they stay in {record.run_dir}/{PENDING_METRICS} - try again once it answers"
+        ) from None
+    click.echo(
+        f"{name}: {sent} metric value(s) sent to MLflow" if sent else f"{name}: nothing to send"
+    )
