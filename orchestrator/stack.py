@@ -88,7 +88,9 @@ def ray_env(multi_node: bool) -> dict[str, str]:
         "RAY_AUTH_TOKEN_PATH": str(token),
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    if not multi_node:
+    if multi_node:  # a local Ray started in this process (init_ray) turned it off here
+        env.pop(SINGLE_NODE_ENV, None)
+    else:
         env[SINGLE_NODE_ENV] = "0"
     return env
 

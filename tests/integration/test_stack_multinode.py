@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import configparser
+import contextlib
 import ipaddress
 import json
 import os
@@ -124,12 +125,13 @@ def ray_records(stack) -> dict:
 
 def hosts_of(records: dict, job: str, class_part: str) -> list[tuple[str, str, str]]:
     """(node id, ip, node state) of every actor of Ray job ``job`` whose class name holds
-    ``class_part``."""
+    ``class_part`` and that was placed on a node (a worker group torn down while its
+    placement was pending has actors that never ran anywhere)."""
     job_id = records["jobs"][job]
     return [
         (node, *records["nodes"][node])
         for name, node, actor_job in records["actors"]
-        if actor_job == job_id and class_part in name
+        if actor_job == job_id and class_part in name and node
     ]
 
 
@@ -187,9 +189,16 @@ def test_stack_up_is_idempotent_binds_loopback_and_keeps_buckets_across_down(sta
 
 
 def _kill_raylet(stack, node: str) -> None:
+    """The node is lost: its raylet SIGKILLed by pid, then what ran under it (the training
+    worker would otherwise go on a while without its raylet, and on a loaded machine
+    could finish the run before Ray saw the node go)."""
     leader = psutil.Process(_pids(stack)[node])
-    (raylet,) = [p for p in leader.children(recursive=True) if p.name() == "raylet"]
+    below = leader.children(recursive=True)
+    (raylet,) = [p for p in below if p.name() == "raylet"]
     raylet.kill()
+    for process in below:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
     deadline = time.monotonic() + 60  # `ray start --block` ends when its raylet does
     while pid_alive(leader.pid):
         assert time.monotonic() < deadline, f"{node} outlived its raylet"

@@ -47,6 +47,8 @@ def test_ray_node_commands_name_their_addresses_and_ports():
 
 def test_only_a_single_node_stack_runs_ray_in_its_loopback_mode(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "token"))
+    # As after a local Ray in this process (init_ray turns Ray's multi-node mode off here).
+    monkeypatch.setenv(stack.SINGLE_NODE_ENV, "0")
     single, multi = stack.ray_env(multi_node=False), stack.ray_env(multi_node=True)
     assert single[stack.SINGLE_NODE_ENV] == "0" and stack.SINGLE_NODE_ENV not in multi
     assert single["RAY_AUTH_MODE"] == "token" and single["GLOO_SOCKET_IFNAME"] == "lo"
