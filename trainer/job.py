@@ -190,6 +190,7 @@ class Outcome:
     metrics: dict[str, Any]
     checkpoint: Any
     error: BaseException | None
+    url: str = ""  # the MLflow run's, read at the start (the server may be gone by the end)
 
 
 def fit(folder: RunFolder) -> Outcome:
@@ -202,7 +203,8 @@ def fit(folder: RunFolder) -> Outcome:
     init_ray()
     tags = {"git_commit": git_commit(), "ray_job_id": _ray_job_id()}
     tracker = open_run(folder.run, folder.uri, folder.name, tags)
-    log.info("MLflow run %s", tracker.url)
+    url = tracker.url
+    log.info("MLflow run %s", url)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=worker_config(folder, tracker.run_id),
@@ -212,9 +214,9 @@ def fit(folder: RunFolder) -> Outcome:
     )
     try:
         result = trainer.fit()
-        outcome = Outcome(tracker, result.metrics or {}, result.checkpoint, result.error)
+        outcome = Outcome(tracker, result.metrics or {}, result.checkpoint, result.error, url)
     except ray.train.TrainingFailedError as exc:  # V2 raises where V1 returned result.error
-        outcome = Outcome(tracker, {}, None, exc)
+        outcome = Outcome(tracker, {}, None, exc, url)
     try:
         with fail_fast(30):
             tracker.finish("FAILED" if outcome.error else "FINISHED")
@@ -266,7 +268,7 @@ def summary(folder: RunFolder, outcome: Outcome) -> str:
         f"run {folder.name} {'failed' if outcome.error else 'finished'}: "
         f"step {int(metrics.get('step', 0))}/{folder.run.recipe.steps}, "
         f"loss {metrics.get('loss', float('nan')):.4f}, checkpoint {checkpoint}, "
-        f"mlflow {outcome.tracker.url}"
+        f"mlflow {outcome.url}"
     )
 
 

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 M2D = [sys.executable, "-c", "from orchestrator.cli import main; main()"]
-STEPS = 240
+STEPS = 900  # about a minute of steps: both outages fall inside the run
 
 
 def _losses(client, run_id: str) -> list:
@@ -69,10 +69,13 @@ def test_training_never_waits_on_a_hanging_tracking_server(tmp_path, mlflow_serv
                 time.sleep(0.5)
             proxy.blackhole = True  # hangs: accepts, never answers
             outage = (time.time() * 1000, None)
-            time.sleep(20)
+            time.sleep(15)
             proxy.blackhole = False
             outage = (outage[0], time.time() * 1000)
-            time.sleep(8)  # the writer backs off, then sends what waited
+            while max(m.timestamp for m in _losses(direct, run_id)) < outage[1]:
+                assert job.poll() is None, "the run ended before MLflow caught up"
+                time.sleep(0.5)  # the writer backs off, then sends what waited
+            assert job.poll() is None, "the run ended too soon for a second outage"
             proxy.blackhole = True  # and hangs again until the job has ended
             output, _ = job.communicate(timeout=600)
         finally:
