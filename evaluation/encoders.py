@@ -307,9 +307,7 @@ class CLIPFrameEncoder:
             output = self.model.get_image_features(
                 pixel_values=pixels.to(parameter.device, parameter.dtype)
             )
-        features = getattr(output, "pooler_output", output).float()
-        features = features / features.norm(dim=-1, keepdim=True)
-        return features.mean(dim=0).cpu()
+        return _mean_of_unit(getattr(output, "pooler_output", output))
 
     def embed_texts(self, prompts: list[str]) -> torch.Tensor:
         """CLIP's text tower (``get_text_features``), float32 (N, projection_dim)."""
@@ -380,9 +378,7 @@ class Dinov2FrameEncoder:
         parameter = next(self.model.parameters())
         with torch.inference_mode():
             output = self.model(pixel_values=pixels.to(parameter.device, parameter.dtype))
-        features = output.pooler_output.float()
-        features = features / features.norm(dim=-1, keepdim=True)
-        return features.mean(dim=0).cpu()
+        return _mean_of_unit(output.pooler_output)
 
 
 @register_encoder("videomae")
@@ -422,6 +418,12 @@ class VideoMAEEncoder:
                 pixel_values=pixels.unsqueeze(0).to(parameter.device, parameter.dtype)
             )
         return output.last_hidden_state.mean(dim=1)[0].float().cpu()
+
+
+def _mean_of_unit(features_TD: torch.Tensor) -> torch.Tensor:
+    """The mean of per-frame features, each unit-normalised first, float32 on the CPU."""
+    features = features_TD.float()
+    return (features / features.norm(dim=-1, keepdim=True)).mean(dim=0).cpu()
 
 
 def _check_model_type(uri: str, storage: StorageConfig | None, kind: str, what: str) -> None:

@@ -154,14 +154,7 @@ class Tracker:
 
     def log_rows(self, rows: Sequence[tuple[int, int, Mapping[str, float]]]) -> None:
         """Log several steps' metrics, ``(step, timestamp ms, metrics)`` each, in few requests."""
-        from mlflow.entities import Metric
-
-        items = [
-            Metric(key, float(value), timestamp, step)
-            for step, timestamp, metrics in rows
-            for key, value in metrics.items()
-            if value is not None
-        ]
+        items = _metric_items(rows)
         for start in range(0, len(items), _METRIC_BATCH):
             self.client.log_batch(self.run_id, metrics=items[start : start + _METRIC_BATCH])
 
@@ -223,6 +216,18 @@ class Tracker:
         self.client.update_run(self.run_id, status="RUNNING")
 
 
+def _metric_items(rows: Sequence[tuple[int, int, Mapping[str, float]]]) -> list[Any]:
+    """MLflow ``Metric`` items of ``(step, timestamp ms, metrics)`` rows (None values out)."""
+    from mlflow.entities import Metric
+
+    return [
+        Metric(key, float(value), timestamp, step)
+        for step, timestamp, metrics in rows
+        for key, value in metrics.items()
+        if value is not None
+    ]
+
+
 def sample_run_of(tracking: TrackingConfig, out: str) -> Tracker | None:
     """The latest sample-batch run of ``tracking.experiment`` that wrote into ``out`` (its
     ``m2d.out`` tag), or None."""
@@ -275,25 +280,17 @@ class MetricWriter:
         self.queue: list[Any] = []  # mlflow Metric items, in order
         self.lock = threading.Condition()
         self.closing = False
-        self.failing_since: float | None = None
+        self.failing = False  # since the last request the server took
         self.thread = threading.Thread(target=self._run, name="m2d-mlflow", daemon=True)
         self.thread.start()
 
     def submit(self, rows: Sequence[tuple[int, int, Mapping[str, float]]]) -> None:
-        from mlflow.entities import Metric
-
-        items = [
-            Metric(key, float(value), timestamp, step)
-            for step, timestamp, metrics in rows
-            for key, value in metrics.items()
-            if value is not None
-        ]
+        items = _metric_items(rows)
         with self.lock:
             self.queue.extend(items)
             self.lock.notify()
 
     def _run(self) -> None:
-
         delay = 1.0
         while True:
             with self.lock:
@@ -316,22 +313,20 @@ class MetricWriter:
             delay = min(2 * delay, 30.0)
 
     def _send(self, batch: list[Any]) -> bool:
-        import time
-
         try:
             with fail_fast(self.timeout_s):
                 self.tracker.client.log_batch(self.tracker.run_id, metrics=batch)
         except Exception as exc:  # MLflow raises MlflowException, requests' errors...
-            if self.failing_since is None:
-                self.failing_since = time.monotonic()
+            if not self.failing:
+                self.failing = True
                 self.warn(
                     f"MLflow at {self.tracker.client.tracking_uri} does not take metrics "
                     f"({type(exc).__name__}); training goes on, its metrics wait here"
                 )
             return False
-        if self.failing_since is not None:
+        if self.failing:
             self.warn(f"MLflow answers again: sending {len(self.queue)} queued metric(s)")
-            self.failing_since = None
+            self.failing = False
         return True
 
     def flush(self, timeout_s: float) -> bool:

@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
+from m2d_cli import run_m2d
 
 from infra.processes import free_port, pid_alive
 from orchestrator import profiles, ray_jobs, stack, submit
 from orchestrator.runs import RunRecord
 
 REPO = Path(__file__).resolve().parents[2]
-M2D = [sys.executable, "-c", "from orchestrator.cli import main; main()"]
 
 
 def _ports(command: list[str]) -> list[int]:
@@ -60,13 +60,7 @@ def test_only_a_single_node_stack_runs_ray_in_its_loopback_mode(tmp_path, monkey
 
 def test_stack_refuses_a_profile_it_cannot_serve(tmp_path):
     env = {**os.environ, "M2D_HOME": str(tmp_path)}
-    done = subprocess.run(
-        [*M2D, "stack", "up", "--cluster", "local"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    done = run_m2d(env, "stack", "up", "--cluster", "local")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [
         "Error: tracking.uri = sqlite:///runs/mlflow.db: the local stack serves "
@@ -151,13 +145,7 @@ def test_a_port_held_by_another_process_is_refused_before_anything_starts(tmp_pa
             "M2D_HOME": str(tmp_path),
             "M2D_CLUSTERS_DIR": str(tmp_path / "clusters"),
         }
-        done = subprocess.run(
-            [*M2D, "stack", "up", "--cluster", "mine"],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-        )
+        done = run_m2d(env, "stack", "up", "--cluster", "mine")
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [
         f"Error: s3: 127.0.0.1:{port} is in use by a process this stack did not start; "
