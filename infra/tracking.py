@@ -400,10 +400,14 @@ def is_server(uri: str) -> bool:
 
 
 @contextlib.contextmanager
-def fail_fast(timeout_s: int = 10) -> Iterator[None]:
-    """MLflow requests of an interactive command: one attempt each, ``timeout_s`` at most.
-    MLflow's own retries back off for minutes against a server that is down."""
-    wanted = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
+def fail_fast(timeout_s: int = 10, retries: int = 0) -> Iterator[None]:
+    """MLflow requests of an interactive command: ``1 + retries`` attempts each (a retry
+    only after an answer such as 503, with MLflow's backoff), ``timeout_s`` each at most.
+    MLflow's own default retries back off for minutes against a server that is down."""
+    wanted = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s),
+    }
     saved = {name: os.environ.get(name) for name in wanted}
     os.environ.update(wanted)
     try:

@@ -186,11 +186,12 @@ def sync(name: str) -> None:
     if not record.tracking_uri or not run_id:
         raise UserError(f"run {name} has no MLflow run to send metrics to")
     try:
-        with fail_fast(30):
+        with fail_fast(30, retries=2):
             sent = replay_pending(record.run_dir, storage, record.tracking_uri, run_id)
     except Exception as exc:  # MlflowException, requests' errors...
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         raise UserError(
-            f"MLflow at {record.tracking_uri} did not take the metrics ({type(exc).__name__}); "
+            f"MLflow at {record.tracking_uri} did not take the metrics ({reason}); "
             f"they stay in {record.run_dir}/{PENDING_METRICS} - try again once it answers"
         ) from None
     click.echo(
