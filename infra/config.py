@@ -207,6 +207,14 @@ class FaultToleranceConfig(_Strict):
         description="Checkpoints kept per run (the latest K; 2 at least, in case the newer "
         "turns out incomplete).",
     )
+    storage_retry_s: float = Field(
+        300.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Seconds a checkpoint's upload, manifest or resume download keeps "
+        "retrying a storage that fails (backoff 1 s doubling to 30 s) before the run stops "
+        "with one line; a restart (max_failures) retries as long again.",
+    )
 
 
 class ModelConfig(_Strict):

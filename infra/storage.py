@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import os
 import posixpath
-from collections.abc import Mapping
-from typing import Any
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import fsspec
 
 from infra.config import StorageConfig, stage_input
 from infra.errors import DataError, StorageError, first_line
+from infra.logging import get_logger
+
+log = get_logger("storage")
 
 
 def storage_options(storage: StorageConfig | None) -> dict[str, Any]:
@@ -100,3 +104,39 @@ def resolve_relative(path: str, base: str) -> str:
         scheme, rest = base.split("://", 1)
         return f"{scheme}://{posixpath.normpath(f'{rest}/{path}')}"
     return os.path.normpath(os.path.join(base, path))
+
+
+_T = TypeVar("_T")
+RESUME_FIX = (
+    "the run stops here; once the storage answers, `m2d launch --resume RUN` continues "
+    "from its last complete checkpoint (`m2d checkpoints RUN` lists them)"
+)
+
+
+def retry_storage(action: Callable[[], _T], what: str, budget_s: float, fix: str) -> _T:
+    """``action()`` until it succeeds, for a storage that may be briefly unreachable: a
+    failure is retried after a backoff (1 s doubling to 30 s) for up to ``budget_s``
+    seconds, then raised as one :class:`StorageError` line naming ``what`` failed and
+    ``fix``. Denied access and a missing path are answers, not outages: raised at once.
+    """
+    deadline = time.monotonic() + budget_s
+    delay, warned = 1.0, False
+    while True:
+        try:
+            return action()
+        except (PermissionError, FileNotFoundError, StorageError):
+            raise
+        except Exception as exc:  # botocore's, s3fs', pyarrow's, OSError...
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StorageError(
+                    f"{what} failed for {budget_s:.0f} s ({type(exc).__name__}: "
+                    f"{first_line(exc)}); {fix}"
+                ) from None
+            if not warned:
+                log.warning(
+                    "%s failed (%s); retrying for up to %.0f s", what, first_line(exc), budget_s
+                )
+                warned = True
+            time.sleep(min(delay, left))
+            delay = min(2 * delay, 30.0)

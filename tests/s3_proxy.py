@@ -1,6 +1,8 @@
 """A reverse proxy in front of the S3 API server that counts, per client process, the
 bytes of every object it GETs: how tests measure what a rank or an actor reads. It can
-also hold the requests on chosen keys, never forwarding them: an upload caught halfway.
+also hold the requests on chosen keys, never forwarding them: an upload caught halfway;
+and go down (every request answered by a dropped connection, as from a server that is
+gone) from the first request on a chosen key until the test brings it back.
 
 Everything runs on 127.0.0.1, so the client's TCP port names its process (psutil).
 Requests are forwarded unchanged (moto does not check signatures against the host).
@@ -33,6 +35,9 @@ class CountingProxy:
         self.holds: Callable[[str], bool] = lambda key: False
         self.held = threading.Event()  # set once a request was held
         self.release = threading.Event()
+        self.trips: Callable[[str], bool] = lambda key: False  # down at the first such key
+        self.down = False
+        self.refused: list[str] = []  # keys of the requests dropped while down
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -95,6 +100,13 @@ def _handler(proxy: CountingProxy) -> type[BaseHTTPRequestHandler]:
         def _forward(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else None
+            if not proxy.down and self.command in ("PUT", "POST") and proxy.trips(_key(self.path)):
+                proxy.down, proxy.trips = True, lambda key: False  # once
+            if proxy.down:
+                with proxy.lock:
+                    proxy.refused.append(_key(self.path))
+                self.close_connection = True  # no answer: the client sees the line drop
+                return
             if self.command in ("PUT", "POST") and proxy.holds(_key(self.path)):
                 proxy.held.set()
                 proxy.release.wait(timeout=600)

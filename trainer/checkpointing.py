@@ -37,8 +37,15 @@ from infra.checkpoint_layout import (
 )
 from infra.config import RunConfig
 from infra.errors import ConfigError
+from infra.storage import RESUME_FIX, retry_storage
 
-__all__ = ["TrainerState", "load_checkpoint", "resume_view", "save_checkpoint"]
+__all__ = [
+    "TrainerState",
+    "load_checkpoint",
+    "resume_view",
+    "save_checkpoint",
+    "upload_checkpoint",
+]
 
 WEIGHTS_DIR = WEIGHTS.split("/", 1)[0]
 # A file that belongs to one rank: its ZeRO shards, its data position and RNG states.
@@ -100,14 +107,17 @@ def load_checkpoint(
 
 
 @contextlib.contextmanager
-def resume_view(checkpoint: Any, rank: int, local_rank: int) -> Iterator[Path]:
+def resume_view(
+    checkpoint: Any, rank: int, local_rank: int, retry_s: float = 0.0
+) -> Iterator[Path]:
     """A local folder holding what ``rank`` reads to resume from ``checkpoint`` (a
     ``ray.train.Checkpoint``); every rank enters it together.
 
     On local disk that is the checkpoint's own folder. From an object store, where Ray's
     ``as_directory`` would copy the whole checkpoint - every rank's optimizer shard - to
     each node, a node takes the shared files once (its local rank 0, into a node-wide
-    folder) and each rank only its own shards, and not the weights file.
+    folder) and each rank only its own shards, and not the weights file. Reads that fail
+    are retried for ``retry_s`` seconds (``infra.storage.retry_storage``).
     """
     import pyarrow.fs
 
@@ -115,25 +125,60 @@ def resume_view(checkpoint: Any, rank: int, local_rank: int) -> Iterator[Path]:
     if isinstance(fs, pyarrow.fs.LocalFileSystem):
         yield Path(root)
         return
-    listed = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))
+
+    def retried(action, what):
+        return retry_storage(action, f"rank {rank}'s read of {what}", retry_s, RESUME_FIX)
+
+    selector = pyarrow.fs.FileSelector(root, recursive=True)
+    listed = retried(lambda: fs.get_file_info(selector), f"{root}'s listing")
     files = [i.path[len(root) + 1 :] for i in listed if i.type == pyarrow.fs.FileType.File]
     shared = [f for f in files if _owner(f) is None and not f.startswith(f"{WEIGHTS_DIR}/")]
     node = Path(tempfile.gettempdir()) / f"m2d-resume-{hashlib.sha1(root.encode()).hexdigest()}"
     if local_rank == 0:
         shutil.rmtree(node, ignore_errors=True)
-        _download(fs, root, shared, node)
+        retried(lambda: _download(fs, root, shared, node), root)
     _barrier()
     try:
         with tempfile.TemporaryDirectory(prefix="m2d-resume-") as mine:
             for name in shared:
                 (Path(mine) / name).parent.mkdir(parents=True, exist_ok=True)
                 (Path(mine) / name).symlink_to(node / name)
-            _download(fs, root, [f for f in files if _owner(f) == rank], Path(mine))
+            own = [f for f in files if _owner(f) == rank]
+            retried(lambda: _download(fs, root, own, Path(mine)), root)
             yield Path(mine)
     finally:
         _barrier()
         if local_rank == 0:
             shutil.rmtree(node, ignore_errors=True)
+
+
+def upload_checkpoint(checkpoint: Any, name: str, storage: Any, retry_s: float) -> Any:
+    """Ray Train's ``checkpoint_upload_fn``: this rank's part of checkpoint ``name`` (the
+    local ``checkpoint``) put on ``storage`` (Ray's ``StorageContext``) file by file, each
+    put retried while the store fails; the stored ``ray.train.Checkpoint``.
+
+    Ray's own upload (``pyarrow.fs.copy_files``) drops an error raised when a file written
+    through a Python filesystem is closed, which is where an object store's put fails: a
+    checkpoint with a file missing would be reported as saved. Local storage keeps Ray's
+    own copy, whose errors do surface.
+    """
+    import pyarrow.fs
+    import ray.train
+
+    target = storage.storage_filesystem
+    if not isinstance(target, pyarrow.fs.PyFileSystem):
+        return storage.persist_current_checkpoint(checkpoint, name)
+    fs, root = target.handler.fs, storage.build_checkpoint_path_from_name(name)
+    local = Path(checkpoint.path)
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        remote = f"{root}/{path.relative_to(local).as_posix()}"
+        retry_storage(
+            lambda path=path, remote=remote: fs.put_file(str(path), remote),
+            f"the upload of {remote}",
+            retry_s,
+            RESUME_FIX,
+        )
+    return ray.train.Checkpoint(filesystem=target, path=root)
 
 
 def _owner(name: str) -> int | None:

@@ -34,7 +34,13 @@ from infra.job_specs import TrainJobSpec
 from infra.jobs import run_job
 from infra.logging import get_logger, progress
 from infra.ray_runtime import init_ray
-from infra.storage import check_stage_input, filesystem, is_remote, storage_options
+from infra.storage import (
+    check_stage_input,
+    filesystem,
+    is_remote,
+    retry_storage,
+    storage_options,
+)
 from infra.tracking import Tracker, end_run, fail_fast, open_run
 
 __all__ = [
@@ -104,7 +110,7 @@ def ray_run_config(folder: RunFolder, callbacks: list[Any] | None = None) -> Any
     import ray.train
 
     ft = folder.run.fault_tolerance
-    storage_path, storage_fs = _ray_storage(folder.parent, folder.run.storage)
+    storage_path, storage_fs = _ray_storage(folder.parent, folder.run)
     return ray.train.RunConfig(
         name=folder.name,
         storage_path=storage_path,
@@ -116,15 +122,22 @@ def ray_run_config(folder: RunFolder, callbacks: list[Any] | None = None) -> Any
     )
 
 
-def _ray_storage(parent: str, storage: StorageConfig) -> tuple[str, Any]:
-    """(storage_path, pyarrow filesystem or None): s3:// goes through s3fs for endpoint/region."""
+def _ray_storage(parent: str, run: RunConfig) -> tuple[str, Any]:
+    """(storage_path, pyarrow filesystem or None): s3:// goes through s3fs for endpoint and
+    region, every operation retried while the store fails (``infra.arrow_storage``)."""
     if not is_remote(parent):
         return parent, None
     import pyarrow.fs
     import s3fs
 
-    fs = s3fs.S3FileSystem(**storage_options(storage))
-    handler = pyarrow.fs.FSSpecHandler(fs)
+    from infra.arrow_storage import RetryingHandler
+
+    # botocore's own retries (up to ~15 s a request) would eat the budget before a failure
+    # reached the handler; s3fs' quick ones (about 2 s) stay.
+    fs = s3fs.S3FileSystem(
+        **storage_options(run.storage), config_kwargs={"retries": {"max_attempts": 1}}
+    )
+    handler = RetryingHandler(fs, run.fault_tolerance.storage_retry_s, run.storage.root)
     return parent.split("://", 1)[1], pyarrow.fs.PyFileSystem(handler)
 
 
@@ -173,10 +186,17 @@ def _progress_callback(folder: RunFolder, tracker: Tracker) -> Any:
 def _commit(uri: str, run: RunConfig) -> None:
     """Write checkpoint ``uri``'s manifest - every rank's files are on storage once Ray
     reports it - which makes it count; a checkpoint that cannot get one is left without
-    (its readers take the one before), saying why."""
+    (its readers take the one before), saying why. A storage that fails is retried as a
+    rank's upload is (``fault_tolerance.storage_retry_s``); an error here never ends the
+    run, whose controller this runs in."""
     try:
-        problem = write_manifest(uri, run.storage, run.workers.num_workers)
-    except (OSError, ValueError) as exc:
+        problem = retry_storage(
+            lambda: write_manifest(uri, run.storage, run.workers.num_workers),
+            f"the manifest of {uri}",
+            run.fault_tolerance.storage_retry_s,
+            "the checkpoint stays without one",
+        )
+    except (StorageError, OSError, ValueError) as exc:
         problem = first_line(exc)
     if problem:
         log.warning("checkpoint %s has no manifest (%s): readers use the one before", uri, problem)
@@ -304,7 +324,7 @@ def _main(spec: TrainJobSpec) -> int:
 def _root_cause(error: BaseException) -> BaseException:
     """The worker's own exception inside Ray Train's wrappers, where one is attached."""
     seen = error
-    for attr in ("worker_failures", "_base_exc", "cause", "__cause__"):
+    for attr in ("worker_failures", "controller_failure", "_base_exc", "cause", "__cause__"):
         inner = getattr(seen, attr, None)
         if isinstance(inner, dict) and inner:
             inner = next(iter(inner.values()))

@@ -33,7 +33,13 @@ from infra.logging import get_logger, progress, set_rank
 from infra.tracking import MetricWriter, Tracker, fail_fast, spill
 from mask2dit.tasks import TaskMix, prepare_training_batch, task_loss
 from trainer.batches import StoryBatches, encode_batch, make_batches
-from trainer.checkpointing import TrainerState, load_checkpoint, resume_view, save_checkpoint
+from trainer.checkpointing import (
+    TrainerState,
+    load_checkpoint,
+    resume_view,
+    save_checkpoint,
+    upload_checkpoint,
+)
 from trainer.components import Components, load_components
 from trainer.engine import build_engine, device_and_dtype
 
@@ -130,7 +136,8 @@ class Worker:
         if checkpoint is None:
             return
         run_id = self.state.mlflow_run_id
-        with resume_view(checkpoint, self.rank, self.local_rank) as folder:
+        retry_s = self.run.fault_tolerance.storage_retry_s
+        with resume_view(checkpoint, self.rank, self.local_rank, retry_s) as folder:
             self.state, data_state = load_checkpoint(folder, self.engine, self.rank, self.world)
         self.batches.load_state_dict(data_state)
         self.state.mlflow_run_id = run_id or self.state.mlflow_run_id
@@ -285,8 +292,16 @@ class Worker:
                 {**metrics, **skips},
                 checkpoint=ray.train.Checkpoint.from_directory(folder),
                 checkpoint_dir_name=f"checkpoint_{self.state.step:08d}",
+                checkpoint_upload_fn=self._upload,
             )
         self.last_report = time.monotonic()
+
+    def _upload(self, checkpoint: Any, name: str) -> Any:
+        import ray.train
+
+        storage = ray.train.get_context().get_storage()
+        retry_s = self.run.fault_tolerance.storage_retry_s
+        return upload_checkpoint(checkpoint, name, storage, retry_s)
 
     def _track(self, metrics: dict[str, float], flush: bool) -> None:
         """Queue this step's metrics for MLflow (rank 0); write the queue when ``flush``.
