@@ -277,6 +277,16 @@ def test_two_nodes_survive_a_lost_node_then_sft_and_sampling_use_both(stack):
     hosts = {node for node, *_ in hosts_of(records, sft_name, "RayTrainWorker")}
     assert hosts == {head, new}
 
+    # The SFT job's actors and placement group are let go of asynchronously: until then
+    # the head's CPU is held and the second sampling actor would wait for it while the
+    # first renders every story alone.
+    idle = subprocess.run(
+        [sys.executable, "-c", _WAIT_IDLE, f"http://127.0.0.1:{stack['ports']['ray']}"],
+        env={**env, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(ROOT / "tests")},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert idle.returncode == 0, idle.stdout[-3000:] + idle.stderr[-3000:]
+
     prompts = stack["root"] / "stories.jsonl"
     stories = [{"id": f"s{i}", "prompts": ["a cat", "the cat sleeps"]} for i in range(2)]
     prompts.write_text("".join(json.dumps(story) + "\n" for story in stories))
@@ -310,4 +320,14 @@ while not (status := client.get_job_status(sys.argv[2])).is_terminal():
 if status.value != "SUCCEEDED":
     print(client.get_job_logs(sys.argv[2])[-3000:])
 print(status.value)
+"""
+
+_WAIT_IDLE = """
+import sys, time
+from ray_session import cluster_busy, cluster_report
+deadline = time.monotonic() + 240
+while cluster_busy(sys.argv[1]):
+    if time.monotonic() > deadline:
+        sys.exit(cluster_report(sys.argv[1]))
+    time.sleep(1)
 """
