@@ -40,7 +40,8 @@ class KeyProblem(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and nan are never a right value of a setting (a learning rate of inf trains nothing)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def looks_secret(name: str) -> bool:
@@ -210,7 +211,6 @@ class FaultToleranceConfig(_Strict):
     storage_retry_s: float = Field(
         300.0,
         ge=0,
-        allow_inf_nan=False,
         description="Seconds a checkpoint's upload, manifest or resume download keeps "
         "retrying a storage that fails (backoff 1 s doubling to 30 s) before the run stops "
         "with one line; a restart (max_failures) retries as long again.",

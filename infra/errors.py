@@ -32,3 +32,36 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     one-line messages about services: their errors often carry a whole response body."""
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:limit]
+
+
+# botocore's exceptions (named, so that nothing here imports botocore), by what they mean.
+_NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
+_NO_ANSWER = {
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ConnectionClosedError",
+}
+
+
+def environment_problem(exc: BaseException) -> str | None:
+    """One line for an exception that says the machine's surroundings are wrong rather than
+    m2d - an object store without credentials or that does not answer, a path the process
+    cannot read or write - or None for any other exception (a bug: its traceback stays)."""
+    name = type(exc).__name__
+    if type(exc).__module__.startswith("botocore"):
+        if name in _NO_CREDENTIALS:
+            return (
+                f"the object store found no credentials ({name}); set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, or storage.credentials_file"
+            )
+        if name in _NO_ANSWER:
+            return (
+                f"the object store does not answer ({first_line(exc)}); check "
+                "storage.endpoint_url and that the store runs"
+            )
+        return f"the object store refused the request ({name}: {first_line(exc)})"
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror}; check the path and its permissions"
+    return None

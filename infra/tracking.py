@@ -428,7 +428,11 @@ def store_exists(uri: str) -> bool:
 
 
 def check_store(uri: str) -> None:
-    """Raise a one-line ServiceError unless the tracking store at ``uri`` answers now."""
+    """Raise a one-line ServiceError unless the tracking server at ``uri`` answers now. A
+    file or database store is not opened here: opening it creates it, and a command that
+    then stops on another mistake would leave that behind."""
+    if not is_server(uri):
+        return
     from mlflow.tracking import MlflowClient
 
     with fail_fast():

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import click
 
-from infra.errors import M2DError
+from infra.errors import M2DError, environment_problem
 
 # name -> "module:attribute" of a click command or group.
 COMMANDS = {
@@ -91,6 +91,10 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except M2DError as exc:
             raise UserError(str(exc)) from None
+        except Exception as exc:  # an object store or a path that is not right here
+            if problem := environment_problem(exc):
+                raise UserError(problem) from None
+            raise
 
 
 @click.group(cls=LazyGroup, lazy_commands=COMMANDS)

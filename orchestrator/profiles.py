@@ -83,6 +83,9 @@ def resolve(loaded: LoadedProfile, stage: Stage, overrides: dict[str, Any]) -> R
         key = _error_key(error)
         if _is_overridden(key, overrides):
             where = "--set"
+        elif len(key) > 1 and _is_overridden(key[:-1], overrides):
+            # A check across the section's keys, one of them from --set: name both.
+            where = f"--set (with {loaded.locate(_profile_key(key, stage))})"
         else:
             where = loaded.locate(_profile_key(key, stage))
         raise ConfigError(f"{where}: {'.'.join(key)}: {_error_message(error, RunConfig)}") from None
@@ -158,6 +161,11 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[KeyPath, int]]:
         text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such profile file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}); "
+            "save the profile as UTF-8"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
     try:

@@ -24,7 +24,7 @@ from infra.checkpoint_layout import (
     complete_checkpoint,
 )
 from infra.config import RunConfig, StorageConfig
-from infra.errors import ConfigError
+from infra.errors import ConfigError, first_line
 from infra.processes import pid_alive
 from infra.storage import filesystem, join
 from orchestrator import profiles, ray_jobs
@@ -94,16 +94,40 @@ def load_record(name: str) -> RunRecord:
     """The registry record of run ``name``; a ConfigError naming known runs if absent."""
     path = registry_dir() / f"{name}.json"
     if not path.is_file():
-        known = [p.stem for p in recent_records(limit=5)]
+        known = [record.name for record in recent_records(limit=5)]
         hint = f" (recent: {', '.join(known)})" if known else ""
         raise ConfigError(f"no run named {name!r} in {registry_dir()}{hint}; see `m2d runs`")
-    return RunRecord(**json.loads(path.read_text()))
+    return _read_record(path)
 
 
-def recent_records(limit: int = 20) -> list[RunRecord]:
-    """The newest launch records first."""
+def _read_record(path: Path) -> RunRecord:
+    """A registry file as a record; a ConfigError naming the file if it is not one."""
+    try:
+        data = json.loads(path.read_bytes())
+        if not isinstance(data, dict):
+            raise TypeError("not a JSON object")
+        return RunRecord(**data)
+    except (OSError, ValueError, TypeError) as exc:  # unreadable, not JSON, wrong keys
+        raise ConfigError(
+            f"{path}: not a run record ({first_line(exc, 120)}); move it out of the registry "
+            "or delete it"
+        ) from None
+
+
+def recent_records(limit: int = 20, warn: Callable[[str], None] | None = None) -> list[RunRecord]:
+    """The newest launch records first; a file that is not a record is skipped (``warn``
+    is told why), so one broken file does not hide every run."""
     paths = sorted(registry_dir().glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-    return [RunRecord(**json.loads(p.read_text())) for p in paths[:limit]]
+    records = []
+    for path in paths:
+        if len(records) == limit:
+            break
+        try:
+            records.append(_read_record(path))
+        except ConfigError as exc:
+            if warn:
+                warn(f"skipped {exc}")
+    return records
 
 
 def new_run_name(run: RunConfig, explicit: str | None = None) -> str:

@@ -48,8 +48,10 @@ def checkpoint_kind(uri: str, storage: StorageConfig | None) -> str:
         if fs.isdir(f"{root}/{DEEPSPEED_TAG}"):
             return "training"
         if fs.isdir(f"{root}/transformer"):
+            _check_weights(fs, f"{root}/transformer", uri)
             return "diffusers"
         if fs.isfile(f"{root}/config.json"):
+            _check_weights(fs, root, uri)
             return "transformer"
         exists = fs.exists(root)
     except OSError as exc:
@@ -59,6 +61,17 @@ def checkpoint_kind(uri: str, storage: StorageConfig | None) -> str:
         f"checkpoint {uri} {problem}; give RUN[:STEP], a checkpoint_NNNNNNNN folder, an "
         "`m2d export` folder or a diffusers CogVideoX folder"
     )
+
+
+def _check_weights(fs, folder: str, uri: str) -> None:
+    """Refuse, here and in one line, a model folder whose transformer has no weights file
+    (a copy cut short): the sampling actors would each fail to load it."""
+    if not fs.glob(f"{folder}/diffusion_pytorch_model*"):
+        raise ConfigError(
+            f"checkpoint {uri}: {folder.rsplit('/', 1)[-1]}/ has no weights file "
+            "(diffusion_pytorch_model*.safetensors); copy the whole folder or run `m2d "
+            "export` again"
+        )
 
 
 def describe_checkpoint(spec: SampleJobSpec, checkpoint: CheckpointSpec) -> CheckpointInfo:

@@ -22,6 +22,7 @@ import torch
 from diffusers import CogVideoXTransformer3DModel
 
 from infra.checkpoint_layout import read_weights
+from infra.errors import DataError, first_line
 from infra.model_store import ENCODER_SUBFOLDERS, fetch_folder, resolve_model_folder
 from infra.sample_spec import CheckpointSpec, SampleJobSpec
 from mask2dit.components import (
@@ -45,7 +46,24 @@ def load_pipeline(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
 ) -> MultiScenePipeline:
-    """Load ``checkpoint`` into a pipeline on ``device`` (bf16 on CUDA by default)."""
+    """Load ``checkpoint`` into a pipeline on ``device`` (bf16 on CUDA by default); a
+    folder whose files diffusers cannot load is one DataError line naming it."""
+    try:
+        return _load_pipeline(spec, checkpoint, info, device, dtype)
+    except OSError as exc:  # diffusers and transformers: a weights or config file missing
+        raise DataError(
+            f"{checkpoint.uri}: cannot load the model ({first_line(exc)}); give an `m2d "
+            "export` folder, a training checkpoint or a diffusers CogVideoX folder"
+        ) from None
+
+
+def _load_pipeline(
+    spec: SampleJobSpec,
+    checkpoint: CheckpointSpec,
+    info: CheckpointInfo,
+    device: torch.device | str,
+    dtype: torch.dtype | None,
+) -> MultiScenePipeline:
     device = torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

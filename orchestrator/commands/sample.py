@@ -134,7 +134,11 @@ def _absolute(value: str) -> str:
 @click.option("--size", help="HEIGHTxWIDTH [default: the checkpoint's].")
 @click.option("--negative-prompt", default="", help="Negative prompt for every scene.")
 @click.option("--scheduler", type=click.Choice(["ddim", "dpm"]), default="ddim", show_default=True)
-@click.option("--num-actors", type=int, help="Model replicas [default: the profile's workers].")
+@click.option(
+    "--num-actors",
+    type=click.IntRange(min=1),
+    help="Model replicas [default: the profile's workers].",
+)
 @click.option("--overwrite", is_flag=True, help="Render finished items again.")
 @click.option("--vae-tiling", is_flag=True, help="Decode scenes in tiles (less GPU memory).")
 @click.option("--vae-slicing", is_flag=True, help="Decode one sample at a time.")

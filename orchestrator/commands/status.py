@@ -141,7 +141,7 @@ def runs_(ctx: click.Context, limit: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    records = runs.recent_records(limit)
+    records = runs.recent_records(limit, warn=lambda line: click.echo(line, err=True))
     progress = progress_of(records)
     table = Table("run", "stage", "cluster", "state", "step", "loss", "checkpoints", "latest")
     for record in records:

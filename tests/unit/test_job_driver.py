@@ -43,6 +43,7 @@ def test_the_sample_job_driver_plans_without_the_model_frameworks(tmp_path):
     folder = tmp_path / "export"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"")  # never read here
     probe = (
         "from ray import cloudpickle\n"
         "from infra.config import ModelConfig, StageRecipe, StorageConfig\n"

@@ -96,6 +96,7 @@ def test_bad_prompt_file_is_refused_by_line_before_any_model_loads(tmp_path, cap
     folder = tmp_path / "exported"
     folder.mkdir()
     (folder / "config.json").write_text("{}")  # an exported transformer: never loaded here
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"")
     prompts = tmp_path / "stories.jsonl"
     prompts.write_text('{"id": "a", "prompts": ["x"]}\n{"id": "b", "prompts": []}\n')
     spec = _spec(tmp_path, prompts=str(prompts))
@@ -112,6 +113,7 @@ def test_fixed_mode_refuses_context_videos(tmp_path, capsys):
     folder = tmp_path / "exported"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"")
     prompts = tmp_path / "stories.jsonl"
     prompts.write_text('{"id": "a", "prompts": ["x", "y"], "context_videos": ["v.mp4"]}\n')
     spec = _spec(tmp_path, prompts=str(prompts))

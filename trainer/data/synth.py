@@ -168,12 +168,15 @@ def _check_empty(out: str, storage: StorageConfig | None) -> None:
     fs, path = filesystem(out, storage)
     try:
         if not fs.exists(path):
+            fs.makedirs(path, exist_ok=True)  # a folder it cannot create: said here, in one line
             return
         if not fs.isdir(path):
             raise StorageError(f"--out {out} is a file; give a new folder")
         held = [entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)]
     except OSError as exc:
-        raise StorageError(f"--out {out}: cannot read it ({first_line(exc)})") from None
+        raise StorageError(
+            f"--out {out}: cannot use it ({first_line(exc)}); give a folder you can write"
+        ) from None
     if held:
         shown = ", ".join(sorted(held)[:3]) + (", ..." if len(held) > 3 else "")
         raise StorageError(
