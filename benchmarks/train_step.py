@@ -71,7 +71,7 @@ def local_run(
         yaml.safe_load((ROOT / "clusters/local.yaml").read_text())
     )
     overrides = {
-        "recipe": {"steps": steps},
+        "recipe": {"steps": steps, "warmup_steps": min(10, steps)},
         "fault_tolerance": {"checkpoint_every": steps, "keep_checkpoints": 1, "max_failures": 0},
         "storage": {"root": str(root / "runs")},
         "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "bench"},

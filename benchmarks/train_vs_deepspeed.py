@@ -73,7 +73,13 @@ def bench_run(root: Path, steps: int, prefetch: int | None = None) -> RunConfig:
     )
     overrides = {
         "model": {"source": str(root / "model")},
-        "recipe": {"steps": steps, "frames": FRAMES, "height": SIZE, "width": SIZE},
+        "recipe": {
+            "steps": steps,
+            "warmup_steps": min(10, steps),
+            "frames": FRAMES,
+            "height": SIZE,
+            "width": SIZE,
+        },
         "fault_tolerance": {"checkpoint_every": steps, "keep_checkpoints": 1, "max_failures": 0},
         "storage": {"root": str(root / "runs")},
         "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "bench"},

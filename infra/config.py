@@ -335,6 +335,12 @@ class StageRecipe(_Strict):
         for key in ("height", "width"):
             if getattr(self, key) % 16:
                 raise KeyProblem(key, "must be a multiple of 16 (VAE 8x, patch 2x)")
+        if self.warmup_steps > self.steps:
+            raise KeyProblem(
+                "warmup_steps",
+                f"a warm-up of {self.warmup_steps} steps is longer than the run "
+                f"({self.steps} steps); set recipe.warmup_steps to at most {self.steps}",
+            )
         if self.extension_prob > 0 and self.num_scenes < 2:
             raise KeyProblem("extension_prob", "extension steps need num_scenes >= 2")
         try:

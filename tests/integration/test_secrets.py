@@ -58,6 +58,7 @@ def test_planted_secrets_appear_in_no_output_record_or_submission(
         "tracking.experiment": "m2d-secrets",
         "data.synthetic": "true",
         "recipe.steps": "2",
+        "recipe.warmup_steps": "1",
         "fault_tolerance.checkpoint_every": "1",
     }
     flags = [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]

@@ -269,7 +269,7 @@ def test_two_nodes_survive_a_lost_node_then_sft_and_sampling_use_both(stack):
 
     sft = run_m2d(
         env, "launch", "--cluster", PROFILE, "--stage", "sft", *spread, *recipe,
-        "--set", "recipe.steps=2", "--follow",
+        "--set", "recipe.steps=2", "--set", "recipe.warmup_steps=1", "--follow",
     )  # fmt: skip
     assert sft.returncode == 0, sft.stdout[-3000:] + sft.stderr
     sft_name = _run_name(sft)

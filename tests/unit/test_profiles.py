@@ -99,6 +99,7 @@ def test_extends_merges_nested_keys(tmp_path):
         stages:
           sft:
             steps: 7
+            warmup_steps: 1
         """,
     )
     loaded = profiles.load_profile(child)

@@ -134,7 +134,7 @@ def test_the_run_folder_is_all_the_workers_get(tmp_path):
     overrides = {
         "storage": {"root": str(tmp_path / "runs")},
         "data": {"sft": str(tmp_path / "sft.jsonl"), "synthetic": True},
-        "recipe": {"steps": 7},
+        "recipe": {"steps": 7, "warmup_steps": 1},
     }
     run = runs.with_absolute_paths(profiles.resolve(loaded, "sft", overrides))
     run = run.model_copy(update={"init_from": str(tmp_path / "pre" / "checkpoint_00000004")})
