@@ -38,3 +38,21 @@ def wait_state(env: dict[str, str], name: str, wanted: set[str], timeout: float 
             return state
         time.sleep(2)
     raise AssertionError(f"run {name} stayed {state!r}, wanted {wanted}")
+
+
+def register_run(name: str, run_dir: str, **fields) -> object:
+    """Put a local pretrain run that a test's job wrote in ``run_dir`` into the registry
+    (as `m2d launch` would), so that `m2d` commands take it by name; its record."""
+    from orchestrator.runs import RunRecord
+
+    record = RunRecord(
+        name=name,
+        cluster="local",
+        stage="pretrain",
+        run_dir=run_dir,
+        config_uri=f"{run_dir}/run_config.json",
+        kind="local",
+        **fields,
+    )
+    record.save()
+    return record

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from m2d_cli import M2D
+from m2d_cli import M2D, register_run
 from s3_proxy import CountingProxy
 
 from infra.config import ClusterProfile, RunConfig, resolve_run
@@ -72,7 +72,7 @@ def test_a_short_outage_delays_a_checkpoint_a_long_one_stops_the_run_and_resume_
     import boto3
     import s3fs
 
-    from orchestrator.runs import RunRecord, latest_checkpoint
+    from orchestrator.runs import latest_checkpoint
 
     bucket = f"m2d-outage-{os.getpid()}"
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(
@@ -133,16 +133,8 @@ def test_a_short_outage_delays_a_checkpoint_a_long_one_stops_the_run_and_resume_
         assert "`m2d launch --resume RUN` continues" in last, last
 
     assert not complete(STEPS)  # never chosen: no manifest
-    record = RunRecord(
-        name="outage",
-        cluster="local",
-        stage="pretrain",
-        run_dir=run_dir,
-        config_uri=f"{run_dir}/run_config.json",
-        kind="local",
-        storage={"root": f"s3://{bucket}/runs", "endpoint_url": s3_endpoint},
-    )
-    record.save()
+    storage = {"root": f"s3://{bucket}/runs", "endpoint_url": s3_endpoint}
+    record = register_run("outage", run_dir, storage=storage)
     assert latest_checkpoint(record, lambda warning: None) == f"{run_dir}/{_checkpoint(2 * EVERY)}"
 
     # The store is back (straight to the S3 server now): the run resumes and finishes.

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from m2d_cli import register_run
 from tcp_proxy import SwitchProxy
 
 from infra.config import ClusterProfile, resolve_run
@@ -36,7 +37,6 @@ def test_training_never_waits_on_a_hanging_tracking_server(tmp_path, mlflow_serv
     from mlflow.tracking import MlflowClient
 
     from infra.tracking import PENDING_METRICS, run_id_in
-    from orchestrator.runs import RunRecord
 
     direct = MlflowClient(mlflow_server)
     with SwitchProxy(urlsplit(mlflow_server).port) as proxy:
@@ -95,16 +95,7 @@ def test_training_never_waits_on_a_hanging_tracking_server(tmp_path, mlflow_serv
         assert len(during) >= 10, (outage, [m.timestamp for m in history][:5])
 
         proxy.blackhole = False
-        record = RunRecord(
-            name="hang",
-            cluster="local",
-            stage="pretrain",
-            run_dir=str(config.parent),
-            config_uri=str(config),
-            kind="local",
-            tracking_uri=tracking,
-        )
-        record.save()
+        register_run("hang", str(config.parent), tracking_uri=tracking)
         synced = subprocess.run(
             [*M2D, "runs", "sync", "hang"], cwd=ROOT, capture_output=True, text=True, timeout=120
         )

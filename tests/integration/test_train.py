@@ -22,6 +22,7 @@ import pytest
 import torch
 import yaml
 from m2d_cli import M2D as M2D_CLI
+from m2d_cli import register_run
 from s3_proxy import CountingProxy
 
 from infra.config import ClusterProfile, RunConfig, StorageConfig, resolve_run
@@ -448,7 +449,7 @@ def test_a_kill_during_a_checkpoint_upload_leaves_it_incomplete_and_unused(
     import s3fs
     from ray_session import ray_session, wait_gone
 
-    from orchestrator.runs import RunRecord, latest_checkpoint
+    from orchestrator.runs import latest_checkpoint
 
     bucket = f"m2d-torn-{os.getpid()}"
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(
@@ -495,16 +496,8 @@ def test_a_kill_during_a_checkpoint_upload_leaves_it_incomplete_and_unused(
     assert any("rank_0" in key for key in torn), torn  # rank 0's part did land
     assert not any(key.endswith("manifest.json") for key in torn)
 
-    record = RunRecord(
-        name="torn",
-        cluster="local",
-        stage="pretrain",
-        run_dir=run_dir,
-        config_uri=f"{run_dir}/run_config.json",
-        kind="local",
-        storage={"root": f"s3://{bucket}/runs", "endpoint_url": s3_endpoint},
-    )
-    record.save()
+    storage = {"root": f"s3://{bucket}/runs", "endpoint_url": s3_endpoint}
+    record = register_run("torn", run_dir, storage=storage)
     listed = subprocess.run(
         [*M2D_CLI, "checkpoints", "torn"],
         cwd=ROOT,
