@@ -330,18 +330,24 @@ class MetricWriter:
         return True
 
     def flush(self, timeout_s: float) -> bool:
-        """Wait up to ``timeout_s`` for the queue to empty; whether it did."""
+        """Wait up to ``timeout_s`` for the queue to empty; whether it did. A thread that
+        is backing off tries again now."""
         import time
 
         deadline = time.monotonic() + timeout_s
         with self.lock:
+            self.lock.notify_all()
             while self.queue and time.monotonic() < deadline:
                 self.lock.wait(timeout=min(1.0, deadline - time.monotonic()))
             return not self.queue
 
     def close(self, flush_s: float = 30.0) -> list[dict[str, Any]]:
         """Flush within ``flush_s``, stop the thread; the metrics still unsent, as rows
-        ``{key, value, timestamp, step}``."""
+        ``{key, value, timestamp, step}``. A server that did not answer the last request
+        gets one more (``timeout_s``), not the whole ``flush_s``: the run's end waits for
+        nothing the run folder cannot keep."""
+        if self.failing:
+            flush_s = min(flush_s, self.timeout_s + 1.0)
         self.flush(flush_s)
         with self.lock:
             self.closing = True

@@ -237,8 +237,8 @@ def fit(folder: RunFolder) -> Outcome:
         outcome = Outcome(tracker, result.metrics or {}, result.checkpoint, result.error, url)
     except ray.train.TrainingFailedError as exc:  # V2 raises where V1 returned result.error
         outcome = Outcome(tracker, {}, None, exc, url)
-    try:
-        with fail_fast(30):
+    try:  # one request, answered in milliseconds by a server that works
+        with fail_fast(10):
             tracker.finish("FAILED" if outcome.error else "FINISHED")
     except Exception as exc:  # the run is done; only its MLflow status is not
         log.warning("MLflow did not record the run's end (%s)", exc)

@@ -231,7 +231,9 @@ def test_two_nodes_survive_a_lost_node_then_sft_and_sampling_use_both(stack):
     name = _run_name(launched)
 
     fs = _s3(stack)
-    first = f"m2d/runs/{name}/checkpoint_{EVERY:08d}/trainer_state.json"
+    # Reported to Ray Train and complete: the controller writes the manifest after the
+    # report (a file of the checkpoint on storage says only that its upload has begun).
+    first = f"m2d/runs/{name}/checkpoint_{EVERY:08d}/manifest.json"
     deadline = time.monotonic() + 300
     while not fs.exists(first):
         assert time.monotonic() < deadline, run_m2d(env, "logs", name).stdout[-3000:]
