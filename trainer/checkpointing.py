@@ -152,10 +152,11 @@ def resume_view(
             shutil.rmtree(node, ignore_errors=True)
 
 
-def upload_checkpoint(checkpoint: Any, name: str, storage: Any, retry_s: float) -> Any:
+def upload_checkpoint(checkpoint: Any, name: str, storage: Any) -> Any:
     """Ray Train's ``checkpoint_upload_fn``: this rank's part of checkpoint ``name`` (the
     local ``checkpoint``) put on ``storage`` (Ray's ``StorageContext``) file by file, each
-    put retried while the store fails; the stored ``ray.train.Checkpoint``.
+    put retried while the store fails (by the run's ``infra.arrow_storage.RetryingHandler``,
+    which holds the budget); the stored ``ray.train.Checkpoint``.
 
     Ray's own upload (``pyarrow.fs.copy_files``) drops an error raised when a file written
     through a Python filesystem is closed, which is where an object store's put fails: a
@@ -168,15 +169,13 @@ def upload_checkpoint(checkpoint: Any, name: str, storage: Any, retry_s: float) 
     target = storage.storage_filesystem
     if not isinstance(target, pyarrow.fs.PyFileSystem):
         return storage.persist_current_checkpoint(checkpoint, name)
-    fs, root = target.handler.fs, storage.build_checkpoint_path_from_name(name)
+    handler, root = target.handler, storage.build_checkpoint_path_from_name(name)
     local = Path(checkpoint.path)
     for path in sorted(p for p in local.rglob("*") if p.is_file()):
         remote = f"{root}/{path.relative_to(local).as_posix()}"
-        retry_storage(
-            lambda path=path, remote=remote: fs.put_file(str(path), remote),
+        handler.retried(
             f"the upload of {remote}",
-            retry_s,
-            RESUME_FIX,
+            lambda path=path, remote=remote: handler.fs.put_file(str(path), remote),
         )
     return ray.train.Checkpoint(filesystem=target, path=root)
 

@@ -299,9 +299,7 @@ class Worker:
     def _upload(self, checkpoint: Any, name: str) -> Any:
         import ray.train
 
-        storage = ray.train.get_context().get_storage()
-        retry_s = self.run.fault_tolerance.storage_retry_s
-        return upload_checkpoint(checkpoint, name, storage, retry_s)
+        return upload_checkpoint(checkpoint, name, ray.train.get_context().get_storage())
 
     def _track(self, metrics: dict[str, float], flush: bool) -> None:
         """Queue this step's metrics for MLflow (rank 0); write the queue when ``flush``.

@@ -178,6 +178,7 @@ def _loss(progress: Progress | None) -> str:
 def sync(name: str) -> None:
     """Send run NAME's metrics that MLflow did not take while the job ran (kept in its
     folder's mlflow_pending.jsonl); a step MLflow already has is not sent again."""
+    from infra.errors import first_line
     from infra.tracking import PENDING_METRICS, fail_fast, replay_pending, run_id_in
 
     record = runs.load_record(name)
@@ -189,9 +190,9 @@ def sync(name: str) -> None:
         with fail_fast(30, retries=2):
             sent = replay_pending(record.run_dir, storage, record.tracking_uri, run_id)
     except Exception as exc:  # MlflowException, requests' errors...
-        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         raise UserError(
-            f"MLflow at {record.tracking_uri} did not take the metrics ({reason}); "
+            f"MLflow at {record.tracking_uri} did not take the metrics "
+            f"({type(exc).__name__}: {first_line(exc, 200)}); "
             f"they stay in {record.run_dir}/{PENDING_METRICS} - try again once it answers"
         ) from None
     click.echo(

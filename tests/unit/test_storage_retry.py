@@ -139,7 +139,7 @@ def test_a_checkpoint_upload_retries_each_file_and_a_lasting_failure_is_raised(t
     checkpoint = _local_checkpoint(tmp_path)
     flaky = Flaky(failures=1, auto_mkdir=True)
     storage = _Storage(pyarrow.fs.PyFileSystem(RetryingHandler(flaky, 60, "s3://b")), tmp_path)
-    stored = upload_checkpoint(checkpoint, "checkpoint_00000003", storage, 60)
+    stored = upload_checkpoint(checkpoint, "checkpoint_00000003", storage)
     assert stored.path == str(tmp_path / "checkpoint_00000003")
     assert (tmp_path / "checkpoint_00000003" / "deepspeed" / "shard.pt").stat().st_size == 1000
     assert (tmp_path / "checkpoint_00000003" / "trainer_state.json").read_text() == "{}"
@@ -151,4 +151,4 @@ def test_a_checkpoint_upload_retries_each_file_and_a_lasting_failure_is_raised(t
     with pytest.raises(
         StorageError, match=r"the upload of .*checkpoint_00000006/deepspeed/shard\.pt"
     ):
-        upload_checkpoint(checkpoint, "checkpoint_00000006", storage, 0)
+        upload_checkpoint(checkpoint, "checkpoint_00000006", storage)
