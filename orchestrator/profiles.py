@@ -91,6 +91,48 @@ def resolve(loaded: LoadedProfile, stage: Stage, overrides: dict[str, Any]) -> R
         raise ConfigError(f"{where}: {'.'.join(key)}: {_error_message(error, RunConfig)}") from None
 
 
+# What `m2d launch --resume RUN --set ...` may change: where the run trains, not what.
+RESIZABLE = ("workers", "deepspeed.gradient_accumulation", "deepspeed.micro_batch_per_gpu")
+
+
+def resize(run: RunConfig, assignments: list[str] | tuple[str, ...]) -> RunConfig:
+    """``run`` continued on other workers (``workers.*`` from ``--set``): the recipe,
+    global batch included, stays the run's, so ``deepspeed.gradient_accumulation`` follows
+    the number of workers unless it is set too."""
+    overrides = parse_overrides(assignments)
+    for assignment in assignments:
+        dotted = assignment.partition("=")[0]
+        if not any(dotted == key or dotted.startswith(f"{key}.") for key in RESIZABLE):
+            raise ConfigError(
+                f"--set {assignment}: --resume changes only where the run trains "
+                f"({', '.join(f'{k}.*' if k == 'workers' else k for k in RESIZABLE)}); "
+                "the rest is the run's own - start a new run to change it"
+            )
+    data = deep_merge(run.model_dump(mode="json"), overrides)
+    ds, workers = data["deepspeed"], data["workers"]
+    sizes = (ds["micro_batch_per_gpu"], workers["num_workers"])
+    # Sizes that are not positive numbers are left to the validation below, which names them.
+    if "gradient_accumulation" not in overrides.get("deepspeed", {}) and all(
+        type(size) is int and size > 0 for size in sizes
+    ):
+        per_step = sizes[0] * sizes[1]
+        if run.recipe.global_batch % per_step:
+            raise ConfigError(
+                f"--set workers.num_workers={workers['num_workers']}: the run's global batch "
+                f"{run.recipe.global_batch} is not a whole number of steps of "
+                f"{ds['micro_batch_per_gpu']} sample(s) on each of {workers['num_workers']} "
+                f"workers; pick a number of workers that divides "
+                f"{run.recipe.global_batch // ds['micro_batch_per_gpu']}"
+            )
+        ds["gradient_accumulation"] = run.recipe.global_batch // per_step
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = ".".join(_error_key(error))
+        raise ConfigError(f"--set: {key}: {_error_message(error, RunConfig)}") from None
+
+
 def parse_overrides(assignments: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """``["recipe.steps=10", ...]`` as a nested dict; unknown keys are refused by name."""
     overrides: dict[str, Any] = {}

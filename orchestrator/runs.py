@@ -175,6 +175,20 @@ def read_run_config(record: RunRecord) -> RunConfig:
         return RunConfig.model_validate_json(handle.read())
 
 
+def rewrite_run_config(record: RunRecord, run: RunConfig) -> str:
+    """Make ``run`` the run's config (a resume on other workers); the config it replaces
+    is kept beside it as ``run_config.UTCTIME.json``, whose URI is returned."""
+    fs, path = filesystem(record.config_uri, record.storage_config)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    kept = f"{path.removesuffix('.json')}.{stamp}.json"
+    if fs.exists(kept):
+        raise ConfigError(f"{kept} exists: the run was resized a moment ago; try again")
+    fs.copy(path, kept)
+    with fs.open(path, "w") as handle:
+        handle.write(run.model_dump_json(indent=2))
+    return f"{record.config_uri.removesuffix('.json')}.{stamp}.json"
+
+
 def checkpoints(record: RunRecord) -> list[str]:
     """The run's checkpoint folders, oldest first (Ray Train names sort by time)."""
     fs, path = filesystem(record.run_dir, record.storage_config)

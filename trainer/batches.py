@@ -3,7 +3,9 @@
 :func:`make_batches` returns a :class:`StoryBatches`: ``next()`` gives one micro-batch as
 (videos, captions) - videos a list over scenes of uint8 (B, T, 3, H, W), captions
 ``[B][n]`` strings - or, from precomputed latents, an :class:`EncodedBatch`; and
-``state_dict()`` / ``load_state_dict()`` carry the data position through checkpoints.
+``state_dict()`` / ``load_state_dict()`` carry the data position through checkpoints, and
+``merged_state()`` turns the positions every rank of a run saved into one that a run on
+another number of workers resumes from.
 :func:`encode_batch` turns either into the step's latents and text embeddings. The source
 is the run's ``data`` section, in this order: ``synthetic`` (seeded random stories for
 smoke runs that need no files), the stage's precomputed latents (``<stage>_latents``,
@@ -65,6 +67,11 @@ class StoryBatches(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+    def merged_state(self, states: list[Mapping[str, Any]], rank: int) -> dict[str, Any]:
+        """What this worker (``rank`` of another world size) loads to continue from the
+        positions ``states`` every rank of the checkpoint saved."""
+        ...
 
     def skip_counts(self) -> dict[str, int]: ...
 
@@ -151,6 +158,9 @@ class PrefetchedBatches:
         self.position = copy.deepcopy(self.source.state_dict())
         self.skips = self.source.skip_counts()
 
+    def merged_state(self, states: list[Mapping[str, Any]], rank: int) -> dict[str, Any]:
+        return self.source.merged_state(states, rank)
+
     def skip_counts(self) -> dict[str, int]:
         return dict(self.skips)
 
@@ -195,6 +205,10 @@ class SyntheticStories:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.index = int(state["index"])
 
+    def merged_state(self, states: list[Mapping[str, Any]], rank: int) -> dict[str, Any]:
+        """Every rank draws one batch a step: their index is the step count."""
+        return {"index": int(states[0]["index"])}
+
     def skip_counts(self) -> dict[str, int]:
         return {}
 
@@ -234,6 +248,9 @@ class ManifestStories:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.loader.load_state_dict(state["loader"])
+
+    def merged_state(self, states: list[Mapping[str, Any]], rank: int) -> dict[str, Any]:
+        return {"loader": _merged_loader(self.loader.order, states, rank)}
 
     def skip_counts(self) -> dict[str, int]:
         return self.read_skips.merge(self.loader.skips).as_dict()
@@ -298,6 +315,9 @@ class PrecomputedStories:
 
         self.order.load_state_dict(order_state(state["loader"]))
 
+    def merged_state(self, states: list[Mapping[str, Any]], rank: int) -> dict[str, Any]:
+        return {"loader": _merged_loader(self.order, states, rank)}
+
     def skip_counts(self) -> dict[str, int]:
         return self.index.skips.as_dict()
 
@@ -328,6 +348,21 @@ def encode_batch(
     latents, scene_frames = encode_videos(parts.vae, videos, generator)
     text = encode_prompts(parts.tokenizer, parts.text_encoder, captions, text_tokens)
     return latents, scene_frames, text
+
+
+def _merged_loader(order: Any, states: list[Mapping[str, Any]], rank: int) -> dict[str, Any]:
+    """A file source's merged loader state: the stories no rank has taken, and the stories
+    every rank skipped so far (counted on the new rank 0, which reports them)."""
+    from trainer.data.manifest import SkipCounts
+    from trainer.data.order import order_state
+
+    loaders = [state["loader"] for state in states]
+    skips = SkipCounts()
+    if rank == 0:
+        for loader in loaders:
+            skips = skips.merge(SkipCounts(loader.get("skips")))
+    merged = order.merged_state([order_state(loader) for loader in loaders])
+    return {"order": merged, "skips": skips.as_dict()}
 
 
 def _captions(story: Any) -> list[str]:

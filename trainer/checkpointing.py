@@ -6,12 +6,21 @@ transformer weights file, so readers of the weights never touch the optimizer sh
 
 Task draws and noise are functions of (seed, step, rank), so with the data position and
 the RNG states a resumed run takes exactly the steps the uninterrupted run takes.
+
+A run resumed on another number of workers cannot read the ZeRO shards as they are (they
+partition the optimizer states by the old world size): each node converts the checkpoint
+once into DeepSpeed's universal form (``deepspeed.checkpoint.ds_to_universal``, the
+optimizer states per parameter, whole) in a node-wide temporary folder, every rank loads
+its new partition from it, and the data position is merged from every old rank's
+(``StoryBatches.merged_state``). The checkpoint itself is only read.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
+import io
 import json
 import random
 import re
@@ -37,6 +46,7 @@ from infra.checkpoint_layout import (
 )
 from infra.config import RunConfig
 from infra.errors import ConfigError
+from infra.logging import get_logger
 from infra.storage import RESUME_FIX, retry_storage
 
 __all__ = [
@@ -44,10 +54,14 @@ __all__ = [
     "load_checkpoint",
     "resume_view",
     "save_checkpoint",
+    "saved_world_size",
     "upload_checkpoint",
 ]
 
+log = get_logger("trainer.checkpointing")
+
 WEIGHTS_DIR = WEIGHTS.split("/", 1)[0]
+UNIVERSAL_TAG = f"{DEEPSPEED_TAG}_universal"
 # A file that belongs to one rank: its ZeRO shards, its data position and RNG states.
 _RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_|^ranks/rank_(\d+)\.pt$")
 
@@ -87,28 +101,104 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    folder: Path, engine: Any, rank: int, world_size: int
-) -> tuple[TrainerState, dict]:
-    """Restore the engine and RNGs from ``folder``; returns the state and the data position."""
+    folder: Path, engine: Any, rank: int, world_size: int, local_rank: int = 0
+) -> tuple[TrainerState, list[dict]]:
+    """Restore the engine and RNGs from ``folder``; returns the saved state (its
+    ``world_size`` is the run's that wrote it) and the data positions: this rank's own, or,
+    written by another number of workers, those of every rank that wrote it."""
     state = TrainerState(**json.loads((folder / TRAINER_STATE).read_text()))
-    if state.world_size != world_size:
-        raise ConfigError(
-            f"checkpoint {folder} was written by {state.world_size} workers, this run has "
-            f"{world_size}; resume with workers.num_workers: {state.world_size}"
+    if state.world_size == world_size:
+        _load_engine(engine, folder, DEEPSPEED_TAG)
+        saved = torch.load(folder / "ranks" / f"rank_{rank}.pt", weights_only=False)
+        _set_rng_states(saved["rng"])
+        return state, [saved["data"]]
+    with universal_view(folder, local_rank) as universal:
+        _load_engine(engine, universal, UNIVERSAL_TAG, universal=True)
+    ranks = [
+        torch.load(folder / "ranks" / f"rank_{r}.pt", weights_only=False)
+        for r in range(state.world_size)
+    ]
+    _set_rng_states(ranks[rank % state.world_size]["rng"])
+    if rank == 0:
+        log.info(
+            "resumed a checkpoint of %d workers on %d (DeepSpeed universal checkpoint)",
+            state.world_size,
+            world_size,
         )
-    load_path, _ = engine.load_checkpoint(
-        str(folder), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+    return state, [saved["data"] for saved in ranks]
+
+
+def saved_world_size(checkpoint: Any, retry_s: float = 0.0) -> int:
+    """How many workers wrote ``checkpoint`` (a ``ray.train.Checkpoint``): one small read."""
+    fs, path = checkpoint.filesystem, f"{checkpoint.path.rstrip('/')}/{TRAINER_STATE}"
+
+    def read() -> bytes:
+        with fs.open_input_stream(path) as handle:
+            return handle.read()
+
+    saved = retry_storage(read, f"the read of {path}", retry_s, RESUME_FIX)
+    return int(json.loads(saved)["world_size"])
+
+
+@contextlib.contextmanager
+def universal_view(folder: Path, local_rank: int) -> Iterator[Path]:
+    """A node-wide folder holding the checkpoint in ``folder`` in DeepSpeed's universal
+    form (tag ``UNIVERSAL_TAG``), converted by the node's local rank 0; every rank enters
+    it together, and it is removed when they leave."""
+    key = hashlib.sha1(str((folder / TRAINER_STATE).resolve()).encode()).hexdigest()
+    node = Path(tempfile.gettempdir()) / f"m2d-universal-{key}"
+    if local_rank == 0:
+        shutil.rmtree(node, ignore_errors=True)
+        to_universal(folder / DEEPSPEED_TAG, node / UNIVERSAL_TAG)
+    _barrier()
+    try:
+        yield node
+    finally:
+        _barrier()
+        if local_rank == 0:
+            shutil.rmtree(node, ignore_errors=True)
+
+
+def to_universal(source: Path, target: Path) -> None:
+    """Convert the DeepSpeed checkpoint folder ``source`` (one tag, every rank's shards)
+    into the universal checkpoint ``target`` with DeepSpeed's own converter."""
+    from deepspeed.checkpoint.ds_to_universal import main as convert
+
+    args = argparse.Namespace(
+        input_folder=str(source),
+        output_folder=str(target),
+        # One process: the converter's pools fork, which a Ray worker's threads forbid.
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        # m2d's checkpoints do not carry the Megatron-style parallelism info it asks for.
+        inject_missing_state=True,
     )
+    chatter = io.StringIO()  # its prints and progress bars: to the log, not the console
+    with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+        convert(args)
+    log.debug("ds_to_universal: %s", chatter.getvalue())
+
+
+def _load_engine(engine: Any, folder: Path, tag: str, universal: bool = False) -> None:
+    """``engine.load_checkpoint`` of ``folder/tag`` with optimizer and LR scheduler states;
+    ``universal``: the tag is a universal checkpoint (DeepSpeed reads the switch from its
+    config, which the checkpoint in hand decides, not the run)."""
+    engine._config.load_universal_checkpoint = universal
+    try:
+        load_path, _ = engine.load_checkpoint(
+            str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+    finally:
+        engine._config.load_universal_checkpoint = False
     if load_path is None:
-        raise ConfigError(f"checkpoint {folder} holds no DeepSpeed state under {DEEPSPEED_TAG}/")
-    saved = torch.load(folder / "ranks" / f"rank_{rank}.pt", weights_only=False)
-    _set_rng_states(saved["rng"])
-    return state, saved["data"]
+        raise ConfigError(f"checkpoint {folder} holds no DeepSpeed state under {tag}/")
 
 
 @contextlib.contextmanager
 def resume_view(
-    checkpoint: Any, rank: int, local_rank: int, retry_s: float = 0.0
+    checkpoint: Any, rank: int, local_rank: int, retry_s: float = 0.0, every_rank: bool = False
 ) -> Iterator[Path]:
     """A local folder holding what ``rank`` reads to resume from ``checkpoint`` (a
     ``ray.train.Checkpoint``); every rank enters it together.
@@ -116,8 +206,10 @@ def resume_view(
     On local disk that is the checkpoint's own folder. From an object store, where Ray's
     ``as_directory`` would copy the whole checkpoint - every rank's optimizer shard - to
     each node, a node takes the shared files once (its local rank 0, into a node-wide
-    folder) and each rank only its own shards, and not the weights file. Reads that fail
-    are retried for ``retry_s`` seconds (``infra.storage.retry_storage``).
+    folder) and each rank only its own shards, and not the weights file; ``every_rank``
+    (a resume on another number of workers, which converts the checkpoint): the node
+    takes every rank's files once. Reads that fail are retried for ``retry_s`` seconds
+    (``infra.storage.retry_storage``).
     """
     import pyarrow.fs
 
@@ -132,7 +224,8 @@ def resume_view(
     selector = pyarrow.fs.FileSelector(root, recursive=True)
     listed = retried(lambda: fs.get_file_info(selector), f"{root}'s listing")
     files = [i.path[len(root) + 1 :] for i in listed if i.type == pyarrow.fs.FileType.File]
-    shared = [f for f in files if _owner(f) is None and not f.startswith(f"{WEIGHTS_DIR}/")]
+    wanted = [f for f in files if not f.startswith(f"{WEIGHTS_DIR}/")]
+    shared = [f for f in wanted if every_rank or _owner(f) is None]
     node = Path(tempfile.gettempdir()) / f"m2d-resume-{hashlib.sha1(root.encode()).hexdigest()}"
     if local_rank == 0:
         shutil.rmtree(node, ignore_errors=True)
@@ -143,7 +236,7 @@ def resume_view(
             for name in shared:
                 (Path(mine) / name).parent.mkdir(parents=True, exist_ok=True)
                 (Path(mine) / name).symlink_to(node / name)
-            own = [f for f in files if _owner(f) == rank]
+            own = [] if every_rank else [f for f in files if _owner(f) == rank]
             retried(lambda: _download(fs, root, own, Path(mine)), root)
             yield Path(mine)
     finally:

@@ -38,6 +38,7 @@ from trainer.checkpointing import (
     load_checkpoint,
     resume_view,
     save_checkpoint,
+    saved_world_size,
     upload_checkpoint,
 )
 from trainer.components import Components, load_components
@@ -77,7 +78,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def step_seed(seed: int, step: int, rank: int, micro: int = 0) -> int:
-    """Seed of the (step, rank, micro-batch) noise stream: independent of earlier draws."""
+    """Seed of the (step, rank, micro-batch) noise stream: independent of earlier draws.
+
+    The loop passes a micro-batch's slot in the step (``micro * world + rank``) as ``rank``:
+    that slot holds the same stories whatever the number of workers (one story per
+    micro-batch), so a run resumed on another number of workers with the same global batch
+    draws the same noise and tasks for them.
+    """
     h = seed & _MASK63
     for key in (step, rank, micro):
         h = (h * 6364136223846793005 + key + 1442695040888963407) & _MASK63
@@ -132,15 +139,21 @@ class Worker:
             log.info("rank 0 initialised the transformer from %s", uri)
 
     def restore(self, checkpoint: Any) -> None:
-        """Resume engine, data position, RNGs and step from a Ray checkpoint (if any)."""
+        """Resume engine, data position, RNGs and step from a Ray checkpoint (if any),
+        written by this number of workers or another."""
         if checkpoint is None:
             return
         run_id = self.state.mlflow_run_id
         retry_s = self.run.fault_tolerance.storage_retry_s
-        with resume_view(checkpoint, self.rank, self.local_rank, retry_s) as folder:
-            self.state, data_state = load_checkpoint(folder, self.engine, self.rank, self.world)
-        self.batches.load_state_dict(data_state)
-        self.state.mlflow_run_id = run_id or self.state.mlflow_run_id
+        resharded = saved_world_size(checkpoint, retry_s) != self.world
+        rank, local_rank = self.rank, self.local_rank
+        with resume_view(checkpoint, rank, local_rank, retry_s, resharded) as folder:
+            state, data = load_checkpoint(folder, self.engine, rank, self.world, local_rank)
+        if resharded:
+            self.batches.load_state_dict(self.batches.merged_state(data, self.rank))
+        else:
+            self.batches.load_state_dict(data[0])
+        self.state = TrainerState(state.step, self.world, run_id or state.mlflow_run_id)
         log.info("rank %d resumed at step %d", self.rank, self.state.step)
 
     def train(self) -> None:
@@ -229,14 +242,15 @@ class Worker:
     def _micro_step(self, micro: int) -> tuple[Any, torch.Tensor, int]:
         """Forward and backward of one micro-batch: its TaskLoss, task mask, token count."""
         step, recipe = self.state.step, self.run.recipe
-        generator = torch.Generator().manual_seed(step_seed(recipe.seed, step, self.rank, micro))
+        # The micro-batch's slot in the step: in story order (trainer.data.order), with one
+        # story per micro-batch, slot k holds the step's k-th story whatever the world size.
+        slot = micro * self.world + self.rank
+        generator = torch.Generator().manual_seed(step_seed(recipe.seed, step, slot))
         latents, scene_frames, text = encode_batch(
             self.parts, self.batches.next(), generator, self.run.model.text_tokens
         )
         batch_size = latents.shape[0]
-        # per_sample draws are keyed by rank; fold the micro-batch in so each differs.
-        draw_rank = self.rank * self.run.deepspeed.gradient_accumulation + micro
-        extension = self.tasks.draw(step, batch_size, rank=draw_rank)
+        extension = self.tasks.draw(step, batch_size, rank=slot)
         batch = prepare_training_batch(
             latents, scene_frames, extension, self.parts.scheduler, generator
         )

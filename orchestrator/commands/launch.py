@@ -11,7 +11,7 @@ import yaml
 from infra.config import STAGES, RunConfig, looks_secret
 from infra.deepspeed_config import deepspeed_config
 from infra.errors import ConfigError, M2DError, ServiceError, first_line
-from orchestrator import ray_jobs, runs, submit
+from orchestrator import profiles, ray_jobs, runs, submit
 from orchestrator.cli import set_option, verbose
 from orchestrator.placement import placement_lines
 
@@ -124,6 +124,15 @@ def _resume_point(record: runs.RunRecord) -> str:
     if not found:
         return f"# --resume {record.name}: no checkpoint yet, it would start again at step 0\n"
     return f"# --resume {record.name}: it would continue from {found[-1]}\n"
+
+
+def _workers_line(run: RunConfig) -> str:
+    workers, ds = run.workers, run.deepspeed
+    return (
+        f"now {workers.num_workers} worker(s) on {workers.nodes} node(s), "
+        f"{ds.micro_batch_per_gpu} x {ds.gradient_accumulation} micro-batch(es) each per step "
+        f"(global batch {run.recipe.global_batch})"
+    )
 
 
 def _latest_pretrain(cluster_name: str) -> runs.RunRecord:
@@ -260,7 +269,7 @@ def _follow_remote(record: runs.RunRecord) -> int:
 @click.command()
 @click.option("--cluster", "cluster_name", help="Profile name in clusters/.")
 @click.option("--stage", type=click.Choice(STAGES), help="Training stage.")
-@set_option("recipe.steps=200 or deepspeed.zero_stage=3")
+@set_option("recipe.steps=200 or deepspeed.zero_stage=3; with --resume: workers.num_workers=4")
 @click.option(
     "--dry-run", is_flag=True, help="Print the resolved run, its DeepSpeed JSON and its plan only."
 )
@@ -297,13 +306,18 @@ def launch(
     if smoke and (resume_name or name):
         raise click.UsageError("--smoke names its own runs; it takes no --resume or --name")
     if resume_name:
-        if cluster_name or stage or assignments or from_run:
-            raise click.UsageError("--resume takes no --cluster/--stage/--set/--from")
+        if cluster_name or stage or from_run:
+            raise click.UsageError("--resume takes no --cluster/--stage/--from")
         record = runs.load_record(resume_name)
         run = runs.read_run_config(record)
+        if assignments:  # on other workers: the checkpoint is resharded when it loads
+            run = profiles.resize(run, assignments)
         if dry_run:  # reads the run's folder and record, writes neither
             click.echo(render_dry_run(run) + render_plan(run) + _resume_point(record), nl=False)
             return
+        if assignments:
+            kept = runs.rewrite_run_config(record, run)
+            click.echo(f"run {record.name}: {_workers_line(run)}; its earlier config: {kept}")
     else:
         run = _resolve_new_run(ctx, cluster_name, stage, assignments, from_run)
         if dry_run:

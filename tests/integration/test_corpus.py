@@ -17,6 +17,8 @@ import pytest
 import yaml
 from m2d_cli import M2D, ROOT
 
+from orchestrator.runs import resolve_run
+
 pytestmark = pytest.mark.integration
 
 CASES = yaml.safe_load((ROOT / "tests" / "corpus" / "cli.yaml").read_text())
@@ -49,6 +51,10 @@ def _template(root: Path) -> Path:
         '{"name": "done-run", "cluster": "good", "stage": "pretrain", "kind": "local", '
         f'"run_dir": "{ws}/runs/done-run", "config_uri": "{ws}/runs/done-run/run_config.json", '
         '"exit_code": 0}'
+    )
+    (ws / "runs" / "done-run").mkdir(parents=True)
+    (ws / "runs" / "done-run" / "run_config.json").write_text(
+        resolve_run(str(clusters), "good", "pretrain").model_dump_json(indent=2)
     )
     return ws
 

@@ -16,15 +16,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
+import safetensors.torch
 import torch
 import yaml
 from m2d_cli import M2D as M2D_CLI
 from m2d_cli import register_run
 from s3_proxy import CountingProxy
 
+from infra.checkpoint_layout import WEIGHTS
 from infra.config import ClusterProfile, RunConfig, StorageConfig, resolve_run
 from infra.job_specs import ExportSpec, SynthSpec, TrainJobSpec
 from infra.jobs import spec_argv
@@ -93,6 +96,11 @@ def run_job(config_uri: str, endpoint_url: str | None = None) -> subprocess.Comp
 def module_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     states = torch.load(checkpoint / "deepspeed" / "mp_rank_00_model_states.pt", weights_only=False)
     return states["module"]
+
+
+def whole_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The transformer's weights file of a checkpoint (whole under ZeRO-3 too)."""
+    return safetensors.torch.load_file(checkpoint / WEIGHTS)
 
 
 def mlflow_client(uri: str):
@@ -203,6 +211,127 @@ def test_resume_equals_uninterrupted_run(s3_pretrain, mlflow_server, synth_data,
     # One MLflow run across the stop, each step logged once.
     history = mlflow_client(mlflow_server).get_metric_history(outcome.tracker.run_id, "loss")
     assert [m.step for m in history] == list(range(1, STEPS + 1))
+
+
+def _loss_history(tracking_uri: str, run_id: str) -> list[tuple[int, float]]:
+    history = mlflow_client(tracking_uri).get_metric_history(run_id, "loss")
+    return [(m.step, m.value) for m in history]
+
+
+def _assert_continues_like(resumed: Path, reference: Path, losses, reference_losses) -> None:
+    """The resharded run ends where the uninterrupted one does, up to the order in which
+    floating-point sums are taken (an all-reduce over ranks vs accumulated micro-batches),
+    far closer than what the three steps after the stop moved the weights: it trained the
+    same stories with the same noise - a story repeated or skipped would move them apart."""
+    ours, theirs = whole_weights(resumed), whole_weights(reference)
+    stopped = whole_weights(reference.parent / f"checkpoint_{EVERY:08d}")
+    moved = max((theirs[k] - stopped[k]).abs().max().item() for k in theirs)
+    apart = max((ours[k] - theirs[k]).abs().max().item() for k in theirs)
+    print(f"weights apart {apart:.3g}, moved {moved:.3g}")
+    assert apart < 1e-4 * moved, (apart, moved)
+    assert [step for step, _ in losses] == list(range(1, STEPS + 1))  # each step once
+    values = [loss for _, loss in losses]
+    assert values == pytest.approx([loss for _, loss in reference_losses], rel=1e-4)
+
+
+def test_resume_on_one_worker_of_a_two_worker_zero2_run(
+    s3_pretrain, mlflow_server, synth_data, tmp_path
+):
+    """`m2d launch --resume RUN --set workers.num_workers=1` after a stop at step 3 of a
+    2-worker ZeRO-2 run: the launcher keeps the global batch (2 micro-batches a step now),
+    the job converts the checkpoint to DeepSpeed's universal form and goes on with the
+    stories the two workers would have taken, to the uninterrupted run's weights and
+    losses."""
+    from trainer.job import fit, read_run_folder
+
+    folder = tmp_path / "runs" / "resharded"
+    folder.mkdir(parents=True)
+    data = str(synth_data / "pretrain.jsonl")
+    storage = {"root": str(tmp_path / "runs")}
+    first = make_run(storage, mlflow_server, recipe__steps=EVERY, data__pretrain=data)
+    (folder / "run_config.json").write_text(first.model_dump_json())
+    assert fit(read_run_folder(str(folder / "run_config.json"))).error is None
+    run = make_run(storage, mlflow_server, data__pretrain=data)
+    (folder / "run_config.json").write_text(run.model_dump_json())
+    register_run("resharded", str(folder), tracking_uri=mlflow_server, experiment="m2d-it")
+
+    done = subprocess.run(
+        [*M2D_CLI, "launch", "--resume", "resharded", "--set", "workers.num_workers=1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "now 1 worker(s) on 1 node(s), 1 x 2 micro-batch(es)" in done.stdout
+    resized = RunConfig.model_validate_json((folder / "run_config.json").read_text())
+    assert (resized.workers.num_workers, resized.deepspeed.gradient_accumulation) == (1, 2)
+    assert [
+        RunConfig.model_validate_json(p.read_text()) for p in folder.glob("run_config.*.json")
+    ] == [run]  # the config it replaced is kept
+    final = folder / f"checkpoint_{STEPS:08d}"
+    assert json.loads((final / "trainer_state.json").read_text())["world_size"] == 1
+    assert sorted(p.name for p in (final / "deepspeed").iterdir()) == [
+        "mp_rank_00_model_states.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+    ]
+    # 4 stories an epoch, 2 a step: after 6 steps, 3 epochs used and the 4th not begun.
+    position = torch.load(final / "ranks" / "rank_0.pt", weights_only=False)["data"]
+    order = position["loader"]["order"]
+    assert (order["epoch"], order["position"], order["world_size"]) == (2, 4, 1)
+    run_id = json.loads((final / "trainer_state.json").read_text())["mlflow_run_id"]
+    reference = s3_pretrain["local"] / f"checkpoint_{STEPS:08d}"
+    reference_id = json.loads((reference / "trainer_state.json").read_text())["mlflow_run_id"]
+    _assert_continues_like(
+        final,
+        reference,
+        _loss_history(mlflow_server, run_id),
+        _loss_history(mlflow_server, reference_id),
+    )
+
+
+def test_resume_on_two_workers_of_a_one_worker_zero3_run_in_s3(
+    s3_pretrain, s3_endpoint, mlflow_server, synth_data, tmp_path
+):
+    """ZeRO-3 the other way, stored in S3: one worker (2 micro-batches a step) stops at
+    step 3, two workers go on - the node takes every rank's files once to convert them -
+    and end where one worker going on would have."""
+    from trainer.job import fit, read_run_folder
+
+    fs, bucket = s3_pretrain["fs"], s3_pretrain["bucket"]
+    storage = StorageConfig(root=f"s3://{bucket}/runs", endpoint_url=s3_endpoint)
+    one = {"workers__num_workers": 1, "deepspeed__gradient_accumulation": 2}
+
+    def train(name: str, steps: int, **sizes) -> Any:
+        run = make_run(
+            storage.model_dump(),
+            mlflow_server,
+            recipe__steps=steps,
+            data__pretrain=str(synth_data / "pretrain.jsonl"),
+            deepspeed__zero_stage=3,
+            **sizes,
+        )
+        config = f"{bucket}/runs/{name}/run_config.json"
+        fs.pipe(config, run.model_dump_json().encode())
+        outcome = fit(read_run_folder(f"s3://{config}", storage))
+        assert outcome.error is None
+        return outcome.tracker.run_id
+
+    reference_id = train("z3-one", STEPS, **one)
+    train("z3-grown", EVERY, **one)
+    run_id = train("z3-grown", STEPS)
+    for name in ("z3-one", "z3-grown"):
+        for step in (EVERY, STEPS):
+            checkpoint = f"{bucket}/runs/{name}/checkpoint_{step:08d}"
+            for part in (WEIGHTS, "trainer_state.json"):
+                fs.get(
+                    f"{checkpoint}/{part}", str(tmp_path / name / checkpoint.rsplit("/")[-1] / part)
+                )
+    final = tmp_path / "z3-grown" / f"checkpoint_{STEPS:08d}"
+    assert json.loads((final / "trainer_state.json").read_text())["world_size"] == 2
+    _assert_continues_like(
+        final,
+        tmp_path / "z3-one" / f"checkpoint_{STEPS:08d}",
+        _loss_history(mlflow_server, run_id),
+        _loss_history(mlflow_server, reference_id),
+    )
 
 
 def test_resume_from_s3_reads_each_file_once_per_node_and_only_own_shards(

@@ -96,13 +96,136 @@ def test_same_seed_same_order_other_seed_other_order():
     assert take(make("pretrain", seed=1), 6) != take(make("pretrain", seed=2), 6)
 
 
-def test_resume_on_another_world_size_continues_the_epoch():
+def test_resume_on_another_world_size_continues_the_epoch_story_for_story():
+    """Two ranks stop after a step each; one rank goes on with exactly the stories the
+    two would have taken next, in the same order (global story k of the epoch)."""
     two = [make("pretrain", rank=r, world_size=2) for r in range(2)]
     seen = [s.id for sampler in two for s in take(sampler, 1)]  # global stories 0 and 1
     one = make("pretrain", world_size=1)
-    one.load_state_dict(two[0].state_dict())
+    one.load_state_dict(one.merged_state([json.loads(json.dumps(o.state_dict())) for o in two]))
     rest = [s.id for s in take(one, 4)]
-    assert rest == [f"pretrain/e0/{k}" for k in range(2, 6)] and not set(seen) & set(rest)
+    assert seen == ["pretrain/e0/0", "pretrain/e0/1"]
+    assert rest == [f"pretrain/e0/{k}" for k in range(2, 6)]
+    assert take(one, 1)[0].id == "pretrain/e1/0"  # the next epoch starts afresh
+
+
+@pytest.mark.parametrize(("old", "new"), [(2, 1), (1, 3), (3, 1), (2, 4)])
+def test_with_the_same_global_batch_a_reshard_takes_the_uninterrupted_steps(old, new):
+    """9 SFT groups on 2 ranks: an epoch of 4 steps of 2 stories, one group left out. Stopped
+    after a step, the new ranks take, step by step, the stories the old ones would have
+    taken, to the end of the epoch (leaving out what they would have) and into the next.
+    (Where the new ranks cannot split the epoch's stories left evenly, they leave out a
+    few more: an epoch of 9 on 1 rank goes on as 3 + 3 on 2.)"""
+    global_batch = old * new  # whole on both sides
+
+    def steps(orders, count):
+        per_rank = global_batch // len(orders)
+        return [sorted(s.id for o in orders for s in take(o, per_rank)) for _ in range(count)]
+
+    uninterrupted = [make("sft", rank=r, world_size=old) for r in range(old)]
+    stopped = [make("sft", rank=r, world_size=old) for r in range(old)]
+    per_epoch = len(uninterrupted[0]) * old // global_batch
+    expected = steps(uninterrupted, per_epoch + 1)
+    before = steps(stopped, 1)
+    merged = stopped[0].merged_state([o.state_dict() for o in stopped])
+    resumed = [make("sft", rank=r, world_size=new) for r in range(new)]
+    for order in resumed:
+        order.load_state_dict(merged)
+    assert before + steps(resumed, per_epoch) == expected
+
+
+def _epoch(story_id: str) -> int:
+    """The epoch in a story id: ``pretrain/e{epoch}/{k}`` or ``{group}@{first}/e{epoch}``."""
+    return int(story_id.split("/")[1 if story_id.startswith("pretrain/") else -1][1:])
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "sft"])
+@pytest.mark.parametrize(("old", "new"), [(2, 1), (1, 2), (2, 3), (3, 2), (3, 4), (4, 1)])
+@pytest.mark.parametrize("seed", range(6))
+def test_a_reshard_repeats_and_skips_no_story_of_the_epoch(kind, old, new, seed):
+    """Positions that differ (a rank that skipped a bad story took one more), cut anywhere,
+    some ranks already in the next epoch: the old ranks' stories and the new ranks'
+    stories to the end of the epoch are each story of the epoch at most once, and every
+    story is taken but for the old and the new layout's remainders."""
+    rng = random.Random(seed)
+    orders = [make(kind, rank=r, world_size=old) for r in range(old)]
+    per_rank = len(orders[0])
+    base = rng.randrange(per_rank + 1)
+    counts = [base + min(rng.choice([0, 0, 1, 2]), per_rank) for _ in range(old)]
+    taken = [s.id for order, n in zip(orders, counts, strict=True) for s in take(order, n)]
+    merged = orders[0].merged_state([json.loads(json.dumps(o.state_dict())) for o in orders])
+    resumed = [make(kind, seed=999, rank=r, world_size=new) for r in range(new)]
+    for order in resumed:
+        order.load_state_dict(merged)
+    epoch = merged["epoch"]
+    for look_at in (epoch, epoch + 1):  # this epoch, then the next with what was taken early
+        for order in resumed:
+            taken.extend(s.id for s in _rest_of_epoch(order, look_at))
+        ids = [t for t in taken if _epoch(t) == look_at]
+        assert len(ids) == len(set(ids)), f"a story of epoch {look_at} was taken twice"
+        total = make(kind).stories_per_epoch()
+        assert total - (old - 1) - (new - 1) <= len(ids) <= total
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "sft"])
+@pytest.mark.parametrize("seed", range(8))
+def test_reshards_in_a_row_never_repeat_a_story(kind, seed):
+    """2 -> 3 -> 1 -> 4 -> 2 ranks, each stop at uneven positions: within every epoch no
+    story is taken twice, and no more than a layout's remainder is left out."""
+    rng = random.Random(seed)
+    worlds = [2, 3, 1, 4, 2]
+    orders = [make(kind, rank=r, world_size=worlds[0]) for r in range(worlds[0])]
+    taken: list[str] = []
+    for world in worlds[1:]:
+        per_rank = len(orders[0])
+        base = rng.randrange(per_rank + 1)
+        for order in orders:
+            extra = min(rng.choice([0, 1, 2]), per_rank)
+            taken.extend(s.id for s in take(order, base + extra))
+        merged = orders[0].merged_state([json.loads(json.dumps(o.state_dict())) for o in orders])
+        orders = [make(kind, rank=r, world_size=world) for r in range(world)]
+        for order in orders:
+            order.load_state_dict(merged)
+    last = max(o.epoch for o in orders) + 1
+    for order in orders:
+        taken.extend(s.id for s in _rest_of_epoch(order, last))
+    total = make(kind).stories_per_epoch()
+    for epoch in range(last + 1):
+        ids = [t for t in taken if _epoch(t) == epoch]
+        assert len(ids) == len(set(ids)), f"a story of epoch {epoch} was taken twice"
+    assert total - sum(worlds) < len([t for t in taken if _epoch(t) == last]) <= total
+
+
+def _rest_of_epoch(order, epoch: int) -> list:
+    """The stories ``order`` still takes in ``epoch`` (entering it if it is the next)."""
+    stories = []
+    while order.epoch < epoch or (order.epoch == epoch and order.position < order.per_rank):
+        stories.append(next(order))
+    return [s for s in stories if _epoch(s.id) == epoch]
+
+
+def test_a_reshard_of_two_ranks_one_ahead_takes_the_gap_first():
+    """Rank 0 skipped a bad story and took three (k = 0, 2, 4), rank 1 two (k = 1, 3): one
+    rank takes k = 5, 6, ... and never 4 again."""
+    two = [make("pretrain", rank=r, world_size=2) for r in range(2)]
+    take(two[0], 3), take(two[1], 2)
+    merged = two[0].merged_state([o.state_dict() for o in two])
+    assert (merged["start"], merged["done"]) == (5, [])
+    ahead = [make("pretrain", rank=r, world_size=2) for r in range(2)]
+    take(ahead[0], 2), take(ahead[1], 3)  # k = 0, 2 and 1, 3, 5
+    merged = ahead[0].merged_state([o.state_dict() for o in ahead])
+    assert (merged["start"], merged["done"]) == (4, [5])
+    one = make("pretrain")
+    one.load_state_dict(merged)
+    assert [s.id for s in take(one, 1)] == ["pretrain/e0/4"]
+    assert one.position == len(one) == 1  # k = 5 is done: the epoch ends here
+    assert [s.id for s in take(one, 1)] == ["pretrain/e1/0"]
+
+
+def test_one_ranks_own_state_is_refused_on_another_world_size():
+    two = [make("pretrain", rank=r, world_size=2) for r in range(2)]
+    with pytest.raises(DataError, match="saved by 2 ranks"):
+        make("pretrain").load_state_dict(two[0].state_dict())
 
 
 def test_state_from_other_data_is_refused():

@@ -343,3 +343,50 @@ def test_resume_dry_run_changes_nothing(tmp_path, m2d_home, monkeypatch, with_ch
         assert "--resume r1: no checkpoint yet, it would start again at step 0" in result.output
     assert _snapshot(Path(record.run_dir), m2d_home) == before
     assert not list(Path(record.run_dir).glob("mlflow_run.json"))
+
+
+def test_a_resume_on_other_workers_keeps_the_global_batch_and_the_earlier_config(
+    tmp_path, m2d_home, monkeypatch
+):
+    """`--resume RUN --set workers.num_workers=M`: --dry-run shows the resized run and
+    writes nothing; the resume rewrites run_config.json (gradient accumulation following
+    the workers, the global batch the run's) and keeps the config it replaces."""
+    record = _record(tmp_path, "r1", exit_code=1)
+    config = Path(record.run_dir) / "run_config.json"
+    original = config.read_text()
+    before = _snapshot(Path(record.run_dir), m2d_home)
+    resize = ["launch", "--resume", "r1", "--set", "workers.num_workers=1"]
+    shown = CliRunner().invoke(cli, [*resize, "--dry-run"])
+    assert shown.exit_code == 0, shown.output
+    assert "num_workers: 1" in shown.output and '"gradient_accumulation_steps": 2' in shown.output
+    assert _snapshot(Path(record.run_dir), m2d_home) == before
+
+    started = []
+    monkeypatch.setattr("orchestrator.submit.run_local", lambda rec, **kw: started.append(rec))
+    result = CliRunner().invoke(cli, resize)
+    assert result.exit_code == 0, result.output
+    assert "r1: now 1 worker(s) on 1 node(s), 1 x 2 micro-batch(es) each per step" in result.output
+    run = runs.read_run_config(runs.load_record("r1"))
+    assert (run.workers.num_workers, run.deepspeed.gradient_accumulation) == (1, 2)
+    assert run.recipe.global_batch == 2 and len(started) == 1
+    kept = list(config.parent.glob("run_config.*.json"))
+    assert len(kept) == 1 and kept[0].read_text() == original
+    assert f"its earlier config: {kept[0]}" in result.output
+
+
+@pytest.mark.parametrize(
+    ("assignment", "message"),
+    [
+        ("recipe.learning_rate=1", "--resume changes only where the run trains"),
+        ("workers.num_workers=3", "pick a number of workers that divides 2"),
+        ("deepspeed.gradient_accumulation=3", "global batch 2 != micro_batch_per_gpu 1 x"),
+        ("workers.gpus_per_worker=-1", "workers.gpus_per_worker"),
+    ],
+)
+def test_a_resume_refuses_what_would_change_the_run(tmp_path, assignment, message):
+    record = _record(tmp_path, "r1", exit_code=1)
+    config = Path(record.run_dir) / "run_config.json"
+    original = config.read_text()
+    result = CliRunner().invoke(cli, ["launch", "--resume", "r1", "--set", assignment])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert config.read_text() == original and not list(config.parent.glob("run_config.*.json"))

@@ -5,6 +5,12 @@ a time; SFT: shot groups). Story ``k`` of the epoch belongs to rank ``k % world_
 and every rank gets the same number of stories per epoch (the remainder is dropped) so
 data-parallel ranks step together. Everything a story depends on is a pure function of
 (seed, epoch, k), so ``state_dict`` needs only the epoch and the rank's position.
+
+A run resumed on another number of ranks continues the epoch exactly:
+:meth:`merged_state` takes the positions every old rank saved and returns the epoch's
+stories nobody has taken yet, which the new ranks then deal among themselves (stories
+``start`` onwards, less the few in ``done`` that a rank ahead of the others took). A story
+is neither repeated nor skipped within the epoch; the next one starts afresh.
 """
 
 from __future__ import annotations
@@ -53,6 +59,9 @@ class _EpochOrder:
                 f"{world_size} ranks; add data or use fewer workers"
             )
         self.epoch, self.position = 0, 0
+        # This epoch's stories are k = start.. less `done` (taken before a reshard); those
+        # of the next epoch that were taken early are `done_next`.
+        self.start, self.done, self.done_next = 0, [], []
         self._permutation: list[int] | None = None
         self._permutation_epoch = -1
 
@@ -73,9 +82,25 @@ class _EpochOrder:
     def __next__(self) -> Story:
         if self.position >= self.per_rank:
             self.epoch, self.position = self.epoch + 1, 0
-        story = self._story(self.rank + self.world_size * self.position)
+            self.start, self.done, self.done_next = 0, self.done_next, []
+            self.per_rank = self._left(0, self.done) // self.world_size
+        story = self._story(self._global(self.rank + self.world_size * self.position))
         self.position += 1
         return story
+
+    def _left(self, start: int, done: list[int]) -> int:
+        """Stories of the epoch from ``start`` on that are not ``done``."""
+        return self.stories_per_epoch() - start - len(done)
+
+    def _global(self, j: int, start: int | None = None, done: list[int] | None = None) -> int:
+        """The epoch's story index of the ``j``-th story left (from ``start``, less ``done``)."""
+        start = self.start if start is None else start
+        k = start + j
+        for taken in self.done if done is None else done:  # sorted, all >= start
+            if taken > k:
+                break
+            k += 1
+        return k
 
     def permutation(self) -> list[int]:
         """This epoch's order of items (cached; recomputed when the epoch changes)."""
@@ -95,30 +120,93 @@ class _EpochOrder:
             "rank": self.rank,
             "world_size": self.world_size,
             "data": self._fingerprint,
+            "start": self.start,
+            "done": list(self.done),
+            "done_next": list(self.done_next),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume where ``state`` left off (same data; any number of ranks)."""
+        """Resume where ``state`` left off: this rank's own saved state, or a
+        :meth:`merged_state` (any number of ranks)."""
+        self._check_same_data(state)
+        saved_world = state.get("world_size")
+        if saved_world is not None and saved_world != self.world_size:
+            raise DataError(
+                f"{self.kind} story order was saved by {saved_world} ranks, this run has "
+                f"{self.world_size}: resume from the merged_state of every rank's position"
+            )
+        self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
+        self.start = int(state.get("start", 0))
+        self.done = [int(k) for k in state.get("done", [])]
+        self.done_next = [int(k) for k in state.get("done_next", [])]
+        self.per_rank = self._left(self.start, self.done) // self.world_size
+        self.position = min(int(state["position"]), self.per_rank)
+
+    def merged_state(self, states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """The stories of the epoch that no rank has taken, from the states every rank of
+        an earlier run saved (in rank order): a state any number of ranks resume from.
+
+        Ranks step together but a rank that skipped a bad story has taken one more, so
+        the ranks' positions differ by a few: the stories left start at the first one
+        some rank has not taken, less those another rank took beyond it. A rank that
+        already went on to the next epoch took its whole share of this one. The epoch's
+        remainder stays out, as it would have: with the same global batch the new ranks
+        then take, step for step, the stories the old ones would have, to the epoch's end.
+        """
+        world = len(states)
+        for rank, state in enumerate(states):
+            self._check_same_data(state)
+            if state["rank"] != rank or state["world_size"] != world:
+                raise DataError(
+                    f"{self.kind} story order: position {rank} of {world} was saved as rank "
+                    f"{state['rank']} of {state['world_size']}; the checkpoint is inconsistent"
+                )
+        epoch = min(int(s["epoch"]) for s in states)
+        if any(int(s["epoch"]) > epoch + 1 for s in states):
+            raise DataError(f"{self.kind} story order: the ranks' positions are epochs apart")
+        here = [s for s in states if int(s["epoch"]) == epoch]
+        start, done = int(here[0].get("start", 0)), [int(k) for k in here[0].get("done", [])]
+        per_rank = self._left(start, done) // world
+        # Position j of the epoch's stories left (j = rank + world * q): taken or not.
+        taken = [int(s["position"]) if int(s["epoch"]) == epoch else per_rank for s in states]
+        # The first story some rank has not taken; left out after it: those another rank
+        # took, and the epoch's remainder (past world * per_rank), which no rank would take.
+        first = min(
+            [r + world * q for r, q in enumerate(taken) if q < per_rank] or [per_rank * world]
+        )
+        left_out = [
+            self._global(j, start, done)
+            for j in range(first, self._left(start, done))
+            if j >= world * per_rank or j // world < taken[j % world]
+        ]
+        # Taken of the next epoch: before the last reshard (every rank still in this epoch
+        # carries those), and by the ranks already in it (their layout: start 0, less those).
+        next_done = {int(k) for s in here for k in s.get("done_next", [])}
+        for s in states:
+            if int(s["epoch"]) == epoch + 1:
+                early = [int(k) for k in s.get("done", [])]
+                positions = range(int(s["position"]))
+                next_done.update(self._global(s["rank"] + world * q, 0, early) for q in positions)
+        merged = {**here[0], "position": 0, "rank": None, "world_size": None}
+        if first >= world * per_rank:  # the epoch is used up: the next, less what was taken of it
+            next_epoch = {"epoch": epoch + 1, "start": 0, "done": sorted(next_done)}
+            return {**merged, **next_epoch, "done_next": []}
+        new_start = self._global(first, start, done)
+        still_done = [k for k in done if k > new_start]
+        return {
+            **merged,
+            "epoch": epoch,
+            "start": new_start,
+            "done": sorted({*left_out, *still_done}),
+            "done_next": sorted(next_done),
+        }
+
+    def _check_same_data(self, state: dict[str, Any]) -> None:
         if state.get("kind") != self.kind or state.get("data") != self._fingerprint:
             raise DataError(
                 f"{self.kind} story order was saved for other data (or another stage); "
                 "resume with the manifest and num_scenes of that run"
             )
-        self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
-        position = int(state["position"])
-        if state["world_size"] != self.world_size:
-            # Elastic resume: continue at the same global story count; a few stories near
-            # the cut may repeat, none of the epoch's remainder is lost.
-            position = position * int(state["world_size"]) // self.world_size
-            log.warning(
-                "resuming %s data on %d ranks (saved with %d): restarting this epoch at "
-                "global story %d",
-                self.kind,
-                self.world_size,
-                state["world_size"],
-                position * self.world_size,
-            )
-        self.position = min(position, self.per_rank)
 
 
 class PretrainOrder(_EpochOrder):
