@@ -128,16 +128,22 @@ def load_checkpoint(
     return state, [saved["data"] for saved in ranks]
 
 
-def saved_world_size(checkpoint: Any, retry_s: float = 0.0) -> int:
-    """How many workers wrote ``checkpoint`` (a ``ray.train.Checkpoint``): one small read."""
-    fs, path = checkpoint.filesystem, f"{checkpoint.path.rstrip('/')}/{TRAINER_STATE}"
+def saved_world_size(checkpoint: Any, rank: int, retry_s: float = 0.0) -> int:
+    """How many workers wrote ``checkpoint`` (a ``ray.train.Checkpoint``): one small read,
+    by rank 0, which tells every rank."""
+    found = [None]
+    if rank == 0:
+        fs, path = checkpoint.filesystem, f"{checkpoint.path.rstrip('/')}/{TRAINER_STATE}"
 
-    def read() -> bytes:
-        with fs.open_input_stream(path) as handle:
-            return handle.read()
+        def read() -> bytes:
+            with fs.open_input_stream(path) as handle:
+                return handle.read()
 
-    saved = retry_storage(read, f"the read of {path}", retry_s, RESUME_FIX)
-    return int(json.loads(saved)["world_size"])
+        saved = retry_storage(read, f"the read of {path}", retry_s, RESUME_FIX)
+        found = [int(json.loads(saved)["world_size"])]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(found, src=0)
+    return found[0]
 
 
 @contextlib.contextmanager
