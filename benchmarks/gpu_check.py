@@ -258,8 +258,8 @@ def training(device: torch.device, dry_run: bool) -> dict[str, Any]:
 
 def sample(device: torch.device, dry_run: bool) -> dict[str, Any]:
     from mask2dit.components import tiny_parts
-    from sampler.params import SamplingParams
-    from sampler.pipeline import MultiScenePipeline
+    from mask2dit.sampling.params import SamplingParams
+    from mask2dit.sampling.pipeline import MultiScenePipeline
 
     pipeline = MultiScenePipeline.from_parts(tiny_parts(seed=0)).to(device)
     if device.type == "cuda":

@@ -30,6 +30,7 @@ from infra.processes import pid_alive
 from infra.ray_runtime import init_ray
 from infra.sample_spec import SampleJobSpec
 from infra.storage import filesystem, is_remote
+from mask2dit.sampling.params import SamplingParams
 from sampler.batch import (
     Item,
     inputs_record,
@@ -40,7 +41,6 @@ from sampler.batch import (
     write_item,
 )
 from sampler.checkpoint_info import CheckpointInfo, describe_checkpoint
-from sampler.params import SamplingParams
 from sampler.prompts import EVAL50, Story, check_context_videos, read_stories
 
 __all__ = ["LOCK_FILE", "Plan", "StoryRenderer", "claim_output", "main", "prepare", "run"]

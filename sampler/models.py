@@ -32,9 +32,9 @@ from mask2dit.components import (
     tiny_parts,
     transformer_config,
 )
+from mask2dit.sampling.pipeline import MultiScenePipeline
 from mask2dit.weights import load_pretrained
 from sampler.checkpoint_info import CheckpointInfo
-from sampler.pipeline import MultiScenePipeline
 
 __all__ = ["load_pipeline"]
 

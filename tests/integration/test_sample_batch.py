@@ -31,9 +31,9 @@ from infra.processes import free_port
 from infra.sample_spec import CheckpointSpec, SampleJobSpec
 from infra.video import write_video
 from mask2dit.components import tiny_parts
+from mask2dit.sampling.params import SamplingParams
 from sampler.batch import LATENTS, read_latents
 from sampler.job import LOCK_FILE
-from sampler.params import SamplingParams
 
 pytestmark = pytest.mark.integration
 
@@ -162,7 +162,7 @@ def encoded(frames: np.ndarray, tmp: Path) -> np.ndarray:
 
 def reference_pipeline(trained: Path):
     """A pipeline over the known weights, built in-process: the independent reference."""
-    from sampler.pipeline import MultiScenePipeline
+    from mask2dit.sampling.pipeline import MultiScenePipeline
 
     parts = tiny_parts(SEED_OFFSET)
     parts.transformer.load_state_dict(torch.load(trained / "weights.pt"))

@@ -57,6 +57,6 @@ def test_the_sample_job_driver_plans_without_the_model_frameworks(tmp_path):
         "plan = sampler.job.prepare(spec)\n"
         "assert plan.infos['a'].kind == 'transformer' and len(plan.todo) == 50, plan.todo\n"
         "cloudpickle.loads(cloudpickle.dumps(sampler.job.StoryRenderer))\n"
-        "heavy = ('diffusers', 'transformers', 'sampler.models', 'sampler.pipeline')\n"
+        "heavy = ('diffusers', 'transformers', 'sampler.models', 'mask2dit.sampling.pipeline')\n"
     )
     assert _loaded_after(probe) == []

@@ -13,9 +13,9 @@ import pytest
 import torch
 from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
 
-from sampler.denoise import build_scheduler
-from sampler.params import SamplingParams
-from sampler.pipeline import MultiScenePipeline
+from mask2dit.sampling.denoise import build_scheduler
+from mask2dit.sampling.params import SamplingParams
+from mask2dit.sampling.pipeline import MultiScenePipeline
 from trainer.components import save_tiny_pretrained
 
 PARAMS = SamplingParams(

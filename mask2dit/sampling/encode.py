@@ -10,13 +10,13 @@ f latent frames of one scene, C latent channels, L text tokens, D text width.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from infra.logging import get_logger
 from mask2dit.encoding import encode_prompt_batch, encode_video
 
 __all__ = [
@@ -27,7 +27,7 @@ __all__ = [
     "to_output_frames",
 ]
 
-_log = get_logger("sampler")
+_log = logging.getLogger("m2d.sampler")
 
 
 @dataclass(frozen=True)

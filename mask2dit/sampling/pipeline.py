@@ -2,8 +2,8 @@
 
 ``MultiScenePipeline`` holds a ``Mask2DiT``, the frozen CogVideoX VAE, T5 and tokenizer and
 a CogVideoX DDIM or DPM scheduler. Prompts are encoded, noise drawn and latents decoded as
-``diffusers.CogVideoXPipeline`` does, and the loop is its loop (``sampler.denoise``), so at
-one scene the result is the stock pipeline's (``tests/unit/test_sampler_pipeline.py``).
+``diffusers.CogVideoXPipeline`` does, and the loop is its loop (``mask2dit.sampling.denoise``),
+so at one scene the result is the stock pipeline's (``tests/unit/test_sampler_pipeline.py``).
 
 Shape legend: n scenes, F latent frames (all scenes), C latent channels, h/w latent
 height/width, T/H/W pixel frames/height/width of one scene.
@@ -23,14 +23,14 @@ from transformers import T5EncoderModel
 from mask2dit.components import ModelParts, load_parts
 from mask2dit.model import Mask2DiT
 from mask2dit.policy import DEFAULT_POLICY
-from sampler.denoise import SCHEDULERS, Scheduler, StoryText, build_scheduler, denoise
-from sampler.encode import (
+from mask2dit.sampling.denoise import SCHEDULERS, Scheduler, StoryText, build_scheduler, denoise
+from mask2dit.sampling.encode import (
     decode_scene,
     encode_context_video,
     encode_scene_prompts,
     to_output_frames,
 )
-from sampler.params import SamplingParams, StoryOutput
+from mask2dit.sampling.params import SamplingParams, StoryOutput
 
 __all__ = ["MultiScenePipeline"]
 

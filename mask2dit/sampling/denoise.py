@@ -21,7 +21,7 @@ import torch
 from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 
 from mask2dit.model import Mask2DiT
-from sampler.params import SamplingParams
+from mask2dit.sampling.params import SamplingParams
 
 __all__ = ["SCHEDULERS", "Scheduler", "StoryText", "build_scheduler", "denoise"]
 
