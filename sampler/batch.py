@@ -29,13 +29,13 @@ import torch.nn.functional as F
 
 from infra.config import StorageConfig
 from infra.errors import ConfigError, DataError
+from infra.previews import write_contact_sheet, write_gif
+from infra.prompts import Story
 from infra.sample_spec import CheckpointSpec, SampleJobSpec
 from infra.storage import filesystem, join
 from infra.video import read_frames, resize_center_crop, write_video
 from mask2dit.sampling.params import SamplingParams, StoryOutput
 from sampler.checkpoint_info import CheckpointInfo
-from sampler.previews import write_contact_sheet, write_gif
-from sampler.prompts import Story
 
 if TYPE_CHECKING:  # the driver plans without the model frameworks
     from mask2dit.sampling.pipeline import MultiScenePipeline

@@ -27,6 +27,7 @@ from infra.errors import DataError
 from infra.jobs import run_job
 from infra.logging import get_logger
 from infra.processes import pid_alive
+from infra.prompts import EVAL50, Story, check_context_videos, read_stories
 from infra.ray_runtime import init_ray
 from infra.sample_spec import SampleJobSpec
 from infra.storage import filesystem, is_remote
@@ -41,7 +42,6 @@ from sampler.batch import (
     write_item,
 )
 from sampler.checkpoint_info import CheckpointInfo, describe_checkpoint
-from sampler.prompts import EVAL50, Story, check_context_videos, read_stories
 
 __all__ = ["LOCK_FILE", "Plan", "StoryRenderer", "claim_output", "main", "prepare", "run"]
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sampler.previews import (
+from infra.previews import (
     contact_sheet_indices,
     gif_durations,
     write_contact_sheet,

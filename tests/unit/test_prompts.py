@@ -15,14 +15,14 @@ import torch
 from transformers import ByT5Tokenizer
 
 from infra.errors import DataError
-from infra.video import write_video
-from sampler.prompts import (
+from infra.prompts import (
     EVAL50,
     Story,
     check_context_videos,
     read_stories,
     truncation_warnings,
 )
+from infra.video import write_video
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -284,6 +284,6 @@ def test_eval50_characters_vary_across_stories():
 def test_eval50_is_packaged():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    patterns = config["tool"]["setuptools"]["package-data"]["sampler"]
-    relative = Path(EVAL50).relative_to(ROOT / "sampler").as_posix()
+    patterns = config["tool"]["setuptools"]["package-data"]["infra"]
+    relative = Path(EVAL50).relative_to(ROOT / "infra").as_posix()
     assert any(fnmatch.fnmatch(relative, pattern) for pattern in patterns)

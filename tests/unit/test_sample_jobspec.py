@@ -10,13 +10,13 @@ from click.testing import CliRunner
 
 from infra.config import ModelConfig, StageRecipe, StorageConfig
 from infra.errors import ConfigError, DataError
+from infra.prompts import Story
 from infra.sample_spec import CheckpointSpec, SampleJobSpec
 from orchestrator import runs
 from orchestrator.cli import cli
 from orchestrator.commands.sample import resolve_checkpoint
 from sampler.batch import META, Item, inputs_record, item_uri, plan_items, sampling_params
 from sampler.checkpoint_info import CheckpointInfo
-from sampler.prompts import Story
 
 ROOT = Path(__file__).resolve().parents[2]
 

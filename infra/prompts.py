@@ -1,4 +1,4 @@
-"""Prompt files of the batch sampler: one story per JSONL line, checked before any model loads.
+"""Prompt files of sampling (batch and validation): one story per JSONL line, checked first.
 
 A line is ``{"id": "story_01", "prompts": ["scene 1", ...], "context_videos": [...]}``;
 ``context_videos`` (optional) are the first scenes of the story as videos, for extension:
