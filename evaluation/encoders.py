@@ -23,6 +23,9 @@ Encoders:
   CVPR 2024). Frames are resized (shorter side), centre-cropped and normalised with the
   folder's ``preprocessor_config.json`` mean and std (ImageNet's without one).
 
+The folder ``tiny`` names a built-in tiny random-weight ``clip`` or ``videomae``
+(``evaluation.tiny``): what `make demo` scores with, nothing downloaded, no meaning.
+
 A user's own encoder (the paper's ViCLIP, which transformers does not ship) plugs in as
 ``MODULE:FUNCTION`` in place of a name: ``FUNCTION(uri, storage)`` returns an object with
 ``num_frames`` and ``embed`` (and ``embed_texts`` for semantic scores). The module must be
@@ -159,13 +162,14 @@ def check_encoder(name: str, uri: str, storage: StorageConfig | None = None) -> 
     """Cheap checks before a job starts (the name, the folder's config); errors name the fix."""
     check_encoder_name(name)
     if ":" not in name:  # a user's encoder checks its folder when it loads
-        _REGISTRY[name].check(uri, storage)
+        _REGISTRY[name].check(_tiny_or(name, uri), storage)
 
 
 def load_encoder(name: str, uri: str, storage: StorageConfig | None = None) -> VideoEncoder:
     """The encoder ``name`` (or ``MODULE:FUNCTION``'s) loaded from the folder at ``uri``
     (path or ``s3://``)."""
     check_encoder_name(name)
+    uri = _tiny_or(name, uri)
     if ":" in name:
         encoder = _user_loader(name)(uri, storage)
         if not isinstance(encoder, VideoEncoder):
@@ -175,6 +179,18 @@ def load_encoder(name: str, uri: str, storage: StorageConfig | None = None) -> V
             )
         return encoder
     return _REGISTRY[name].from_pretrained(uri, storage)
+
+
+def _tiny_or(name: str, uri: str) -> str:
+    """``uri``, or for ``tiny`` the folder of the built-in tiny ``name`` encoder."""
+    from evaluation.tiny import TINY, tiny_folder
+
+    if uri != TINY:
+        return uri
+    try:
+        return str(tiny_folder(name))
+    except ValueError as exc:
+        raise ConfigError(f"--encoder-path tiny: {exc}") from None
 
 
 def uniform_frame_indices(total_frames: int, count: int) -> list[int]:

@@ -299,6 +299,34 @@ class RuntimeEnvConfig(_Strict):
         return value
 
 
+class ValidationConfig(_Strict):
+    """Stories rendered from the current weights during training, scored and shown in the
+    training run's MLflow run at their step (trainer/validation.py). Off by default."""
+
+    every: int = Field(0, ge=0, description="Validate every this many steps; 0: never.")
+    prompts: str = Field(
+        "eval50",
+        description="A prompt file (JSONL, as `m2d sample-batch --prompts` reads) or the "
+        "name of a shipped set (eval50).",
+    )
+    stories: int = Field(2, ge=1, description="How many of its stories (the first ones).")
+    seeds: tuple[int, ...] = Field((0,), min_length=1, description="One render per seed.")
+    sampling_steps: int = Field(20, ge=1, description="Denoising steps of each render.")
+    guidance_scale: float = Field(6.0, ge=0, description="Classifier-free guidance scale.")
+    encoder: str | None = Field(
+        None,
+        description="Encoder scoring the renders' consistency (xclip, clip, dinov2 or "
+        "MODULE:FUNCTION); none: contact sheets only.",
+    )
+    encoder_path: str | None = Field(None, description="The encoder's folder (path or s3://).")
+
+    @model_validator(mode="after")
+    def _encoder(self) -> ValidationConfig:
+        if self.encoder and not self.encoder_path:
+            raise KeyProblem("encoder_path", f"encoder {self.encoder} needs its folder")
+        return self
+
+
 class StageRecipe(_Strict):
     """What one training stage does. Defaults are the paper's (docs/method.md §6)."""
 
@@ -327,6 +355,9 @@ class StageRecipe(_Strict):
     width: int = Field(720, ge=16, description="Frame width in pixels (multiple of 16).")
     mask_policy: str = Field(DEFAULT_POLICY, description="v2, full, isolated, or a block rule.")
     seed: int = Field(0, description="Seed of noise, timesteps, task draws and data order.")
+    validation: ValidationConfig = Field(
+        default_factory=ValidationConfig, description="Sampling during training (off: every 0)."
+    )
 
     @model_validator(mode="after")
     def _shapes(self) -> StageRecipe:

@@ -17,7 +17,31 @@ from PIL import Image
 from infra.config import StorageConfig
 from infra.storage import filesystem, is_remote
 
-__all__ = ["contact_sheet_indices", "gif_durations", "write_contact_sheet", "write_gif"]
+__all__ = [
+    "PREVIEW_SIDE",
+    "contact_sheet_indices",
+    "gif_durations",
+    "preview_frames",
+    "write_contact_sheet",
+    "write_gif",
+]
+
+PREVIEW_SIDE = 256  # longest side of the MLflow previews, in pixels
+
+
+def preview_frames(frames_THWC: np.ndarray, side: int = PREVIEW_SIDE) -> np.ndarray:
+    """Frames scaled down (antialiased) so the longest side is at most ``side`` pixels."""
+    import torch
+    import torch.nn.functional as F
+
+    height, width = frames_THWC.shape[1:3]
+    scale = side / max(height, width)
+    if scale >= 1:
+        return frames_THWC
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    video = torch.from_numpy(frames_THWC).permute(0, 3, 1, 2).float()
+    small = F.interpolate(video, size=size, mode="bilinear", antialias=True)
+    return small.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def write_gif(

@@ -20,10 +20,23 @@ from infra.errors import DataError
 from infra.storage import filesystem, parent_folder, resolve_relative
 from infra.video import VideoError, read_frames
 
-__all__ = ["EVAL50", "Story", "check_context_videos", "read_stories", "truncation_warnings"]
+__all__ = [
+    "EVAL50",
+    "Story",
+    "check_context_videos",
+    "prompt_file",
+    "read_stories",
+    "truncation_warnings",
+]
 
 #: The 50 evaluation stories x 3 scenes shipped with the package (docs/method.md §8).
 EVAL50 = str(Path(__file__).with_name("prompt_sets") / "eval50.jsonl")
+
+
+def prompt_file(prompts: str) -> str:
+    """The prompt file ``prompts`` names: a shipped set by name (``eval50``), else itself."""
+    return EVAL50 if prompts == "eval50" else prompts
+
 
 _FIELDS = ("id", "prompts", "context_videos")
 # The id becomes a folder name in the output tree: no separators, no "." or "..".

@@ -252,17 +252,24 @@ def resolve_run(
     )
 
 
+def absolute(value: str | None) -> str | None:
+    """A local path made absolute (so a job started elsewhere finds it); URIs as they are."""
+    if value is None or "://" in value:
+        return value
+    return str(Path(value).expanduser().resolve())
+
+
+def model_path(value: str | None) -> str | None:
+    """:func:`absolute`, but ``tiny`` (the built-in tiny model or encoder) stays a name."""
+    return value if value == "tiny" else absolute(value)
+
+
 def with_absolute_paths(run: RunConfig) -> RunConfig:
     """Local relative paths made absolute, so a job started elsewhere finds the same files.
 
     Covers the storage root, the data manifests and latents, a local model folder and a relative
     sqlite tracking store; URIs are left as they are.
     """
-
-    def absolute(value: str | None) -> str | None:
-        if value is None or "://" in value or value == "tiny":
-            return value
-        return str(Path(value).expanduser().resolve())
 
     tracking = run.tracking.uri
     if tracking.startswith("sqlite:///") and not tracking.startswith("sqlite:////"):
@@ -273,7 +280,7 @@ def with_absolute_paths(run: RunConfig) -> RunConfig:
             "data": run.data.model_copy(
                 update={name: absolute(value) for name, value in run.data if isinstance(value, str)}
             ),
-            "model": run.model.model_copy(update={"source": absolute(run.model.source)}),
+            "model": run.model.model_copy(update={"source": model_path(run.model.source)}),
             "tracking": run.tracking.model_copy(update={"uri": tracking}),
         }
     )

@@ -22,14 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import safetensors.torch
 import torch
-import torch.nn.functional as F
 
 from infra.config import StorageConfig
 from infra.errors import ConfigError, DataError
-from infra.previews import write_contact_sheet, write_gif
+from infra.previews import preview_frames, write_contact_sheet, write_gif
 from infra.prompts import Story
 from infra.sample_spec import CheckpointSpec, SampleJobSpec
 from infra.storage import filesystem, join
@@ -56,7 +54,6 @@ __all__ = [
 FPS = 8  # CogVideoX's frame rate
 META = "meta.json"
 LATENTS = "latents.safetensors"
-_PREVIEW_SIDE = 256  # longest side of the MLflow previews
 
 
 @dataclass(frozen=True)
@@ -207,7 +204,7 @@ def write_item(
     for index, frames in enumerate(output.frames):
         write_video(f"{uri}/scene_{index:02d}.mp4", frames, FPS, storage)
     write_video(f"{uri}/story.mp4", torch.cat(output.frames), FPS, storage)
-    small = [_preview_frames(frames) for frames in scenes]
+    small = [preview_frames(frames) for frames in scenes]
     write_gif(small, f"{uri}/preview.gif", fps=FPS, storage=storage)
     write_contact_sheet(small, f"{uri}/contact.png", storage=storage)
     _write_latents(f"{uri}/{LATENTS}", output, storage)
@@ -245,15 +242,3 @@ def read_latents(uri: str, storage: StorageConfig | None = None) -> tuple[torch.
     header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
     scene_frames = json.loads(header["__metadata__"]["scene_frames"])
     return safetensors.torch.load(data)["latents"], scene_frames
-
-
-def _preview_frames(frames_THWC: np.ndarray) -> np.ndarray:
-    """Frames scaled down so the longest side is at most ``_PREVIEW_SIDE`` pixels."""
-    height, width = frames_THWC.shape[1:3]
-    scale = _PREVIEW_SIDE / max(height, width)
-    if scale >= 1:
-        return frames_THWC
-    size = (max(1, round(height * scale)), max(1, round(width * scale)))
-    video = torch.from_numpy(frames_THWC).permute(0, 3, 1, 2).float()
-    small = F.interpolate(video, size=size, mode="bilinear", antialias=True)
-    return small.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()

@@ -27,7 +27,7 @@ from infra.errors import DataError
 from infra.jobs import run_job
 from infra.logging import get_logger
 from infra.processes import pid_alive
-from infra.prompts import EVAL50, Story, check_context_videos, read_stories
+from infra.prompts import Story, check_context_videos, prompt_file, read_stories
 from infra.ray_runtime import init_ray
 from infra.sample_spec import SampleJobSpec
 from infra.storage import filesystem, is_remote
@@ -341,8 +341,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(spec: SampleJobSpec) -> None:
-    if spec.prompts == "eval50":  # the shipped evaluation stories
-        spec = spec.model_copy(update={"prompts": EVAL50})
+    spec = spec.model_copy(update={"prompts": prompt_file(spec.prompts)})
     plan = run(spec, echo=lambda line: print(line, flush=True))
     print(f"done: {len(plan.todo)} rendered, {len(plan.finished)} skipped (finished before)")
 

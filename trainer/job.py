@@ -270,6 +270,7 @@ def check_input(run: RunConfig) -> None:
     on synthetic data; checked before Ray starts, so a wrong path is one line, not every
     worker's traceback."""
     if run.data.synthetic:
+        check_validation(run)
         return
     if stage_input(run.data.model_dump(), run.stage) is None:
         raise ConfigError(
@@ -278,6 +279,23 @@ def check_input(run: RunConfig) -> None:
             "for a run without files)"
         )
     check_stage_input(run.data.model_dump(), run.stage, run.storage)
+    check_validation(run)
+
+
+def check_validation(run: RunConfig) -> None:
+    """A validation set that cannot be read or an encoder folder that is not one fails
+    here, in one line, not in every worker after the model loads."""
+    validation = run.recipe.validation
+    if not validation.every:
+        return
+    from infra.prompts import prompt_file, read_stories
+
+    if not read_stories(prompt_file(validation.prompts), run.storage):
+        raise ConfigError(f"recipe.validation.prompts: {validation.prompts} holds no story")
+    if validation.encoder:
+        from evaluation.encoders import check_encoder
+
+        check_encoder(validation.encoder, validation.encoder_path, run.storage)
 
 
 def summary(folder: RunFolder, outcome: Outcome) -> str:

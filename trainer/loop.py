@@ -43,6 +43,7 @@ from trainer.checkpointing import (
 )
 from trainer.components import Components, load_components
 from trainer.engine import build_engine, device_and_dtype
+from trainer.validation import Validator
 
 __all__ = ["Worker", "step_seed", "train_loop_per_worker"]
 
@@ -120,6 +121,9 @@ class Worker:
         self.tasks = TaskMix(
             recipe.extension_prob, recipe.seed, per_sample=recipe.task_draw == "per_sample"
         )
+        self.validator = (
+            Validator(run, self.parts, rank, world) if recipe.validation.every else None
+        )
         self.state = TrainerState(world_size=world, mlflow_run_id=config.get("mlflow_run_id"))
         self.tracker: Tracker | None = None
         self.writer: MetricWriter | None = None
@@ -163,8 +167,14 @@ class Worker:
             if self.state.step:
                 # A restart after a crash redoes the steps since the checkpoint, which the
                 # lost attempt may have logged already: log each step once.
-                self.logged_through = self._logged_through()
+                self.logged_through = self._last_logged("loss")
             self.writer = MetricWriter(self.tracker, warn=log.warning)
+        if self.validator is not None and self.state.step:
+            # ... and validate each validation step once (every rank renders: all agree).
+            found = [self._last_logged("validation_s") if self.tracker else 0]
+            if self.world > 1:
+                dist.broadcast_object_list(found, src=0)
+            self.validator.validated_through = found[0]
         steps, every = self.run.recipe.steps, self.run.fault_tolerance.checkpoint_every
         if self.rank == 0:  # once per attempt: the console counts restarts
             progress(event="start", step=self.state.step, steps=steps)
@@ -173,17 +183,25 @@ class Worker:
                 metrics = self.train_step()
                 self.state.step += 1
                 done = self.state.step
+                if self.validator is not None:
+                    self._validate(done, metrics["step_time_s"])
                 self.report(metrics, checkpoint=done % every == 0 or done == steps)
         finally:
             self.batches.close()
             self._close_writer()
 
-    def _logged_through(self) -> int:
-        """The last step MLflow holds; a server that does not answer now: none (the
-        restart's first steps may then be logged twice; `m2d runs sync` keeps once)."""
+    def _validate(self, step: int, step_s: float) -> None:
+        """Validate after ``step`` if it is a validation step (every rank together)."""
+        self.validator.train_s += step_s
+        if self.validator.due(step):
+            self.validator.validate(self.engine.module, step, self.tracker)
+
+    def _last_logged(self, key: str) -> int:
+        """The last step MLflow holds of ``key``; a server that does not answer now: none
+        (the restart's first steps may then be logged twice; `m2d runs sync` keeps once)."""
         try:
             with fail_fast(10):
-                return self.tracker.last_step("loss")
+                return self.tracker.last_step(key)
         except Exception as exc:  # MLflow raises MlflowException, requests' errors...
             log.warning("MLflow does not answer (%s): cannot tell what it holds", exc)
             return 0

@@ -17,7 +17,7 @@ import click
 
 from infra.errors import DataError, first_line
 from infra.job_specs import EvalSpec
-from infra.storage import filesystem, is_remote
+from infra.storage import filesystem
 from orchestrator import runs, submit
 from orchestrator.cli import UserError, set_option
 from orchestrator.jobs import make_spec, spec_options
@@ -31,10 +31,6 @@ COLUMNS = {
     "visual_shared_character": "visual, shared character",
     "visual_no_shared_character": "visual, no shared character",
 }
-
-
-def _absolute(value: str) -> str:
-    return value if is_remote(value) else str(Path(value).expanduser().resolve())
 
 
 def read_summaries(source: str, storage=None) -> dict[str, dict]:
@@ -180,10 +176,10 @@ def eval_spec(
         raise UserError("--reference needs --fvd-path: the FVD features' model folder")
     return make_spec(
         EvalSpec,
-        samples=_absolute(samples),
-        encoder_path=_absolute(path),
-        reference=_absolute(reference) if reference else None,
-        fvd_path=_absolute(fvd_path) if fvd_path else None,
+        samples=runs.absolute(samples),
+        encoder_path=runs.model_path(path),
+        reference=runs.absolute(reference),
+        fvd_path=runs.model_path(fvd_path),
         num_actors=num_actors or workers.num_workers,
         cpus_per_actor=workers.cpus_per_worker,
         gpus_per_actor=workers.gpus_per_worker,
@@ -201,7 +197,7 @@ def _compare(sources: list[str], table_out: str | None, storage) -> None:
             raise UserError(f"--table-out {table_out}: name a .csv or .md file")
         if Path(table_out).exists():
             raise UserError(f"--table-out {table_out}: exists; give a new file")
-    rows = comparison([_absolute(s) for s in sources], storage)
+    rows = comparison([runs.absolute(s) for s in sources], storage)
     click.echo(render(rows, "text"), nl=False)
     if table_out and kind:
         Path(table_out).write_text(render(rows, kind))

@@ -95,8 +95,8 @@ def build_spec(run: RunConfig, references: tuple[str, ...], options: dict) -> Sa
     return SampleJobSpec(
         cluster=run.cluster,
         checkpoints=checkpoints,
-        prompts=prompts if prompts == "eval50" else _absolute(prompts),
-        out=_absolute(out),
+        prompts=prompts if prompts == "eval50" else runs.absolute(prompts),
+        out=runs.absolute(out),
         height=height,
         width=width,
         num_actors=options.pop("num_actors") or workers.num_workers,
@@ -108,10 +108,6 @@ def build_spec(run: RunConfig, references: tuple[str, ...], options: dict) -> Sa
         tracking=None if options.pop("no_tracking") else run.tracking,
         **options,
     )
-
-
-def _absolute(value: str) -> str:
-    return value if is_remote(value) else str(Path(value).expanduser().resolve())
 
 
 @click.command("sample-batch")

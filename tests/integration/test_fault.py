@@ -26,6 +26,7 @@ import yaml
 from infra.config import ClusterProfile, resolve_run
 from infra.job_specs import SynthSpec, TrainJobSpec
 from infra.jobs import spec_argv
+from infra.tracking import Tracker
 
 pytestmark = pytest.mark.integration
 
@@ -34,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # (at 16 the run could be over before a starved test process saw its first checkpoint).
 STEPS = 40
 EVERY = 2
+VALIDATE = 3
 WORKER_TITLE = "ray::RayTrainWorker"
 
 
@@ -46,13 +48,15 @@ def pretrain_manifest(tmp_path_factory) -> Path:
     return out / "pretrain.jsonl"
 
 
-def write_run(root: Path, name: str, manifest: Path, tracking_uri: str) -> Path:
+def write_run(
+    root: Path, name: str, manifest: Path, tracking_uri: str, validation: dict | None = None
+) -> Path:
     """The `local` profile's pretrain run, STEPS steps, one restart allowed."""
     profile = ClusterProfile.model_validate(
         yaml.safe_load((ROOT / "clusters/local.yaml").read_text())
     )
     overrides = {
-        "recipe": {"steps": STEPS, "warmup_steps": 1},
+        "recipe": {"steps": STEPS, "warmup_steps": 1, "validation": validation or {}},
         "fault_tolerance": {"checkpoint_every": EVERY, "keep_checkpoints": 2, "max_failures": 1},
         "storage": {"root": str(root)},
         "tracking": {"uri": tracking_uri, "experiment": "m2d-fault-it"},
@@ -119,9 +123,20 @@ def test_worker_killed_after_checkpoint_restarts_and_matches_uninterrupted_run(
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=mlflow_server)
-    # Both runs at once (each its own local Ray): the start-up costs overlap.
+    # Both runs at once (each its own local Ray): the start-up costs overlap. The crashed
+    # run validates every VALIDATE steps (not a multiple of EVERY, so the restart may redo
+    # a validation step); the reference does not, and the weights must still be equal.
+    validation = {"every": VALIDATE, "stories": 1, "seeds": [0, 1], "sampling_steps": 2}
     jobs = {
-        name: start_job(write_run(tmp_path, name, pretrain_manifest, mlflow_server))
+        name: start_job(
+            write_run(
+                tmp_path,
+                name,
+                pretrain_manifest,
+                mlflow_server,
+                validation if name == "crashed" else None,
+            )
+        )
         for name in ("reference", "crashed")
     }
     output: dict[str, list[str]] = {name: [] for name in jobs}
@@ -159,6 +174,13 @@ def test_worker_killed_after_checkpoint_restarts_and_matches_uninterrupted_run(
     history = client.get_metric_history(run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, STEPS + 1))
     assert {m.step: m.value for m in history} == want
+    # Each validation step validated once, though the restart redid the steps since its
+    # checkpoint: the contact sheets and the cost are in the run once per step.
+    validated = list(range(VALIDATE, STEPS + 1, VALIDATE))
+    assert [m.step for m in client.get_metric_history(run_id, "validation_s")] == validated
+    images = Tracker(mlflow_server, run_id).logged_images()
+    keys = {f"validation/story_01/seed{seed}" for seed in (0, 1)}
+    assert images == {(key, step): 1 for key in keys for step in validated}
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["checkpoint.latest_step"] == str(STEPS)

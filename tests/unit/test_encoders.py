@@ -81,3 +81,23 @@ def test_a_users_own_encoder_plugs_in_by_module_and_function(tmp_path, monkeypat
         load_encoder("no_such_module:load", "x")
     with pytest.raises(ConfigError, match="returned str, which lacks num_frames or embed"):
         load_encoder("my_viclip:broken", "x")
+
+
+def test_the_tiny_encoders_load_through_the_real_code_and_others_are_refused(
+    tmp_path, monkeypatch
+):
+    """`--encoder-path tiny`: a seeded tiny CLIP (video and text) and VideoMAE, built once
+    into the temporary folder; the same weights as the tests' own tiny CLIP."""
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    clip = load_encoder("clip", "tiny")
+    assert text_encoder_of(clip) is not None
+    check_encoder("videomae", "tiny")
+    frames = torch.randint(0, 256, (clip.num_frames, 3, 32, 32), dtype=torch.uint8)
+    again = load_encoder("clip", str(tmp_path / "m2d-tiny-clip"))  # built once, kept
+    assert torch.equal(clip.embed(frames), again.embed(frames))
+    from tiny_models import tiny_clip
+
+    own = load_encoder("clip", str(tiny_clip(tmp_path / "own")))
+    assert torch.equal(own.embed(frames), clip.embed(frames))
+    with pytest.raises(ConfigError, match=r"no tiny xclip encoder \(tiny ones: clip, videomae"):
+        load_encoder("xclip", "tiny")

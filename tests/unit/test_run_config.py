@@ -145,3 +145,26 @@ def test_the_run_folder_is_all_the_workers_get(tmp_path):
     seen = RunConfig.model_validate(json.loads(json.dumps(config))["run"])
     assert seen == run
     assert seen.init_from == run.init_from and seen.data.synthetic and seen.recipe.steps == 7
+
+
+def test_validation_is_off_by_default_and_set_per_stage():
+    assert _run("local", "pretrain").recipe.validation.every == 0
+    run = _run(
+        "local",
+        "sft",
+        "recipe.validation.every=50",
+        "recipe.validation.seeds=[1, 2]",
+        "recipe.validation.encoder=clip",
+        "recipe.validation.encoder_path=tiny",
+    )
+    validation = run.recipe.validation
+    assert (validation.every, validation.seeds, validation.prompts) == (50, (1, 2), "eval50")
+    result = CliRunner().invoke(
+        cli,
+        [
+            "launch", "--cluster", "local", "--stage", "sft", "--dry-run",
+            "--set", "recipe.validation.encoder=clip",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "recipe.validation.encoder_path: encoder clip needs its folder" in result.output
