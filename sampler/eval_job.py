@@ -38,6 +38,7 @@ from evaluation.metrics import (
     score_story,
     summarize,
 )
+from evaluation.tiny import TINY
 from infra.errors import DataError, first_line
 from infra.job_specs import EvalSpec
 from infra.jobs import run_job
@@ -433,6 +434,11 @@ def run(spec: EvalSpec, echo: Callable[[str], None] = print) -> dict[str, dict[s
         if spec.overwrite or not record or record.get("encoder") != encoder_record(spec):
             todo.append(uri)
     echo(f"{len(todo)} item(s) to score, {len(items) - len(todo)} already scored")
+    if TINY in (spec.encoder_path, spec.fvd_path):
+        echo(
+            "note: tiny random-weight encoder(s) (--encoder-path/--fvd-path tiny): the scores "
+            "show the pipeline working, not video quality"
+        )
     skipped, reference = {}, None
     if todo or spec.reference:
         init_ray(num_cpus=max(2, spec.num_actors * spec.cpus_per_actor))

@@ -293,7 +293,7 @@ def test_resume_on_two_workers_of_a_one_worker_zero3_run_in_s3(
 ):
     """ZeRO-3 the other way, stored in S3: one worker (2 micro-batches a step) stops at
     step 3, two workers go on - the node takes every rank's files once to convert them -
-    and end where one worker going on would have."""
+    and end where one worker going on would have, validating on the way."""
     from trainer.job import fit, read_run_folder
 
     fs, bucket = s3_pretrain["fs"], s3_pretrain["bucket"]
@@ -316,8 +316,11 @@ def test_resume_on_two_workers_of_a_one_worker_zero3_run_in_s3(
         return outcome.tracker.run_id
 
     reference_id = train("z3-one", STEPS, **one)
-    train("z3-grown", EVERY, **one)
-    run_id = train("z3-grown", STEPS)
+    # The resized run also validates (every rank renders under ZeRO-3, as it trains):
+    # its weights must still be the reference's, which does not.
+    validation = {"every": 2, "stories": 1, "seeds": [0, 1], "sampling_steps": 2}
+    train("z3-grown", EVERY, recipe__validation=validation, **one)
+    run_id = train("z3-grown", STEPS, recipe__validation=validation)
     for name in ("z3-one", "z3-grown"):
         for step in (EVERY, STEPS):
             checkpoint = f"{bucket}/runs/{name}/checkpoint_{step:08d}"
@@ -327,6 +330,8 @@ def test_resume_on_two_workers_of_a_one_worker_zero3_run_in_s3(
                 )
     final = tmp_path / "z3-grown" / f"checkpoint_{STEPS:08d}"
     assert json.loads((final / "trainer_state.json").read_text())["world_size"] == 2
+    validated = mlflow_client(mlflow_server).get_metric_history(run_id, "validation_s")
+    assert [m.step for m in validated] == [2, 4, 6]
     _assert_continues_like(
         final,
         tmp_path / "z3-one" / f"checkpoint_{STEPS:08d}",
