@@ -32,11 +32,11 @@ demo: $(STAMP)
 	test -f $(DEMO_DATA)/sft.jsonl || $(VENV)/bin/m2d data synth --out $(DEMO_DATA) --stories 12 --frames 20
 	$(VENV)/bin/m2d launch --cluster local --stage pretrain
 	$(VENV)/bin/m2d launch --cluster local --stage sft
+	$(VENV)/bin/m2d runs --limit 2
 	$(VENV)/bin/m2d sample-batch --cluster local --checkpoint latest-pretrain --checkpoint latest-sft \
 		--prompts eval50 --out runs/samples --steps 20 \
 		--eval --encoder clip --encoder-path tiny --reference $(DEMO_DATA)/pretrain.jsonl --fvd-path tiny
 	$(VENV)/bin/m2d eval --cluster local --compare runs/samples
-	$(VENV)/bin/m2d runs --limit 2
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
