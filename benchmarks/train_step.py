@@ -262,6 +262,30 @@ def workers_without_ray(run: RunConfig, steps: int, warmup: int) -> dict:
     return _in_subprocesses(run, calls)[0]
 
 
+def workers_in_ray_tasks(run: RunConfig, steps: int, warmup: int) -> dict:
+    """:func:`workers_without_ray`, but each rank a task of a local Ray (one CPU each):
+    what running inside Ray's worker processes, beside its daemons, costs - without Ray
+    Train's controller, reports or MLflow. Rank 0's numbers."""
+    import ray
+
+    from infra.ray_runtime import init_ray
+
+    port, world = free_port(), run.workers.num_workers
+    init_ray(num_cpus=world * run.workers.cpus_per_worker)
+    try:
+        loop = ray.remote(num_cpus=run.workers.cpus_per_worker)(_worker_loop_task)
+        return ray.get([loop.remote(run, r, world, port, steps, warmup) for r in range(world)])[0]
+    finally:
+        ray.shutdown()
+
+
+def _worker_loop_task(*args) -> dict:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import train_step
+
+    return train_step.worker_loop(*args)
+
+
 def worker_loop(run: RunConfig, rank: int, world: int, port: int, steps: int, warmup: int) -> dict:
     """``Worker.train_step`` ``steps`` times after ``warmup``: mean step time, samples/s."""
     import torch.distributed as dist

@@ -15,6 +15,8 @@ job costs on top of the work a user's own script would do.
   state from MLflow timestamps, first ``--skip`` steps and the checkpoint step left out.
 - Peer: ``benchmarks/plain_deepspeed.py`` under ``torch.distributed.run``, 2 processes x
   1 thread, the job's own DeepSpeed JSON; run before and after the job.
+- Breakdown: the job's own ``Worker`` (data, task draws, DeepSpeed, the step's
+  all-reduce) in 2 plain gloo processes, then the same as 2 tasks of a local Ray.
 
 Ratio = plain step time / job step interval (per-worker samples/s, job over plain);
 target >= 0.95.
@@ -40,11 +42,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import data  # noqa: E402
-import train_step  # noqa: E402
-
 from infra.config import ClusterProfile, RunConfig, resolve_run  # noqa: E402
 from infra.processes import free_port  # noqa: E402
+
+import data  # noqa: E402
+import train_step  # noqa: E402
 
 MEDIUM = {
     "num_attention_heads": 8,
@@ -158,6 +160,9 @@ def main() -> None:
         loads.append(os.getloadavg()[0])
         after = plain(run, root, args.plain_steps, args.plain_warmup)
         loads.append(os.getloadavg()[0])
+        # Where the gap sits: the job's own Worker without Ray, then inside Ray's processes.
+        bare = train_step.workers_without_ray(run, args.plain_steps, args.plain_warmup)
+        in_ray = train_step.workers_in_ray_tasks(run, args.plain_steps, args.plain_warmup)
         parameters = _parameters(run)
     plain_step = (before + after) / 2
     ratio = plain_step / steady["interval_s"]
@@ -177,6 +182,8 @@ def main() -> None:
         ("job in-step time s (mean step_time_s)", f"{steady['in_step_s']:.3f}"),
         ("job fixed cost per step, ms (interval - plain)", f"{fixed_ms:.0f}"),
         ("per-worker throughput, job / plain", f"{ratio:.3f} ({verdict} 0.95)"),
+        ("job's Worker, no Ray (2 gloo processes) / plain", f"{plain_step / bare['step_s']:.3f}"),
+        ("the same Worker as 2 Ray tasks / plain", f"{plain_step / in_ray['step_s']:.3f}"),
         ("load average: start, plain, job, plain", " ".join(f"{x:.1f}" for x in loads)),
     ]  # fmt: skip
     print("| measure | value |\n|---|---|")

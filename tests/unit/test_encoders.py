@@ -83,9 +83,7 @@ def test_a_users_own_encoder_plugs_in_by_module_and_function(tmp_path, monkeypat
         load_encoder("my_viclip:broken", "x")
 
 
-def test_the_tiny_encoders_load_through_the_real_code_and_others_are_refused(
-    tmp_path, monkeypatch
-):
+def test_the_tiny_encoders_load_through_the_real_code_and_others_are_refused(tmp_path, monkeypatch):
     """`--encoder-path tiny`: a seeded tiny CLIP (video and text) and VideoMAE, built once
     into the temporary folder; the same weights as the tests' own tiny CLIP."""
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
