@@ -235,24 +235,26 @@ def _assert_continues_like(resumed: Path, reference: Path, losses, reference_los
     assert values == pytest.approx([loss for _, loss in reference_losses], rel=1e-4)
 
 
-def test_resume_on_one_worker_of_a_two_worker_zero2_run(
-    s3_pretrain, mlflow_server, synth_data, tmp_path
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_resume_on_one_worker_of_a_two_worker_run(
+    s3_pretrain, mlflow_server, synth_data, tmp_path, zero_stage
 ):
     """`m2d launch --resume RUN --set workers.num_workers=1` after a stop at step 3 of a
-    2-worker ZeRO-2 run: the launcher keeps the global batch (2 micro-batches a step now),
-    the job converts the checkpoint to DeepSpeed's universal form and goes on with the
-    stories the two workers would have taken, to the uninterrupted run's weights and
-    losses."""
+    2-worker run: the launcher keeps the global batch (2 micro-batches a step now), the
+    job converts the checkpoint to DeepSpeed's universal form and goes on with the stories
+    the two workers would have taken, to the uninterrupted ZeRO-2 run's weights and losses
+    (ZeRO-3 too: the same sums, partitioned otherwise)."""
     from trainer.job import fit, read_run_folder
 
     folder = tmp_path / "runs" / "resharded"
     folder.mkdir(parents=True)
     data = str(synth_data / "pretrain.jsonl")
     storage = {"root": str(tmp_path / "runs")}
-    first = make_run(storage, mlflow_server, recipe__steps=EVERY, data__pretrain=data)
+    stage = {"deepspeed__zero_stage": zero_stage, "data__pretrain": data}
+    first = make_run(storage, mlflow_server, recipe__steps=EVERY, **stage)
     (folder / "run_config.json").write_text(first.model_dump_json())
     assert fit(read_run_folder(str(folder / "run_config.json"))).error is None
-    run = make_run(storage, mlflow_server, data__pretrain=data)
+    run = make_run(storage, mlflow_server, **stage)
     (folder / "run_config.json").write_text(run.model_dump_json())
     register_run("resharded", str(folder), tracking_uri=mlflow_server, experiment="m2d-it")
 
@@ -269,11 +271,9 @@ def test_resume_on_one_worker_of_a_two_worker_zero2_run(
     ] == [run]  # the config it replaced is kept
     final = folder / f"checkpoint_{STEPS:08d}"
     assert json.loads((final / "trainer_state.json").read_text())["world_size"] == 1
-    assert sorted(p.name for p in (final / "deepspeed").iterdir()) == [
-        "mp_rank_00_model_states.pt",
-        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-    ]
-    # 4 stories an epoch, 2 a step: after 6 steps, 3 epochs used and the 4th not begun.
+    assert not any("rank_1" in p.name for p in (final / "deepspeed").iterdir())
+    # 5 stories an epoch: 2 workers take 4 in 2 steps (one left out); resharded after
+    # step 3, one worker ends epoch 1 at step 4 and takes 4 of epoch 2's 5 in steps 5-6.
     position = torch.load(final / "ranks" / "rank_0.pt", weights_only=False)["data"]
     order = position["loader"]["order"]
     assert (order["epoch"], order["position"], order["world_size"]) == (2, 4, 1)
@@ -288,12 +288,14 @@ def test_resume_on_one_worker_of_a_two_worker_zero2_run(
     )
 
 
-def test_resume_on_two_workers_of_a_one_worker_zero3_run_in_s3(
-    s3_pretrain, s3_endpoint, mlflow_server, synth_data, tmp_path
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_resume_on_two_workers_of_a_one_worker_run_in_s3(
+    s3_pretrain, s3_endpoint, mlflow_server, synth_data, tmp_path, zero_stage
 ):
-    """ZeRO-3 the other way, stored in S3: one worker (2 micro-batches a step) stops at
-    step 3, two workers go on - the node takes every rank's files once to convert them -
-    and end where one worker going on would have, validating on the way."""
+    """The other way, stored in S3: one worker (2 micro-batches a step) stops at step 3,
+    two workers go on - the node takes every rank's files once to convert them - and end
+    where one worker going on would have, validating on the way (under ZeRO-3 every rank
+    renders, its parameters gathered as in training)."""
     from trainer.job import fit, read_run_folder
 
     fs, bucket = s3_pretrain["fs"], s3_pretrain["bucket"]
@@ -306,7 +308,7 @@ def test_resume_on_two_workers_of_a_one_worker_zero3_run_in_s3(
             mlflow_server,
             recipe__steps=steps,
             data__pretrain=str(synth_data / "pretrain.jsonl"),
-            deepspeed__zero_stage=3,
+            deepspeed__zero_stage=zero_stage,
             **sizes,
         )
         config = f"{bucket}/runs/{name}/run_config.json"
@@ -315,26 +317,27 @@ def test_resume_on_two_workers_of_a_one_worker_zero3_run_in_s3(
         assert outcome.error is None
         return outcome.tracker.run_id
 
-    reference_id = train("z3-one", STEPS, **one)
+    one_name, grown = f"z{zero_stage}-one", f"z{zero_stage}-grown"
+    reference_id = train(one_name, STEPS, **one)
     # The resized run also validates (every rank renders under ZeRO-3, as it trains):
     # its weights must still be the reference's, which does not.
     validation = {"every": 2, "stories": 1, "seeds": [0, 1], "sampling_steps": 2}
-    train("z3-grown", EVERY, recipe__validation=validation, **one)
-    run_id = train("z3-grown", STEPS, recipe__validation=validation)
-    for name in ("z3-one", "z3-grown"):
+    train(grown, EVERY, recipe__validation=validation, **one)
+    run_id = train(grown, STEPS, recipe__validation=validation)
+    for name in (one_name, grown):
         for step in (EVERY, STEPS):
             checkpoint = f"{bucket}/runs/{name}/checkpoint_{step:08d}"
             for part in (WEIGHTS, "trainer_state.json"):
                 fs.get(
                     f"{checkpoint}/{part}", str(tmp_path / name / checkpoint.rsplit("/")[-1] / part)
                 )
-    final = tmp_path / "z3-grown" / f"checkpoint_{STEPS:08d}"
+    final = tmp_path / grown / f"checkpoint_{STEPS:08d}"
     assert json.loads((final / "trainer_state.json").read_text())["world_size"] == 2
     validated = mlflow_client(mlflow_server).get_metric_history(run_id, "validation_s")
     assert [m.step for m in validated] == [2, 4, 6]
     _assert_continues_like(
         final,
-        tmp_path / "z3-one" / f"checkpoint_{STEPS:08d}",
+        tmp_path / one_name / f"checkpoint_{STEPS:08d}",
         _loss_history(mlflow_server, run_id),
         _loss_history(mlflow_server, reference_id),
     )

@@ -153,17 +153,8 @@ class _EpochOrder:
         remainder stays out, as it would have: with the same global batch the new ranks
         then take, step for step, the stories the old ones would have, to the epoch's end.
         """
-        world = len(states)
-        for rank, state in enumerate(states):
-            self._check_same_data(state)
-            if state["rank"] != rank or state["world_size"] != world:
-                raise DataError(
-                    f"{self.kind} story order: position {rank} of {world} was saved as rank "
-                    f"{state['rank']} of {state['world_size']}; the checkpoint is inconsistent"
-                )
-        epoch = min(int(s["epoch"]) for s in states)
-        if any(int(s["epoch"]) > epoch + 1 for s in states):
-            raise DataError(f"{self.kind} story order: the ranks' positions are epochs apart")
+        self._check_states(states)
+        world, epoch = len(states), min(int(s["epoch"]) for s in states)
         here = [s for s in states if int(s["epoch"]) == epoch]
         start, done = int(here[0].get("start", 0)), [int(k) for k in here[0].get("done", [])]
         per_rank = self._left(start, done) // world
@@ -179,27 +170,45 @@ class _EpochOrder:
             for j in range(first, self._left(start, done))
             if j >= world * per_rank or j // world < taken[j % world]
         ]
-        # Taken of the next epoch: before the last reshard (every rank still in this epoch
-        # carries those), and by the ranks already in it (their layout: start 0, less those).
-        next_done = {int(k) for s in here for k in s.get("done_next", [])}
-        for s in states:
-            if int(s["epoch"]) == epoch + 1:
-                early = [int(k) for k in s.get("done", [])]
-                positions = range(int(s["position"]))
-                next_done.update(self._global(s["rank"] + world * q, 0, early) for q in positions)
+        next_done = self._taken_of_next_epoch(states, epoch)
         merged = {**here[0], "position": 0, "rank": None, "world_size": None}
         if first >= world * per_rank:  # the epoch is used up: the next, less what was taken of it
-            next_epoch = {"epoch": epoch + 1, "start": 0, "done": sorted(next_done)}
-            return {**merged, **next_epoch, "done_next": []}
+            return {**merged, "epoch": epoch + 1, "start": 0, "done": next_done, "done_next": []}
         new_start = self._global(first, start, done)
-        still_done = [k for k in done if k > new_start]
         return {
             **merged,
             "epoch": epoch,
             "start": new_start,
-            "done": sorted({*left_out, *still_done}),
-            "done_next": sorted(next_done),
+            "done": sorted({*left_out, *(k for k in done if k > new_start)}),
+            "done_next": next_done,
         }
+
+    def _check_states(self, states: Sequence[dict[str, Any]]) -> None:
+        """Every rank's state, in rank order, of this data, at most an epoch apart."""
+        world = len(states)
+        for rank, state in enumerate(states):
+            self._check_same_data(state)
+            if state["rank"] != rank or state["world_size"] != world:
+                raise DataError(
+                    f"{self.kind} story order: position {rank} of {world} was saved as rank "
+                    f"{state['rank']} of {state['world_size']}; the checkpoint is inconsistent"
+                )
+        epochs = [int(s["epoch"]) for s in states]
+        if max(epochs) > min(epochs) + 1:
+            raise DataError(f"{self.kind} story order: the ranks' positions are epochs apart")
+
+    def _taken_of_next_epoch(self, states: Sequence[dict[str, Any]], epoch: int) -> list[int]:
+        """Stories of epoch ``epoch + 1`` already taken: before the last reshard (every
+        rank still in ``epoch`` carries those), and by the ranks already in it (their
+        layout: start 0, less those)."""
+        world = len(states)
+        taken = {int(k) for s in states if int(s["epoch"]) == epoch for k in s.get("done_next", [])}
+        for s in states:
+            if int(s["epoch"]) == epoch + 1:
+                early = [int(k) for k in s.get("done", [])]
+                positions = range(int(s["position"]))
+                taken.update(self._global(s["rank"] + world * q, 0, early) for q in positions)
+        return sorted(taken)
 
     def _check_same_data(self, state: dict[str, Any]) -> None:
         if state.get("kind") != self.kind or state.get("data") != self._fingerprint:
