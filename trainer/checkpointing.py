@@ -128,18 +128,25 @@ def load_checkpoint(
     return state, [saved["data"] for saved in ranks]
 
 
-def saved_world_size(checkpoint: Any, rank: int, retry_s: float = 0.0) -> int:
+def saved_world_size(checkpoint: Any, rank: int) -> int:
     """How many workers wrote ``checkpoint`` (a ``ray.train.Checkpoint``): one small read,
-    by rank 0, which tells every rank."""
+    by rank 0, which tells every rank.
+
+    Through an object store the read goes to the run's ``RetryingHandler`` (its budget,
+    then one ``StorageError``): pyarrow's own ``open_input_stream`` asks ``isfile`` first,
+    which turns a store that does not answer into "file not found".
+    """
+    import pyarrow.fs
+
     found = [None]
     if rank == 0:
         fs, path = checkpoint.filesystem, f"{checkpoint.path.rstrip('/')}/{TRAINER_STATE}"
-
-        def read() -> bytes:
+        if isinstance(fs, pyarrow.fs.PyFileSystem):
+            handler = fs.handler
+            saved = handler.retried(f"the read of {path}", lambda: handler.fs.cat_file(path))
+        else:
             with fs.open_input_stream(path) as handle:
-                return handle.read()
-
-        saved = retry_storage(read, f"the read of {path}", retry_s, RESUME_FIX)
+                saved = handle.read()
         found = [int(json.loads(saved)["world_size"])]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(found, src=0)

@@ -149,7 +149,7 @@ class Worker:
             return
         run_id = self.state.mlflow_run_id
         retry_s = self.run.fault_tolerance.storage_retry_s
-        resharded = saved_world_size(checkpoint, self.rank, retry_s) != self.world
+        resharded = saved_world_size(checkpoint, self.rank) != self.world
         rank, local_rank = self.rank, self.local_rank
         with resume_view(checkpoint, rank, local_rank, retry_s, resharded) as folder:
             state, data = load_checkpoint(folder, self.engine, rank, self.world, local_rank)
