@@ -1,9 +1,6 @@
 """The training job for real: Ray Train, 2 CPU workers, DeepSpeed ZeRO, S3 and MLflow servers.
 
-Small on purpose (tiny model, 3 scenes x 9 frames at 32x32, 6 steps): each run costs
-about a minute of Ray and DeepSpeed start-up on a 2-core machine. Six steps because
-DeepSpeed's WarmupLR gives lr 0 to the first two; the resume test stops after step 3,
-once the weights have really moved.
+The runs are ``training_runs.make_run``'s; resuming is ``test_resume.py``'s.
 """
 
 from __future__ import annotations
@@ -16,29 +13,30 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
-import safetensors.torch
 import torch
-import yaml
 from m2d_cli import M2D as M2D_CLI
 from m2d_cli import register_run
 from s3_proxy import CountingProxy
-from tiny_models import tiny_clip
+from training_runs import (
+    EVERY,
+    ROOT,
+    STEPS,
+    make_run,
+    mlflow_client,
+    module_weights,
+    run_job,
+)
 
 from infra.checkpoint_layout import WEIGHTS
-from infra.config import ClusterProfile, RunConfig, StorageConfig, resolve_run
-from infra.job_specs import ExportSpec, SynthSpec, TrainJobSpec
+from infra.config import RunConfig, StorageConfig
+from infra.job_specs import ExportSpec, TrainJobSpec
 from infra.jobs import spec_argv
-from trainer.checkpointing import _owner
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-STEPS = 6
-EVERY = 3
 PER_STEP_METRICS = (
     "loss",
     "lr",
@@ -50,85 +48,6 @@ PER_STEP_METRICS = (
     "peak_memory_mib_rank0",
     "peak_memory_mib_rank1",
 )
-
-
-@pytest.fixture(scope="module")
-def synth_data(tmp_path_factory) -> Path:
-    """Real mp4 stories and both manifests from the data package's generator."""
-    out = tmp_path_factory.mktemp("data")
-    spec = SynthSpec(out=str(out), stories=4, scenes=3, frames=17, height=32, width=32, seed=0)
-    subprocess.run(
-        [sys.executable, "-m", "trainer.data.synth", *spec_argv(spec)], check=True, cwd=ROOT
-    )
-    return out
-
-
-def make_run(storage: dict, tracking_uri: str, stage: str = "pretrain", **changes) -> RunConfig:
-    """The `local` profile's run for ``stage``, shrunk to STEPS steps."""
-    profile = ClusterProfile.model_validate(
-        yaml.safe_load((ROOT / "clusters/local.yaml").read_text())
-    )
-    overrides = {
-        "recipe": {"steps": STEPS, "warmup_steps": 1},
-        "fault_tolerance": {"checkpoint_every": EVERY, "keep_checkpoints": 2, "max_failures": 0},
-        "storage": storage,
-        "tracking": {"uri": tracking_uri, "experiment": "m2d-it"},
-    }
-    for key, value in changes.items():
-        section, name = key.split("__")
-        overrides.setdefault(section, {})[name] = value
-    return resolve_run(profile, "local", stage, overrides)
-
-
-def run_job(config_uri: str, endpoint_url: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    storage = StorageConfig(root=config_uri, endpoint_url=endpoint_url) if endpoint_url else None
-    spec = TrainJobSpec(config=config_uri, storage=storage)
-    return subprocess.run(
-        [sys.executable, "-m", "trainer.job", *spec_argv(spec)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
-def module_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    states = torch.load(checkpoint / "deepspeed" / "mp_rank_00_model_states.pt", weights_only=False)
-    return states["module"]
-
-
-def whole_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The transformer's weights file of a checkpoint (whole under ZeRO-3 too)."""
-    return safetensors.torch.load_file(checkpoint / WEIGHTS)
-
-
-def mlflow_client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
-@pytest.fixture(scope="module")
-def s3_pretrain(s3_endpoint, mlflow_server, synth_data, tmp_path_factory):
-    """A ZeRO-2 pretrain run of STEPS steps through `python -m trainer.job`, stored in S3."""
-    import boto3
-    import s3fs
-
-    bucket = f"m2d-train-{os.getpid()}"
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(
-        Bucket=bucket
-    )
-    storage = {"root": f"s3://{bucket}/runs", "endpoint_url": s3_endpoint}
-    run = make_run(storage, mlflow_server, data__pretrain=str(synth_data / "pretrain.jsonl"))
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
-    fs.pipe(f"{bucket}/runs/pre-z2/run_config.json", run.model_dump_json().encode())
-    done = run_job(f"s3://{bucket}/runs/pre-z2/run_config.json", endpoint_url=s3_endpoint)
-    assert done.returncode == 0, done.stderr[-3000:]
-    local = tmp_path_factory.mktemp("s3copy")
-    fs.get(f"{bucket}/runs/pre-z2/", str(local), recursive=True)
-    return {"stdout": done.stdout, "fs": fs, "bucket": bucket, "local": local, "run": run}
 
 
 def test_pretrain_zero2_checkpoints_in_s3_and_metrics_in_mlflow(s3_pretrain, mlflow_server):
@@ -188,252 +107,6 @@ def test_pretrain_zero2_checkpoints_in_s3_and_metrics_in_mlflow(s3_pretrain, mlf
     assert not client.get_metric_history(run.info.run_id, "loss_extension")  # pretrain
 
 
-def test_resume_equals_uninterrupted_run(s3_pretrain, mlflow_server, synth_data, tmp_path):
-    """EVERY steps, stop, resume to STEPS == the uninterrupted STEPS-step run (S3 one)."""
-    from trainer.job import fit, read_run_folder
-
-    folder_path = tmp_path / "runs" / "pre-resume"
-    folder_path.mkdir(parents=True)
-    config = folder_path / "run_config.json"
-    data = str(synth_data / "pretrain.jsonl")
-    storage = {"root": str(tmp_path / "runs")}
-    for steps in (EVERY, STEPS):
-        run = make_run(storage, mlflow_server, recipe__steps=steps, data__pretrain=data)
-        config.write_text(run.model_dump_json())
-        outcome = fit(read_run_folder(str(config)))
-        assert outcome.error is None
-    resumed = module_weights(folder_path / "checkpoint_00000006")
-    reference = module_weights(s3_pretrain["local"] / "checkpoint_00000006")
-    assert resumed.keys() == reference.keys()
-    for key in reference:
-        assert torch.equal(resumed[key], reference[key]), key
-    stopped = module_weights(folder_path / f"checkpoint_{EVERY:08d}")
-    assert any(not torch.equal(stopped[k], reference[k]) for k in reference)  # it trained on
-    # One MLflow run across the stop, each step logged once.
-    history = mlflow_client(mlflow_server).get_metric_history(outcome.tracker.run_id, "loss")
-    assert [m.step for m in history] == list(range(1, STEPS + 1))
-
-
-def _loss_history(tracking_uri: str, run_id: str) -> list[tuple[int, float]]:
-    history = mlflow_client(tracking_uri).get_metric_history(run_id, "loss")
-    return [(m.step, m.value) for m in history]
-
-
-def _assert_continues_like(resumed: Path, reference: Path, losses, reference_losses) -> None:
-    """The resharded run ends where the uninterrupted one does, up to the order in which
-    floating-point sums are taken (an all-reduce over ranks vs accumulated micro-batches),
-    far closer than what the three steps after the stop moved the weights: it trained the
-    same stories with the same noise - a story repeated or skipped would move them apart."""
-    ours, theirs = whole_weights(resumed), whole_weights(reference)
-    stopped = whole_weights(reference.parent / f"checkpoint_{EVERY:08d}")
-    moved = max((theirs[k] - stopped[k]).abs().max().item() for k in theirs)
-    apart = max((ours[k] - theirs[k]).abs().max().item() for k in theirs)
-    print(f"weights apart {apart:.3g}, moved {moved:.3g}")
-    assert apart < 1e-4 * moved, (apart, moved)
-    assert [step for step, _ in losses] == list(range(1, STEPS + 1))  # each step once
-    values = [loss for _, loss in losses]
-    assert values == pytest.approx([loss for _, loss in reference_losses], rel=1e-4)
-
-
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_resume_on_one_worker_of_a_two_worker_run(
-    s3_pretrain, mlflow_server, synth_data, tmp_path, zero_stage
-):
-    """`m2d launch --resume RUN --set workers.num_workers=1` after a stop at step 3 of a
-    2-worker run: the launcher keeps the global batch (2 micro-batches a step now), the
-    job converts the checkpoint to DeepSpeed's universal form and goes on with the stories
-    the two workers would have taken, to the uninterrupted ZeRO-2 run's weights and losses
-    (ZeRO-3 too: the same sums, partitioned otherwise)."""
-    from trainer.job import fit, read_run_folder
-
-    folder = tmp_path / "runs" / "resharded"
-    folder.mkdir(parents=True)
-    data = str(synth_data / "pretrain.jsonl")
-    storage = {"root": str(tmp_path / "runs")}
-    stage = {"deepspeed__zero_stage": zero_stage, "data__pretrain": data}
-    first = make_run(storage, mlflow_server, recipe__steps=EVERY, **stage)
-    (folder / "run_config.json").write_text(first.model_dump_json())
-    assert fit(read_run_folder(str(folder / "run_config.json"))).error is None
-    run = make_run(storage, mlflow_server, **stage)
-    (folder / "run_config.json").write_text(run.model_dump_json())
-    register_run("resharded", str(folder), tracking_uri=mlflow_server, experiment="m2d-it")
-
-    done = subprocess.run(
-        [*M2D_CLI, "launch", "--resume", "resharded", "--set", "workers.num_workers=1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert "now 1 worker(s) on 1 node(s), 1 x 2 micro-batch(es)" in done.stdout
-    resized = RunConfig.model_validate_json((folder / "run_config.json").read_text())
-    assert (resized.workers.num_workers, resized.deepspeed.gradient_accumulation) == (1, 2)
-    assert [
-        RunConfig.model_validate_json(p.read_text()) for p in folder.glob("run_config.*.json")
-    ] == [run]  # the config it replaced is kept
-    final = folder / f"checkpoint_{STEPS:08d}"
-    assert json.loads((final / "trainer_state.json").read_text())["world_size"] == 1
-    assert not any("rank_1" in p.name for p in (final / "deepspeed").iterdir())
-    # 5 stories an epoch: 2 workers take 4 in 2 steps (one left out); resharded after
-    # step 3, one worker ends epoch 1 at step 4 and takes 4 of epoch 2's 5 in steps 5-6.
-    position = torch.load(final / "ranks" / "rank_0.pt", weights_only=False)["data"]
-    order = position["loader"]["order"]
-    assert (order["epoch"], order["position"], order["world_size"]) == (2, 4, 1)
-    run_id = json.loads((final / "trainer_state.json").read_text())["mlflow_run_id"]
-    reference = s3_pretrain["local"] / f"checkpoint_{STEPS:08d}"
-    reference_id = json.loads((reference / "trainer_state.json").read_text())["mlflow_run_id"]
-    _assert_continues_like(
-        final,
-        reference,
-        _loss_history(mlflow_server, run_id),
-        _loss_history(mlflow_server, reference_id),
-    )
-
-
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_resume_on_two_workers_of_a_one_worker_run_in_s3(
-    s3_pretrain, s3_endpoint, mlflow_server, synth_data, tmp_path, zero_stage
-):
-    """The other way, stored in S3: one worker (2 micro-batches a step) stops at step 3,
-    two workers go on - the node takes every rank's files once to convert them - and end
-    where one worker going on would have, validating on the way (under ZeRO-3 every rank
-    renders, its parameters gathered as in training)."""
-    from trainer.job import fit, read_run_folder
-
-    fs, bucket = s3_pretrain["fs"], s3_pretrain["bucket"]
-    storage = StorageConfig(root=f"s3://{bucket}/runs", endpoint_url=s3_endpoint)
-    one = {"workers__num_workers": 1, "deepspeed__gradient_accumulation": 2}
-
-    def train(name: str, steps: int, **sizes) -> Any:
-        run = make_run(
-            storage.model_dump(),
-            mlflow_server,
-            recipe__steps=steps,
-            data__pretrain=str(synth_data / "pretrain.jsonl"),
-            deepspeed__zero_stage=zero_stage,
-            **sizes,
-        )
-        config = f"{bucket}/runs/{name}/run_config.json"
-        fs.pipe(config, run.model_dump_json().encode())
-        outcome = fit(read_run_folder(f"s3://{config}", storage))
-        assert outcome.error is None
-        return outcome.tracker.run_id
-
-    one_name, grown = f"z{zero_stage}-one", f"z{zero_stage}-grown"
-    reference_id = train(one_name, STEPS, **one)
-    # The resized run also validates (every rank renders under ZeRO-3, as it trains):
-    # its weights must still be the reference's, which does not.
-    validation = {"every": 2, "stories": 1, "seeds": [0, 1], "sampling_steps": 2}
-    train(grown, EVERY, recipe__validation=validation, **one)
-    run_id = train(grown, STEPS, recipe__validation=validation)
-    for name in (one_name, grown):
-        for step in (EVERY, STEPS):
-            checkpoint = f"{bucket}/runs/{name}/checkpoint_{step:08d}"
-            for part in (WEIGHTS, "trainer_state.json"):
-                fs.get(
-                    f"{checkpoint}/{part}", str(tmp_path / name / checkpoint.rsplit("/")[-1] / part)
-                )
-    final = tmp_path / grown / f"checkpoint_{STEPS:08d}"
-    assert json.loads((final / "trainer_state.json").read_text())["world_size"] == 2
-    validated = mlflow_client(mlflow_server).get_metric_history(run_id, "validation_s")
-    assert [m.step for m in validated] == [2, 4, 6]
-    _assert_continues_like(
-        final,
-        tmp_path / one_name / f"checkpoint_{STEPS:08d}",
-        _loss_history(mlflow_server, run_id),
-        _loss_history(mlflow_server, reference_id),
-    )
-
-
-def test_validation_renders_from_the_training_weights_into_the_run_at_its_steps(
-    s3_pretrain, mlflow_server, synth_data, tmp_path
-):
-    """Validation every 2 steps (2 renders: one story, two seeds, a tiny CLIP scoring
-    them), the run stopped at step 3 and resumed: the training run holds a contact sheet
-    per render and the scores and cost at steps 2, 4 and 6, each once, the GIFs beside;
-    and the weights are the uninterrupted run's without validation, bit for bit (renders
-    draw from their own generators, with the engine's own module)."""
-    from trainer.job import fit, read_run_folder
-
-    encoder = tiny_clip(tmp_path / "clip")
-    folder = tmp_path / "runs" / "validated"
-    folder.mkdir(parents=True)
-    config = folder / "run_config.json"
-    validation = {
-        "every": 2,
-        "stories": 1,
-        "seeds": [0, 1],
-        "sampling_steps": 2,
-        "encoder": "clip",
-        "encoder_path": str(encoder),
-    }
-    for steps in (EVERY, STEPS):
-        run = make_run(
-            {"root": str(tmp_path / "runs")},
-            mlflow_server,
-            recipe__steps=steps,
-            recipe__validation=validation,
-            data__pretrain=str(synth_data / "pretrain.jsonl"),
-        )
-        config.write_text(run.model_dump_json())
-        outcome = fit(read_run_folder(str(config)))
-        assert outcome.error is None
-    client, run_id = mlflow_client(mlflow_server), outcome.tracker.run_id
-    steps = [2, 4, 6]
-    for key in ("validation_s", "validation_overhead", "val_visual", "val_semantic"):
-        history = client.get_metric_history(run_id, key)
-        assert [m.step for m in history] == steps, key
-    visual = client.get_metric_history(run_id, "val_visual")
-    assert all(-100 <= m.value <= 100 for m in visual)
-    story = "story_01"
-    images = outcome.tracker.logged_images()
-    wanted = {(f"validation/{story}/seed{seed}", step): 1 for seed in (0, 1) for step in steps}
-    assert {k: v for k, v in images.items() if k[0].startswith("validation/")} == wanted
-    for step in steps:
-        listed = client.list_artifacts(run_id, f"validation/step_{step:08d}")
-        assert sorted(a.path.rsplit("/", 1)[-1] for a in listed) == [
-            f"{story}_seed0.gif",
-            f"{story}_seed0.png",
-            f"{story}_seed1.gif",
-            f"{story}_seed1.png",
-        ]
-    ours = whole_weights(folder / f"checkpoint_{STEPS:08d}")
-    theirs = whole_weights(s3_pretrain["local"] / f"checkpoint_{STEPS:08d}")
-    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
-
-
-def test_resume_from_s3_reads_each_file_once_per_node_and_only_own_shards(
-    s3_pretrain, mlflow_server, synth_data, s3_endpoint, tmp_path
-):
-    """A resume from the object store: the shared files once per node, each rank its own
-    optimizer shard and position, never another rank's nor the weights file (Ray's
-    ``as_directory`` copied all of them to every node) - and it resumes exactly."""
-    fs, bucket = s3_pretrain["fs"], s3_pretrain["bucket"]
-    config = f"{bucket}/runs/pre-resume-s3/run_config.json"
-    with CountingProxy(s3_endpoint) as proxy:
-        storage = {"root": f"s3://{bucket}/runs", "endpoint_url": proxy.url}
-        data = str(synth_data / "pretrain.jsonl")
-        for steps in (EVERY, STEPS):
-            run = make_run(storage, mlflow_server, recipe__steps=steps, data__pretrain=data)
-            fs.pipe(config, run.model_dump_json().encode())
-            proxy.clear()
-            done = run_job(f"s3://{config}", endpoint_url=proxy.url)
-            assert done.returncode == 0, done.stderr[-3000:]
-        checkpoint = f"{bucket}/runs/pre-resume-s3/checkpoint_{EVERY:08d}"
-        reads = [(pid, key) for pid, key in proxy.reads if key.startswith(checkpoint)]
-    files = set(fs.find(checkpoint))
-    read = [key for _, key in reads]
-    assert sorted(read) == sorted(f for f in files if "/weights/" not in f), read  # each once
-    by_pid: dict[int, set[str]] = {}
-    for pid, key in reads:
-        by_pid.setdefault(pid, set()).add(key.removeprefix(f"{checkpoint}/"))
-    own = {pid: {_owner(k) for k in keys} - {None} for pid, keys in by_pid.items()}
-    assert sorted(own.values(), key=sorted) == [{0}, {1}], by_pid
-    final = f"{bucket}/runs/pre-resume-s3/checkpoint_{STEPS:08d}/deepspeed"
-    fs.get(f"{final}/mp_rank_00_model_states.pt", str(tmp_path / "deepspeed") + "/")
-    resumed = module_weights(tmp_path)
-    reference = module_weights(s3_pretrain["local"] / f"checkpoint_{STEPS:08d}")
-    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
-
-
 def test_sft_zero3_from_pretrain_checkpoint(s3_pretrain, mlflow_server, synth_data, tmp_path):
     """Stage chaining: SFT (ZeRO-3, per-sample task draws) starts from the ZeRO-2 pretrain.
 
@@ -487,7 +160,6 @@ def test_checkpoints_carry_their_weights_and_readers_read_only_them(
     from infra.checkpoint_layout import (
         RUN_CONFIG,
         TRAINER_STATE,
-        WEIGHTS,
         consolidated_state_dict,
         read_weights,
     )
