@@ -12,6 +12,16 @@ __all__ = ["LOOPBACK_IFNAME", "init_ray"]
 # The interface Gloo and NCCL open their listeners on in a local Ray (Linux names it lo).
 LOOPBACK_IFNAME = "lo0" if sys.platform == "darwin" else "lo"
 
+# A local Ray runs this machine's job and nothing else, so its workers are the work. Ray
+# nices workers to 15 so that on a shared cluster they yield to its daemons (ray-project/
+# ray#24928); here that gives every wake-up of the GCS, the raylet, the dashboard and the
+# driver a training worker's core, and the other rank's all-reduce waits it out. Nothing
+# scrapes a local Ray's Prometheus metrics (MLflow is the dashboard) and nobody drains
+# its node, so the agents' metric exports and Ray Train's preemption watcher (a poll
+# every 5 s) would only take CPU from the workers. Measured: docs/benchmarks.md, issue 16.
+LOCAL_SYSTEM_CONFIG = {"worker_niceness": 0, "enable_metrics_collection": False}
+LOCAL_WORKER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
 
 def init_ray(num_cpus: int | None = None, *, log_to_driver: bool = True) -> bool:
     """Join the cluster of ``RAY_ADDRESS`` (Ray Jobs sets it), else start Ray on 127.0.0.1.
@@ -55,7 +65,14 @@ def init_ray(num_cpus: int | None = None, *, log_to_driver: bool = True) -> bool
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         dashboard_port=port,
-        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}", **ifnames}},
+        runtime_env={
+            "env_vars": {
+                "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
+                **ifnames,
+                **LOCAL_WORKER_ENV,
+            }
+        },
+        _system_config=LOCAL_SYSTEM_CONFIG,
         log_to_driver=log_to_driver,
     )
     return True

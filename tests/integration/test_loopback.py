@@ -1,5 +1,7 @@
 """A local training job listens on loopback only: its Ray (GCS, raylet, agents, workers),
-Ray Train's workers and their torch process group (gloo, the rendezvous store).
+Ray Train's workers and their torch process group (gloo, the rendezvous store). And its
+training workers run at the priority of the job that started them, not below Ray's
+daemons, with no preemption watcher beside them (``infra.ray_runtime``).
 
 The real job (``python -m trainer.job`` on the `local` profile, random stories) runs until
 it has reported a step; then every listening socket of its processes and of its Ray
@@ -60,6 +62,13 @@ def _listeners(processes: list[psutil.Process]) -> list[Listener]:
         except psutil.NoSuchProcess:
             continue
     return found
+
+
+def _name(process: psutil.Process) -> str:
+    try:
+        return process.name()
+    except psutil.NoSuchProcess:
+        return ""
 
 
 def _wait_for(ready, job: subprocess.Popen, log: Path, timeout: float) -> None:
@@ -123,6 +132,10 @@ def test_local_job_listens_on_loopback_only(tmp_path):
         # Both ranks' gloo listeners and rank 0's rendezvous store are among them.
         workers = [lst for lst in listeners if lst.name == "ray::RayTrainWorker"]
         assert len({lst.pid for lst in workers}) == 2 and len(workers) >= 5, workers
+        # Ray's own default would be 15 (ray-project/ray#24928).
+        job_nice = psutil.Process(job.pid).nice()
+        assert {psutil.Process(lst.pid).nice() for lst in workers} == {job_nice}
+        assert "ray::PreemptionWatcher" not in {_name(p) for p in session}
     finally:
         stop_group(job, timeout=60)
         left = wait_gone(session)
