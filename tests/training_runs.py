@@ -18,6 +18,7 @@ import pytest
 import safetensors.torch
 import torch
 import yaml
+from pydantic import BaseModel
 
 from infra.checkpoint_layout import WEIGHTS
 from infra.config import ClusterProfile, RunConfig, StorageConfig, resolve_run
@@ -46,18 +47,27 @@ def make_run(storage: dict, tracking_uri: str, stage: str = "pretrain", **change
     return resolve_run(profile, "local", stage, overrides)
 
 
-def run_job(config_uri: str, endpoint_url: str | None = None) -> subprocess.CompletedProcess:
+def run_entry(module: str, spec: BaseModel, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m module`` with its spec, as the launcher starts a local job: in the
+    checkout, joining no cluster of this shell's, its output captured."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    storage = StorageConfig(root=config_uri, endpoint_url=endpoint_url) if endpoint_url else None
-    spec = TrainJobSpec(config=config_uri, storage=storage)
     return subprocess.run(
-        [sys.executable, "-m", "trainer.job", *spec_argv(spec)],
+        [sys.executable, "-m", module, *spec_argv(spec)],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
     )
+
+
+def run_job(
+    config_uri: str, endpoint_url: str | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """The training job of the run config at ``config_uri``."""
+    storage = StorageConfig(root=config_uri, endpoint_url=endpoint_url) if endpoint_url else None
+    spec = TrainJobSpec(config=config_uri, storage=storage)
+    return run_entry("trainer.job", spec, timeout)
 
 
 def module_weights(checkpoint: Path) -> dict[str, torch.Tensor]:

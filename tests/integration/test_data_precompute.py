@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from training_runs import run_entry, run_job
 
 from infra.config import ClusterProfile, StorageConfig, resolve_run
-from infra.job_specs import PrecomputeSpec, SynthSpec, TrainJobSpec
+from infra.job_specs import PrecomputeSpec, SynthSpec
 from infra.jobs import spec_argv
 from trainer.data.latents import ShardReader, read_index
 
@@ -89,15 +90,7 @@ def precompute(
         overrides["tracking"] = {"uri": tracking, "experiment": "pc-it"}
     run = resolve_run(profile, "local", stage, overrides)
     spec = PrecomputeSpec(run=run, manifest=manifest, out=out, tracking=bool(tracking), **options)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.run(
-        [sys.executable, "-m", "trainer.data.precompute", *spec_argv(spec)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_entry("trainer.data.precompute", spec)
 
 
 def assert_bad_counts(skips: dict[str, int]) -> None:
@@ -220,17 +213,9 @@ def test_training_reads_precomputed_latents_without_the_videos(local_pretrain, c
     config = tmp_path / "runs" / "from-latents" / "run_config.json"
     config.parent.mkdir(parents=True)
     config.write_text(run.model_dump_json())
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     shutil.move(corpus / "videos", corpus / "videos.away")
     try:
-        done = subprocess.run(
-            [sys.executable, "-m", "trainer.job", *spec_argv(TrainJobSpec(config=str(config)))],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        done = run_job(str(config))
     finally:
         shutil.move(corpus / "videos.away", corpus / "videos")
     assert done.returncode == 0, done.stderr[-3000:]

@@ -12,17 +12,14 @@ Record them again (after a change that is meant to move them) with
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from training_runs import run_job
 
 from infra.config import ClusterProfile, RunConfig, resolve_run
-from infra.job_specs import TrainJobSpec
-from infra.jobs import spec_argv
 from trainer.data.synth import synthesize
 
 pytestmark = pytest.mark.integration
@@ -71,16 +68,7 @@ def _losses(root: Path, name: str, run: RunConfig) -> list[float]:
     folder = root / "runs" / name
     folder.mkdir(parents=True)
     (folder / "run_config.json").write_text(run.model_dump_json())
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    spec = TrainJobSpec(config=str(folder / "run_config.json"))
-    done = subprocess.run(
-        [sys.executable, "-m", "trainer.job", *spec_argv(spec)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    done = run_job(str(folder / "run_config.json"), timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     run_id = json.loads((folder / "mlflow_run.json").read_text())["run_id"]
     history = MlflowClient(run.tracking.uri).get_metric_history(run_id, "loss")
