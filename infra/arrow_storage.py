@@ -36,8 +36,6 @@ _RETRIED = {
     "delete_file": "a deletion",
     "move": "a move",
     "copy_file": "a copy",
-    "open_input_stream": "a read",
-    "open_input_file": "a read",
 }
 
 
@@ -55,6 +53,19 @@ class RetryingHandler(pyarrow.fs.FSSpecHandler):
 
     def retried(self, what: str, action):
         return retry_storage(action, f"{what} on {self.root}", self.retry_s, RESUME_FIX)
+
+    # pyarrow's FSSpecHandler asks ``isfile`` before it opens a file to read, and s3fs'
+    # ``isfile`` answers False when the store does not answer: an outage would read as
+    # "file not found", which is never retried. Opening at once lets the store's own error
+    # say which it is (a missing file is still FileNotFoundError).
+    def _open_for_reading(self, path: str):
+        return pyarrow.PythonFile(self.fs.open(path, mode="rb"), mode="r")
+
+    def open_input_stream(self, path):
+        return self.retried("a read", lambda: self._open_for_reading(path))
+
+    def open_input_file(self, path):
+        return self.retried("a read", lambda: self._open_for_reading(path))
 
     def open_output_stream(self, path, metadata):
         return pyarrow.PythonFile(_PutOnClose(self, path), mode="w")

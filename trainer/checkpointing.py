@@ -130,24 +130,13 @@ def load_checkpoint(
 
 def saved_world_size(checkpoint: Any, rank: int) -> int:
     """How many workers wrote ``checkpoint`` (a ``ray.train.Checkpoint``): one small read,
-    by rank 0, which tells every rank.
-
-    Through an object store the read goes to the run's ``RetryingHandler`` (its budget,
-    then one ``StorageError``): pyarrow's own ``open_input_stream`` asks ``isfile`` first,
-    which turns a store that does not answer into "file not found".
-    """
-    import pyarrow.fs
-
+    by rank 0, which tells every rank. Through an object store the run's
+    ``RetryingHandler`` retries it (its budget, then one ``StorageError``)."""
     found = [None]
     if rank == 0:
         fs, path = checkpoint.filesystem, f"{checkpoint.path.rstrip('/')}/{TRAINER_STATE}"
-        if isinstance(fs, pyarrow.fs.PyFileSystem):
-            handler = fs.handler
-            saved = handler.retried(f"the read of {path}", lambda: handler.fs.cat_file(path))
-        else:
-            with fs.open_input_stream(path) as handle:
-                saved = handle.read()
-        found = [int(json.loads(saved)["world_size"])]
+        with fs.open_input_stream(path) as handle:
+            found = [int(json.loads(handle.read())["world_size"])]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(found, src=0)
     return found[0]

@@ -45,6 +45,21 @@ class Flaky(LocalFileSystem):
         return super().info(path, **kwargs)
 
 
+class FlakyReads(Flaky):
+    """Its opens fail too, and its ``isfile`` says False while they do, as s3fs' does when
+    the store does not answer (the local filesystem's own asks ``os.path``)."""
+
+    def isfile(self, path):
+        try:
+            return self.info(path)["type"] == "file"
+        except Exception:
+            return False
+
+    def _open(self, path, mode="rb", **kwargs):
+        self._maybe_fail()
+        return super()._open(path, mode=mode, **kwargs)
+
+
 @pytest.fixture
 def no_waits(monkeypatch):
     slept: list[float] = []
@@ -111,6 +126,20 @@ def test_the_handler_gives_up_after_its_budget_naming_the_storage(tmp_path, no_w
         out.close()
     assert not (tmp_path / "snapshot.json").exists()
     assert not list(tmp_path.glob("m2d-put-*"))
+
+
+def test_a_read_through_the_handler_waits_out_an_outage_not_taken_for_a_missing_file(
+    tmp_path, no_waits
+):
+    (tmp_path / "trainer_state.json").write_text('{"world_size": 2}')
+    flaky = FlakyReads(failures=2)
+    fs = pyarrow.fs.PyFileSystem(RetryingHandler(flaky, 60, "s3://bucket/runs"))
+    with fs.open_input_stream(str(tmp_path / "trainer_state.json")) as handle:
+        assert handle.read() == b'{"world_size": 2}'
+    assert no_waits == [1.0, 2.0]
+    with pytest.raises(FileNotFoundError):  # an answer: raised at once
+        fs.open_input_file(str(tmp_path / "missing.json"))
+    assert no_waits == [1.0, 2.0]
 
 
 class _Storage:
