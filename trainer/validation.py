@@ -130,7 +130,7 @@ class Validator:
         metrics.update(_mean_scores(everything))
         log.info("validation at step %d: %d render(s) in %.1f s", step, len(self.items), seconds)
         if tracker is not None:
-            self._log(tracker, everything, metrics, step)
+            _log_validation(tracker, everything, metrics, step)
 
     def _render(self, pipeline: MultiScenePipeline, story: Story, seed: int) -> Render:
         generator = torch.Generator().manual_seed(seed)
@@ -156,25 +156,30 @@ class Validator:
         scores = score_story(story.id, np.stack(embeddings), prompt_embeddings, prompts)
         return {"visual": scores.visual, "semantic": scores.semantic, "sequence": scores.sequence}
 
-    def _log(self, tracker: Tracker, renders: list[Render], metrics: dict, step: int) -> None:
-        """Contact sheets (images at ``step``), GIFs (artifacts), then the metrics, into the
-        run, at once rather than through the buffered metric writer: ``validation_s`` in
-        MLflow is what tells a restart the step was validated. A store that does not
-        answer costs one warning, never the run."""
-        try:
-            with fail_fast(10), tempfile.TemporaryDirectory(prefix="m2d-val-") as tmp:
-                folder = Path(tmp)
-                for render in renders:
-                    name = f"{render.story}_seed{render.seed}"
-                    write_gif(render.scenes, str(folder / f"{name}.gif"), fps=_FPS)
-                    sheet = folder / f"{name}.png"
-                    write_contact_sheet(render.scenes, str(sheet))
-                    key = f"validation/{render.story}/seed{render.seed}"
+
+def _log_validation(tracker: Tracker, renders: list[Render], metrics: dict, step: int) -> None:
+    """Contact sheets (images at ``step``), GIFs (artifacts), then the metrics, into the
+    run, at once rather than through the buffered metric writer: ``validation_s`` in MLflow
+    is what tells a restart the step was validated. A contact sheet the run holds already
+    at ``step`` (an attempt killed between the images and the metrics) is not logged
+    again; the GIFs go to the same paths, so they replace themselves. A store that does
+    not answer costs one warning, never the run."""
+    try:
+        with fail_fast(10), tempfile.TemporaryDirectory(prefix="m2d-val-") as tmp:
+            held = tracker.logged_images()
+            folder = Path(tmp)
+            for render in renders:
+                name = f"{render.story}_seed{render.seed}"
+                write_gif(render.scenes, str(folder / f"{name}.gif"), fps=_FPS)
+                sheet = folder / f"{name}.png"
+                write_contact_sheet(render.scenes, str(sheet))
+                key = f"validation/{render.story}/seed{render.seed}"
+                if not held[key, step]:
                     tracker.log_image(sheet, key=key, step=step)
-                tracker.log_artifacts(folder, f"validation/step_{step:08d}")
-                tracker.log_metrics(metrics, step)
-        except Exception as exc:  # MLflow, requests and the store each raise their own
-            log.warning("validation images of step %d not logged: %s", step, exc)
+            tracker.log_artifacts(folder, f"validation/step_{step:08d}")
+            tracker.log_metrics(metrics, step)
+    except Exception as exc:  # MLflow, requests and the store each raise their own
+        log.warning("validation images of step %d not logged: %s", step, exc)
 
 
 def _gather(renders: list[Render], world: int) -> list[list[Render]]:
