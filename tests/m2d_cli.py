@@ -3,6 +3,7 @@ run's state as `m2d status` reports it."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -10,6 +11,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 M2D = [sys.executable, "-c", "from orchestrator.cli import main; main()"]
+
+
+def local_env(**extra: str) -> dict[str, str]:
+    """This shell's environment, plus ``extra``, for a command whose job must start its own
+    local Ray rather than join the cluster a ``RAY_ADDRESS`` of this shell names."""
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env.update(extra)
+    return env
 
 
 def run_m2d(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:

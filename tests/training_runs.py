@@ -9,7 +9,6 @@ once the weights have really moved.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 import safetensors.torch
 import torch
 import yaml
+from m2d_cli import local_env
 from pydantic import BaseModel
 
 from infra.checkpoint_layout import WEIGHTS
@@ -50,7 +50,7 @@ def make_run(storage: dict, tracking_uri: str, stage: str = "pretrain", **change
 def run_entry(module: str, spec: BaseModel, timeout: float = 600) -> subprocess.CompletedProcess:
     """``python -m module`` with its spec, as the launcher starts a local job: in the
     checkout, joining no cluster of this shell's, its output captured."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = local_env()
     return subprocess.run(
         [sys.executable, "-m", module, *spec_argv(spec)],
         cwd=ROOT,

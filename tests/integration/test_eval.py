@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from m2d_cli import local_env
 from tiny_models import tiny_clip, tiny_videomae
 
 from infra.video import write_video
@@ -81,7 +81,7 @@ def layout(tmp_path, mlflow_server):
 def m2d_eval(
     layout, *args: str, samples: Path | None = None, encoder: str = "clip", tracking: bool = True
 ) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = local_env()
     command = [*M2D, "eval", "--cluster", "local", "--samples", str(samples or layout["out"])]
     command += ["--encoder", encoder, "--encoder-path", str(layout["clip"])]
     if tracking:

@@ -22,6 +22,7 @@ import psutil
 import pytest
 import torch
 import yaml
+from m2d_cli import local_env
 
 from infra.config import ClusterProfile, resolve_run
 from infra.job_specs import SynthSpec, TrainJobSpec
@@ -70,7 +71,7 @@ def write_run(
 
 
 def start_job(config: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = local_env()
     return subprocess.Popen(
         [sys.executable, "-m", "trainer.job", *spec_argv(TrainJobSpec(config=str(config)))],
         cwd=ROOT,

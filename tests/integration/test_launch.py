@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from m2d_cli import M2D, ROOT, run_m2d, wait_state
+from m2d_cli import M2D, ROOT, local_env, run_m2d, wait_state
 
 pytestmark = pytest.mark.integration
 
@@ -24,8 +24,7 @@ def workspace(tmp_path_factory, mlflow_server):
     data = root / "data"
     synth = ["data", "synth", "--out", str(data), "--stories", "4", "--frames", "17"]
     subprocess.run([*M2D, *synth], check=True, cwd=ROOT)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["M2D_HOME"] = str(root / "home")
+    env = local_env(M2D_HOME=str(root / "home"))
     sets = {
         "storage.root": str(root / "runs"),
         "tracking.uri": mlflow_server,

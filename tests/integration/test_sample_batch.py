@@ -22,6 +22,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from m2d_cli import local_env
 from ray_session import ray_session, wait_gone, wait_job
 
 from infra.config import ModelConfig, StageRecipe, StorageConfig
@@ -129,7 +130,7 @@ def spec_for(tmp: Path, checkpoints: list[CheckpointSpec], prompts: Path, **chan
 
 
 def start_job(spec: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = local_env()
     return subprocess.Popen(
         [sys.executable, "-m", "sampler.job", "--spec", str(spec)],
         cwd=ROOT,
@@ -318,8 +319,7 @@ def _artifact_paths(client, run_id: str, path: str | None = None) -> set[str]:
 
 def sample_batch(tmp_path: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """`m2d sample-batch --cluster local ARGS` as a user types it."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["M2D_HOME"] = str(tmp_path / "home")
+    env = local_env(M2D_HOME=str(tmp_path / "home"))
     command = [str(Path(sys.executable).parent / "m2d"), "sample-batch", "--cluster", "local"]
     return subprocess.run(
         [*command, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout

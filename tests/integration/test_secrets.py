@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from m2d_cli import local_env
 from ray_session import wait_job
 
 pytestmark = pytest.mark.integration
@@ -49,8 +50,7 @@ def test_planted_secrets_appear_in_no_output_record_or_submission(
     import s3fs
     from mlflow.tracking import MlflowClient
 
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(PLANTED, M2D_HOME=str(tmp_path / "home"))
+    env = local_env(**PLANTED, M2D_HOME=str(tmp_path / "home"))
     sets = {
         "storage.root": f"s3://{s3_bucket}/runs",
         "storage.endpoint_url": s3_endpoint,

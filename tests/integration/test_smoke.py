@@ -5,12 +5,12 @@ their own; and a smoke run that must fail says so in its table and exit status."
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from m2d_cli import local_env
 
 pytestmark = pytest.mark.integration
 
@@ -23,8 +23,7 @@ def workspace(tmp_path, mlflow_server):
     data = tmp_path / "data"
     synth = ["data", "synth", "--out", str(data), "--stories", "4", "--frames", "17"]
     subprocess.run([*M2D, *synth], check=True, cwd=ROOT)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["M2D_HOME"] = str(tmp_path / "home")
+    env = local_env(M2D_HOME=str(tmp_path / "home"))
     sets = {
         "storage.root": str(tmp_path / "runs"),
         "tracking.uri": mlflow_server,

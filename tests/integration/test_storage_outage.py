@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from m2d_cli import M2D, register_run
+from m2d_cli import M2D, local_env, register_run
 from s3_proxy import CountingProxy
 
 from infra.config import ClusterProfile, RunConfig, resolve_run
@@ -95,8 +95,8 @@ def test_a_short_outage_delays_a_checkpoint_a_long_one_stops_the_run_and_resume_
             time.sleep(0.1)
         return True
 
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONUNBUFFERED"] = "1"  # the job's log file shows the retries as they happen
+    # PYTHONUNBUFFERED: the job's log file shows the retries as they happen
+    env = local_env(PYTHONUNBUFFERED="1")
     log = tmp_path / "job.log"
     with CountingProxy(s3_endpoint) as proxy:
         run = _run(f"s3://{bucket}/runs", proxy.url, mlflow_server)

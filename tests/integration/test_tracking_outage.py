@@ -6,7 +6,6 @@ each step once."""
 from __future__ import annotations
 
 import itertools
-import os
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
-from m2d_cli import register_run
+from m2d_cli import local_env, register_run
 from tcp_proxy import SwitchProxy
 
 from infra.config import ClusterProfile, resolve_run
@@ -55,7 +54,7 @@ def test_training_never_waits_on_a_hanging_tracking_server(tmp_path, mlflow_serv
         (tmp_path / "runs" / "hang").mkdir(parents=True)
         config = tmp_path / "runs" / "hang" / "run_config.json"
         config.write_text(run.model_dump_json())
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env = local_env()
         job = subprocess.Popen(
             [sys.executable, "-m", "trainer.job", *spec_argv(TrainJobSpec(config=str(config)))],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -18,7 +18,7 @@ import psutil
 import pytest
 import torch
 from m2d_cli import M2D as M2D_CLI
-from m2d_cli import register_run
+from m2d_cli import local_env, register_run
 from s3_proxy import CountingProxy
 from training_runs import (
     EVERY,
@@ -336,7 +336,7 @@ def test_a_kill_during_a_checkpoint_upload_leaves_it_incomplete_and_unused(
         )
         fs.pipe(f"{bucket}/runs/torn/run_config.json", run.model_dump_json().encode())
         spec = TrainJobSpec(config=f"{run_dir}/run_config.json", storage=run.storage)
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env = local_env()
         job = _start([sys.executable, "-m", "trainer.job", *spec_argv(spec)], env)
         try:
             assert proxy.held.wait(timeout=600), "rank 1 never uploaded the last checkpoint"
