@@ -129,8 +129,10 @@ class TreeCPU(threading.Thread):
             self.samples.append((time.time(), total, workers))
 
 
-def run_job(run: RunConfig, root: Path) -> dict[str, Any]:
-    """Run the job in a subprocess, sampling its process tree's CPU time."""
+def run_job(run: RunConfig, root: Path, sample_cpu: bool = True) -> dict[str, Any]:
+    """Run the job in a subprocess, sampling its process tree's CPU time unless told not
+    to (a comparison whose peer runs unsampled: the sampler's ~1% of a core is the job's
+    loss)."""
     folder = root / "runs" / "bench"
     folder.mkdir(parents=True)
     config = folder / "run_config.json"
@@ -146,7 +148,8 @@ def run_job(run: RunConfig, root: Path) -> dict[str, Any]:
         text=True,
     )
     cpu = TreeCPU(job.pid)
-    cpu.start()
+    if sample_cpu:
+        cpu.start()
     _, stderr = job.communicate()
     cpu.done.set()
     if job.returncode:
@@ -178,11 +181,16 @@ def job_steady_state(run: RunConfig, job: dict[str, Any], skip: int) -> dict[str
     interval = (kept[-1].timestamp - kept[0].timestamp) / 1000 / (len(kept) - 1)
     in_step = [step_time[m.step] for m in kept[1:]]
     per_worker = run.deepspeed.micro_batch_per_gpu * run.deepspeed.gradient_accumulation
-    cpu_all, cpu_workers = job_cpu_per_step(job["cpu"], kept)
-    workers = run.workers.num_workers
+    steady = {}
+    if job["cpu"]:
+        cpu_all, cpu_workers = job_cpu_per_step(job["cpu"], kept)
+        samples = per_worker * run.workers.num_workers
+        steady = {
+            "cpu_per_sample_all": cpu_all / samples,
+            "cpu_per_sample_workers": cpu_workers / samples,
+        }
     return {
-        "cpu_per_sample_all": cpu_all / (per_worker * workers),
-        "cpu_per_sample_workers": cpu_workers / (per_worker * workers),
+        **steady,
         "steps_measured": len(kept) - 1,
         "interval_s": interval,
         "in_step_s": statistics.mean(in_step),

@@ -171,7 +171,7 @@ def main() -> None:
         plains, jobs = [plain(run, root, args.plain_steps, args.plain_warmup)], []
         for _ in range(args.rounds):
             shutil.rmtree(root / "runs" / "bench", ignore_errors=True)
-            job = train_step.run_job(run, root)
+            job = train_step.run_job(run, root, sample_cpu=False)
             jobs.append(train_step.job_steady_state(run, job, args.skip))
             plains.append(plain(run, root, args.plain_steps, args.plain_warmup))
         # Where the gap sits: the job's own Worker without Ray, then inside Ray's processes.
