@@ -21,6 +21,11 @@ LOOPBACK_IFNAME = "lo0" if sys.platform == "darwin" else "lo"
 # every 5 s) would only take CPU from the workers. Measured: docs/benchmarks.md, issue 16.
 LOCAL_SYSTEM_CONFIG = {"worker_niceness": 0, "enable_metrics_collection": False}
 LOCAL_WORKER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# Every 5 s the dashboard agent composes the node view of Ray's dashboard (psutil over
+# every Ray process): a burst that takes a training worker's core and holds up the other
+# rank's all-reduce. Nobody opens a local Ray's dashboard; once a minute is plenty. Read by
+# the agent at its start, so set in the environment the daemons inherit; a user's wins.
+LOCAL_DAEMON_ENV = {"REPORTER_UPDATE_INTERVAL_MS": "60000"}
 
 
 def init_ray(num_cpus: int | None = None, *, log_to_driver: bool = True) -> bool:
@@ -52,6 +57,8 @@ def init_ray(num_cpus: int | None = None, *, log_to_driver: bool = True) -> bool
 
     os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
+    for name, value in LOCAL_DAEMON_ENV.items():
+        os.environ.setdefault(name, value)
     # The training workers' process group (Gloo on CPUs, NCCL on GPUs) listens on the
     # interface these name, else on the hostname's address; one a user set still wins.
     ifnames = {
