@@ -92,18 +92,21 @@ def test_an_exited_unreaped_process_is_not_alive():
     [(None, True, "token"), (None, False, None), ("disabled", True, "disabled")],
 )
 def test_ray_clients_send_a_token_at_hand(tmp_path, monkeypatch, mode, token, wanted):
-    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    if mode:
-        monkeypatch.setenv("RAY_AUTH_MODE", mode)
-    path = tmp_path / "token"
-    if token:
-        path.write_text("t" * 32)
-    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(path))
-    # As in a fresh CLI process: Ray not imported yet, no cached mode to refresh.
-    monkeypatch.delitem(sys.modules, "ray._raylet", raising=False)
-    ray_jobs.client_auth()
-    assert os.environ.get("RAY_AUTH_MODE") == wanted
+    with monkeypatch.context() as patch:
+        for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+            patch.delenv(name, raising=False)
+        if mode:
+            patch.setenv("RAY_AUTH_MODE", mode)
+        path = tmp_path / "token"
+        if token:
+            path.write_text("t" * 32)
+        patch.setenv("RAY_AUTH_TOKEN_PATH", str(path))
+        # As in a fresh CLI process: Ray not imported yet, no cached mode to refresh.
+        patch.delitem(sys.modules, "ray._raylet", raising=False)
+        ray_jobs.client_auth()
+        assert os.environ.get("RAY_AUTH_MODE") == wanted
+    # This process's Ray (imported by an earlier test) must not keep a mode read meanwhile.
+    ray_jobs.refresh_auth()
 
 
 def test_remote_jobs_get_the_credentials_file_path_never_keys(monkeypatch):
