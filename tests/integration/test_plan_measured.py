@@ -72,7 +72,7 @@ def _configs() -> ModelConfigs:
 # Each rank: m2d's engine (trainer.engine.build_engine, the job's DeepSpeed config) over
 # Mask2DiT, one step, then the bytes DeepSpeed holds, read from its own structures.
 _RANK = """
-import json, sys
+import json, os, sys
 import torch, torch.distributed as dist
 rank, port, stage, out = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -110,7 +110,7 @@ dist.destroy_process_group()
 # Measured and written: skip the interpreter's teardown, where a ZeRO-3 rank now and then
 # aborted on a thread still joinable ("terminate called without an active exception").
 sys.stdout.flush()
-import os; os._exit(0)
+os._exit(0)
 """
 
 
