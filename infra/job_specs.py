@@ -7,7 +7,7 @@ nothing else. Like run configs, specs hold no credentials.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
@@ -33,20 +33,29 @@ class SynthSpec(_Strict):
     """``python -m trainer.data.synth``: a small synthetic multi-scene dataset."""
 
     out: str = Field(description="New (or empty) folder or s3:// prefix.")
+    world: Literal["characters", "toy"] = Field(
+        "characters",
+        description="characters: recurring coloured shapes, captioned as the paper's data; "
+        "toy: a background no prompt names shared by a story's scenes, one named object per "
+        "scene, and held-out evaluation stories (docs/ablation.md).",
+    )
     stories: int = Field(12, ge=1, description="Stories (shot groups).")
     scenes: int = Field(3, ge=1, description="Scenes per training story.")
     shots: int | None = Field(None, ge=1, description="Shots per story (default scenes + 1).")
-    frames: int = Field(17, ge=1, description="Frames per shot.")
-    height: int = Field(32, description="Video height (even: yuv420p).")
-    width: int = Field(32, description="Video width (even: yuv420p).")
+    frames: int | None = Field(None, ge=1, description="Frames per shot (default 17; toy world 5).")
+    height: int | None = Field(None, description="Video height (even; default 32, toy 16).")
+    width: int | None = Field(None, description="Video width (even; default 32, toy 16).")
+    held_out: int = Field(
+        50, ge=0, description="Toy world: evaluation stories, none seen in training."
+    )
     fps: float = Field(8.0, gt=0, description="Frames per second.")
     seed: int = Field(0, description="Same seed, same dataset.")
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint of --out.")
 
     @field_validator("height", "width")
     @classmethod
-    def _even(cls, value: int) -> int:
-        if value < 2 or value % 2:
+    def _even(cls, value: int | None) -> int | None:
+        if value is not None and (value < 2 or value % 2):
             raise ValueError(f"{value}: height and width must be even and >= 2 (yuv420p)")
         return value
 
@@ -54,7 +63,25 @@ class SynthSpec(_Strict):
     def _enough_shots(self) -> SynthSpec:
         if self.shots is not None and self.shots < self.scenes:
             raise ValueError(f"shots ({self.shots}) must be at least scenes ({self.scenes})")
+        # A toy story's scenes name different colours, shapes and motions: four of each.
+        if self.world == "toy" and (self.shots or self.scenes) > 4:
+            raise ValueError("a toy story has at most 4 scenes (4 colours, shapes, motions)")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _world_defaults(cls, values: Any) -> Any:
+        """Frames and size the world is drawn at, where the spec gives none."""
+        if not isinstance(values, dict):
+            return values
+        defaults = _TOY_DEFAULTS if values.get("world") == "toy" else _CHARACTER_DEFAULTS
+        return {**values, **{k: v for k, v in defaults.items() if values.get(k) is None}}
+
+
+_CHARACTER_DEFAULTS = {"frames": 17, "height": 32, "width": 32}
+# The toy model's scenes: 5 frames (its VAE passes frames through, and the sampler wants an
+# odd latent count), 16x16 pixels.
+_TOY_DEFAULTS = {"frames": 5, "height": 16, "width": 16}
 
 
 class InspectSpec(_Strict):

@@ -7,6 +7,7 @@ Credentials are never passed here: s3fs (botocore) reads them from the environme
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import time
@@ -86,6 +87,13 @@ def is_remote(uri: str) -> bool:
 def join(base: str, *parts: str) -> str:
     """Join path parts onto a local path or URI with '/'."""
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def write_jsonl(uri: str, records: list[dict], storage: StorageConfig | None = None) -> None:
+    """Write ``records`` as JSON lines at ``uri`` (a local path or a URI)."""
+    fs, path = filesystem(uri, storage)
+    with fs.open(path, "w") as handle:
+        handle.writelines(json.dumps(record) + "\n" for record in records)
 
 
 def parent_folder(uri: str) -> str:

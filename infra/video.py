@@ -238,8 +238,14 @@ def write_video(
     frames_THWC_uint8: torch.Tensor,
     fps: float,
     storage: StorageConfig | None = None,
+    *,
+    lossless: bool = False,
 ) -> None:
     """Write frames as an H.264 (libx264, else MPEG-4 part 2) yuv420p mp4 at ``uri``.
+
+    ``lossless`` writes H.264 in RGB at constant quality 0 (libx264rgb) instead: the frames
+    decode back bit-exact, as a world scored pixel by pixel needs (the toy world's 16x16
+    frames would lose their colours to yuv420p's 8x8 chroma). Not every player shows it.
 
     The file is encoded in memory and written in one piece: the mp4 muxer seeks back to
     write its index, which object-store uploads cannot do.
@@ -251,7 +257,7 @@ def write_video(
         raise ValueError("yuv420p needs even height and width; crop or pad the frames")
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format="mp4") as container:
-        _encode(container, frames, fps)
+        _encode(container, frames, fps, lossless)
     fs, path = filesystem(uri, storage)
     if not is_remote(uri):
         fs.makedirs(fs._parent(path), exist_ok=True)
@@ -259,10 +265,22 @@ def write_video(
         handle.write(buffer.getvalue())
 
 
-def _encode(container, frames: torch.Tensor, fps: float) -> None:
-    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-    stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+def _encode(container, frames: torch.Tensor, fps: float, lossless: bool = False) -> None:
+    stream = _add_stream(container, Fraction(fps).limit_denominator(1001), lossless)
     stream.height, stream.width = frames.shape[1], frames.shape[2]
+    for array in frames.numpy():
+        container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
+    container.mux(stream.encode())
+
+
+def _add_stream(container, rate: Fraction, lossless: bool):
+    if lossless:  # PyAV's wheels bring libx264rgb; a build without it fails here, plainly
+        stream = container.add_stream("libx264rgb", rate=rate)
+        stream.pix_fmt = "rgb24"
+        stream.options = {"crf": "0", "preset": "veryfast", "x264-params": "mbtree=0"}
+        return stream
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    stream = container.add_stream(codec, rate=rate)
     stream.pix_fmt = "yuv420p"
     if codec == "libx264":
         # Without the macroblock tree (x264's lookahead rate control), the same frames
@@ -270,6 +288,4 @@ def _encode(container, frames: torch.Tensor, fps: float) -> None:
         # different files here (single-threaded too), so one dataset trained to different
         # losses. It costs some bitrate at the same quality.
         stream.options = {"crf": "18", "preset": "veryfast", "x264-params": "mbtree=0"}
-    for array in frames.numpy():
-        container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
-    container.mux(stream.encode())
+    return stream

@@ -40,8 +40,11 @@ def make_spec(
     except ValidationError as exc:
         error = exc.errors()[0]
         field = str(error["loc"][0]) if error["loc"] else ""
+        message = error["msg"].removeprefix("Value error, ")
+        if not field:  # a check across fields: its message names them
+            raise UserError(message) from None
         option = (options or {}).get(field) or "--" + field.replace("_", "-")
-        raise UserError(f"{option}: {error['msg'].removeprefix('Value error, ')}") from None
+        raise UserError(f"{option}: {message}") from None
 
 
 def run_job(module: str, spec: BaseModel) -> None:
@@ -110,6 +113,8 @@ def _spec_option(
         return click.option(name, field, is_flag=True, **settings)
     else:
         settings.update(default=info.default, show_default=True)
+    if typing.get_origin(info.annotation) is typing.Literal:  # the choices, in the help too
+        settings["type"] = click.Choice(typing.get_args(info.annotation))
     return click.option("--" + field.replace("_", "-"), **settings)
 
 

@@ -20,11 +20,12 @@ def data() -> None:
 
 
 @data.command()
-@spec_options(SynthSpec, "out", "stories", "scenes", "shots", "frames")
-@click.option("--size", default="32x32", show_default=True, help="HEIGHTxWIDTH of the videos.")
-@spec_options(SynthSpec, "fps", "seed", "endpoint_url")
-def synth(size: str, **options) -> None:
-    """Write mp4 stories with recurring characters plus pretrain.jsonl and sft.jsonl."""
+@spec_options(SynthSpec, "out", "world", "stories", "scenes", "shots", "frames")
+@click.option("--size", default=None, help="HEIGHTxWIDTH of the videos (default 32x32; toy 16x16).")
+@spec_options(SynthSpec, "held_out", "fps", "seed", "endpoint_url")
+def synth(size: str | None, **options) -> None:
+    """Write mp4 stories plus pretrain.jsonl and sft.jsonl (and, for the toy world, the
+    held-out evaluation stories: eval.jsonl and eval_extend.jsonl)."""
     height, width = parse_size(size)
     sizes = {"height": "--size", "width": "--size"}
     run_job(

@@ -1,5 +1,6 @@
 """``m2d data synth --out DIR`` (``python -m trainer.data.synth --spec SYNTH_SPEC``): a small
-synthetic multi-scene dataset with recurring characters, for demos and tests.
+synthetic multi-scene dataset with recurring characters, for demos and tests; ``--world toy``
+writes the toy world instead (``trainer.data.toy_synth``).
 
 Each story has one or two "characters" (a colored shape, fixed for the story) that appear
 in every shot, moving in a per-shot direction over a per-shot background color. Captions
@@ -10,7 +11,6 @@ description verbatim in every shot. Writes real mp4 files plus both manifests:
 
 from __future__ import annotations
 
-import json
 import random
 import sys
 from dataclasses import dataclass
@@ -21,8 +21,9 @@ from infra.config import StorageConfig
 from infra.errors import StorageError, first_line
 from infra.job_specs import SynthSpec
 from infra.jobs import run_job
-from infra.storage import filesystem, join
+from infra.storage import filesystem, join, write_jsonl
 from infra.video import write_video
+from trainer.data.toy_synth import synthesize_toy
 
 COLORS = {
     "red": (230, 40, 40),
@@ -157,8 +158,8 @@ def synthesize(
         )
         rows.extend(group)
         groups.append({"id": story_id, "shots": group})
-    _write_lines(join(out, "pretrain.jsonl"), rows, storage)
-    _write_lines(join(out, "sft.jsonl"), groups, storage)
+    write_jsonl(join(out, "pretrain.jsonl"), rows, storage)
+    write_jsonl(join(out, "sft.jsonl"), groups, storage)
     return {"stories": stories, "shots": len(rows)}
 
 
@@ -207,12 +208,6 @@ def _write_story(out, story_id, rng, shots, frames, height, width, fps, storage)
     return rows
 
 
-def _write_lines(uri: str, records: list[dict], storage: StorageConfig | None) -> None:
-    fs, path = filesystem(uri, storage)
-    with fs.open(path, "w") as handle:
-        handle.writelines(json.dumps(record) + "\n" for record in records)
-
-
 def main(argv: list[str] | None = None) -> int:
     """The job entry point: a ``SynthSpec`` in, the dataset written."""
     return run_job(SynthSpec, _run, argv)
@@ -220,6 +215,25 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(spec: SynthSpec) -> None:
     storage = StorageConfig(root=spec.out, endpoint_url=spec.endpoint_url)
+    if spec.world == "toy":
+        _check_empty(spec.out, storage)
+        counts = synthesize_toy(
+            spec.out,
+            spec.stories,
+            spec.held_out,
+            spec.shots or spec.scenes,
+            spec.frames,
+            spec.height,
+            spec.width,
+            seed=spec.seed,
+            fps=spec.fps,
+            storage=storage,
+        )
+        print(
+            f"wrote {counts['stories']} toy stories ({counts['shots']} scenes) and "
+            f"{counts['held_out']} held-out evaluation stories to {spec.out}"
+        )
+        return
     counts = synthesize(
         spec.out,
         spec.stories,
