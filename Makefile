@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format venv clean-venv
+.PHONY: demo test test-fast lint format venv clean-venv
 
 venv: $(STAMP)
 
@@ -46,8 +46,14 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# The whole suite: what CI runs (.ci/run). Real services and distributed jobs included.
 test: lint
-	$(PY) -m pytest -q --durations=20
+	$(PY) -m pytest -q --durations=25
+
+# While working: lint plus every test that starts no server and no Ray or DeepSpeed process
+# (those carry the `integration` mark; tests/conftest.py refuses an unmarked one).
+test-fast: lint
+	$(PY) -m pytest -q -m "not integration" --durations=10
 
 clean-venv:
 	rm -rf $(VENV)

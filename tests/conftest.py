@@ -7,6 +7,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -16,6 +17,7 @@ from unittest import mock
 
 import pytest
 from ray_session import cluster_busy, cluster_report, stop_group
+from tiers import leftover_state, service_command, unmarked_service_tests
 
 from infra.processes import free_port
 from orchestrator.ray_jobs import refresh_auth
@@ -60,11 +62,72 @@ def _wait_job_agent(address: str, process: subprocess.Popen, timeout: float = 12
         time.sleep(0.5)
 
 
+# --- The user's home: a test run never writes to it --------------------------------------
+# Session fixtures (the shared training runs) start before any function fixture, so the
+# temporary M2D_HOME is set for the whole process here, and each test gets its own below.
+_USER_HOME = Path(os.environ.get("M2D_HOME") or Path.home() / ".m2d")
+_SESSION_HOME = tempfile.mkdtemp(prefix="m2d-test-home-")
+os.environ["M2D_HOME"] = _SESSION_HOME
+
+
+def _home_entries() -> set[str]:
+    if not _USER_HOME.is_dir():
+        return set()
+    return {str(path.relative_to(_USER_HOME)) for path in _USER_HOME.rglob("*")}
+
+
+_HOME_BEFORE = _home_entries()
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Fail the run if anything appeared under the user's own M2D_HOME."""
+    shutil.rmtree(_SESSION_HOME, ignore_errors=True)
+    appeared = sorted(_home_entries() - _HOME_BEFORE)
+    if appeared:
+        shown = ", ".join(appeared[:5]) + (", ..." if len(appeared) > 5 else "")
+        sys.stderr.write(f"\nerror: the tests wrote into the user's {_USER_HOME}: {shown}\n")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 @pytest.fixture(autouse=True)
 def _m2d_home(tmp_path_factory, monkeypatch) -> None:
     """Every test's run records and job logs go to a temporary M2D_HOME, never ~/.m2d
     (a test that wants its own sets M2D_HOME after this)."""
     monkeypatch.setenv("M2D_HOME", str(tmp_path_factory.mktemp("m2d-home")))
+
+
+# --- Tiers: what a fast test may not do (the rules: tests/tiers.py) --------------------
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """A test that starts services or distributed jobs must say so: the fast tier is
+    ``-m "not integration"``."""
+    if unmarked := unmarked_service_tests(items):
+        raise pytest.UsageError(
+            "these tests start services or distributed jobs but are not marked "
+            f"`integration` (pytestmark = pytest.mark.integration): {', '.join(unmarked)}"
+        )
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_guard(request, monkeypatch) -> Iterator[None]:
+    """A test without the `integration` mark starts no server, Ray or DeepSpeed process and
+    leaves no Ray or torch.distributed state behind: `make test-fast` needs none of them."""
+    if request.node.get_closest_marker("integration") is not None:
+        yield
+        return
+    real_init = subprocess.Popen.__init__
+
+    def guarded_init(self, args, *rest, **kwargs):
+        started = service_command(args)
+        if started is not None:
+            pytest.fail(f"a fast test started {started}: mark it `integration`", pytrace=False)
+        real_init(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded_init)
+    yield
+    if left := leftover_state():
+        pytest.fail(f"a fast test left {' and '.join(left)}: mark it `integration`", False)
 
 
 @pytest.fixture(scope="session")

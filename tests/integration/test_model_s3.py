@@ -15,6 +15,8 @@ from infra.config import ModelConfig, StorageConfig
 from infra.errors import ConfigError
 from trainer.components import load_components, save_tiny_pretrained
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory) -> Path:
