@@ -231,6 +231,11 @@ class CheckpointState:
     def complete(self) -> bool:
         return self.problem is None
 
+    @property
+    def damaged(self) -> bool:
+        """Its manifest was written, and its files no longer match it."""
+        return self.manifest and self.problem is not None
+
 
 def check_checkpoint(
     uri: str, storage: StorageConfig | None, verify: bool = False

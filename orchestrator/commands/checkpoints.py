@@ -3,7 +3,8 @@
 A checkpoint is complete when its ``manifest.json`` (written last, once every rank's files
 are on storage) is there and every file it lists is there at its size; ``--verify`` also
 checks each file's sha256, reading every byte. Readers (SFT ``--from``, export,
-sample-batch) use the newest complete one.
+sample-batch) use the newest complete one. Exit status 1 when a checkpoint's files differ
+from its manifest (a save in progress, without one yet, is only listed).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def checkpoints(name: str, verify: bool) -> None:
     if not found:
         click.echo(f"run {name} has no checkpoint yet ({record.run_dir})")
         return
+    damaged = []
     for uri in found:
         state = check_checkpoint(uri, record.storage_config, verify=verify)
         folder = uri.rstrip("/").rsplit("/", 1)[-1]
@@ -33,3 +35,12 @@ def checkpoints(name: str, verify: bool) -> None:
             click.echo(f"{folder}  {what:<10}  {size}")
         else:
             click.echo(f"{folder}  incomplete  {state.problem}")
+        if state.damaged:
+            damaged.append(f"{folder} ({state.problem})")
+    if damaged:
+        # A save in progress has no manifest yet; files that no longer match theirs were
+        # changed after the save: a reader skips such a checkpoint, a script must hear of it.
+        raise click.ClickException(
+            f"{len(damaged)} checkpoint(s) of {name} differ from their manifest: "
+            f"{'; '.join(damaged)}"
+        )

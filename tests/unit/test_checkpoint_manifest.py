@@ -120,3 +120,52 @@ def test_a_run_from_before_manifests_uses_its_newest_unverified(tmp_path):
     warnings: list[str] = []
     assert complete_checkpoint([str(first), str(second)], None, warnings.append) == str(second)
     assert len(warnings) == 1 and "older m2d" in warnings[0] and "unverified" in warnings[0]
+
+
+def _listed(tmp_path: Path, *args: str):
+    """`m2d checkpoints tampered ARGS` over the run folder ``tmp_path / "run"``."""
+    from click.testing import CliRunner
+
+    from orchestrator.cli import cli
+    from orchestrator.runs import RunRecord
+
+    run_dir = str(tmp_path / "run")
+    RunRecord(
+        "tampered",
+        "local",
+        "pretrain",
+        run_dir,
+        f"{run_dir}/run_config.json",
+        "local",
+        storage={"root": str(tmp_path)},
+    ).save()
+    return CliRunner().invoke(cli, ["checkpoints", "tampered", *args])
+
+
+def test_checkpoints_verify_fails_on_a_flipped_byte_and_lists_the_rest(tmp_path):
+    good = _merged(tmp_path, "checkpoint_00000004")
+    flipped = _merged(tmp_path, "checkpoint_00000008")
+    in_progress = _merged(tmp_path, "checkpoint_00000012")
+    for folder in (good, flipped):
+        assert write_manifest(str(folder), None, 2) is None
+    shard = flipped / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    data = bytearray(shard.read_bytes())
+    data[17] ^= 0x01  # one bit, size unchanged
+    shard.write_bytes(bytes(data))
+
+    sizes_only = _listed(tmp_path)
+    assert sizes_only.exit_code == 0, sizes_only.output  # sizes match: nothing seen
+    verified = _listed(tmp_path, "--verify")
+    assert verified.exit_code == 1, verified.output
+    lines = verified.output.splitlines()
+    assert lines[0].startswith("checkpoint_00000004  verified")
+    assert lines[1] == (
+        "checkpoint_00000008  incomplete  "
+        "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt differs from its sha256"
+    )
+    assert lines[2].startswith("checkpoint_00000012  incomplete  no manifest.json")
+    assert lines[3] == (
+        "Error: 1 checkpoint(s) of tampered differ from their manifest: checkpoint_00000008 "
+        "(deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt differs from its sha256)"
+    )
+    assert in_progress.exists()
