@@ -30,6 +30,10 @@ A user's own encoder (the paper's ViCLIP, which transformers does not ship) plug
 ``MODULE:FUNCTION`` in place of a name: ``FUNCTION(uri, storage)`` returns an object with
 ``num_frames`` and ``embed`` (and ``embed_texts`` for semantic scores). The module must be
 importable where the job runs (installed in the cluster's image, or on ``PYTHONPATH``).
+Such a function may return a :class:`StoryOracle` instead: it scores a whole story from
+its scenes' frames and prompts with scores of its own (``evaluation.toy_oracle:oracle``
+reads the toy world's stories exactly); evaluation then reports those scores instead of
+the embedding-based ones (:func:`oracle_of`).
 
 Encoders that also embed text (``embed_texts``: X-CLIP's and CLIP's text towers, with the
 folder's own tokenizer, loaded on first use) give evaluation its semantic consistency;
@@ -57,12 +61,14 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "StoryOracle",
     "TextVideoEncoder",
     "VideoEncoder",
     "check_encoder",
     "encoder_names",
     "load_encoder",
     "local_folder",
+    "oracle_of",
     "register_encoder",
     "text_encoder_of",
     "uniform_frame_indices",
@@ -96,9 +102,30 @@ class TextVideoEncoder(VideoEncoder, Protocol):
         ...
 
 
-def text_encoder_of(encoder: VideoEncoder) -> TextVideoEncoder | None:
+def text_encoder_of(encoder: VideoEncoder | StoryOracle) -> TextVideoEncoder | None:
     """``encoder`` if it embeds text too, else None (then no semantic consistency)."""
     return encoder if isinstance(encoder, TextVideoEncoder) else None
+
+
+@runtime_checkable
+class StoryOracle(Protocol):
+    """Scores a story directly from its frames, with named scores of its own (no
+    embeddings): what a world whose truth is known, like the toy world, is judged by."""
+
+    name: str
+
+    def score_story(
+        self, scenes_THWC: list[torch.Tensor], prompts: list[str], context_scenes: int = 0
+    ) -> dict[str, float | None]:
+        """Named scores of one story from every frame of each scene, uint8 (T, H, W, 3),
+        and the scenes' prompts, same order; the first ``context_scenes`` scenes were
+        given (extension), not generated. None: a score that does not apply."""
+        ...
+
+
+def oracle_of(encoder: VideoEncoder | StoryOracle) -> StoryOracle | None:
+    """``encoder`` if it is a story oracle (it scores stories itself), else None."""
+    return encoder if isinstance(encoder, StoryOracle) else None
 
 
 class _EncoderClass(Protocol):
@@ -165,17 +192,19 @@ def check_encoder(name: str, uri: str, storage: StorageConfig | None = None) -> 
         _REGISTRY[name].check(_tiny_or(name, uri), storage)
 
 
-def load_encoder(name: str, uri: str, storage: StorageConfig | None = None) -> VideoEncoder:
-    """The encoder ``name`` (or ``MODULE:FUNCTION``'s) loaded from the folder at ``uri``
-    (path or ``s3://``)."""
+def load_encoder(
+    name: str, uri: str, storage: StorageConfig | None = None
+) -> VideoEncoder | StoryOracle:
+    """The encoder ``name`` (or ``MODULE:FUNCTION``'s, which may be a story oracle) loaded
+    from the folder at ``uri`` (path or ``s3://``)."""
     check_encoder_name(name)
     uri = _tiny_or(name, uri)
     if ":" in name:
         encoder = _user_loader(name)(uri, storage)
-        if not isinstance(encoder, VideoEncoder):
+        if not isinstance(encoder, VideoEncoder | StoryOracle):
             raise ConfigError(
                 f"encoder {name}: returned {type(encoder).__name__}, which lacks num_frames "
-                "or embed"
+                "or embed (an encoder), and score_story (an oracle)"
             )
         return encoder
     return _REGISTRY[name].from_pretrained(uri, storage)

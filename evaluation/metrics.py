@@ -41,6 +41,7 @@ __all__ = [
     "frechet_distance",
     "score_story",
     "summarize",
+    "summarize_rows",
 ]
 
 # A named character as the evaluation stories write one: "Actor2 (a tall woman in red)".
@@ -138,19 +139,23 @@ def bootstrap_interval(
 
 def summarize(stories: list[StoryScores], seed: int = 0) -> dict[str, dict[str, float]]:
     """Per metric over the stories: mean, 95% interval and how many stories count."""
+    return summarize_rows([story.row() for story in stories], seed=seed)
+
+
+def summarize_rows(
+    rows: list[dict[str, float | str | None]], seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """:func:`summarize` of score rows by name (``StoryScores.row()``, or a story oracle's
+    scores): every name but ``story``, in the order first met, over the rows where it
+    is not None."""
+    names = dict.fromkeys(name for row in rows for name in row if name != "story")
     summary = {}
-    for metric in (
-        "visual",
-        "semantic",
-        "sequence",
-        "visual_shared_character",
-        "visual_no_shared_character",
-    ):
-        values = [getattr(s, metric) for s in stories if getattr(s, metric) is not None]
+    for name in names:
+        values = [row[name] for row in rows if row.get(name) is not None]
         if not values:
             continue
         mean, low, high = bootstrap_interval(values, seed=seed)
-        summary[metric] = {"mean": mean, "low": low, "high": high, "n": len(values)}
+        summary[name] = {"mean": mean, "low": low, "high": high, "n": len(values)}
     return summary
 
 

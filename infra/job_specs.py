@@ -96,8 +96,15 @@ class EvalSpec(_Strict):
     """``python -m sampler.eval_job``: score the stories a sample-batch job rendered."""
 
     samples: str = Field(description="The sample-batch output root (path or s3:// URI).")
-    encoder: str = Field("xclip", description="Registered video encoder.")
-    encoder_path: str = Field(description="Encoder folder (save_pretrained), path or URI.")
+    encoder: str = Field(
+        "xclip",
+        description="Registered video encoder, or MODULE:FUNCTION: a user's encoder or a "
+        "story oracle (evaluation.toy_oracle:oracle scores toy-world stories exactly).",
+    )
+    encoder_path: str = Field(
+        description="Encoder folder (save_pretrained), path or URI; a MODULE:FUNCTION "
+        "without weights needs none."
+    )
     overwrite: bool = Field(False, description="Score finished items again.")
     num_actors: int = Field(1, ge=1, description="Encoder actors (one model each).")
     cpus_per_actor: int = Field(1, ge=1)

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,7 +29,11 @@ from infra.config import RunConfig, StorageConfig
 from infra.errors import ConfigError, first_line
 from infra.processes import pid_alive
 from infra.storage import filesystem, join
+from mask2dit.tiny import BUILT_IN_SOURCES
 from orchestrator import profiles, ray_jobs
+
+#: Encoder paths that name a built-in encoder (``evaluation.tiny``), not a folder.
+BUILT_IN_ENCODERS = ("tiny",)
 
 
 @dataclass
@@ -130,15 +136,34 @@ def recent_records(limit: int = 20, warn: Callable[[str], None] | None = None) -
     return records
 
 
+#: What a run name may be: it names a folder on storage, a registry file, an MLflow run
+#: and a Ray job, and is written after ``--resume`` and before ``:STEP`` in a checkpoint.
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_run_name(name: str) -> str:
+    """``name`` if it can name a new run; a ConfigError saying why not."""
+    if not RUN_NAME.fullmatch(name):
+        raise ConfigError(
+            f"--name {name!r}: a run name is 1 to 100 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    if has_record(name):
+        where = load_record(name).run_dir
+        raise ConfigError(
+            f"--name {name}: a run of that name exists ({where}); choose another name, or "
+            f"continue it with `m2d launch --resume {name}`"
+        )
+    return name
+
+
 def new_run_name(run: RunConfig, explicit: str | None = None) -> str:
-    """``{cluster}-{stage}-{UTC time}`` unless the user named the run."""
+    """``{cluster}-{stage}-{UTC time}-{4 random hex digits}`` unless the user named the run
+    (checked): two launches in the same second get different names."""
     if explicit:
-        if "/" in explicit or explicit.startswith("."):
-            raise ConfigError(
-                f"--name {explicit!r}: a run name cannot contain '/' or start with '.'"
-            )
-        return explicit
-    return f"{run.cluster}-{run.stage}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+        return check_run_name(explicit)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    return check_run_name(f"{run.cluster}-{run.stage}-{stamp}-{secrets.token_hex(2)}")
 
 
 def run_dir(run: RunConfig, name: str) -> str:
@@ -259,9 +284,10 @@ def absolute(value: str | None) -> str | None:
     return str(Path(value).expanduser().resolve())
 
 
-def model_path(value: str | None) -> str | None:
-    """:func:`absolute`, but ``tiny`` (the built-in tiny model or encoder) stays a name."""
-    return value if value == "tiny" else absolute(value)
+def model_path(value: str | None, built_in: Collection[str] = BUILT_IN_SOURCES) -> str | None:
+    """:func:`absolute`, but a name in ``built_in`` (default: the built-in models, ``tiny``
+    and ``toy``; ``BUILT_IN_ENCODERS`` for an encoder path) stays a name."""
+    return value if value in built_in else absolute(value)
 
 
 def with_absolute_paths(run: RunConfig) -> RunConfig:

@@ -4,7 +4,9 @@ score the stories a sample-batch job rendered, with the paper's consistency metr
 Every finished item of the sample-batch layout (``OUT/<checkpoint>/<story>/<seed>/``, its
 ``meta.json`` there) is scored by a pool of Ray Data actors, one encoder each: its scenes'
 video embeddings and its prompts' text embeddings give ``evaluation.metrics.score_story``
-(extension-mode items also the new scenes' similarity to their context scenes). An item's
+(extension-mode items also the new scenes' similarity to their context scenes); a story
+oracle (``evaluation.encoders.StoryOracle``, e.g. ``evaluation.toy_oracle:oracle``) scores
+every frame of the scenes itself, and its named scores replace those. An item's
 scores go to its folder as ``scores.json`` (with the encoder that made them: a rerun with
 the same encoder reuses them); then per checkpoint ``OUT/<checkpoint>/metrics.json``
 (means with bootstrap 95% intervals) and ``stories.csv`` (one row per item), and
@@ -36,7 +38,7 @@ from evaluation.metrics import (
     feature_statistics,
     frechet_distance,
     score_story,
-    summarize,
+    summarize_rows,
 )
 from evaluation.tiny import TINY
 from infra.errors import DataError, first_line
@@ -101,14 +103,15 @@ def _read_json(fs: Any, path: str) -> dict[str, Any] | None:
 
 
 class ItemScorer:
-    """Ray Data callable class: one encoder per actor; a batch of items -> their scores
-    (written into each item's folder)."""
+    """Ray Data callable class: one encoder (or story oracle) per actor; a batch of items
+    -> their scores (written into each item's folder)."""
 
     def __init__(self, spec_json: str) -> None:
-        from evaluation.encoders import load_encoder, text_encoder_of
+        from evaluation.encoders import load_encoder, oracle_of, text_encoder_of
 
         self.spec = EvalSpec.model_validate_json(spec_json)
         self.encoder = load_encoder(self.spec.encoder, self.spec.encoder_path, self.spec.storage)
+        self.oracle = oracle_of(self.encoder)
         self.text = text_encoder_of(self.encoder)
         self.fvd = None
         if self.spec.reference:
@@ -122,44 +125,70 @@ class ItemScorer:
 
     def _score(self, uri: str) -> str:
         """Score one item into its ``scores.json``; '' or why it was skipped."""
-        import numpy as np
-
         from infra.video import VideoError
 
         fs, path = filesystem(uri, self.spec.storage)
         meta = json.loads(fs.cat_file(f"{path}/{META}"))
-        embeddings, fvd_features = [], []
-        for index, frames in enumerate(meta["scene_frames"]):
-            scene = f"{uri}/scene_{index:02d}.mp4"
-            try:
-                embeddings.append(clip_features(self.encoder, scene, int(frames), self.spec))
-                if self.fvd is not None:
-                    fvd_features.append(clip_features(self.fvd, scene, int(frames), self.spec))
-            except VideoError as exc:
-                log.warning("skipped %s: %s", uri, exc)
-                return exc.reason
-            except DataError:
-                return "too_short"
-        scenes = np.stack(embeddings)
+        try:
+            scenes, fvd_features = self._read_scenes(uri, meta["scene_frames"])
+        except VideoError as exc:
+            log.warning("skipped %s: %s", uri, exc)
+            return exc.reason
+        except DataError:
+            return "too_short"
         prompts = list(meta["inputs"]["prompts"])
-        texts = self.text.embed_texts(prompts).numpy() if self.text is not None else None
-        story = score_story(meta["inputs"]["story"], scenes, texts, prompts)
         context = int(meta.get("context_scenes") or 0)
-        extension = None
-        if 0 < context < len(scenes):
-            extension = [
-                float(np.mean(extension_consistency(scenes[i], scenes[:context])))
-                for i in range(context, len(scenes))
-            ]
+        story, extension = meta["inputs"]["story"], None
+        if self.oracle is not None:
+            found = self.oracle.score_story(scenes, prompts, context_scenes=context)
+            scores = {"story": story, **found}
+        else:
+            scores, extension = self._consistency(story, scenes, prompts, context)
         record = {
             "encoder": encoder_record(self.spec),
-            "scores": story.row(),
+            "scores": scores,
             "extension": extension,
-            "fvd_features": [f.tolist() for f in fvd_features] if self.fvd is not None else None,
+            "fvd_features": fvd_features if self.fvd is not None else None,
         }
         with fs.open(f"{path}/{SCORES}", "w") as handle:
             handle.write(json.dumps(record, indent=1))
         return ""
+
+    def _read_scenes(self, uri: str, scene_frames: list[int]) -> tuple[list, list]:
+        """Per scene what the scorer takes - an oracle every frame, an encoder its
+        embedding - and the FVD features (lists) with a reference."""
+        from infra.video import read_frames
+
+        scenes, fvd_features = [], []
+        for index, frames in enumerate(scene_frames):
+            scene = f"{uri}/scene_{index:02d}.mp4"
+            if self.oracle is None:
+                scenes.append(clip_features(self.encoder, scene, int(frames), self.spec))
+            elif int(frames) < 1:
+                raise DataError(f"{scene}: no frames")
+            else:
+                scenes.append(read_frames(scene, list(range(int(frames))), self.spec.storage))
+            if self.fvd is not None:
+                fvd_features.append(clip_features(self.fvd, scene, int(frames), self.spec).tolist())
+        return scenes, fvd_features
+
+    def _consistency(
+        self, story: str, embeddings: list, prompts: list[str], context: int
+    ) -> tuple[dict[str, Any], list[float] | None]:
+        """The paper's scores from the scenes' embeddings, and for an extension story each
+        generated scene's mean similarity to the context scenes."""
+        import numpy as np
+
+        scenes = np.stack(embeddings)
+        texts = self.text.embed_texts(prompts).numpy() if self.text is not None else None
+        scores = score_story(story, scenes, texts, prompts).row()
+        if not 0 < context < len(scenes):
+            return scores, None
+        extension = [
+            float(np.mean(extension_consistency(scenes[i], scenes[:context])))
+            for i in range(context, len(scenes))
+        ]
+        return scores, extension
 
 
 def clip_features(encoder: Any, uri: str, frames: int, spec: EvalSpec):
@@ -336,7 +365,7 @@ def _check_same_settings(scored: list[Scored], label: str) -> None:
 
 
 def _summary(scored: list[Scored], spec: EvalSpec) -> dict[str, Any]:
-    stories = [StoryScores(**item.scores) for item in scored if item.scores]
+    stories = [item.scores for item in scored if item.scores]
     skips: dict[str, int] = {}
     for item in scored:
         if item.skipped:
@@ -347,12 +376,14 @@ def _summary(scored: list[Scored], spec: EvalSpec) -> dict[str, Any]:
         "encoder": encoder_record(spec),
         "items": len(stories),
         "skipped": skips,
-        "metrics": summarize(stories, seed=spec.seed) if stories else {},
+        "metrics": summarize_rows(stories, seed=spec.seed) if stories else {},
     }
 
 
 def _csv(scored: list[Scored]) -> str:
-    columns = list(StoryScores.__dataclass_fields__)
+    """One row per item: its scores (the paper's, or an oracle's), or why it has none."""
+    named = dict.fromkeys(name for item in scored for name in item.scores or {})
+    columns = list(named) or list(StoryScores.__dataclass_fields__)
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=["seed", *columns, "skipped"])
     writer.writeheader()
@@ -448,10 +479,13 @@ def run(spec: EvalSpec, echo: Callable[[str], None] = print) -> dict[str, dict[s
         reference = reference_statistics(spec, echo)
     summaries = write_results(spec, collect(spec, items, skipped), reference)
     for label, summary in summaries.items():
+        metrics = summary["metrics"]
+        # The paper's three where there are; an oracle's scores are all its own.
+        names = [name for name in ("visual", "semantic", "sequence") if name in metrics]
         shown = ", ".join(
-            f"{name} {v['mean']:.2f} [{v['low']:.2f}, {v['high']:.2f}]"
-            for name, v in summary["metrics"].items()
-            if name in ("visual", "semantic", "sequence")
+            f"{name} {metrics[name]['mean']:.2f} [{metrics[name]['low']:.2f}, "
+            f"{metrics[name]['high']:.2f}]"
+            for name in names or metrics
         )
         fvd = f"; FVD {summary['fvd']['value']:.2f}" if "fvd" in summary else ""
         echo(f"{label}: {summary['items']} item(s); {shown or 'no scores'}{fvd}")

@@ -319,6 +319,8 @@ def launch(
             kept = runs.rewrite_run_config(record, run)
             click.echo(f"run {record.name}: {_workers_line(run)}; its earlier config: {kept}")
     else:
+        if name:  # before anything is read, checked or started
+            runs.check_run_name(name)
         run = _resolve_new_run(ctx, cluster_name, stage, assignments, from_run)
         if dry_run:
             shown = _smoke_size(run) if smoke else run

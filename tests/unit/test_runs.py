@@ -47,8 +47,28 @@ def test_run_names(tmp_path):
     run = _local_run(tmp_path, "sft")
     assert runs.new_run_name(run).startswith("local-sft-")
     assert runs.new_run_name(run, "mine") == "mine"
-    with pytest.raises(runs.ConfigError, match="cannot contain '/'"):
-        runs.new_run_name(run, "../escape")
+    assert runs.new_run_name(run, "a" * 100) == "a" * 100
+
+
+@pytest.mark.parametrize("name", ["../escape", ".hidden", "a/b", "two\nlines", "a" * 101, "x:5"])
+def test_a_run_name_that_cannot_name_a_folder_and_a_file_is_refused(tmp_path, name):
+    with pytest.raises(runs.ConfigError, match="a run name is 1 to 100 letters, digits"):
+        runs.new_run_name(_local_run(tmp_path), name)
+
+
+def test_launches_in_the_same_second_get_different_names(tmp_path, monkeypatch):
+    epoch = runs.time.gmtime(0)
+    monkeypatch.setattr(runs.time, "gmtime", lambda *_: epoch)
+    names = {runs.new_run_name(_local_run(tmp_path)) for _ in range(20)}
+    assert len(names) == 20
+    assert all(name.startswith("local-pretrain-19700101-000000-") for name in names)
+
+
+def test_a_name_taken_under_another_storage_root_is_refused(tmp_path):
+    _record(tmp_path / "first-root", "shared")
+    with pytest.raises(runs.ConfigError, match="a run of that name exists"):
+        runs.new_run_name(_local_run(tmp_path / "second-root"), "shared")
+    assert runs.load_record("shared").run_dir.startswith(str(tmp_path / "first-root"))
 
 
 def _record(tmp_path, name="r1", **changes):
