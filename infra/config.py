@@ -221,8 +221,9 @@ class ModelConfig(_Strict):
     """Where the CogVideoX weights come from."""
 
     source: str = Field(
-        description="'tiny' (a small model built from config, for tests and demos) or a "
-        "diffusers CogVideoX folder: local path or s3:// URI."
+        description="A built-in model built from config (nothing downloaded): 'tiny' (tests "
+        "and demos) or 'toy' (learns the toy world on 2 CPU cores); or a diffusers CogVideoX "
+        "folder: local path or s3:// URI."
     )
 
     text_tokens: int = Field(
@@ -233,7 +234,7 @@ class ModelConfig(_Strict):
     @classmethod
     def _source(cls, value: str) -> str:
         if not value.strip():
-            raise ValueError("must be 'tiny' or a diffusers folder path/URI")
+            raise ValueError("must be 'tiny', 'toy' or a diffusers folder path/URI")
         return _reject_userinfo(value)
 
 

@@ -49,7 +49,7 @@ def _check_local_folder(root: Path, source: str, subfolders: tuple[str, ...]) ->
     if not root.is_dir():
         raise ConfigError(
             f"model.source {source}: no such folder; give a diffusers CogVideoX folder "
-            "(path or s3:// URI) or 'tiny'"
+            "(path or s3:// URI), 'tiny' or 'toy'"
         )
     missing = [name for name in subfolders if not (root / name).is_dir()]
     if missing:

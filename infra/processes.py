@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import socket
 
-__all__ = ["free_port", "pid_alive", "port_in_use"]
+__all__ = ["free_port", "pid_alive", "port_in_use", "process_alive", "process_start"]
 
 
 def pid_alive(pid: int) -> bool:
@@ -21,6 +21,26 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return not _zombie(pid)
+
+
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (Linux's /proc; None where
+    there is no /proc or no such process). With the pid, it names one process: a pid
+    the kernel hands out again belongs to a process that started later."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def process_alive(pid: int, start: int | None) -> bool:
+    """Whether the process that had ``pid`` when it started at ``start`` (from
+    ``process_start``) still runs: not the pid alone, which a later process may have been
+    given. ``start`` None (a record from before starts were kept): the pid alone."""
+    if not pid_alive(pid):
+        return False
+    return start is None or process_start(pid) in (start, None)
 
 
 def _zombie(pid: int) -> bool:

@@ -39,8 +39,8 @@ def encode_video(
     ``video_B3THW`` is uint8 or float in [-1, 1]. ``sample`` draws from the posterior with
     ``generator`` (CogVideoX training does); otherwise the posterior's mode is used.
     """
-    param = next(vae.parameters())
-    pixels = to_unit_range(video_B3THW).to(device=param.device, dtype=param.dtype)
+    # The VAE's own device and dtype, not its first parameter's: ToyVAE has none.
+    pixels = to_unit_range(video_B3THW).to(device=vae.device, dtype=vae.dtype)
     posterior = vae.encode(pixels).latent_dist
     z_BCfhw = posterior.sample(generator) if sample else posterior.mode()
     return z_BCfhw.permute(0, 2, 1, 3, 4) * vae.config.scaling_factor

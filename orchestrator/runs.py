@@ -27,7 +27,7 @@ from infra.checkpoint_layout import (
 )
 from infra.config import RunConfig, StorageConfig
 from infra.errors import ConfigError, first_line
-from infra.processes import pid_alive
+from infra.processes import process_alive
 from infra.storage import filesystem, join
 from mask2dit.tiny import BUILT_IN_SOURCES
 from orchestrator import profiles, ray_jobs
@@ -49,6 +49,9 @@ class RunRecord:
     address: str = "local"
     submitted_at: float = field(default_factory=time.time)
     pid: int | None = None
+    #: The local job's start time with its pid (``infra.processes.process_start``): a pid
+    #: alone may since belong to another process, which `stop` must never signal.
+    pid_start: int | None = None
     exit_code: int | None = None
     log_path: str | None = None
     tracking_uri: str | None = None
@@ -312,15 +315,33 @@ def with_absolute_paths(run: RunConfig) -> RunConfig:
     )
 
 
+def job_alive(record: RunRecord) -> bool:
+    """Whether a local run's job process (the one the record names, not just its pid)
+    still runs."""
+    return record.pid is not None and process_alive(record.pid, record.pid_start)
+
+
 def local_state(record: RunRecord) -> str:
     """SUCCEEDED / FAILED / STOPPED / RUNNING / LOST (the launching process died first)."""
     if record.exit_code == 0:
         return "SUCCEEDED"
-    if record.exit_code is None and record.pid is not None and pid_alive(record.pid):
+    if record.exit_code is None and job_alive(record):
         return "RUNNING"
     if record.stopped:
         return "STOPPED"
     return "LOST" if record.exit_code is None else f"FAILED (exit {record.exit_code})"
+
+
+def check_not_running(record: RunRecord) -> None:
+    """A ConfigError if the run's job still runs: a second job on the same run folder
+    would write the same checkpoints and take over the record that `stop` reads."""
+    state = state_of(record)
+    if state in ("RUNNING", "PENDING"):
+        job = f"pid {record.pid}" if record.kind == "local" else f"Ray job {record.ray_job}"
+        raise ConfigError(
+            f"run {record.name} is {state.lower()} ({job}); wait for it, or stop it with "
+            f"`m2d stop {record.name}` before resuming it"
+        )
 
 
 def state_of(record: RunRecord) -> str:

@@ -24,10 +24,10 @@ from infra.config import RunConfig
 from infra.errors import ConfigError
 from infra.job_specs import TrainJobSpec
 from infra.jobs import EXIT_FAILURE, spec_argv
-from infra.processes import pid_alive
+from infra.processes import process_start
 from orchestrator import ray_jobs
 from orchestrator.console import JobConsole
-from orchestrator.runs import RunRecord, load_record, registry_dir
+from orchestrator.runs import RunRecord, job_alive, load_record, registry_dir
 
 JOB_MODULE = "trainer.job"
 
@@ -53,6 +53,7 @@ def run_local(record: RunRecord, verbose: bool = False) -> int:
         start_new_session=True,  # `m2d stop` ends the whole group, Ray workers included
     )
     record.pid, record.exit_code, record.stopped = process.pid, None, False
+    record.pid_start = process_start(process.pid)
     record.save()
     try:
         record.exit_code = console.relay(process)
@@ -72,7 +73,7 @@ def run_local(record: RunRecord, verbose: bool = False) -> int:
 def stop_local(record: RunRecord) -> bool:
     """Send SIGTERM to a local run's process group, marking the record stopped; False if
     it was not running."""
-    if record.pid is None or not pid_alive(record.pid):
+    if not job_alive(record):  # gone, or its pid now names another process
         return False
     record.stopped = True
     record.save()

@@ -33,6 +33,7 @@ from infra.sample_spec import CheckpointSpec, SampleJobSpec
 from infra.storage import filesystem, join
 from infra.video import read_frames, resize_center_crop, write_video
 from mask2dit.sampling.params import SamplingParams, StoryOutput
+from mask2dit.tiny import BUILT_IN_SOURCES, built_in_configs
 from sampler.checkpoint_info import CheckpointInfo
 
 if TYPE_CHECKING:  # the driver plans without the model frameworks
@@ -70,13 +71,25 @@ def item_uri(out: str, item: Item) -> str:
     return join(out, item.checkpoint, item.story, str(item.seed))
 
 
+def _temporal_ratio(info: CheckpointInfo) -> int:
+    """Pixel frames per latent frame of the checkpoint's VAE: a built-in model's own, else
+    CogVideoX's 4."""
+    if info.model.source in BUILT_IN_SOURCES:
+        return built_in_configs(info.model.source)["transformer"]["temporal_compression_ratio"]
+    return 4
+
+
 def sampling_params(spec: SampleJobSpec, info: CheckpointInfo) -> SamplingParams:
     """The spec's settings; frames, size and text length default to the checkpoint's."""
     frames = spec.frames or info.recipe.frames
-    if (frames - 1) % 8:
+    # An odd latent count decodes back to the same frame count (MultiScenePipeline's
+    # latent_frames): 8k + 1 frames for CogVideoX, 2k + 1 for the toy VAE (ratio 1).
+    ratio = _temporal_ratio(info)
+    if (frames - 1) % (2 * ratio):
+        examples = ", ".join(str(2 * ratio * k + 1) for k in range(1, 4))
         raise ConfigError(
-            f"--frames {frames}: the CogVideoX VAE decodes 8k+1 frames per scene back to the "
-            "same count; use 9, 17, 25, 33, 41 or 49"
+            f"--frames {frames}: the model's VAE decodes {2 * ratio}k+1 frames per scene "
+            f"back to the same count; use {examples}, ..."
         )
     return SamplingParams(
         num_inference_steps=spec.steps,

@@ -6,9 +6,9 @@ Three kinds of checkpoint folder are accepted (local or ``s3://``):
 - a **training checkpoint** (``checkpoint_NNNNNNNN/`` with ``deepspeed/`` and
   ``run_config.json``): its weights file alone (``infra.checkpoint_layout.read_weights``;
   older checkpoints: ZeRO shards consolidated by DeepSpeed's reader); VAE, T5 and
-  scheduler from the run's own model source (the ``tiny`` ones drawn from the run's
-  seed, so they are the ones it trained with); frames, size and text length default to
-  the run's recipe;
+  scheduler from the run's own model source (a built-in model's - ``tiny``, ``toy`` -
+  drawn from the run's seed, so they are the ones it trained with); frames, size and
+  text length default to the run's recipe;
 - an **exported transformer** (``m2d export``: ``config.json`` + safetensors): the rest
   from the spec's model source;
 - a whole **diffusers CogVideoX folder** (``transformer/``, ``vae/``, ...).
@@ -21,18 +21,20 @@ from pathlib import Path
 import torch
 from diffusers import CogVideoXTransformer3DModel
 
+from evaluation.toy_world import VOCABULARY
 from infra.checkpoint_layout import read_weights
 from infra.errors import DataError, first_line
 from infra.model_store import ENCODER_SUBFOLDERS, fetch_folder, resolve_model_folder
 from infra.sample_spec import CheckpointSpec, SampleJobSpec
 from mask2dit.components import (
     ModelParts,
+    built_in_parts,
     load_parts,
     load_transformer,
-    tiny_parts,
     transformer_config,
 )
 from mask2dit.sampling.pipeline import MultiScenePipeline
+from mask2dit.tiny import BUILT_IN_SOURCES
 from mask2dit.weights import load_pretrained
 from sampler.checkpoint_info import CheckpointInfo
 
@@ -70,15 +72,15 @@ def _load_pipeline(
     if info.kind == "training":
         state = read_weights(checkpoint.uri, spec.storage)  # not the optimizer shards
         base = _base_folder(info)
-        transformer = load_transformer(transformer_config(base), state)
-        parts = _with_transformer(base, transformer, info.recipe.seed, dtype)
+        transformer = load_transformer(transformer_config(base, info.model.source), state)
+        parts = _with_transformer(info, base, transformer, dtype)
     else:
         folder = fetch_folder(checkpoint.uri, spec.storage)
         if info.kind == "diffusers":
             parts = load_parts(folder, dtype)
         else:
             transformer = load_pretrained(CogVideoXTransformer3DModel, folder, dtype)
-            parts = _with_transformer(_base_folder(info), transformer, info.recipe.seed, dtype)
+            parts = _with_transformer(info, _base_folder(info), transformer, dtype)
     pipeline = MultiScenePipeline.from_parts(
         parts,
         scheduler=spec.scheduler,
@@ -91,16 +93,21 @@ def _load_pipeline(
 
 
 def _base_folder(info: CheckpointInfo) -> Path | None:
-    """The local folder of the VAE, T5 and scheduler (``None``: the tiny ones)."""
-    if info.model.source == "tiny":
+    """The local folder of the VAE, T5 and scheduler (``None``: a built-in model's)."""
+    if info.model.source in BUILT_IN_SOURCES:
         return None
     return resolve_model_folder(info.model.source, info.storage, subfolders=ENCODER_SUBFOLDERS)
 
 
 def _with_transformer(
-    base: Path | None, transformer: CogVideoXTransformer3DModel, seed: int, dtype: torch.dtype
+    info: CheckpointInfo,
+    base: Path | None,
+    transformer: CogVideoXTransformer3DModel,
+    dtype: torch.dtype,
 ) -> ModelParts:
-    """``transformer`` with the VAE, T5 and scheduler of ``base`` (``None``: tiny, seeded)."""
+    """``transformer`` with the VAE, T5 and scheduler of ``base`` (``None``: the run's
+    built-in model, drawn from its seed)."""
     if base is None:
-        return tiny_parts(seed)._replace(transformer=transformer)
+        parts = built_in_parts(info.model.source, info.recipe.seed, VOCABULARY)
+        return parts._replace(transformer=transformer)
     return load_parts(base, dtype, transformer=transformer)

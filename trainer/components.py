@@ -1,9 +1,10 @@
 """The model components of a training run: Mask²DiT transformer, frozen VAE and T5, scheduler.
 
-``source: tiny`` builds every component from small config dicts (nothing is downloaded);
-any other source is a diffusers CogVideoX folder - a local path or an ``s3://`` URI that
-``infra.model_store`` first copies into a local cache. The parts themselves are built and
-loaded by ``mask2dit.components``, which the sampler uses too.
+A built-in source (``tiny``, or ``toy`` over the toy world's vocabulary) builds every
+component from small config dicts (nothing is downloaded); any other source is a diffusers
+CogVideoX folder - a local path or an ``s3://`` URI that ``infra.model_store`` first
+copies into a local cache. The parts themselves are built and loaded by
+``mask2dit.components``, which the sampler uses too.
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler
 from transformers import T5EncoderModel
 
+from evaluation.toy_world import VOCABULARY
 from infra.config import ModelConfig, StorageConfig
 from infra.model_store import ENCODER_SUBFOLDERS, SUBFOLDERS, resolve_model_folder
-from mask2dit.components import load_parts, save_parts, tiny_parts
+from mask2dit.components import built_in_parts, load_parts, save_parts, tiny_parts
 from mask2dit.model import Mask2DiT
 from mask2dit.policy import DEFAULT_POLICY
+from mask2dit.tiny import BUILT_IN_SOURCES
+from mask2dit.toy import ToyVAE
 
 __all__ = [
     "Components",
@@ -35,7 +39,7 @@ class Components:
     """Everything a training step needs besides the optimizer."""
 
     transformer: Mask2DiT | None  # None: encoders only (latent precompute)
-    vae: AutoencoderKLCogVideoX
+    vae: AutoencoderKLCogVideoX | ToyVAE
     text_encoder: T5EncoderModel
     tokenizer: Any
     scheduler: CogVideoXDDIMScheduler
@@ -55,11 +59,11 @@ def load_components(
 
     The VAE and T5 are frozen (eval, no grad) and cast to ``dtype``. The transformer stays
     float32 on ``device``: DeepSpeed owns its training precision (it casts for bf16).
-    ``seed`` only affects ``tiny`` weights. ``encoders_only`` neither fetches nor loads
-    the transformer (``Components.transformer`` is ``None``).
+    ``seed`` only affects built-in (``tiny``, ``toy``) weights. ``encoders_only`` neither
+    fetches nor loads the transformer (``Components.transformer`` is ``None``).
     """
-    if model.source == "tiny":
-        parts = tiny_parts(seed)
+    if model.source in BUILT_IN_SOURCES:
+        parts = built_in_parts(model.source, seed, VOCABULARY)
         if encoders_only:
             parts = parts._replace(transformer=None)
     else:
@@ -70,7 +74,7 @@ def load_components(
         frozen.requires_grad_(False)
         frozen.eval()
         frozen.to(device)
-        if next(frozen.parameters()).dtype != dtype:  # diffusers warns on a no-op cast
+        if frozen.dtype != dtype:  # diffusers warns on a no-op cast
             frozen.to(dtype=dtype)
     return Components(
         transformer=None

@@ -23,13 +23,14 @@ from infra.jobs import run_job
 from infra.model_store import resolve_model_folder
 from infra.storage import filesystem, is_remote
 from mask2dit.components import load_transformer, transformer_config
+from mask2dit.tiny import BUILT_IN_SOURCES
 
 
 def checkpoint_config(checkpoint_uri: str, storage: StorageConfig | None) -> dict:
     """The stock transformer config of a checkpoint's run (its model source's)."""
     run = remote_run_config(checkpoint_uri, storage)
-    if run.model.source == "tiny":
-        return transformer_config(None)
+    if run.model.source in BUILT_IN_SOURCES:
+        return transformer_config(None, run.model.source)
     return transformer_config(resolve_model_folder(run.model.source, run.storage))
 
 

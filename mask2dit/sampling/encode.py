@@ -107,8 +107,7 @@ def decode_scene(vae: Any, latents_1fChw: torch.Tensor) -> torch.Tensor:
     Exactly ``CogVideoXPipeline.decode_latents``: the same ``1 / scaling_factor * x``
     (not ``x / scaling_factor``, which can differ in the last bit).
     """
-    param = next(vae.parameters())
-    latents = latents_1fChw.permute(0, 2, 1, 3, 4).to(device=param.device, dtype=param.dtype)
+    latents = latents_1fChw.permute(0, 2, 1, 3, 4).to(device=vae.device, dtype=vae.dtype)
     latents = 1 / vae.config.scaling_factor * latents
     return vae.decode(latents).sample
 

@@ -31,6 +31,7 @@ from mask2dit.sampling.encode import (
     to_output_frames,
 )
 from mask2dit.sampling.params import SamplingParams, StoryOutput
+from mask2dit.tiny import spatial_compression
 
 __all__ = ["MultiScenePipeline"]
 
@@ -247,12 +248,14 @@ class MultiScenePipeline:
         The CogVideoX VAE maps 4k + 1 frames to k + 1 latents, but decodes latents in
         2-frame batches after a first odd batch: an even latent count comes back as 4
         frames per latent (45 -> 12 -> 48). So scenes have 8k + 1 frames (1, 9, ..., 49).
+        The toy VAE (ratio 1) keeps the same rule: 2k + 1 frames (the toy world's 5).
         """
         ratio = self.vae.config.temporal_compression_ratio
         latent = (pixel_frames - 1) // ratio + 1
         if pixel_frames < 1 or (pixel_frames - 1) % ratio or latent % 2 == 0:
+            examples = ", ".join(str(2 * ratio * k + 1) for k in range(3))
             raise ValueError(
-                f"{pixel_frames} frames per scene: must be {2 * ratio}k + 1 (1, 9, 17, ..., 49) "
+                f"{pixel_frames} frames per scene: must be {2 * ratio}k + 1 ({examples}, ...) "
                 "so that the VAE decodes the scene back to the same frame count"
             )
         return latent
@@ -330,7 +333,7 @@ class MultiScenePipeline:
         return StoryOutput(frames, latents, list(scene_frames), context_scenes, truncated)
 
     def _latent_size(self, params: SamplingParams) -> tuple[int, int]:
-        spatial = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        spatial = spatial_compression(self.vae.config)
         multiple = spatial * self.transformer.config.patch_size
         if params.height % multiple or params.width % multiple:
             raise ValueError(

@@ -23,7 +23,8 @@ from orchestrator.cli import UserError, set_option
 from orchestrator.jobs import make_spec, spec_options
 
 JOB_MODULE = "sampler.eval_job"
-# The paper's columns (docs/method.md §8), then ours.
+# The paper's columns (docs/method.md §8), then ours; a story oracle's scores (say
+# evaluation.toy_oracle's) become columns by their own names.
 COLUMNS = {
     "visual": "visual",
     "semantic": "semantic",
@@ -63,12 +64,19 @@ def comparison(sources: list[str], storage=None) -> list[dict]:
             row = {"checkpoint": label if len(sources) == 1 else f"{Path(source).name}/{label}"}
             row["step"] = summary.get("checkpoint", {}).get("step")
             row["items"] = summary.get("items")
-            for key in COLUMNS:
-                values = summary.get("metrics", {}).get(key)
-                row[key] = values
+            row["metrics"] = summary.get("metrics", {})
             row["fvd"] = summary.get("fvd", {}).get("value")
             rows.append(row)
     return rows
+
+
+def metric_columns(rows: list[dict]) -> dict[str, str]:
+    """The table's metric columns, key -> header: the paper's (and ours) unless no row has
+    any of them (an oracle's table), then every other metric of a row, in the order met."""
+    found = dict.fromkeys(name for row in rows for name in row["metrics"])
+    columns = dict(COLUMNS) if not found or any(name in COLUMNS for name in found) else {}
+    columns.update({name: name for name in found if name not in COLUMNS})
+    return columns
 
 
 def _cell(values: dict | None) -> str:
@@ -79,29 +87,30 @@ def _cell(values: dict | None) -> str:
 
 def render(rows: list[dict], kind: str) -> str:
     """The table as ``text`` (aligned), ``markdown`` or ``csv`` (means and bounds apart)."""
+    columns = metric_columns(rows)
     if kind == "csv":
         out = io.StringIO()
         fields = ["checkpoint", "step", "items"]
-        fields += [f"{key}{part}" for key in COLUMNS for part in ("", "_low", "_high")]
+        fields += [f"{key}{part}" for key in columns for part in ("", "_low", "_high")]
         fields.append("fvd")
         writer = csv.DictWriter(out, fieldnames=fields)
         writer.writeheader()
         for row in rows:
             flat = {"checkpoint": row["checkpoint"], "step": row["step"], "items": row["items"]}
             flat["fvd"] = row["fvd"]
-            for key in COLUMNS:
-                values = row[key] or {}
+            for key in columns:
+                values = row["metrics"].get(key) or {}
                 flat.update({key: values.get("mean"), f"{key}_low": values.get("low")})
                 flat[f"{key}_high"] = values.get("high")
             writer.writerow(flat)
         return out.getvalue()
-    header = ["checkpoint", "step", "items", *COLUMNS.values(), "FVD"]
+    header = ["checkpoint", "step", "items", *columns.values(), "FVD"]
     body = [
         [
             row["checkpoint"],
             str(row["step"]),
             str(row["items"]),
-            *(_cell(row[k]) for k in COLUMNS),
+            *(_cell(row["metrics"].get(key)) for key in columns),
             "-" if row["fvd"] is None else f"{row['fvd']:.2f}",
         ]
         for row in rows
@@ -150,9 +159,11 @@ def eval_(
     assignments: tuple[str, ...],
     **options,
 ) -> None:
-    """Score every sampled story with the paper's consistency metrics (metrics.json and
-    stories.csv per checkpoint next to the samples, the metrics in MLflow at each
-    checkpoint's training step), or compare scored checkpoints with --compare."""
+    """Score every sampled story with the paper's consistency metrics, or a story
+    oracle's scores (--encoder evaluation.toy_oracle:oracle: the toy world's, exact; no
+    --encoder-path) - metrics.json and stories.csv per checkpoint next to the samples,
+    the metrics in MLflow at each checkpoint's training step - or compare scored
+    checkpoints with --compare."""
     run = runs.resolve_run(ctx.find_root().obj["clusters_dir"], cluster_name, "sft", assignments)
     if compare:
         _compare(list(compare), table_out, run.storage)
@@ -170,16 +181,16 @@ def eval_spec(
     ``m2d sample-batch --eval`` chains)."""
     workers = run.workers
     path, reference, fvd_path = (options.pop(k) for k in ("encoder_path", "reference", "fvd_path"))
-    if not path:
+    if not path and ":" not in options["encoder"]:  # MODULE:FUNCTION may need no folder
         raise UserError("--encoder-path: give the encoder's folder (save_pretrained)")
     if reference and not fvd_path:
         raise UserError("--reference needs --fvd-path: the FVD features' model folder")
     return make_spec(
         EvalSpec,
         samples=runs.absolute(samples),
-        encoder_path=runs.model_path(path),
+        encoder_path=runs.model_path(path, runs.BUILT_IN_ENCODERS) or "",
         reference=runs.absolute(reference),
-        fvd_path=runs.model_path(fvd_path),
+        fvd_path=runs.model_path(fvd_path, runs.BUILT_IN_ENCODERS),
         num_actors=num_actors or workers.num_workers,
         cpus_per_actor=workers.cpus_per_worker,
         gpus_per_actor=workers.gpus_per_worker,

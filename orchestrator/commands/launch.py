@@ -315,6 +315,7 @@ def launch(
         if dry_run:  # reads the run's folder and record, writes neither
             click.echo(render_dry_run(run) + render_plan(run) + _resume_point(record), nl=False)
             return
+        runs.check_not_running(record)  # one job per run folder
         if assignments:
             kept = runs.rewrite_run_config(record, run)
             click.echo(f"run {record.name}: {_workers_line(run)}; its earlier config: {kept}")

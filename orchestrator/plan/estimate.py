@@ -19,6 +19,7 @@ from typing import Any
 from infra.config import RunConfig, deep_merge, stage_input
 from infra.deepspeed_config import deepspeed_config
 from mask2dit.policy import KeySet, resolve_policy
+from mask2dit.tiny import spatial_compression
 from orchestrator.plan.shapes import (
     Shapes,
     numel,
@@ -192,9 +193,10 @@ def accelerator_of(run: RunConfig) -> Accelerator | None:
 
 
 def sequence_of(run: RunConfig, configs: ModelConfigs) -> Sequence:
-    """Tokens of one sample at the recipe's shape (VAE 8x spatial, 4x temporal)."""
+    """Tokens of one sample at the recipe's shape (CogVideoX's VAE: 8x spatial, 4x
+    temporal)."""
     tcfg, recipe = configs.transformer, run.recipe
-    spatial = 2 ** (len(configs.vae.get("block_out_channels", (128, 256, 256, 512))) - 1)
+    spatial = spatial_compression(configs.vae)
     temporal = tcfg.get("temporal_compression_ratio", 4)
     patch = tcfg.get("patch_size", 2)
     frames = (recipe.frames - 1) // temporal + 1

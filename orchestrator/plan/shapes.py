@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from math import prod
 from typing import Any
 
+from mask2dit.tiny import TOY_VAE_CLASS
+
 Shapes = dict[str, tuple[int, ...]]
 
 # diffusers' defaults for keys a config.json may leave out (CogVideoXTransformer3DModel,
@@ -159,7 +161,10 @@ def _resnet(name: str, in_channels: int, out_channels: int, latent: int | None) 
 
 
 def vae_shapes(config: Mapping[str, Any]) -> Shapes:
-    """``AutoencoderKLCogVideoX`` (both CogVideoX VAEs share this layout)."""
+    """``AutoencoderKLCogVideoX`` (both CogVideoX VAEs share this layout); the toy model's
+    ``ToyVAE`` has no parameters."""
+    if config.get("_class_name") == TOY_VAE_CLASS:
+        return {}
     cfg = {**_VAE_DEFAULTS, **config}
     channels, latent = list(cfg["block_out_channels"]), cfg["latent_channels"]
     layers = cfg["layers_per_block"]

@@ -2,7 +2,7 @@
 
 A diffusers CogVideoX folder (local or ``s3://``) holds ``transformer/``, ``text_encoder/``
 and ``vae/``, each with its ``config.json``; only those are read, never weights. The
-built-in ``tiny`` model's configs come from ``mask2dit.tiny`` (torch-free).
+built-in models' (``tiny``, ``toy``) configs come from ``mask2dit.tiny`` (torch-free).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import posixpath
 from infra.config import ModelConfig, StorageConfig
 from infra.errors import ConfigError, StorageError, first_line
 from infra.storage import filesystem
-from mask2dit.tiny import tiny_configs
+from mask2dit.tiny import BUILT_IN_SOURCES, built_in_configs
 from orchestrator.plan.estimate import ModelConfigs
 
 PARTS = ("transformer", "text_encoder", "vae")
@@ -21,8 +21,8 @@ PARTS = ("transformer", "text_encoder", "vae")
 
 def read_model_configs(model: ModelConfig, storage: StorageConfig | None) -> ModelConfigs:
     """The configs of ``model.source``; a one-line error names the file that is missing."""
-    if model.source == "tiny":  # as trainer.components.load_components reads it
-        return ModelConfigs(**tiny_configs())
+    if model.source in BUILT_IN_SOURCES:  # as trainer.components.load_components reads it
+        return ModelConfigs(**built_in_configs(model.source))
     fs, root = filesystem(model.source, storage)
     found = {}
     for part in PARTS:

@@ -332,6 +332,52 @@ def test_a_stopped_local_run_reads_stopped_not_failed_or_lost(tmp_path):
     assert "local-run: was not running" in CliRunner().invoke(cli, ["stop", "local-run"]).output
 
 
+@pytest.fixture
+def stand_in_job():
+    """A process group standing in for a local run's job; killed at the end."""
+    import subprocess
+    import sys
+
+    job = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
+    )
+    yield job
+    job.kill()
+    job.wait()
+
+
+def test_stop_never_signals_a_process_that_took_the_jobs_pid(tmp_path, stand_in_job):
+    from infra.processes import process_start
+
+    # The launcher died, its job ended, and the kernel gave the pid to another process.
+    started = process_start(stand_in_job.pid)
+    _record(tmp_path, "gone", pid=stand_in_job.pid, pid_start=started - 1)
+    assert "state:      LOST" in CliRunner().invoke(cli, ["status", "gone"]).output
+    result = CliRunner().invoke(cli, ["stop", "gone"])
+    assert result.exit_code == 0 and "gone: was not running" in result.output
+    assert stand_in_job.poll() is None  # not signalled
+    assert not runs.load_record("gone").stopped
+    # The job itself (its own start time) is stopped as before.
+    _record(tmp_path, "live", pid=stand_in_job.pid, pid_start=started)
+    assert "live: stopping" in CliRunner().invoke(cli, ["stop", "live"]).output
+    assert stand_in_job.wait(timeout=30) == -15
+
+
+def test_a_run_whose_job_runs_is_not_resumed(tmp_path, monkeypatch, stand_in_job):
+    from infra.processes import process_start
+
+    def started(*args, **kwargs):
+        raise AssertionError("a second job started on the run's folder")
+
+    monkeypatch.setattr("orchestrator.submit.run_local", started)
+    pid = stand_in_job.pid
+    _record(tmp_path, "busy", pid=pid, pid_start=process_start(pid))
+    result = CliRunner().invoke(cli, ["launch", "--resume", "busy"])
+    assert result.exit_code == 2, result.output
+    assert f"run busy is running (pid {pid}); wait for it, or stop it" in result.output
+    assert runs.load_record("busy").pid == pid
+
+
 def _snapshot(*roots: Path) -> dict[Path, tuple[int, bytes]]:
     return {
         path: (path.stat().st_mtime_ns, path.read_bytes())

@@ -293,13 +293,17 @@ def sample_latents(
 
     The same computation as ``mask2dit.encoding.encode_video`` after ``vae.encode``:
     diffusers' DiagonalGaussianDistribution over (mean, logvar) on the VAE's device and
-    dtype, sampled with ``generator`` (or its mode), times ``scaling_factor``.
+    dtype, sampled with ``generator`` (or its mode), times ``scaling_factor``. A logvar
+    of -inf everywhere (``mask2dit.toy.ToyVAE``: variance 0) samples the mean exactly, as
+    that VAE's own posterior does (diffusers would clamp it to -30: noise of std 3e-7).
     """
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-    param = next(vae.parameters())
     parameters = torch.cat([mean_BCfhw, logvar_BCfhw], dim=1)
-    posterior = DiagonalGaussianDistribution(parameters.to(param.device, param.dtype))
+    point_mass = bool(torch.isneginf(logvar_BCfhw).all())
+    posterior = DiagonalGaussianDistribution(
+        parameters.to(vae.device, vae.dtype), deterministic=point_mass
+    )
     z_BCfhw = posterior.sample(generator) if sample else posterior.mode()
     return z_BCfhw.permute(0, 2, 1, 3, 4) * vae.config.scaling_factor
 

@@ -34,6 +34,7 @@ from infra.jobs import run_job
 from infra.logging import get_logger
 from infra.ray_runtime import init_ray
 from infra.storage import filesystem, is_remote, join
+from mask2dit.tiny import BUILT_IN_SOURCES
 from trainer.data.latents import SETTINGS, Entry, Settings, shard_uri, write_atomic, write_index
 from trainer.data.manifest import SkipCounts, read_clips, read_shot_groups
 from trainer.data.shard_encoder import Item, ShardEncoder
@@ -282,10 +283,10 @@ def settings_from(spec: PrecomputeSpec) -> Settings:
     """What the job encodes with, from the spec's run; a ConfigError names what to fix."""
     run = spec.run
     source = run.model.source
-    if source != "tiny" and not is_remote(source) and not os.path.isdir(source):
+    if source not in BUILT_IN_SOURCES and not is_remote(source) and not os.path.isdir(source):
         raise ConfigError(
-            f"model.source {source}: no such folder; give 'tiny' or a diffusers CogVideoX "
-            "folder (path or s3://)"
+            f"model.source {source}: no such folder; give a built-in model "
+            f"({', '.join(BUILT_IN_SOURCES)}) or a diffusers CogVideoX folder (path or s3://)"
         )
     recipe, gpu = run.recipe, run.workers.gpus_per_worker > 0
     return Settings(

@@ -109,9 +109,8 @@ def posterior(vae: Any, video_B3THW: Any) -> tuple[Any, Any]:
 
     from mask2dit.encoding import to_unit_range
 
-    param = next(vae.parameters())
     with torch.no_grad():
-        pixels = to_unit_range(video_B3THW).to(device=param.device, dtype=param.dtype)
+        pixels = to_unit_range(video_B3THW).to(device=vae.device, dtype=vae.dtype)
         parameters = vae.encode(pixels).latent_dist.parameters
     return parameters.chunk(2, dim=1)
 
