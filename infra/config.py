@@ -256,6 +256,12 @@ class DataConfig(_Strict):
         description="Folder (or s3:// prefix) of SFT latents written by `m2d data precompute "
         "--stage sft`; when set, training reads it instead of decoding videos.",
     )
+    pretrain_span: tuple[float, float] = Field(
+        (0.05, 0.95),
+        description="The part of each pre-training clip its frames are drawn from, as "
+        "fractions of its length: the paper's 5%-95% keeps away from cuts at the ends of "
+        "Panda-70M clips; [0, 1] for clips that are whole scenes (the toy world's).",
+    )
     synthetic: bool = Field(
         False,
         description="Train on seeded random stories and read no files (smoke runs, tests); "
@@ -268,6 +274,17 @@ class DataConfig(_Strict):
         description="Micro-batches each worker reads ahead in a background thread while "
         "the step runs (0: read each batch when the step needs it).",
     )
+
+    @field_validator("pretrain_span")
+    @classmethod
+    def _span(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= value[0] < value[1] <= 1:
+            raise ValueError(f"{list(value)}: give [start, end] with 0 <= start < end <= 1")
+        return value
+
+    def clip_span(self, stage: str) -> tuple[float, float] | None:
+        """The part of each clip a stage draws frames from (None: all of it)."""
+        return self.pretrain_span if stage == "pretrain" else None
 
 
 class RuntimeEnvConfig(_Strict):

@@ -230,7 +230,14 @@ class ManifestStories:
             groups, self.read_skips = manifest.read_shot_groups(uri, r.num_scenes, run.storage)
             story_order = order.SFTOrder(groups, r.num_scenes, r.seed, rank, world_size)
         self.loader = loader.StoryLoader(
-            story_order, r.frames, r.height, r.width, run.stage, run.storage, r.seed
+            story_order,
+            r.frames,
+            r.height,
+            r.width,
+            run.stage,
+            run.storage,
+            r.seed,
+            span=run.data.clip_span(run.stage),
         )
         self.batch_size = run.deepspeed.micro_batch_per_gpu
 

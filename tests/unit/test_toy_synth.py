@@ -128,3 +128,35 @@ def test_synth_toy_through_the_cli_is_deterministic(tmp_path):
     first, second = synth(tmp_path / "a"), synth(tmp_path / "b")
     assert first == second
     assert "eval_extend.jsonl" in first and "videos/eval/eval001/shot2.mp4" in first
+
+
+def test_pretraining_reads_whole_toy_clips_only_with_the_whole_span(toy):
+    from infra.config import DataConfig
+    from infra.errors import DataError
+    from trainer.data.loader import StoryLoader
+    from trainer.data.manifest import read_clips
+    from trainer.data.order import PretrainOrder
+
+    clips, _ = read_clips(str(toy / "pretrain.jsonl"))
+    span = DataConfig(pretrain_span=(0.0, 1.0)).clip_span("pretrain")
+    story = next(StoryLoader(PretrainOrder(clips, 3, seed=0), 5, 16, 16, "pretrain", span=span))
+    for clip, video in zip(story.story.clips, story.videos, strict=True):
+        assert torch.equal(
+            torch.as_tensor(video).permute(0, 2, 3, 1), read_frames(clip.path, list(range(5)))
+        )
+    # The paper's 5%-95% leaves 3 of a 5-frame clip's frames: every story is skipped.
+    paper = StoryLoader(
+        PretrainOrder(clips, 3, seed=0), 5, 16, 16, "pretrain", max_consecutive_skips=3
+    )
+    with pytest.raises(DataError, match="too_short=3"):
+        next(paper)
+
+
+@pytest.mark.parametrize("span", [(0.5, 0.5), (-0.1, 1.0), (0.2, 1.1)])
+def test_a_span_that_holds_no_frames_is_refused(span):
+    from pydantic import ValidationError
+
+    from infra.config import DataConfig
+
+    with pytest.raises(ValidationError, match="0 <= start < end <= 1"):
+        DataConfig(pretrain_span=span)

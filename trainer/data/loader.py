@@ -79,7 +79,8 @@ class StoryLoader:
     ``zero_byte``, ``undecodable``, ``truncated``, ``too_short``). A skipped story still
     advances the order, so ``state_dict`` resumes exactly. ``max_consecutive_skips``
     stories in a row that cannot be used raise DataError: an all-broken dataset is an
-    error, not an endless loop.
+    error, not an endless loop. ``span``: the part of each clip frames are drawn from
+    (default: the stage's, ``SPANS``; the run's ``data.pretrain_span`` overrides it).
     """
 
     def __init__(
@@ -92,10 +93,12 @@ class StoryLoader:
         storage: StorageConfig | None = None,
         seed: int = 0,
         max_consecutive_skips: int = 100,
+        span: tuple[float, float] | None | Literal["stage"] = "stage",
     ) -> None:
         if stage not in SPANS:
             raise ValueError(f"stage must be 'pretrain' or 'sft', not {stage!r}")
         self.order, self.stage, self.storage, self.seed = order, stage, storage, seed
+        self.span = SPANS[stage] if span == "stage" else span
         self.frames, self.height, self.width = frames, height, width
         self.max_consecutive_skips = max_consecutive_skips
         self.skips = SkipCounts()
@@ -119,8 +122,9 @@ class StoryLoader:
         )
 
     def _decode(self, clip: Clip, rng: random.Random) -> torch.Tensor:
-        span = SPANS[self.stage]
-        return decode_clip(clip, self.frames, self.height, self.width, span, rng, self.storage)
+        return decode_clip(
+            clip, self.frames, self.height, self.width, self.span, rng, self.storage
+        )
 
     def _skip(self, story: Story, exc: VideoError) -> None:
         self.skips.add(exc.reason)
