@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 # Run as a script, this file's folder comes first on sys.path: keep it from shadowing ours.
@@ -358,6 +358,18 @@ def log_to_mlflow(experiment: Experiment, results: dict, table: dict) -> None:
     client.set_terminated(parent.info.run_id)
 
 
+#: What follows this line in docs/ablation.md is written by hand and kept by a rerun.
+NOTES_MARKER = "<!-- Notes below are written by hand; benchmarks/mask_ablation.py keeps them. -->"
+
+
+def kept_notes(doc: Path) -> str:
+    """The hand-written notes of an earlier report (from ``NOTES_MARKER`` on), or the
+    marker alone."""
+    text = doc.read_text() if doc.is_file() else ""
+    found = text.find(NOTES_MARKER)
+    return "\n" + (text[found:] if found >= 0 else NOTES_MARKER + "\n")
+
+
 def _commit() -> str:
     done = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
@@ -420,13 +432,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "experiments" / "mask-ablation"))
     parser.add_argument("--quick", action="store_true", help="a miniature: the pipeline only")
     parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--seeds", help="comma-separated training seeds (default 0,1)")
     parser.add_argument("--doc", default=str(ROOT / "docs" / "ablation.md"))
     args = parser.parse_args(argv)
     policies = args.policies.split(",")
     unknown = sorted(set(policies) - set(POLICIES))
     if unknown:
         parser.error(f"unknown policies {unknown}; valid: {', '.join(POLICIES)}")
-    experiment = Experiment(Path(args.out), QUICK if args.quick else Settings(), policies)
+    settings = QUICK if args.quick else Settings()
+    if args.seeds:
+        settings = replace(settings, seeds=tuple(int(seed) for seed in args.seeds.split(",")))
+    experiment = Experiment(Path(args.out), settings, policies)
     started = time.monotonic()
     experiment.synthesize()
     results = {}
@@ -443,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     plot(table, figures / "plot.png")
     sheets = contact_sheets(experiment, policies, figures)
     log_to_mlflow(experiment, results, table)
-    doc.write_text(render(experiment, table, sheets, doc, argv or sys.argv[1:], started))
+    notes = kept_notes(doc)
+    doc.write_text(render(experiment, table, sheets, doc, argv or sys.argv[1:], started) + notes)
     print(f"done in {time.monotonic() - started:.0f} s: {args.doc}")
     return 0
 

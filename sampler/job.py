@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from infra.errors import DataError
+from infra.errors import ConfigError, DataError
 from infra.jobs import run_job
 from infra.logging import get_logger
 from infra.processes import pid_alive
@@ -130,23 +130,40 @@ class StoryRenderer:
         return {"story": story_id, "seed": seed, "meta": json.dumps(written)}
 
 
+#: How long a sample job waits for its whole actor pool (models load in the actors).
+ACTOR_START_S = 600
+
+
 def _rendered(plan: Plan, label: str, items: list[Item]) -> Iterator[dict[str, Any]]:
     """Rows of finished items of one checkpoint, as the actor pool completes them."""
     import ray.data
 
     spec = plan.spec
-    ray.data.DataContext.get_current().enable_progress_bars = False  # ours is below
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # ours is below
+    # The whole pool is up before the first item is handed out, so every replica asked
+    # for renders its share: by default Ray Data starts actors asynchronously and hands
+    # items to the first one ready, which on a busy cluster renders a short list alone.
+    context.wait_for_min_actors_s = ACTOR_START_S
+    actors = min(spec.num_actors, len(items))
     rows = [{"story": item.story, "seed": item.seed} for item in items]
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
     rendered = dataset.map_batches(
         StoryRenderer,
         fn_constructor_kwargs={"spec_json": spec.model_dump_json(), "label": label},
         batch_size=1,
-        concurrency=min(spec.num_actors, len(rows)),
+        concurrency=actors,
         num_cpus=spec.cpus_per_actor,
         num_gpus=spec.gpus_per_actor,
     )
-    yield from rendered.iter_rows()
+    try:
+        yield from rendered.iter_rows()
+    except ray.exceptions.GetTimeoutError:
+        raise ConfigError(
+            f"the cluster did not start {actors} sampling actor(s) ({spec.cpus_per_actor} "
+            f"CPU, {spec.gpus_per_actor} GPU each) within {ACTOR_START_S} s; ask for fewer "
+            "with --num-actors, or free the cluster's resources"
+        ) from None
 
 
 class Progress:
