@@ -49,11 +49,31 @@ def looks_secret(name: str) -> bool:
     return bool(_SECRET_NAME.search(name.upper()))
 
 
+# A URL's userinfo, anywhere in a value ("--index-url https://u:p@host/simple" included):
+# a token alone in the user part is as much a credential as a password.
+_USERINFO = re.compile(r"[A-Za-z][\w+.-]*://[^/\s?#@]*@")
+
+
 def _reject_userinfo(uri: str) -> str:
-    """Refuse ``scheme://user:password@host`` URIs: credentials belong in the environment."""
-    if "://" in uri and urlsplit(uri).password is not None:
-        raise ValueError("must not contain a password; give credentials through the environment")
+    """Refuse URLs with userinfo (``scheme://user:password@host``, ``scheme://token@host``):
+    credentials belong in the environment, where nothing m2d saves or logs shows them.
+    The value itself is never quoted back."""
+    if _USERINFO.search(uri):
+        raise ValueError(
+            "must not contain a password or any user@ in a URL; give credentials through "
+            "the environment (AWS_* or storage.credentials_file for S3, "
+            "MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN for MLflow, PIP_INDEX_URL on the "
+            "cluster for pip)"
+        )
     return uri
+
+
+def _reject_userinfo_in(value: Any) -> Any:
+    """``_reject_userinfo`` over a string, or every string of a list (None passes)."""
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(item, str):
+            _reject_userinfo(item)
+    return value
 
 
 class RayConfig(_Strict):
@@ -69,7 +89,7 @@ class RayConfig(_Strict):
     @classmethod
     def _address(cls, value: str) -> str:
         if value == "local" or value.startswith(("http://", "https://")):
-            return value
+            return _reject_userinfo(value)
         raise ValueError(
             "must be 'local' or the Ray dashboard address http(s)://HOST:8265 "
             "(the Jobs API does not use ray:// client addresses)"
@@ -166,6 +186,11 @@ class StorageConfig(_Strict):
     credentials_file: str | None = Field(
         None, description="Path, on every node, of an AWS-style credentials file."
     )
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        return _reject_userinfo_in(value)
 
     @field_validator("root")
     @classmethod
@@ -275,6 +300,11 @@ class DataConfig(_Strict):
         "the step runs (0: read each batch when the step needs it).",
     )
 
+    @field_validator("pretrain", "sft", "pretrain_latents", "sft_latents")
+    @classmethod
+    def _paths(cls, value: str | None) -> str | None:
+        return _reject_userinfo_in(value)
+
     @field_validator("pretrain_span")
     @classmethod
     def _span(cls, value: tuple[float, float]) -> tuple[float, float]:
@@ -304,6 +334,11 @@ class RuntimeEnvConfig(_Strict):
     )
     env_vars: dict[str, str] = Field(default_factory=dict, description="Non-secret env vars.")
     pip: list[str] = Field(default_factory=list, description="Extra pip requirements.")
+
+    @field_validator("image", "pip")
+    @classmethod
+    def _no_userinfo(cls, value: Any) -> Any:
+        return _reject_userinfo_in(value)
 
     @field_validator("env_vars")
     @classmethod
@@ -337,6 +372,11 @@ class ValidationConfig(_Strict):
         "MODULE:FUNCTION); none: contact sheets only.",
     )
     encoder_path: str | None = Field(None, description="The encoder's folder (path or s3://).")
+
+    @field_validator("encoder_path")
+    @classmethod
+    def _encoder_path(cls, value: str | None) -> str | None:
+        return _reject_userinfo_in(value)
 
     @model_validator(mode="after")
     def _encoder(self) -> ValidationConfig:
@@ -493,6 +533,11 @@ class RunConfig(_Placement):
     init_from: str | None = Field(
         None, description="Checkpoint folder whose model weights start this run (SFT)."
     )
+
+    @field_validator("init_from")
+    @classmethod
+    def _init_from(cls, value: str | None) -> str | None:
+        return _reject_userinfo_in(value)
 
     @model_validator(mode="after")
     def _global_batch(self) -> RunConfig:

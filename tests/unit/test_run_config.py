@@ -168,3 +168,40 @@ def test_validation_is_off_by_default_and_set_per_stage():
     )  # fmt: skip
     assert result.exit_code == 2, result.output
     assert "recipe.validation.encoder_path: encoder clip needs its folder" in result.output
+
+
+CREDENTIAL_URLS = {
+    "ray.address": "http://admin:hunter2@head:8265",
+    "storage.root": "s3://key:hunter2@bucket/runs",
+    "storage.endpoint_url": "http://key:hunter2@127.0.0.1:9000",
+    "tracking.uri": "https://hunter2@mlflow.example",  # a token as the user part
+    "model.source": "s3://key:hunter2@bucket/CogVideoX-5b",
+    "data.pretrain": "s3://key:hunter2@bucket/pretrain.jsonl",
+    "data.sft_latents": "s3://hunter2@bucket/latents",
+    "runtime_env.pip": '["--index-url https://user:hunter2@pypi.example/simple"]',
+    "runtime_env.image": "registry.example/m2d@sha256:abc",  # a digest is no userinfo
+}
+
+
+@pytest.mark.parametrize("key", sorted(CREDENTIAL_URLS))
+def test_a_url_with_credentials_is_refused_without_echoing_them(key):
+    result = CliRunner().invoke(
+        cli,
+        ["launch", "--cluster", "local", "--stage", "pretrain", "--dry-run", "--set",
+         f"{key}={CREDENTIAL_URLS[key]}"],
+    )  # fmt: skip
+    if key == "runtime_env.image":
+        assert "must not contain" not in result.output, result.output
+        return
+    assert result.exit_code == 2, result.output
+    assert f"{key}: must not contain a password or any user@ in a URL" in result.output
+    assert "hunter2" not in result.output
+
+
+@pytest.mark.parametrize(
+    "uri", ["http://127.0.0.1:9000", "s3://bucket/a@b/runs", "sqlite:///runs/m@lflow.db"]
+)
+def test_an_at_sign_outside_a_urls_authority_is_no_credential(uri):
+    from infra.config import StorageConfig
+
+    assert StorageConfig(root="./runs", endpoint_url=uri).endpoint_url == uri
