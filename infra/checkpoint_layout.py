@@ -51,9 +51,7 @@ __all__ = [
     "complete_checkpoint",
     "consolidated_state_dict",
     "fetch_checkpoint",
-    "is_checkpoint",
     "read_run_config",
-    "read_trainer_state",
     "read_weights",
     "remote_run_config",
     "write_file_list",
@@ -70,11 +68,6 @@ _CHUNK = 8 << 20
 
 # The engine wraps Mask2DiT, whose only submodule is the stock transformer.
 MODULE_PREFIX = "transformer."
-
-
-def is_checkpoint(folder: Path) -> bool:
-    """Whether a local folder is an m2d training checkpoint."""
-    return (folder / DEEPSPEED_TAG).is_dir() and (folder / RUN_CONFIG).is_file()
 
 
 def fetch_checkpoint(uri: str, storage: StorageConfig | None, into: Path) -> Path:
@@ -99,11 +92,6 @@ def fetch_checkpoint(uri: str, storage: StorageConfig | None, into: Path) -> Pat
 def read_run_config(folder: Path) -> RunConfig:
     """The resolved run config a checkpoint was written with."""
     return RunConfig.model_validate_json((folder / RUN_CONFIG).read_text())
-
-
-def read_trainer_state(folder: Path) -> dict[str, Any]:
-    """The checkpoint's ``trainer_state.json`` (step, world size, MLflow run id)."""
-    return json.loads((folder / TRAINER_STATE).read_text())
 
 
 def consolidated_state_dict(folder: Path) -> dict[str, Any]:
