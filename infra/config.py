@@ -13,7 +13,6 @@ process that needs them, and the validators refuse values that look like credent
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -312,6 +311,14 @@ class DataConfig(_Strict):
             raise ValueError(f"{list(value)}: give [start, end] with 0 <= start < end <= 1")
         return value
 
+    def stage_input(self, stage: str) -> tuple[str, str] | None:
+        """The key and URI that training ``stage`` reads - its precomputed latents when set,
+        else its manifest - or ``None`` when neither is set."""
+        for key in (f"{stage}_latents", stage):
+            if value := getattr(self, key):
+                return key, value
+        return None
+
     def clip_span(self, stage: str) -> tuple[float, float] | None:
         """The part of each clip a stage draws frames from (None: all of it)."""
         return self.pretrain_span if stage == "pretrain" else None
@@ -553,15 +560,6 @@ class RunConfig(_Placement):
                 "deepspeed.gradient_accumulation / deepspeed.micro_batch_per_gpu",
             )
         return self
-
-
-def stage_input(data: Mapping[str, Any], stage: str) -> tuple[str, str] | None:
-    """The ``data`` key and URI that training ``stage`` reads - its precomputed latents when
-    set, else its manifest - or ``None`` when neither is set."""
-    for key in (f"{stage}_latents", stage):
-        if data.get(key):
-            return key, data[key]
-    return None
 
 
 def resolve_run(

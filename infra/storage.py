@@ -11,12 +11,12 @@ import json
 import os
 import posixpath
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import fsspec
 
-from infra.config import StorageConfig, stage_input
+from infra.config import DataConfig, StorageConfig
 from infra.errors import DataError, StorageError, first_line
 from infra.logging import get_logger
 
@@ -64,12 +64,12 @@ def require(uri: str, storage: StorageConfig | None, key: str, fix: str = "fix t
         raise DataError(f"{key} = {uri}: not found; {fix}")
 
 
-def check_stage_input(data: Mapping[str, Any], stage: str, storage: StorageConfig | None) -> None:
-    """The input that training ``stage`` reads (:func:`infra.config.stage_input`) must
-    exist; with none set (or ``synthetic`` data) there is nothing to check here (the job
-    says what to set)."""
-    found = stage_input(data, stage)
-    if found is None or data.get("synthetic"):
+def check_stage_input(data: DataConfig, stage: str, storage: StorageConfig | None) -> None:
+    """The input that training ``stage`` reads (``DataConfig.stage_input``) must exist;
+    with none set (or ``synthetic`` data) there is nothing to check here (the job says
+    what to set)."""
+    found = data.stage_input(stage)
+    if found is None or data.synthetic:
         return
     key, uri = found
     if key.endswith("_latents"):

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import torch
 
-from infra.config import RunConfig, stage_input
+from infra.config import RunConfig
 from infra.errors import ConfigError
 from infra.logging import get_logger
 from trainer.encode import encode_prompts, encode_videos
@@ -89,7 +89,7 @@ def make_batches(run: RunConfig, rank: int, world_size: int) -> StoryBatches:
 def _source(run: RunConfig, rank: int, world_size: int) -> StoryBatches:
     if run.data.synthetic:
         return SyntheticStories(run, rank)
-    found = stage_input(run.data.model_dump(), run.stage)
+    found = run.data.stage_input(run.stage)
     if found is None:
         raise ConfigError(
             f"no {run.stage} manifest: set data.{run.stage}, data.{run.stage}_latents, or "

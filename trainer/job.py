@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from infra.checkpoint_layout import write_manifest
-from infra.config import RunConfig, StorageConfig, stage_input
+from infra.config import RunConfig, StorageConfig
 from infra.errors import ConfigError, M2DError, StorageError, first_line
 from infra.job_specs import TrainJobSpec
 from infra.jobs import run_job
@@ -272,13 +272,13 @@ def check_input(run: RunConfig) -> None:
     if run.data.synthetic:
         check_validation(run)
         return
-    if stage_input(run.data.model_dump(), run.stage) is None:
+    if run.data.stage_input(run.stage) is None:
         raise ConfigError(
             f"stage {run.stage} needs its manifest: set data.{run.stage} in the run config "
             f"(or data.{run.stage}_latents to precomputed latents, or data.synthetic: true "
             "for a run without files)"
         )
-    check_stage_input(run.data.model_dump(), run.stage, run.storage)
+    check_stage_input(run.data, run.stage, run.storage)
     check_validation(run)
 
 

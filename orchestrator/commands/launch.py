@@ -175,7 +175,7 @@ def _check_input(run: RunConfig) -> None:
     job checks again wherever it runs)."""
     from infra.storage import check_stage_input
 
-    check_stage_input(run.data.model_dump(), run.stage, run.storage)
+    check_stage_input(run.data, run.stage, run.storage)
 
 
 def _opens_mlflow_here(run: RunConfig) -> bool:

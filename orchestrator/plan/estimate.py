@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from infra.config import RunConfig, deep_merge, stage_input
+from infra.config import RunConfig, deep_merge
 from infra.deepspeed_config import deepspeed_config
 from mask2dit.policy import KeySet, resolve_policy
 from mask2dit.tiny import spatial_compression
@@ -369,7 +369,7 @@ def plan_run(run: RunConfig, configs: ModelConfigs) -> Plan:
         "vae": numel(vae_shapes(configs.vae)),
     }
     frozen = 0
-    found = stage_input(run.data.model_dump(), run.stage)
+    found = run.data.stage_input(run.stage)
     on_the_fly = found is None or not found[0].endswith("_latents")
     if on_the_fly and not run.data.synthetic:
         # Videos and prompts are encoded in the step: T5 and the VAE stay on the GPU, in

@@ -93,7 +93,7 @@ class StoryLoader:
         storage: StorageConfig | None = None,
         seed: int = 0,
         max_consecutive_skips: int = 100,
-        span: tuple[float, float] | None | Literal["stage"] = "stage",
+        span: tuple[float, float] | Literal["stage"] | None = "stage",
     ) -> None:
         if stage not in SPANS:
             raise ValueError(f"stage must be 'pretrain' or 'sft', not {stage!r}")
@@ -122,9 +122,7 @@ class StoryLoader:
         )
 
     def _decode(self, clip: Clip, rng: random.Random) -> torch.Tensor:
-        return decode_clip(
-            clip, self.frames, self.height, self.width, self.span, rng, self.storage
-        )
+        return decode_clip(clip, self.frames, self.height, self.width, self.span, rng, self.storage)
 
     def _skip(self, story: Story, exc: VideoError) -> None:
         self.skips.add(exc.reason)
