@@ -75,6 +75,11 @@ def show(ctx: click.Context, name: str) -> None:
     loaded = profiles.load_profile(profiles.find_profile(name, _directory(ctx)))
     check(loaded)
     data = loaded.profile.model_dump(mode="json", exclude={"extends"})
+    # Each stage as a launch resolves it: the stage's own defaults (SFT: extension_prob
+    # 0.5), then what the profile sets - not the bare recipe model's defaults.
+    data["stages"] = {
+        stage: loaded.profile.recipe(stage).model_dump(mode="json") for stage in STAGES
+    }
     click.echo(f"# {loaded.path}\n" + yaml.safe_dump(data, sort_keys=False), nl=False)
 
 

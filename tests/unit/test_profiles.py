@@ -235,3 +235,17 @@ def test_validate_reports_every_bad_file(tmp_path):
     assert result.exit_code == 2
     assert f"ok  {good}" in result.output
     assert str(bad) in result.output and str(worse) in result.output
+
+
+@pytest.mark.parametrize("name", ["local", "toy"])
+def test_cluster_show_prints_each_stage_as_a_launch_resolves_it(name):
+    import yaml
+
+    shown = CliRunner().invoke(cli, ["cluster", "show", name])
+    assert shown.exit_code == 0, shown.output
+    stages = yaml.safe_load(shown.output)["stages"]
+    loaded = profiles.load_profile(CLUSTERS / f"{name}.yaml")
+    for stage in STAGES:
+        run = profiles.resolve(loaded, stage, {})
+        assert stages[stage] == run.recipe.model_dump(mode="json"), stage
+    assert stages["sft"]["extension_prob"] == 0.5 and stages["pretrain"]["extension_prob"] == 0
