@@ -377,7 +377,8 @@ def _commit() -> str:
     return done.stdout.strip() or "unknown"
 
 
-def render(experiment, table, sheets, doc: Path, argv, started: float) -> str:
+def render(experiment, table, sheets, how: tuple[list[str], float, str]) -> str:
+    argv, started, commit = how
     from evaluation.toy_oracle import chance
 
     s = experiment.settings
@@ -386,7 +387,7 @@ def render(experiment, table, sheets, doc: Path, argv, started: float) -> str:
     lines = [
         "# The mask ablation on the toy world",
         "",
-        f"Run {time.strftime('%Y-%m-%d', time.gmtime())} at commit {_commit()}, "
+        f"Run {time.strftime('%Y-%m-%d', time.gmtime())}, started at commit {commit}, "
         f"{(time.monotonic() - started) / 60:.0f} minutes on this machine:",
         "",
         f"    .venv/bin/python benchmarks/mask_ablation.py {' '.join(argv)}".rstrip(),
@@ -443,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds:
         settings = replace(settings, seeds=tuple(int(seed) for seed in args.seeds.split(",")))
     experiment = Experiment(Path(args.out), settings, policies)
-    started = time.monotonic()
+    started, commit = time.monotonic(), _commit()
     experiment.synthesize()
     results = {}
     for policy in policies:
@@ -460,7 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     sheets = contact_sheets(experiment, policies, figures)
     log_to_mlflow(experiment, results, table)
     notes = kept_notes(doc)
-    doc.write_text(render(experiment, table, sheets, doc, argv or sys.argv[1:], started) + notes)
+    doc.write_text(
+        render(experiment, table, sheets, (argv or sys.argv[1:], started, commit)) + notes
+    )
     print(f"done in {time.monotonic() - started:.0f} s: {args.doc}")
     return 0
 
