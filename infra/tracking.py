@@ -173,6 +173,12 @@ class Tracker:
         self.client.log_dict(self.run_id, record, f"checkpoints/{name}.json")
         self.set_tags({"checkpoint.latest": uri, "checkpoint.latest_step": str(step)})
 
+    def metric_history(self, key: str) -> dict[int, float]:
+        """Metric ``key`` by step; a step logged twice (a restart redid it) holds its
+        latest value."""
+        history = sorted(self.client.get_metric_history(self.run_id, key), key=_logged_order)
+        return {m.step: m.value for m in history}
+
     def last_step(self, key: str) -> int:
         """The highest step at which metric ``key`` was logged (0 if never)."""
         history = self.client.get_metric_history(self.run_id, key)
@@ -226,6 +232,27 @@ def _metric_items(rows: Sequence[tuple[int, int, Mapping[str, float]]]) -> list[
         for key, value in metrics.items()
         if value is not None
     ]
+
+
+def _logged_order(metric: Any) -> tuple[int, int]:
+    return metric.step, metric.timestamp
+
+
+#: Steps averaged at each end of a run for its loss trend: one step's loss is noisy.
+TREND_STEPS = 20
+
+
+def loss_trend(losses: Mapping[int, float], window: int = TREND_STEPS) -> str | None:
+    """ "loss 0.912 -> 0.254 (0.28x) ..." - the mean loss of the first and of the last
+    ``window`` steps, for a run of at least twice that many steps (else None)."""
+    if len(losses) < 2 * window:
+        return None
+    ordered = [losses[step] for step in sorted(losses)]
+    first, last = sum(ordered[:window]) / window, sum(ordered[-window:]) / window
+    ratio = f"{last / first:.2f}x" if first else "-"
+    return (
+        f"loss {first:.4f} -> {last:.4f} ({ratio}): the mean of the first and last {window} steps"
+    )
 
 
 def sample_run_of(tracking: TrackingConfig, out: str) -> Tracker | None:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["JobConsole", "loss_trend", "m2d_message"]
+__all__ = ["JobConsole", "m2d_message"]
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # Ray prefixes what it forwards from a worker: "(RayTrainWorker pid=123, ip=10.0.0.2) ".
@@ -68,24 +68,6 @@ def _message(plain: str, forwarded: bool) -> tuple[str, str, dict[str, Any] | No
     return level, record["message"], None
 
 
-#: Steps averaged at each end of a run for its loss trend: one step's loss is noisy.
-TREND_STEPS = 20
-
-
-def loss_trend(losses: dict[int, float], window: int = TREND_STEPS) -> str | None:
-    """ "loss 0.912 -> 0.254 (0.28x): ..." - the mean loss of the first and the last
-    ``window`` steps seen, for a run that showed at least twice that many (else None)."""
-    if len(losses) < 2 * window:
-        return None
-    ordered = [losses[step] for step in sorted(losses)]
-    first, last = sum(ordered[:window]) / window, sum(ordered[-window:]) / window
-    ratio = f"{last / first:.2f}x" if first else "-"
-    return (
-        f"loss {first:.4f} -> {last:.4f} ({ratio}): the mean of the first and of the last "
-        f"{window} steps"
-    )
-
-
 class JobConsole:
     """Feed it a job's lines (``feed``); it writes the log and shows m2d's part."""
 
@@ -111,7 +93,6 @@ class JobConsole:
         self.task: Any = None
         self.state: dict[str, Any] = {"checkpoints": 0, "restarts": -1}
         self.shown_tenth = -1
-        self.losses: dict[int, float] = {}  # by step: a restart's repeated steps count once
 
     def feed(self, line: str, data: bool = False) -> None:
         """One line the job printed; ``data``: it came on the job's stdout, where a data
@@ -162,8 +143,6 @@ class JobConsole:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
-        if trend := loss_trend(self.losses):
-            self._say(trend, False)
         self.log.close()
 
     def _say(self, text: str, stdout: bool) -> None:
@@ -181,8 +160,6 @@ class JobConsole:
             state.update(steps=event["steps"], started=time.monotonic(), start_step=event["step"])
             return
         state.update({k: event[k] for k in ("step", "loss", "samples_per_s") if k in event})
-        if "step" in event and "loss" in event:
-            self.losses[event["step"]] = event["loss"]
         state["checkpoints"] += bool(event.get("checkpoint"))
         steps, step = state.get("steps") or 0, state.get("step", 0)
         if self.live:

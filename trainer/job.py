@@ -41,7 +41,7 @@ from infra.storage import (
     retry_storage,
     storage_options,
 )
-from infra.tracking import Tracker, end_run, fail_fast, open_run
+from infra.tracking import Tracker, end_run, fail_fast, loss_trend, open_run
 
 __all__ = [
     "RunFolder",
@@ -310,6 +310,15 @@ def summary(folder: RunFolder, outcome: Outcome) -> str:
     )
 
 
+def _loss_trend(tracker: Tracker) -> str | None:
+    """The run's loss trend from every step rank 0 logged (None if MLflow cannot say)."""
+    try:
+        with fail_fast(10):
+            return loss_trend(tracker.metric_history("loss"))
+    except Exception:  # the trend is a courtesy: a store that went away must not fail the run
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """The job entry point: a ``TrainJobSpec`` in, the run trained (or resumed)."""
     return run_job(TrainJobSpec, _main, argv)
@@ -332,6 +341,8 @@ def _main(spec: TrainJobSpec) -> int:
     import ray
 
     ray.shutdown()  # flushes the workers' streamed logs, so the summary comes last
+    if trend := _loss_trend(outcome.tracker):
+        print(trend, flush=True)
     print(summary(folder, outcome), flush=True)
     if outcome.error:
         print(f"error: {_first_line(outcome.error)}", file=sys.stderr)

@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from infra import logging as m2d_logging
-from orchestrator.console import JobConsole, loss_trend, m2d_message
+from orchestrator.console import JobConsole, m2d_message
 
 RAY = "\x1b[36m(RayTrainWorker pid=8591)\x1b[0m "
 CONTROLLER = "\x1b[36m(TrainController pid=8456)\x1b[0m "
@@ -85,9 +85,6 @@ def test_a_plain_console_shows_m2ds_lines_and_progress_by_tenths(tmp_path, monke
     console.close()
     shown = err.getvalue().splitlines()
     assert shown[0] == "MLflow run abc"
-    assert shown.pop() == (
-        "loss 1.0000 -> 1.0000 (1.00x): the mean of the first and of the last 20 steps"
-    )
     steps = [line.split()[1] for line in shown[1:]]
     # The first step, one line per tenth of the run, and one at each checkpoint.
     expected = sorted({1, *range(20, 201, 20), 50, 150})
@@ -154,23 +151,3 @@ def test_the_log_is_named_once_when_a_line_is_first_kept_off_the_console(tmp_pat
     assert err.getvalue().splitlines()[1:] == [
         f"log: {tmp_path / 'j.log'} (all output; m2d -v shows it here)"
     ]
-
-
-def test_the_loss_trend_compares_the_first_and_last_steps_once_each():
-    assert loss_trend({step: 1.0 for step in range(39)}) is None  # too short to say
-    losses = {step: 2.0 if step < 20 else 0.5 for step in range(100)}
-    losses.update({step: 9.0 for step in range(50, 60)})  # the middle does not count
-    assert loss_trend(losses) == (
-        "loss 2.0000 -> 0.5000 (0.25x): the mean of the first and of the last 20 steps"
-    )
-
-
-def test_a_restart_counts_its_repeated_steps_once(tmp_path):
-    err = io.StringIO()
-    console = JobConsole(tmp_path / "job.log", err=err)
-    for step in range(1, 41):
-        console.feed(progress(step=step, loss=4.0 if step <= 20 else 1.0))
-    for step in range(31, 41):  # a restart from the checkpoint at step 30 does them again
-        console.feed(progress(step=step, loss=1.0))
-    console.close()
-    assert err.getvalue().splitlines()[-1].startswith("loss 4.0000 -> 1.0000 (0.25x)")
