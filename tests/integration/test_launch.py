@@ -231,9 +231,13 @@ def test_a_local_launch_shows_m2ds_lines_and_logs_the_rest(workspace):
         "step ",
         "DeepSpeed ZeRO-2 engine: ",
         "rank 0 of 2: ",
+        "loss ",
     )
     assert all(line.startswith(ours) for line in lines), "\n".join(lines)
     assert done.stdout.splitlines()[-1].startswith("run quiet finished: step 200/200")
+    # The loss trend over the steps MLflow holds, just before the summary.
+    trend = done.stdout.splitlines()[-2]
+    assert trend.startswith("loss ") and trend.endswith("the mean of the first and last 20 steps")
     progress = [line for line in done.stderr.splitlines() if line.startswith("step ")]
     assert progress[-1].startswith("step 200/200") and "checkpoints 4  restarts 0" in progress[-1]
     log = Path(_records(workspace)["quiet"]["log_path"])
