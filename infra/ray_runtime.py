@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 
 from infra.processes import free_port
 
-__all__ = ["LOOPBACK_IFNAME", "init_ray"]
+__all__ = ["LOOPBACK_IFNAME", "init_ray", "ray_session"]
 
 # The interface Gloo and NCCL open their listeners on in a local Ray (Linux names it lo).
 LOOPBACK_IFNAME = "lo0" if sys.platform == "darwin" else "lo"
@@ -83,3 +85,17 @@ def init_ray(num_cpus: int | None = None, *, log_to_driver: bool = True) -> bool
         log_to_driver=log_to_driver,
     )
     return True
+
+
+@contextlib.contextmanager
+def ray_session(num_cpus: int | None = None, *, log_to_driver: bool = True) -> Iterator[None]:
+    """Ray joined or started for a block, and shut down after it where this block began it
+    (a caller that already had Ray keeps it): a job leaves its process as it found it."""
+    import ray
+
+    started = init_ray(num_cpus, log_to_driver=log_to_driver)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()

@@ -45,7 +45,7 @@ from infra.errors import DataError, first_line
 from infra.job_specs import EvalSpec
 from infra.jobs import run_job
 from infra.logging import get_logger
-from infra.ray_runtime import init_ray
+from infra.ray_runtime import ray_session
 from infra.storage import filesystem, is_remote, join
 
 log = get_logger("sampler.eval_job")
@@ -472,11 +472,11 @@ def run(spec: EvalSpec, echo: Callable[[str], None] = print) -> dict[str, dict[s
         )
     skipped, reference = {}, None
     if todo or spec.reference:
-        init_ray(num_cpus=max(2, spec.num_actors * spec.cpus_per_actor))
-    if todo:
-        skipped = score_items(spec, todo)
-    if spec.reference:
-        reference = reference_statistics(spec, echo)
+        with ray_session(num_cpus=max(2, spec.num_actors * spec.cpus_per_actor)):
+            if todo:
+                skipped = score_items(spec, todo)
+            if spec.reference:
+                reference = reference_statistics(spec, echo)
     summaries = write_results(spec, collect(spec, items, skipped), reference)
     for label, summary in summaries.items():
         metrics = summary["metrics"]

@@ -28,7 +28,7 @@ from infra.jobs import run_job
 from infra.logging import get_logger
 from infra.processes import pid_alive
 from infra.prompts import Story, check_context_videos, prompt_file, read_stories
-from infra.ray_runtime import init_ray
+from infra.ray_runtime import ray_session
 from infra.sample_spec import SampleJobSpec
 from infra.storage import filesystem, is_remote
 from mask2dit.sampling.params import SamplingParams
@@ -206,18 +206,17 @@ def _run(plan: Plan, echo: Callable[[str], None]) -> Plan:
             if item not in logged:
                 _log_item(tracker, plan, item)
     progress = Progress(len(plan.todo), echo)
+    cpus = max(2, spec.num_actors * spec.cpus_per_actor)
     try:
-        for checkpoint in spec.checkpoints:
-            items = [item for item in plan.todo if item.checkpoint == checkpoint.label]
-            if not items:
-                continue
-            init_ray(num_cpus=max(2, spec.num_actors * spec.cpus_per_actor))
-            for row in _rendered(plan, checkpoint.label, items):
-                meta = json.loads(row["meta"])
-                _warn_truncated(meta, echo)
-                if tracker is not None:
-                    _log_item(tracker, plan, Item(checkpoint.label, row["story"], row["seed"]))
-                progress.advance(f"{checkpoint.label}/{row['story']}/{row['seed']}")
+        with ray_session(num_cpus=cpus) if plan.todo else contextlib.nullcontext():
+            for checkpoint in spec.checkpoints:
+                items = [item for item in plan.todo if item.checkpoint == checkpoint.label]
+                for row in _rendered(plan, checkpoint.label, items) if items else ():
+                    meta = json.loads(row["meta"])
+                    _warn_truncated(meta, echo)
+                    if tracker is not None:
+                        _log_item(tracker, plan, Item(checkpoint.label, row["story"], row["seed"]))
+                    progress.advance(f"{checkpoint.label}/{row['story']}/{row['seed']}")
     except BaseException as exc:
         if tracker is not None:
             stopped = isinstance(exc, (KeyboardInterrupt, SystemExit))  # Ctrl-C, SIGTERM

@@ -49,7 +49,7 @@ from infra.errors import DataError, ServiceError
 from infra.job_specs import FilterSpec
 from infra.jobs import run_job
 from infra.logging import get_logger
-from infra.ray_runtime import init_ray
+from infra.ray_runtime import ray_session
 from infra.storage import filesystem, is_remote
 from trainer.data.manifest import Clip, ShotGroup, SkipCounts, read_shot_groups
 
@@ -377,14 +377,8 @@ def run(spec: FilterSpec) -> Result:
 def _embed_on_ray(
     rows: list[dict], spec: FilterSpec, storage: StorageConfig | None
 ) -> dict[str, tuple[bytes, str]]:
-    import ray
-
-    started = init_ray(num_cpus=spec.num_actors + 1, log_to_driver=False)
-    try:
+    with ray_session(num_cpus=spec.num_actors + 1, log_to_driver=False):
         return embed_shots(rows, spec, storage)
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def _write(uri: str, data: bytes, storage: StorageConfig | None) -> None:

@@ -32,7 +32,7 @@ from infra.errors import ConfigError, DataError, M2DError, StorageError
 from infra.job_specs import PrecomputeSpec
 from infra.jobs import run_job
 from infra.logging import get_logger
-from infra.ray_runtime import init_ray
+from infra.ray_runtime import ray_session
 from infra.storage import filesystem, is_remote, join
 from mask2dit.tiny import BUILT_IN_SOURCES
 from trainer.data.latents import SETTINGS, Entry, Settings, shard_uri, write_atomic, write_index
@@ -128,10 +128,20 @@ def run_pending(
     pool: Pool,
 ) -> None:
     """Encode the pending shards on a pool of Ray Data actors, printing progress."""
+    with ray_session():
+        _encode(pending, settings, out, storage, pool)
+
+
+def _encode(
+    pending: list[tuple[str, list[Item]]],
+    settings: Settings,
+    out: str,
+    storage: StorageConfig | None,
+    pool: Pool,
+) -> None:
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    init_ray()
     DataContext.get_current().enable_progress_bars = False
     rows = [{"name": n, "items": json.dumps([i.to_dict() for i in items])} for n, items in pending]
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
