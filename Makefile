@@ -38,6 +38,7 @@ demo: $(STAMP)
 	$(VENV)/bin/m2d runs --limit 3
 	$(VENV)/bin/m2d sample-batch --cluster toy --checkpoint $(DEMO)-v2 --checkpoint $(DEMO)-isolated \
 		--prompts $(DEMO_DATA)/eval.jsonl --out runs/samples/$(DEMO) --steps 25 --guidance 1 \
+		--batch-size 8 \
 		--eval --encoder evaluation.toy_oracle:oracle
 	$(VENV)/bin/m2d eval --cluster toy --compare runs/samples/$(DEMO)
 	@echo "one story, both checkpoints:" runs/samples/$(DEMO)/*/eval000/0/contact.png

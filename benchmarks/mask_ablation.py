@@ -160,6 +160,8 @@ class Experiment:
             str(self.settings.sample_steps),
             "--guidance",
             "1.0",
+            "--batch-size",
+            "8",
             *self.common_sets(),
             "--eval",
             "--encoder",

@@ -89,6 +89,8 @@ def _lines(uri: str, storage: StorageConfig | None) -> list[tuple[int, str]]:
     """Non-blank lines of the file with their 1-based numbers."""
     fs, path = filesystem(uri, storage)
     try:
+        if fs.info(path)["type"] != "file":  # a FIFO or device would be read forever
+            raise DataError(f"{uri}: not a regular file; give the prompts file")
         text = fs.cat_file(path).decode("utf-8-sig")
     except FileNotFoundError:
         raise DataError(f"{uri}: prompts file not found; check the path") from None
@@ -105,6 +107,10 @@ def _parse(text: str) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise _BadLine(
             f"invalid JSON ({exc.msg} at column {exc.colno})", "write one JSON object per line"
+        ) from None
+    except (ValueError, RecursionError):  # a 5000-digit number, 100k nested brackets
+        raise _BadLine(
+            "a value too large or nested too deeply", "write one story per line"
         ) from None
     if not isinstance(entry, dict):
         raise _BadLine(

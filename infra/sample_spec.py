@@ -50,19 +50,27 @@ class SampleJobSpec(_Strict):
     checkpoints: list[CheckpointSpec] = Field(min_length=1)
     prompts: str = Field(description="Prompts JSONL (local path or URI).")
     out: str = Field(description="Output root (local path or s3:// URI).")
-    mode: Literal["fixed", "extend"] = "fixed"
+    mode: Literal["fixed", "extend"] = Field(
+        "fixed", description="All scenes at once, or scene by scene from the ones before."
+    )
     steps: int = Field(50, ge=1, description="Denoising steps.")
     guidance: float = Field(6.0, ge=0, description="Classifier-free guidance scale.")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     frames: int | None = Field(None, ge=1, description="Pixel frames per new scene (8k+1).")
     height: int | None = Field(None, ge=16)
     width: int | None = Field(None, ge=16)
-    negative_prompt: str = ""
-    scheduler: Literal["ddim", "dpm"] = "ddim"
+    negative_prompt: str = Field("", description="Negative prompt for every scene.")
+    scheduler: Literal["ddim", "dpm"] = Field("ddim", description="CogVideoX's sampler.")
     overwrite: bool = Field(False, description="Render finished items again.")
     vae_tiling: bool = Field(False, description="Decode in overlapping tiles (less memory).")
     vae_slicing: bool = Field(False, description="Decode one sample at a time.")
     num_actors: int = Field(1, ge=1, description="Model replicas (one model per actor).")
+    batch_size: int = Field(
+        1,
+        ge=1,
+        description="Items (stories x seeds of a checkpoint) per model call; larger is "
+        "faster where an actor's memory holds it.",
+    )
     cpus_per_actor: int = Field(1, ge=1)
     gpus_per_actor: int = Field(0, ge=0, le=1)
     model: ModelConfig = Field(description="VAE, T5 and scheduler for transformer folders.")

@@ -15,6 +15,7 @@ from typing import Any, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from infra import safe_yaml
 from infra.config import ClusterProfile, KeyProblem, RunConfig, Stage, deep_merge, resolve_run
 from infra.errors import ConfigError
 
@@ -142,7 +143,7 @@ def parse_overrides(assignments: list[str] | tuple[str, ...]) -> dict[str, Any]:
             raise ConfigError(f"--set {assignment!r}: expected KEY.PATH=VALUE")
         key = tuple(dotted.split("."))
         _check_known(key, assignment)
-        value = yaml.safe_load(raw) if raw else ""
+        value = safe_yaml.value(raw, f"--set {dotted}")
         nested: Any = value
         for part in reversed(key):
             nested = {part: nested}
@@ -199,25 +200,7 @@ def _parent_path(path: Path, name: str) -> Path:
 
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[KeyPath, int]]:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such profile file") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"{path}: not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}); "
-            "save the profile as UTF-8"
-        ) from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark else 1
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}:{line}: YAML syntax error: {problem}") from None
+    data, node = safe_yaml.compose(safe_yaml.read_text(path), str(path))
     if not isinstance(data, dict):
         raise ConfigError(f"{path}:1: a profile is a mapping of keys (ray:, workers:, ...)")
     lines: dict[KeyPath, int] = {}

@@ -47,7 +47,7 @@ __all__ = [
     "item_uri",
     "plan_items",
     "read_latents",
-    "render_story",
+    "render_stories",
     "sampling_params",
     "write_item",
 ]
@@ -113,7 +113,9 @@ def inputs_record(
     """What an item's output depends on; meta.json keeps it and a rerun compares it.
 
     VAE tiling blends overlapping tiles, so it changes the pixels; slicing decodes the
-    samples of a batch one at a time, and an item is a batch of one, so it does not.
+    samples of a batch one at a time, and the sampler decodes each item alone, so it does
+    not. The batch size does not either (beyond float rounding): each item draws from its
+    own seed's generator.
     """
     return {
         "story": story.id,
@@ -175,25 +177,50 @@ def _first_difference(found: dict | None, wanted: dict) -> str:
     return "extra keys"
 
 
-def render_story(
+def render_stories(
     pipeline: MultiScenePipeline,
-    story: Story,
-    seed: int,
+    items: list[tuple[Story, int]],
     params: SamplingParams,
     mode: str,
     storage: StorageConfig | None,
-) -> StoryOutput:
-    """Sample one story: all scenes in one pass (``fixed``), or scene by scene from its
-    context videos or, without any, from a first scene generated alone (``extend``)."""
-    generator = torch.Generator().manual_seed(seed)
-    if story.context_videos:
-        videos = [_context_video(uri, params, storage) for uri in story.context_videos]
-        return pipeline.extend(story.prompts, videos, params, generator=generator)
-    if mode == "fixed" or len(story.prompts) == 1:
-        return pipeline.generate(story.prompts, params, generator=generator)
-    first = pipeline.generate(story.prompts[:1], params, generator=generator)
-    return pipeline.extend_latents(
-        story.prompts, first.latents, first.scene_frames, params, generator=generator
+) -> list[StoryOutput]:
+    """Sample (story, seed) items: all scenes in one pass (``fixed``), or scene by scene
+    from each story's context videos or, without any, from a first scene generated alone
+    (``extend``). Items of one shape (scene count, context count) share each model call;
+    each item draws from its own seed's generator, so it is what it would be alone."""
+    outputs: list[StoryOutput | None] = [None] * len(items)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, (story, _) in enumerate(items):
+        groups.setdefault((len(story.prompts), len(story.context_videos)), []).append(index)
+    for indices in groups.values():
+        rendered = _render_batch(pipeline, [items[i] for i in indices], params, mode, storage)
+        for index, output in zip(indices, rendered, strict=True):
+            outputs[index] = output
+    return outputs
+
+
+def _render_batch(
+    pipeline: MultiScenePipeline,
+    items: list[tuple[Story, int]],
+    params: SamplingParams,
+    mode: str,
+    storage: StorageConfig | None,
+) -> list[StoryOutput]:
+    """Items of one shape in one batch."""
+    generators = [torch.Generator().manual_seed(seed) for _, seed in items]
+    stories = [story.prompts for story, _ in items]
+    if items[0][0].context_videos:
+        videos = [
+            [_context_video(uri, params, storage) for uri in story.context_videos]
+            for story, _ in items
+        ]
+        return pipeline.extend_batch(stories, videos, params, generators=generators)
+    if mode == "fixed" or len(stories[0]) == 1:
+        return pipeline.generate_batch(stories, params, generators=generators)
+    first = pipeline.generate_batch([p[:1] for p in stories], params, generators=generators)
+    latents = torch.cat([output.latents for output in first])
+    return pipeline.extend_latents_batch(
+        stories, latents, first[0].scene_frames, params, generators=generators
     )
 
 

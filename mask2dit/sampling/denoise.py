@@ -6,14 +6,16 @@ its ``old_pred_original_sample``, the cast back to the latent dtype - with ``Mas
 place of the stock transformer, plus extension mode: the first scenes are clean context,
 modulated at t = 0 and restored after every scheduler step (docs/method.md §5, §7).
 
-Shape legend: B batch (1, or 2 with guidance), n scenes, F latent frames (all scenes),
-C latent channels, h/w latent height/width, L text tokens (all scenes), D text width.
+Shape legend: S stories, B model batch (S, or 2S with guidance), n scenes, F latent frames
+(all scenes), C latent channels, h/w latent height/width, L text tokens (all scenes),
+D text width.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,9 +40,10 @@ def build_scheduler(kind: str, config: Any) -> Scheduler:
 
 @dataclass(frozen=True)
 class StoryText:
-    """The model's text input for a whole story: (B, n * text_tokens, D).
+    """The model's text input for S stories: (B, n * text_tokens, D).
 
-    With guidance the batch is ``[uncond; cond]`` (the stock order) and B = 2.
+    With guidance the batch is ``[uncond; cond]`` (the stock order: S unconditional rows,
+    then S conditional) and B = 2S, else B = S.
     """
 
     embeds: torch.Tensor
@@ -59,10 +62,11 @@ def denoise(
     text: StoryText,
     scene_frames: list[int],
     params: SamplingParams,
-    generator: torch.Generator | None,
+    generators: Sequence[torch.Generator | None] | None,
     context_frames: int = 0,
 ) -> torch.Tensor:
-    """Run the sampler from ``latents`` (1, F, C, h, w) and return the final latents.
+    """Run the sampler from ``latents`` (S, F, C, h, w), S stories, and return the final
+    latents; story s's scheduler noise (the DPM step's) comes from ``generators[s]``.
 
     The first ``context_frames`` latent frames are whole context scenes: their timestep is
     0 in every call and they are put back to their given values after every step, so the
@@ -75,7 +79,7 @@ def denoise(
     dtype = latents.dtype
     scheduler.set_timesteps(params.num_inference_steps, device=latents.device)
     timesteps = scheduler.timesteps
-    step_kwargs = _step_kwargs(scheduler, generator, params.eta)
+    step_kwargs = _step_kwargs(scheduler, _step_generator(generators), params.eta)
     old_pred_original_sample = None  # DPM-Solver++ (2M) history, as in the stock loop
     for i, t in enumerate(timesteps):
         model_input = torch.cat([latents] * 2) if text.guided else latents
@@ -103,8 +107,20 @@ def denoise(
     return latents
 
 
+def _step_generator(
+    generators: Sequence[torch.Generator | None] | None,
+) -> torch.Generator | list[torch.Generator] | None:
+    """What ``scheduler.step`` takes: one generator, or a list that seeds each story's rows
+    alone (``diffusers.utils.torch_utils.randn_tensor``)."""
+    if not generators or all(g is None for g in generators):
+        return None
+    if any(g is None for g in generators):
+        raise ValueError("give every story of a batch a generator, or none of them")
+    return generators[0] if len(generators) == 1 else list(generators)
+
+
 def _step_kwargs(
-    scheduler: Scheduler, generator: torch.Generator | None, eta: float
+    scheduler: Scheduler, generator: torch.Generator | list[torch.Generator] | None, eta: float
 ) -> dict[str, Any]:
     # The stock prepare_extra_step_kwargs: the DPM step draws its noise from generator.
     accepted = set(inspect.signature(scheduler.step).parameters)

@@ -41,9 +41,12 @@ DEFAULT_PARAMS = SamplingParams()  # frozen, so one shared default is safe
 class MultiScenePipeline:
     """Samples multi-scene stories from a ``Mask2DiT`` and the frozen CogVideoX parts.
 
-    One story per call (its n and frames per scene are its own); the model batch is 1, or
-    2 with classifier-free guidance. Calls run under ``torch.no_grad``; latents and text
-    embeddings take the transformer's device and dtype (bf16 on GPU).
+    ``generate``/``extend``/``extend_latents`` sample one story (its n and frames per
+    scene are its own); their ``*_batch`` forms sample several stories of the same shape
+    in one model batch (B stories, 2B rows with classifier-free guidance), each from its
+    own generator, so each equals its one-story call to float tolerance. Calls run under
+    ``torch.no_grad``; latents and text embeddings take the transformer's device and dtype
+    (bf16 on GPU).
     """
 
     def __init__(
@@ -143,7 +146,6 @@ class MultiScenePipeline:
 
     # ------------------------------------------------------------------ public API
 
-    @torch.no_grad()
     def generate(
         self,
         prompts: Sequence[str],
@@ -157,15 +159,32 @@ class MultiScenePipeline:
         ``num_frames``: pixel frames for every scene or one count per scene (default
         ``params.num_frames``); each must be 8k + 1 (see ``latent_frames``).
         """
-        scene_frames = [self.latent_frames(t) for t in _per_scene(num_frames, prompts, params)]
-        text, truncated = self._encode_prompts(prompts, params)
-        noise = self._noise(sum(scene_frames), params, generator)
-        latents = denoise(
-            self.transformer, self.scheduler, noise, text, scene_frames, params, generator
-        )
-        return self._output(latents, scene_frames, params, 0, truncated)
+        return self.generate_batch(
+            [prompts], params, num_frames=num_frames, generators=[generator]
+        )[0]
 
     @torch.no_grad()
+    def generate_batch(
+        self,
+        stories: Sequence[Sequence[str]],
+        params: SamplingParams = DEFAULT_PARAMS,
+        *,
+        num_frames: int | Sequence[int] | None = None,
+        generators: Sequence[torch.Generator | None] | None = None,
+    ) -> list[StoryOutput]:
+        """``generate`` for B stories of the same scene count in one model batch; story b
+        draws from ``generators[b]`` alone (default: none)."""
+        generators = _generators(stories, generators)
+        scene_frames = [
+            self.latent_frames(t) for t in _per_scene(num_frames, _one_shape(stories), params)
+        ]
+        text, truncated = self._encode_prompts(stories, params)
+        noise = torch.cat([self._noise(sum(scene_frames), params, g) for g in generators])
+        latents = denoise(
+            self.transformer, self.scheduler, noise, text, scene_frames, params, generators
+        )
+        return self._outputs(latents, scene_frames, params, 0, truncated)
+
     def extend(
         self,
         prompts: Sequence[str],
@@ -183,19 +202,41 @@ class MultiScenePipeline:
         ``num_frames`` is for the new scenes. Randomness order: context posterior samples
         (``context_posterior="sample"``), then each new scene's noise, in scene order.
         """
-        if not context_videos:
-            raise ValueError("extend needs at least one context video; use generate() for none")
-        context = [self._encode_context(video, params, generator) for video in context_videos]
-        return self.extend_latents(
-            prompts,
-            torch.cat(context, dim=1),
-            [c.shape[1] for c in context],
-            params,
-            num_frames=num_frames,
-            generator=generator,
-        )
+        return self.extend_batch(
+            [prompts], [context_videos], params, num_frames=num_frames, generators=[generator]
+        )[0]
 
     @torch.no_grad()
+    def extend_batch(
+        self,
+        stories: Sequence[Sequence[str]],
+        context_videos: Sequence[Sequence[torch.Tensor]],
+        params: SamplingParams = DEFAULT_PARAMS,
+        *,
+        num_frames: int | Sequence[int] | None = None,
+        generators: Sequence[torch.Generator | None] | None = None,
+    ) -> list[StoryOutput]:
+        """``extend`` for B stories in one model batch: the same scene count, and context
+        videos of the same count and lengths; story b draws from ``generators[b]`` alone."""
+        generators = _generators(stories, generators)
+        if len(context_videos) != len(stories) or not all(context_videos):
+            raise ValueError("extend needs at least one context video per story; use generate()")
+        context = [
+            [self._encode_context(video, params, generator) for video in videos]
+            for videos, generator in zip(context_videos, generators, strict=True)
+        ]
+        frames = {tuple(c.shape[1] for c in story) for story in context}
+        if len(frames) != 1:
+            raise ValueError(f"the stories' context scenes differ in latent frames: {frames}")
+        return self.extend_latents_batch(
+            stories,
+            torch.cat([torch.cat(story, dim=1) for story in context]),
+            list(frames.pop()),
+            params,
+            num_frames=num_frames,
+            generators=generators,
+        )
+
     def extend_latents(
         self,
         prompts: Sequence[str],
@@ -215,20 +256,43 @@ class MultiScenePipeline:
         exactly the scene shown - no lossy decode -> uint8 -> encode round trip that would
         drift further with every chained scene, and no extra VAE encode.
         """
+        return self.extend_latents_batch(
+            [prompts],
+            context_latents,
+            context_frames,
+            params,
+            num_frames=num_frames,
+            generators=[generator],
+        )[0]
+
+    @torch.no_grad()
+    def extend_latents_batch(
+        self,
+        stories: Sequence[Sequence[str]],
+        context_latents: torch.Tensor,
+        context_frames: Sequence[int],
+        params: SamplingParams = DEFAULT_PARAMS,
+        *,
+        num_frames: int | Sequence[int] | None = None,
+        generators: Sequence[torch.Generator | None] | None = None,
+    ) -> list[StoryOutput]:
+        """``extend_latents`` for B stories of the same scene count in one model batch;
+        ``context_latents`` is (B, F_ctx, C, h, w), story b draws from ``generators[b]``."""
+        generators = _generators(stories, generators)
         num_context = len(context_frames)
-        new_prompts = prompts[num_context:]
+        new_prompts = _one_shape(stories)[num_context:]
         if not new_prompts:
             raise ValueError(
-                f"{len(prompts)} prompts for {num_context} context scenes: give one prompt per "
-                "context scene plus at least one for a new scene"
+                f"{len(stories[0])} prompts for {num_context} context scenes: give one prompt "
+                "per context scene plus at least one for a new scene"
             )
-        self._check_context(context_latents, context_frames, params)
+        self._check_context(context_latents, len(stories), context_frames, params)
         new_frames = [self.latent_frames(t) for t in _per_scene(num_frames, new_prompts, params)]
-        text, truncated = self._encode_prompts(prompts, params)
+        text, truncated = self._encode_prompts(stories, params)
         latents = context_latents.to(device=self.device, dtype=self.dtype)
         scene_frames = list(context_frames)
         for frames in new_frames:
-            noise = self._noise(frames, params, generator)
+            noise = torch.cat([self._noise(frames, params, g) for g in generators])
             latents = denoise(
                 self.transformer,
                 self.scheduler,
@@ -236,11 +300,11 @@ class MultiScenePipeline:
                 text,
                 [*scene_frames, frames],
                 params,
-                generator,
+                generators,
                 context_frames=sum(scene_frames),
             )
             scene_frames.append(frames)
-        return self._output(latents, scene_frames, params, num_context, truncated)
+        return self._outputs(latents, scene_frames, params, num_context, truncated)
 
     def latent_frames(self, pixel_frames: int) -> int:
         """Latent frames of a scene of ``pixel_frames`` frames; raises unless it round-trips.
@@ -263,21 +327,28 @@ class MultiScenePipeline:
     # ------------------------------------------------------------------ inputs / outputs
 
     def _encode_prompts(
-        self, prompts: Sequence[str], params: SamplingParams
-    ) -> tuple[StoryText, tuple[bool, ...]]:
-        """Scene prompts, and with guidance the negative prompt once per scene before them."""
+        self, stories: Sequence[Sequence[str]], params: SamplingParams
+    ) -> tuple[StoryText, list[tuple[bool, ...]]]:
+        """Each distinct story's scene prompts once (seeds of a story share them), and with
+        guidance the negative prompt once, repeated per scene before them."""
         encode = (self.tokenizer, self.text_encoder)
         place = (params.text_tokens, self.device, self.dtype)
-        cond = encode_scene_prompts(*encode, prompts, *place)
+        encoded = {}
+        for prompts in stories:
+            if tuple(prompts) not in encoded:
+                encoded[tuple(prompts)] = encode_scene_prompts(*encode, prompts, *place)
+        conds = [encoded[tuple(prompts)] for prompts in stories]
+        embeds = torch.cat([cond.embeds for cond in conds])
         guided = params.guidance_scale > 1.0  # the stock rule: 1 means no guidance
-        embeds = cond.embeds
         if guided:
             # One T5 pass; unmasked T5 gives every copy the same rows anyway.
             negative = encode_scene_prompts(
                 *encode, [params.negative_prompt], *place, label="negative"
             )
-            embeds = torch.cat([negative.embeds.repeat(1, len(prompts), 1), embeds])
-        return StoryText(embeds, params.text_tokens, guided), cond.truncated
+            num_scenes = len(stories[0])
+            uncond = negative.embeds.repeat(len(stories), num_scenes, 1)
+            embeds = torch.cat([uncond, embeds])  # the stock [uncond; cond] halves
+        return StoryText(embeds, params.text_tokens, guided), [cond.truncated for cond in conds]
 
     def _noise(
         self, num_frames: int, params: SamplingParams, generator: torch.Generator | None
@@ -302,7 +373,11 @@ class MultiScenePipeline:
         return latents.to(device=self.device, dtype=self.dtype)
 
     def _check_context(
-        self, latents: torch.Tensor, context_frames: Sequence[int], params: SamplingParams
+        self,
+        latents: torch.Tensor,
+        batch: int,
+        context_frames: Sequence[int],
+        params: SamplingParams,
     ) -> None:
         if not context_frames or any(f < 1 or f % 2 == 0 for f in context_frames):
             raise ValueError(
@@ -310,27 +385,30 @@ class MultiScenePipeline:
                 "pixel frames), one per context scene"
             )
         height, width = self._latent_size(params)
-        expected = (1, sum(context_frames), self.transformer.config.in_channels, height, width)
+        expected = (batch, sum(context_frames), self.transformer.config.in_channels, height, width)
         if tuple(latents.shape) != expected:
             raise ValueError(
                 f"context latents have shape {tuple(latents.shape)}, expected {expected}"
             )
 
-    def _output(
+    def _outputs(
         self,
         latents: torch.Tensor,
         scene_frames: list[int],
         params: SamplingParams,
         context_scenes: int,
-        truncated: tuple[bool, ...],
-    ) -> StoryOutput:
-        """Decode every scene separately (the VAE never sees a scene boundary)."""
-        frames, start = [], 0
-        for count in scene_frames:
-            pixels = decode_scene(self.vae, latents[:, start : start + count])
-            frames.append(to_output_frames(pixels, params.output))
-            start += count
-        return StoryOutput(frames, latents, list(scene_frames), context_scenes, truncated)
+        truncated: list[tuple[bool, ...]],
+    ) -> list[StoryOutput]:
+        """Each story's scenes decoded separately (the VAE never sees a scene boundary)."""
+        outputs = []
+        for story, cut in zip(latents.split(1), truncated, strict=True):
+            frames, start = [], 0
+            for count in scene_frames:
+                pixels = decode_scene(self.vae, story[:, start : start + count])
+                frames.append(to_output_frames(pixels, params.output))
+                start += count
+            outputs.append(StoryOutput(frames, story, list(scene_frames), context_scenes, cut))
+        return outputs
 
     def _latent_size(self, params: SamplingParams) -> tuple[int, int]:
         spatial = spatial_compression(self.vae.config)
@@ -355,3 +433,24 @@ def _per_scene(
     if len(frames) != len(prompts):
         raise ValueError(f"num_frames has {len(frames)} entries for {len(prompts)} scenes")
     return frames
+
+
+def _generators(
+    stories: Sequence[Sequence[str]], generators: Sequence[torch.Generator | None] | None
+) -> list[torch.Generator | None]:
+    """One generator (or None) per story."""
+    if not stories:
+        raise ValueError("no stories to sample")
+    if generators is None:
+        return [None] * len(stories)
+    if len(generators) != len(stories):
+        raise ValueError(f"{len(generators)} generators for {len(stories)} stories")
+    return list(generators)
+
+
+def _one_shape(stories: Sequence[Sequence[str]]) -> Sequence[str]:
+    """The first story's prompts, once every story is checked to have as many scenes."""
+    counts = {len(prompts) for prompts in stories}
+    if len(counts) != 1:
+        raise ValueError(f"stories of one batch need the same scene count, got {sorted(counts)}")
+    return stories[0]

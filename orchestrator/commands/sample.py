@@ -122,22 +122,17 @@ def build_spec(run: RunConfig, references: tuple[str, ...], options: dict) -> Sa
 )
 @click.option("--prompts", required=True, help="Stories JSONL (path or URI), or 'eval50'.")
 @click.option("--out", required=True, help="Output root (path or s3:// URI).")
-@click.option("--mode", type=click.Choice(["fixed", "extend"]), default="fixed", show_default=True)
-@click.option("--steps", default=50, show_default=True, help="Denoising steps.")
-@click.option("--guidance", default=6.0, show_default=True, help="Classifier-free guidance.")
+@spec_options(SampleJobSpec, "mode", "steps", "guidance")
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds.")
 @click.option("--frames", type=int, help="Frames per scene (8k+1) [default: the checkpoint's].")
 @click.option("--size", help="HEIGHTxWIDTH [default: the checkpoint's].")
-@click.option("--negative-prompt", default="", help="Negative prompt for every scene.")
-@click.option("--scheduler", type=click.Choice(["ddim", "dpm"]), default="ddim", show_default=True)
+@spec_options(SampleJobSpec, "negative_prompt", "scheduler")
 @click.option(
     "--num-actors",
     type=click.IntRange(min=1),
     help="Model replicas [default: the profile's workers].",
 )
-@click.option("--overwrite", is_flag=True, help="Render finished items again.")
-@click.option("--vae-tiling", is_flag=True, help="Decode scenes in tiles (less GPU memory).")
-@click.option("--vae-slicing", is_flag=True, help="Decode one sample at a time.")
+@spec_options(SampleJobSpec, "batch_size", "overwrite", "vae_tiling", "vae_slicing")
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
 @click.option("--eval", "then_eval", is_flag=True, help="Then score them (as `m2d eval`).")
 @spec_options(EvalSpec, "encoder", "encoder_path", optional=("encoder_path",))

@@ -213,7 +213,8 @@ def test_fixed_mode_killed_and_resumed_with_mlflow(trained, exported, tmp_path, 
         CheckpointSpec(uri=str(exported), label="export"),
     ]
     tracking = {"uri": mlflow_server, "experiment": f"samples-{os.getpid()}"}
-    spec = spec_for(tmp_path, checkpoints, prompts, seeds=[0, 1], tracking=tracking)
+    # Two items per model call (a story's two seeds): each still equals its render alone.
+    spec = spec_for(tmp_path, checkpoints, prompts, seeds=[0, 1], tracking=tracking, batch_size=2)
     out = tmp_path / "out"
 
     process = start_job(spec)
@@ -260,8 +261,8 @@ def test_fixed_mode_killed_and_resumed_with_mlflow(trained, exported, tmp_path, 
                 assert decode(folder / "story.mp4").shape == (9 * scenes, 32, 32, 3)
     assert json.loads((out / "ds-7/two/0/meta.json").read_text())["checkpoint"]["step"] == 7
 
-    # The samples are the reference pipeline's: the latents up to rounding, the mp4s
-    # through the same encoder.
+    # The samples are the reference pipeline's, one story per call: the latents up to
+    # rounding, the mp4s through the same encoder.
     expected = reference_output(trained, STORIES[1]["prompts"], 1)
     reference = [encoded(frames.numpy(), tmp_path) for frames in expected.frames]
     for label in ("ds-7", "export"):

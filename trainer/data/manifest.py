@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from infra.config import StorageConfig
-from infra.errors import DataError
+from infra.errors import DataError, first_line
 from infra.job_specs import InspectSpec
 from infra.jobs import run_job
 from infra.storage import filesystem, parent_folder, resolve_relative
@@ -218,6 +218,8 @@ def _seconds(row: dict, column: str) -> float | None:
 def _read_bytes(uri: str, storage: StorageConfig | None) -> bytes:
     fs, path = filesystem(uri, storage)
     try:
+        if fs.info(path)["type"] != "file":  # a FIFO or device would be read forever
+            raise DataError(f"{uri}: not a regular file; give the manifest file")
         return fs.cat_file(path)
     except FileNotFoundError:
         raise DataError(f"{uri}: manifest not found; check the path") from None
@@ -269,7 +271,7 @@ def _json_lines(text: str) -> Iterator[Any]:
         if line.strip():
             try:
                 yield json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # bad JSON, a 5000-digit number, deep nesting
                 yield None
 
 
@@ -282,8 +284,8 @@ def _read_groups(uri: str, storage: StorageConfig | None) -> list[Any]:
         return list(_json_lines(text))
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{uri}: not valid JSON ({exc}); fix the manifest") from None
+    except (ValueError, RecursionError) as exc:
+        raise DataError(f"{uri}: not valid JSON ({first_line(exc)}); fix the manifest") from None
     groups = data.get("groups") if isinstance(data, dict) else data
     if not isinstance(groups, list):
         raise DataError(f'{uri}: expected a list of groups (or {{"groups": [...]}})')
