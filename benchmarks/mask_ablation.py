@@ -15,6 +15,7 @@ sample job keeps its finished items - a killed experiment continues where it sto
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -195,6 +196,35 @@ def story_rows(samples: Path) -> list[dict]:
     return rows
 
 
+def scene_backgrounds(samples: Path) -> list[list[tuple]]:
+    """Per rendered story, each scene's (background, texture) as the oracle reads it."""
+    from evaluation.toy_oracle import read_scene
+    from infra.video import read_frames
+
+    stories = []
+    for meta_path in sorted(samples.glob("*/*/*/meta.json")):
+        frames = json.loads(meta_path.read_text())["scene_frames"]
+        scenes = [
+            read_frames(str(meta_path.parent / f"scene_{i:02d}.mp4"), list(range(count)))
+            for i, count in enumerate(frames)
+        ]
+        stories.append([(r.background, r.texture) for r in map(read_scene, scenes)])
+    return stories
+
+
+def independent_agreement(stories: list[list[tuple]]) -> float | None:
+    """The agreement the policy's scenes would have if each were drawn on its own: pairs
+    of scenes at the story's positions taken from two *different* stories. A model whose
+    backgrounds lean to a few (a bias, or one noise for all stories) agrees by that much
+    with no cross-scene attention at all; chance (1/12) holds for uniform ones only."""
+    hits = [
+        a[i][0] is not None and a[i] == b[j]
+        for a, b in itertools.permutations(stories, 2)
+        for i, j in itertools.combinations(range(min(len(a), len(b))), 2)
+    ]
+    return sum(hits) / len(hits) if hits else None
+
+
 def summarize(rows: list[dict], metrics: tuple[str, ...]) -> dict[str, dict]:
     """Mean with a percentile-bootstrap 95% interval of each metric over ``rows``."""
     from evaluation.metrics import summarize_rows
@@ -215,11 +245,13 @@ def results_table(results: dict, policies: list[str]) -> dict[str, dict]:
     for policy in policies:
         seeds = sorted(seed for p, seed in results if p == policy)
         fixed = [row for seed in seeds for row in results[(policy, seed)]["fixed"]]
+        backgrounds = [story for seed in seeds for story in results[(policy, seed)]["backgrounds"]]
         extend = [row for seed in seeds for row in results[(policy, seed)]["extend"]]
         table[policy] = {
             "fixed": summarize(fixed, FIXED_METRICS),
             "extend": summarize(extend, EXTEND_METRICS),
             "stories": len(fixed),
+            "independent": independent_agreement(backgrounds),
             "per_seed": {
                 seed: summarize(results[(policy, seed)]["fixed"], ("agreement", "alignment"))
                 for seed in seeds
@@ -385,7 +417,15 @@ def render(experiment, table, sheets, how: tuple[list[str], float, str]) -> str:
 
     s = experiment.settings
     odds = chance(3)
-    head = ["policy", "stories", *FIXED_METRICS, "extend: context_agreement", "extend: alignment"]
+    head = [
+        "policy",
+        "stories",
+        FIXED_METRICS[0],
+        "agreement if independent",
+        *FIXED_METRICS[1:],
+        "extend: context_agreement",
+        "extend: alignment",
+    ]
     lines = [
         "# The mask ablation on the toy world",
         "",
@@ -397,8 +437,10 @@ def render(experiment, table, sheets, how: tuple[list[str], float, str]) -> str:
         f"{s.stories} training stories, {s.held_out} held-out ones; per policy and seed "
         f"({', '.join(map(str, s.seeds))}): {s.pretrain_steps} pre-training steps, then "
         f"{s.sft_steps} SFT steps from them (p = 0.5 extension); {s.sample_steps} DDIM "
-        "steps, no guidance. Each cell: mean [95% bootstrap interval] over the held-out "
-        "stories of every seed. What the world is and why only cross-scene attention can "
+        "steps, no guidance, each story from its own noise (`--noise story`). Each cell: "
+        "mean [95% bootstrap interval] over the held-out stories of every seed; 'agreement "
+        "if independent' pairs scenes of different stories (the policy's own background "
+        "frequencies, no coordination). What the world is and why only cross-scene attention can "
         "make the unnamed background agree: `evaluation/toy_world.py`; how the oracle "
         "scores: `evaluation/toy_oracle.py`.",
         "",
@@ -407,9 +449,12 @@ def render(experiment, table, sheets, how: tuple[list[str], float, str]) -> str:
     ]
     for policy, row in table.items():
         cells = [_cell(row["fixed"], m) for m in FIXED_METRICS]
+        independent = row["independent"]
+        cells.insert(1, "-" if independent is None else f"{independent:.2f}")
         cells += [_cell(row["extend"], "context_agreement"), _cell(row["extend"], "alignment")]
         lines.append(f"| {policy} | {row['stories']} | " + " | ".join(cells) + " |")
     chance_cells = [f"{odds[m]:.3f}" if m in odds else "-" for m in FIXED_METRICS]
+    chance_cells.insert(1, f"{odds['agreement']:.3f}")
     lines.append(
         "| chance | | " + " | ".join(chance_cells) + f" | {odds['context_agreement']:.3f} | |"
     )
@@ -452,8 +497,10 @@ def main(argv: list[str] | None = None) -> int:
     for policy in policies:
         for seed in experiment.settings.seeds:
             sft = experiment.train(policy, seed)
+            samples = {mode: experiment.sample(sft, mode) for mode in ("fixed", "extend")}
             results[(policy, seed)] = {
-                mode: story_rows(experiment.sample(sft, mode)) for mode in ("fixed", "extend")
+                **{mode: story_rows(folder) for mode, folder in samples.items()},
+                "backgrounds": scene_backgrounds(samples["fixed"]),
             }
     table = results_table(results, policies)
     doc = Path(args.doc)

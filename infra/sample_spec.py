@@ -56,6 +56,12 @@ class SampleJobSpec(_Strict):
     steps: int = Field(50, ge=1, description="Denoising steps.")
     guidance: float = Field(6.0, ge=0, description="Classifier-free guidance scale.")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    noise: Literal["story", "shared"] = Field(
+        "story",
+        description="Initial noise of a (story, seed) item: drawn from both (independent "
+        "across stories, the same for every checkpoint), or from the seed alone (every "
+        "story starts from the same noise).",
+    )
     frames: int | None = Field(None, ge=1, description="Pixel frames per new scene (8k+1).")
     height: int | None = Field(None, ge=16)
     width: int | None = Field(None, ge=16)

@@ -9,12 +9,19 @@ whose meta.json records the same inputs, refuses (naming the folder) when they d
 re-renders them only with ``overwrite``; a half-written item (no meta.json) is rendered
 again.
 
-Randomness is a function of the seed alone (a CPU ``torch.Generator`` per item), so an
-item renders the same on any actor, in any order, in a first run or a resumed one.
+Randomness is a function of the item's noise seed alone (a CPU ``torch.Generator`` per
+item), so an item renders the same on any actor, in any order, in a first run or a
+resumed one. The noise seed (``noise_seed``) is drawn from the story and the seed by
+default: two stories never start from the same noise (scores averaged over stories are
+then over independent samples; with one noise for all, whatever no prompt fixes - a
+background, a camera move - would be the same draw in every story), while every
+checkpoint renders a story from the same noise (paired comparisons). ``--noise shared``
+uses the seed itself for every story.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 import time
@@ -45,6 +52,7 @@ __all__ = [
     "META",
     "Item",
     "item_uri",
+    "noise_seed",
     "plan_items",
     "read_latents",
     "render_stories",
@@ -64,6 +72,15 @@ class Item:
     checkpoint: str
     story: str
     seed: int
+
+
+def noise_seed(story: str, seed: int, noise: str) -> int:
+    """The seed of an item's generator: ``seed`` itself (``shared``), or a 63-bit number
+    drawn from the story id and ``seed`` (``story``), the same on every machine."""
+    if noise == "shared":
+        return seed
+    digest = hashlib.sha256(f"{story}\0{seed}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def item_uri(out: str, item: Item) -> str:
@@ -120,6 +137,7 @@ def inputs_record(
     return {
         "story": story.id,
         "seed": seed,
+        "noise_seed": noise_seed(story.id, seed, spec.noise),
         "mode": spec.mode,
         "prompts": list(story.prompts),
         "context_videos": list(story.context_videos),
@@ -184,10 +202,10 @@ def render_stories(
     mode: str,
     storage: StorageConfig | None,
 ) -> list[StoryOutput]:
-    """Sample (story, seed) items: all scenes in one pass (``fixed``), or scene by scene
-    from each story's context videos or, without any, from a first scene generated alone
-    (``extend``). Items of one shape (scene count, context count) share each model call;
-    each item draws from its own seed's generator, so it is what it would be alone."""
+    """Sample (story, noise seed) items: all scenes in one pass (``fixed``), or scene by
+    scene from each story's context videos or, without any, from a first scene generated
+    alone (``extend``). Items of one shape (scene count, context count) share each model
+    call; each item draws from its own generator, so it is what it would be alone."""
     outputs: list[StoryOutput | None] = [None] * len(items)
     groups: dict[tuple[int, int], list[int]] = {}
     for index, (story, _) in enumerate(items):

@@ -37,6 +37,7 @@ from sampler.batch import (
     Item,
     inputs_record,
     item_uri,
+    noise_seed,
     plan_items,
     render_stories,
     sampling_params,
@@ -110,7 +111,10 @@ class StoryRenderer:
         ]
         outputs = render_stories(
             self.pipeline,
-            [(self.stories[story], seed) for story, seed in items],
+            [
+                (self.stories[story], noise_seed(story, seed, self.spec.noise))
+                for story, seed in items
+            ],
             self.params,
             self.spec.mode,
             self.spec.storage,

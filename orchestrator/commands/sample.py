@@ -124,6 +124,7 @@ def build_spec(run: RunConfig, references: tuple[str, ...], options: dict) -> Sa
 @click.option("--out", required=True, help="Output root (path or s3:// URI).")
 @spec_options(SampleJobSpec, "mode", "steps", "guidance")
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds.")
+@spec_options(SampleJobSpec, "noise")
 @click.option("--frames", type=int, help="Frames per scene (8k+1) [default: the checkpoint's].")
 @click.option("--size", help="HEIGHTxWIDTH [default: the checkpoint's].")
 @spec_options(SampleJobSpec, "negative_prompt", "scheduler")

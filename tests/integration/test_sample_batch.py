@@ -33,7 +33,7 @@ from infra.sample_spec import CheckpointSpec, SampleJobSpec
 from infra.video import write_video
 from mask2dit.components import tiny_parts
 from mask2dit.sampling.params import SamplingParams
-from sampler.batch import LATENTS, read_latents
+from sampler.batch import LATENTS, noise_seed, read_latents
 from sampler.job import LOCK_FILE
 
 pytestmark = pytest.mark.integration
@@ -263,7 +263,8 @@ def test_fixed_mode_killed_and_resumed_with_mlflow(trained, exported, tmp_path, 
 
     # The samples are the reference pipeline's, one story per call: the latents up to
     # rounding, the mp4s through the same encoder.
-    expected = reference_output(trained, STORIES[1]["prompts"], 1)
+    # Item (three, seed 1) starts from the noise of its story and seed (--noise story).
+    expected = reference_output(trained, STORIES[1]["prompts"], noise_seed("three", 1, "story"))
     reference = [encoded(frames.numpy(), tmp_path) for frames in expected.frames]
     for label in ("ds-7", "export"):
         folder = out / label / "three" / "1"
@@ -274,7 +275,10 @@ def test_fixed_mode_killed_and_resumed_with_mlflow(trained, exported, tmp_path, 
     # Not blind: another seed, or the weights without the checkpoint's, fail both checks.
     assert check_latents(out / "ds-7" / "three" / "0", expected) > 100 * LATENT_TOLERANCE
     untrained = reference_output(
-        trained, STORIES[1]["prompts"], 1, tiny_parts(SEED_OFFSET).transformer.state_dict()
+        trained,
+        STORIES[1]["prompts"],
+        noise_seed("three", 1, "story"),
+        tiny_parts(SEED_OFFSET).transformer.state_dict(),
     )
     assert (untrained.latents - expected.latents).abs().max() > 100 * LATENT_TOLERANCE
     other = decode(out / "ds-7" / "three" / "0" / "scene_00.mp4").astype(float)
@@ -342,6 +346,7 @@ def test_extend_mode_on_a_ray_cluster_matches_the_reference(trained, tmp_path, r
     prompts = write_prompts(tmp_path / "stories.jsonl", stories)
     args = ["--checkpoint", str(trained / "checkpoint_00000007"), "--prompts", str(prompts)]
     args += ["--out", str(tmp_path / "o"), "--mode", "extend", "--steps", str(STEPS)]
+    args += ["--noise", "shared"]  # every story from seed 0's noise, as the reference below
     submitted = sample_batch(tmp_path, *args, "--no-tracking", "--set", f"ray.address={ray_head}")
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.split("submitted sample-batch job ")[1].split()[0]
