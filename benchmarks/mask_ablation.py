@@ -54,7 +54,7 @@ class Settings:
     stories: int = 400
     held_out: int = 50
     pretrain_steps: int = 1500
-    sft_steps: int = 1500
+    sft_steps: int = 4500
     sample_steps: int = 25
     seeds: tuple[int, ...] = (0, 1)
 
@@ -112,7 +112,7 @@ class Experiment:
 
     def train(self, policy: str, seed: int) -> str:
         """Pretrain then SFT under ``policy``; the SFT run's name."""
-        pre, sft = run_names(policy, seed)
+        pre, sft = run_names(policy, seed, self.settings)
         recipe = ["--set", f"recipe.mask_policy={POLICIES[policy]}", "--set", f"recipe.seed={seed}"]
         steps = {"pretrain": self.settings.pretrain_steps, "sft": self.settings.sft_steps}
         for stage, name, source in (("pretrain", pre, []), ("sft", sft, ["--from", pre])):
@@ -180,9 +180,12 @@ class Experiment:
         return path.is_file() and json.loads(path.read_text()).get("exit_code") == 0
 
 
-def run_names(policy: str, seed: int) -> tuple[str, str]:
+def run_names(policy: str, seed: int, settings: Settings) -> tuple[str, str]:
+    """The pre-training and SFT runs of a policy and seed; the step counts are in the
+    names, so a rerun with another budget trains anew rather than reusing a shorter run."""
     tag = policy.replace("+", "-")
-    return f"abl-{tag}-s{seed}-pre", f"abl-{tag}-s{seed}-sft"
+    pre = f"abl-{tag}-s{seed}-pre{settings.pretrain_steps}"
+    return pre, f"abl-{tag}-s{seed}-sft{settings.sft_steps}"
 
 
 def story_rows(samples: Path) -> list[dict]:
@@ -349,7 +352,7 @@ def contact_sheets(experiment: Experiment, policies: list[str], folder: Path) ->
 
     sheets = {}
     for policy in policies:
-        _, sft = run_names(policy, experiment.settings.seeds[0])
+        _, sft = run_names(policy, experiment.settings.seeds[0], experiment.settings)
         found = sorted((experiment.out / "samples" / "fixed" / sft).glob("*/*/0/contact.png"))
         if not found:
             continue
@@ -382,7 +385,7 @@ def log_to_mlflow(experiment: Experiment, results: dict, table: dict) -> None:
             tags={
                 "mlflow.parentRunId": parent.info.run_id,
                 "m2d.policy": POLICIES[policy],
-                "m2d.training_run": run_names(policy, seed)[1],
+                "m2d.training_run": run_names(policy, seed, experiment.settings)[1],
             },
         )
         for mode, metrics in (("fixed", FIXED_METRICS), ("extend", EXTEND_METRICS)):
