@@ -29,6 +29,10 @@ def default_of(spec_type: type[BaseModel], field: str) -> Any:
     return spec_type.model_fields[field].default
 
 
+#: The largest shot ``data synth`` draws (float32 frames): 49 frames of 1080x1920 fit.
+MAX_SYNTH_SHOT_BYTES = 2 << 30
+
+
 class SynthSpec(_Strict):
     """``python -m trainer.data.synth``: a small synthetic multi-scene dataset."""
 
@@ -58,6 +62,18 @@ class SynthSpec(_Strict):
         if value is not None and (value < 2 or value % 2):
             raise ValueError(f"{value}: height and width must be even and >= 2 (yuv420p)")
         return value
+
+    @model_validator(mode="after")
+    def _fits_in_memory(self) -> SynthSpec:
+        # A shot is drawn as float32 frames: refuse sizes no machine holds before drawing.
+        need = self.frames * self.height * self.width * 3 * 4
+        if need > MAX_SYNTH_SHOT_BYTES:
+            raise ValueError(
+                f"one {self.frames}-frame shot at {self.height}x{self.width} needs "
+                f"{need / 2**30:.1f} GiB to draw; synthesize at most "
+                f"{MAX_SYNTH_SHOT_BYTES / 2**30:.0f} GiB per shot (smaller --size or --frames)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _enough_shots(self) -> SynthSpec:

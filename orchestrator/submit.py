@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from infra.config import RunConfig
 from infra.errors import ConfigError
 from infra.job_specs import TrainJobSpec
-from infra.jobs import EXIT_FAILURE, spec_argv
+from infra.jobs import EXIT_FAILURE, EXIT_INTERRUPTED, spec_argv
 from infra.processes import process_start
 from orchestrator import ray_jobs
 from orchestrator.console import JobConsole
@@ -55,19 +55,24 @@ def run_local(record: RunRecord, verbose: bool = False) -> int:
     record.pid, record.exit_code, record.stopped = process.pid, None, False
     record.pid_start = process_start(process.pid)
     record.save()
+    interrupted = False
     try:
         record.exit_code = console.relay(process)
     except KeyboardInterrupt:
-        stop_local(record)
+        # Ctrl-C: the job (its own session) is stopped and waited for - its workers may
+        # still write a checkpoint - before the record says STOPPED.
+        interrupted = True
+        console.say(f"stopping {record.name}: waiting for its job to end")
+        os.killpg(process.pid, signal.SIGTERM)
         record.exit_code = process.wait()
     finally:
         console.close()
-    if record.exit_code == EXIT_FAILURE:
+    if record.exit_code == EXIT_FAILURE and not interrupted:
         console.say(f"the job failed; its traceback is in {record.log_path}")
     # `m2d stop` from another shell marked the record meanwhile: keep its mark.
-    record.stopped = record.stopped or load_record(record.name).stopped
+    record.stopped = interrupted or record.stopped or load_record(record.name).stopped
     record.save()
-    return record.exit_code
+    return EXIT_INTERRUPTED if interrupted else record.exit_code
 
 
 def stop_local(record: RunRecord) -> bool:

@@ -456,3 +456,41 @@ def test_a_resume_refuses_what_would_change_the_run(tmp_path, assignment, messag
     result = CliRunner().invoke(cli, ["launch", "--resume", "r1", "--set", assignment])
     assert result.exit_code == 2 and message in result.output, result.output
     assert config.read_text() == original and not list(config.parent.glob("run_config.*.json"))
+
+
+def test_ctrl_c_waits_for_the_job_before_the_record_says_stopped_and_exits_130(
+    tmp_path, monkeypatch
+):
+    """The job (a stand-in) is signalled, still writes its last checkpoint, and only then
+    is the run marked STOPPED; the launcher exits 130 whatever the job's own status."""
+
+    from orchestrator import console, submit
+
+    record = _record(tmp_path, "interrupted")
+    seen, started = tmp_path / "seen.json", tmp_path / "started"
+    job = f"""
+import json, pathlib, signal, sys, time
+def stop(*_):
+    record = json.loads(pathlib.Path({str(runs.registry_dir() / "interrupted.json")!r}).read_text())
+    pathlib.Path({str(seen)!r}).write_text(json.dumps({{"stopped": record["stopped"]}}))
+    time.sleep(0.5)  # the workers' last checkpoint
+    pathlib.Path({str(tmp_path / "checkpoint")!r}).write_text("saved")
+    sys.exit(1)
+signal.signal(signal.SIGTERM, stop)
+pathlib.Path({str(started)!r}).write_text("up")
+time.sleep(60)
+"""
+    monkeypatch.setattr(submit, "job_command", lambda rec, python: [python, "-c", job])
+
+    def ctrl_c(self, process):
+        while not started.exists():
+            assert process.poll() is None
+            runs.time.sleep(0.05)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(console.JobConsole, "relay", ctrl_c)
+    assert submit.run_local(record) == 130
+    assert json.loads(seen.read_text()) == {"stopped": False}  # not while it still ran
+    assert (tmp_path / "checkpoint").read_text() == "saved"
+    after = runs.load_record("interrupted")
+    assert after.stopped and after.exit_code == 1
