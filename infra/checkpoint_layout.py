@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.config import RunConfig, StorageConfig
-from infra.errors import ConfigError, StorageError, first_line
+from infra.errors import ConfigError, DataError, StorageError, first_line
 from infra.logging import get_logger
 from infra.storage import filesystem, is_remote
 
@@ -110,27 +110,50 @@ def read_weights(uri: str, storage: StorageConfig | None) -> dict[str, Any]:
     """The transformer weights of checkpoint ``uri`` (local or remote), keys as in stock
     CogVideoX: its weights file alone - the model's bytes, not the optimizer's.
 
-    A checkpoint written before the file existed is fetched whole and its ZeRO shards
-    merged (with a warning saying so).
+    Where the checkpoint's manifest lists the file, its sha256 is checked as it is read
+    (a byte flipped after the save is a DataError naming the checkpoint, never weights
+    used). A checkpoint written before the file existed is fetched whole and its ZeRO
+    shards merged (with a warning saying so).
     """
     import safetensors.torch
 
     fs, path = filesystem(uri, storage)
-    weights = f"{path.rstrip('/')}/{WEIGHTS}"
+    path = path.rstrip("/")
+    weights = f"{path}/{WEIGHTS}"
     try:
         found = fs.exists(weights)
-        if found and not is_remote(uri):
-            return safetensors.torch.load_file(weights)
         if found:
             with tempfile.TemporaryDirectory(prefix="m2d-weights-") as tmp:
-                local = Path(tmp) / "transformer.safetensors"
-                fs.get_file(weights, str(local))
+                local = Path(weights) if not is_remote(uri) else Path(tmp) / "weights"
+                if is_remote(uri):
+                    fs.get_file(weights, str(local))
+                _check_sha256(uri, local, _listed_sha256(fs, path, WEIGHTS))
                 return safetensors.torch.load_file(local)
     except OSError as exc:
         raise StorageError(f"{uri}: cannot read {WEIGHTS} ({first_line(exc)})") from None
     log.warning("%s has no %s (written by an older m2d): merging its ZeRO shards", uri, WEIGHTS)
     with tempfile.TemporaryDirectory(prefix="m2d-weights-") as tmp:
         return consolidated_state_dict(fetch_checkpoint(uri, storage, Path(tmp)))
+
+
+def _listed_sha256(fs: Any, path: str, name: str) -> str | None:
+    """The sha256 the checkpoint's manifest records for ``name`` (None: no manifest)."""
+    try:
+        return json.loads(fs.cat_file(f"{path}/{MANIFEST}"))["files"][name]["sha256"]
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _check_sha256(uri: str, local: Path, expected: str | None) -> None:
+    if expected is None:
+        return
+    with local.open("rb") as handle:
+        if _sha256(handle) != expected:
+            raise DataError(
+                f"{uri}: {WEIGHTS} differs from the sha256 its {MANIFEST} records (changed "
+                "after the save); use an earlier checkpoint (`m2d checkpoints RUN --verify` "
+                "names every damaged one)"
+            )
 
 
 def remote_run_config(uri: str, storage: StorageConfig | None) -> RunConfig:

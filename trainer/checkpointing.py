@@ -42,16 +42,18 @@ from infra.checkpoint_layout import (
     RUN_CONFIG,
     TRAINER_STATE,
     WEIGHTS,
+    complete_checkpoint,
     write_file_list,
 )
-from infra.config import RunConfig
-from infra.errors import ConfigError
+from infra.config import RunConfig, StorageConfig
+from infra.errors import ConfigError, DataError
 from infra.logging import get_logger
-from infra.storage import RESUME_FIX, retry_storage
+from infra.storage import RESUME_FIX, filesystem, retry_storage
 
 __all__ = [
     "TrainerState",
     "load_checkpoint",
+    "resumable",
     "resume_view",
     "save_checkpoint",
     "saved_world_size",
@@ -126,6 +128,48 @@ def load_checkpoint(
             world_size,
         )
     return state, [saved["data"] for saved in ranks]
+
+
+def resumable(checkpoint: Any, storage: StorageConfig, rank: int) -> Any:
+    """The checkpoint to resume from: Ray's latest (a ``ray.train.Checkpoint``) if its
+    manifest says it is complete, else the newest complete one before it, with a warning
+    naming what the newer one lacks - Ray records a checkpoint once its upload returned,
+    and what a full disk or a hand cut later is not in its record. Rank 0 decides and
+    tells every rank; a DataError when none is complete."""
+    found = [None]
+    if rank == 0:
+        found = [_newest_complete(checkpoint.path, storage)]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(found, src=0)
+    name = found[0]
+    parent, latest = checkpoint.path.rstrip("/").rsplit("/", 1)
+    if name == latest:
+        return checkpoint
+    import ray.train
+
+    return ray.train.Checkpoint(path=f"{parent}/{name}", filesystem=checkpoint.filesystem)
+
+
+def _newest_complete(path: str, storage: StorageConfig) -> str:
+    """The folder name of the newest complete checkpoint up to Ray's latest at ``path``
+    (a path on the run's storage: ``bucket/key`` of an object store, else local)."""
+    scheme = storage.root.split("://", 1)[0] if "://" in storage.root else ""
+    uri = f"{scheme}://{path.lstrip('/')}" if scheme and scheme != "file" else path
+    parent, latest = uri.rstrip("/").rsplit("/", 1)
+    fs, folder = filesystem(parent, storage)
+    names = sorted(
+        name
+        for entry in fs.ls(folder, detail=False)
+        if (name := entry.rstrip("/").rsplit("/", 1)[-1]).startswith("checkpoint_")
+        and name <= latest
+    )
+    chosen = complete_checkpoint([f"{parent}/{name}" for name in names], storage, log.warning)
+    if chosen is None:
+        raise DataError(
+            f"{parent}: no complete checkpoint to resume from (the newest, {latest}, and "
+            "every one before it fail their manifest); `m2d checkpoints RUN` shows why"
+        )
+    return chosen.rstrip("/").rsplit("/", 1)[-1]
 
 
 def saved_world_size(checkpoint: Any, rank: int) -> int:

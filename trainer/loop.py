@@ -36,6 +36,7 @@ from trainer.batches import StoryBatches, encode_batch, make_batches
 from trainer.checkpointing import (
     TrainerState,
     load_checkpoint,
+    resumable,
     resume_view,
     save_checkpoint,
     saved_world_size,
@@ -147,6 +148,7 @@ class Worker:
         written by this number of workers or another."""
         if checkpoint is None:
             return
+        checkpoint = resumable(checkpoint, self.run.storage, self.rank)
         run_id = self.state.mlflow_run_id
         retry_s = self.run.fault_tolerance.storage_retry_s
         resharded = saved_world_size(checkpoint, self.rank) != self.world

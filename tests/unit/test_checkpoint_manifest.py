@@ -169,3 +169,64 @@ def test_checkpoints_verify_fails_on_a_flipped_byte_and_lists_the_rest(tmp_path)
         "(deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt differs from its sha256)"
     )
     assert in_progress.exists()
+
+
+def test_weights_are_checked_against_the_manifest_where_they_are_read(tmp_path):
+    """Export, sampling and SFT init read the weights file through ``read_weights``: a byte
+    flipped after the save (size unchanged) is refused in one line, not loaded."""
+    import pytest
+    import safetensors.torch
+    import torch
+
+    from infra.checkpoint_layout import WEIGHTS, read_weights
+    from infra.errors import DataError
+
+    folder = tmp_path / "run" / "checkpoint_00000004"  # a one-rank save
+    weights = folder / WEIGHTS
+    weights.parent.mkdir(parents=True)
+    safetensors.torch.save_file({"w": torch.arange(64, dtype=torch.float32)}, weights)
+    (folder / "trainer_state.json").write_text('{"step": 4}')
+    write_file_list(folder, 0)
+    assert write_manifest(str(folder), None, world_size=1) is None
+    assert torch.equal(read_weights(str(folder), None)["w"], torch.arange(64.0))
+
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # inside the last float: still a valid safetensors file
+    weights.write_bytes(bytes(data))
+    assert safetensors.torch.load_file(weights)["w"][-1] != 63.0  # it would load
+    with pytest.raises(DataError, match=f"{folder}: {WEIGHTS} differs from the sha256"):
+        read_weights(str(folder), None)
+    # A checkpoint without a manifest (an older m2d's) is read as before.
+    (folder / MANIFEST).unlink()
+    assert read_weights(str(folder), None)["w"][-1] != 63.0
+
+
+def test_a_resume_takes_the_newest_complete_checkpoint_not_rays_latest(tmp_path, caplog):
+    """Ray hands the trainer the last checkpoint it recorded; a file of it cut afterwards
+    (a full disk, a hand) makes the resume take the one before, with a warning."""
+    import pytest
+    import ray.train
+
+    from infra.config import StorageConfig
+    from infra.errors import DataError
+    from trainer.checkpointing import resumable
+
+    run = tmp_path / "runs" / "r"
+    for step in (2, 4):
+        folder = run / f"checkpoint_{step:08d}"
+        (folder / "deepspeed").mkdir(parents=True)
+        (folder / "deepspeed" / "model.pt").write_bytes(b"w" * 100 * step)
+        write_file_list(folder, 0)
+        assert write_manifest(str(folder), None, world_size=1) is None
+    storage = StorageConfig(root=str(tmp_path / "runs"))
+    latest = ray.train.Checkpoint.from_directory(str(run / "checkpoint_00000004"))
+    assert resumable(latest, storage, rank=0) is latest  # complete: Ray's own
+
+    (run / "checkpoint_00000004" / "deepspeed" / "model.pt").write_bytes(b"w" * 10)  # cut
+    chosen = resumable(latest, storage, rank=0)
+    assert chosen.path == str(run / "checkpoint_00000002")
+    assert "checkpoint_00000004 is incomplete (deepspeed/model.pt is 10 bytes" in caplog.text
+
+    (run / "checkpoint_00000002" / MANIFEST).unlink()  # and the one before has no manifest
+    with pytest.raises(DataError, match="no complete checkpoint to resume from"):
+        resumable(latest, storage, rank=0)
