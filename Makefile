@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 # own prompt and video) - each a Ray Train + DeepSpeed run logged to MLflow in
 # runs/mlflow.db (`m2d dashboard --cluster toy`). Then the 50 held-out stories rendered
 # from both SFT checkpoints, scored by the toy world's exact oracle and compared: v2's
-# scenes agree on the background no prompt names, isolated's only by chance.
+# scenes agree on the background no prompt names far more often than isolated's.
 DEMO_DATA := data/toy
 DEMO := demo-$(shell date -u +%Y%m%d-%H%M%S)
 DEMO_STEPS := --set recipe.steps=1000 --set fault_tolerance.checkpoint_every=500

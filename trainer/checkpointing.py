@@ -52,6 +52,8 @@ from infra.storage import RESUME_FIX, filesystem, retry_storage
 
 __all__ = [
     "TrainerState",
+    "check_space",
+    "checkpoint_bytes",
     "load_checkpoint",
     "resumable",
     "resume_view",
@@ -63,6 +65,8 @@ __all__ = [
 log = get_logger("trainer.checkpointing")
 
 WEIGHTS_DIR = WEIGHTS.split("/", 1)[0]
+#: Free space asked for beyond a checkpoint's size (file-system metadata, estimates).
+SPACE_MARGIN = 1.25
 UNIVERSAL_TAG = f"{DEEPSPEED_TAG}_universal"
 # A file that belongs to one rank: its ZeRO shards, its data position and RNG states.
 _RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_|^ranks/rank_(\d+)\.pt$")
@@ -100,6 +104,38 @@ def save_checkpoint(
         (folder / RUN_CONFIG).write_text(json.dumps(run.model_dump(mode="json"), indent=2))
         (folder / TRAINER_STATE).write_text(json.dumps(state.__dict__, indent=2))
     write_file_list(folder, rank)  # last: what the coordinator's manifest checks
+
+
+def checkpoint_bytes(engine: Any, rank: int, world: int) -> tuple[int, int]:
+    """(this rank's staged part, the whole checkpoint) in bytes, before one was written:
+    the model states at their dtype and the fp32 weights file (rank 0), Adam's fp32 master
+    weights and two moments split over the ranks."""
+    params = sum(p.numel() for p in engine.module.parameters())
+    size = next(engine.module.parameters()).element_size()
+    whole = params * (size + 4 + 12)
+    own = params * 12 // world + (params * (size + 4) if rank == 0 else 0)
+    return own, whole
+
+
+def check_space(needs: dict[str, int], step: int) -> None:
+    """Refuse a checkpoint that a folder's disk cannot hold (``needs``: folder -> bytes,
+    with a margin), before anything is written: a full disk mid-save would leave a torn
+    checkpoint; refused here, the last complete one stays the run's."""
+    for folder, need in needs.items():
+        free = shutil.disk_usage(folder).free
+        if free < need * SPACE_MARGIN:
+            raise DataError(
+                f"no space for the checkpoint of step {step}: {folder} has {_size(free)} "
+                f"free, it needs about {_size(need * SPACE_MARGIN)}; free space there, then "
+                "`m2d launch --resume RUN` continues from the last checkpoint"
+            )
+
+
+def _size(count: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count / 2**10:.0f} KiB"
 
 
 def load_checkpoint(

@@ -30,11 +30,14 @@ import torch.distributed as dist
 from infra.checkpoint_layout import read_weights
 from infra.config import RunConfig
 from infra.logging import get_logger, progress, set_rank
+from infra.storage import is_remote
 from infra.tracking import MetricWriter, Tracker, fail_fast, spill
 from mask2dit.tasks import TaskMix, prepare_training_batch, task_loss
 from trainer.batches import StoryBatches, encode_batch, make_batches
 from trainer.checkpointing import (
     TrainerState,
+    check_space,
+    checkpoint_bytes,
     load_checkpoint,
     resumable,
     resume_view,
@@ -313,6 +316,7 @@ class Worker:
         skips = {f"data_skipped_{k}": float(v) for k, v in counts.items()}
         skips["data_skipped_total"] = float(sum(counts.values()))
         self._track({**metrics, **skips}, flush=True)  # in MLflow before the checkpoint
+        self._check_space()
         with tempfile.TemporaryDirectory(prefix="m2d-ckpt-") as folder:
             save_checkpoint(
                 Path(folder),
@@ -329,6 +333,22 @@ class Worker:
                 checkpoint_upload_fn=self._upload,
             )
         self.last_report = time.monotonic()
+
+    def _check_space(self) -> None:
+        """Every rank: room for its part in the temp folder it stages in; rank 0 also for
+        the whole checkpoint under a local storage root (on the same disk: both)."""
+        own, whole = checkpoint_bytes(self.engine, self.rank, self.world)
+        needs = {tempfile.gettempdir(): own}
+        root = self.run.storage.root
+        if self.rank == 0 and not is_remote(root):
+            target = Path(root.removeprefix("file://"))
+            while not target.exists():  # the run folder is made by the first upload
+                target = target.parent
+            if target.stat().st_dev == Path(tempfile.gettempdir()).stat().st_dev:
+                needs = {str(target): own + whole}
+            else:
+                needs[str(target)] = whole
+        check_space(needs, self.state.step)
 
     def _upload(self, checkpoint: Any, name: str) -> Any:
         import ray.train

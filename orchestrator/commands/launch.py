@@ -11,6 +11,7 @@ import yaml
 from infra.config import STAGES, RunConfig, looks_secret
 from infra.deepspeed_config import deepspeed_config
 from infra.errors import ConfigError, M2DError, ServiceError, first_line
+from infra.jobs import EXIT_USER_ERROR
 from orchestrator import profiles, ray_jobs, runs, submit
 from orchestrator.cli import set_option, verbose
 from orchestrator.placement import placement_lines
@@ -350,5 +351,7 @@ def launch(
         raise click.ClickException(
             f"run {record.name} stopped; continue it with `m2d launch --resume {record.name}`"
         )
+    if code == EXIT_USER_ERROR:  # the job said what was wrong in its own one line
+        raise click.exceptions.Exit(code)
     if code:
         raise click.ClickException(f"run {record.name} failed (exit {code}); see the log above")

@@ -230,3 +230,35 @@ def test_a_resume_takes_the_newest_complete_checkpoint_not_rays_latest(tmp_path,
     (run / "checkpoint_00000002" / MANIFEST).unlink()  # and the one before has no manifest
     with pytest.raises(DataError, match="no complete checkpoint to resume from"):
         resumable(latest, storage, rank=0)
+
+
+def test_a_checkpoint_the_disk_cannot_hold_is_refused_before_writing(tmp_path, monkeypatch):
+    import shutil
+    from types import SimpleNamespace
+
+    import pytest
+    import torch
+
+    from infra.errors import DataError
+    from trainer import checkpointing
+
+    engine = SimpleNamespace(module=torch.nn.Linear(100, 10, dtype=torch.bfloat16))  # 1010
+    own0, whole = checkpointing.checkpoint_bytes(engine, rank=0, world=2)
+    own1, _ = checkpointing.checkpoint_bytes(engine, rank=1, world=2)
+    assert whole == 1010 * (2 + 4 + 12)  # bf16 states, fp32 weights file, Adam's 12 bytes
+    assert (own0, own1) == (1010 * 6 + 1010 * 6, 1010 * 6)
+    assert own0 + own1 == whole
+
+    free = {"value": 10_000}
+    real = shutil.disk_usage
+    monkeypatch.setattr(
+        checkpointing.shutil,
+        "disk_usage",
+        lambda path: real(path)._replace(free=free["value"]),
+    )
+    checkpointing.check_space({str(tmp_path): 8_000}, step=8)  # 10000 with the margin
+    free["value"] = 9_999
+    with pytest.raises(DataError) as refused:
+        checkpointing.check_space({str(tmp_path): 8_000}, step=8)
+    assert str(refused.value).startswith(f"no space for the checkpoint of step 8: {tmp_path}")
+    assert "`m2d launch --resume RUN` continues from the last checkpoint" in str(refused.value)
