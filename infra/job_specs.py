@@ -14,6 +14,8 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from infra.config import RunConfig, StorageConfig, TrackingConfig, _Strict
 
 __all__ = [
+    "MAX_SYNTH_SHOT_BYTES",
+    "EvalSpec",
     "ExportSpec",
     "FilterSpec",
     "InspectSpec",
