@@ -166,19 +166,32 @@ def load_checkpoint(
     return state, [saved["data"] for saved in ranks]
 
 
-def resumable(checkpoint: Any, storage: StorageConfig, rank: int) -> Any:
+def resumable(checkpoint: Any, storage: StorageConfig, rank: int, retry_s: float = 0.0) -> Any:
     """The checkpoint to resume from: Ray's latest (a ``ray.train.Checkpoint``) if its
     manifest says it is complete, else the newest complete one before it, with a warning
     naming what the newer one lacks - Ray records a checkpoint once its upload returned,
     and what a full disk or a hand cut later is not in its record. Rank 0 decides and
-    tells every rank; a DataError when none is complete."""
+    tells every rank; a DataError when none is complete. Its reads are retried for
+    ``retry_s`` seconds while the storage does not answer, as every resume read is."""
     found = [None]
     if rank == 0:
-        found = [_newest_complete(checkpoint.path, storage)]
+        found = [
+            retry_storage(
+                lambda: _newest_complete(checkpoint.path, storage),
+                f"rank {rank}'s check of the checkpoints' manifests on {storage.root}",
+                retry_s,
+                RESUME_FIX,
+            )
+        ]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(found, src=0)
     name = found[0]
     parent, latest = checkpoint.path.rstrip("/").rsplit("/", 1)
+    if name is None:
+        raise DataError(
+            f"{parent}: no complete checkpoint to resume from (the newest, {latest}, and "
+            "every one before it fail their manifest); `m2d checkpoints RUN` shows why"
+        )
     if name == latest:
         return checkpoint
     import ray.train
@@ -186,7 +199,7 @@ def resumable(checkpoint: Any, storage: StorageConfig, rank: int) -> Any:
     return ray.train.Checkpoint(path=f"{parent}/{name}", filesystem=checkpoint.filesystem)
 
 
-def _newest_complete(path: str, storage: StorageConfig) -> str:
+def _newest_complete(path: str, storage: StorageConfig) -> str | None:
     """The folder name of the newest complete checkpoint up to Ray's latest at ``path``
     (a path on the run's storage: ``bucket/key`` of an object store, else local)."""
     scheme = storage.root.split("://", 1)[0] if "://" in storage.root else ""
@@ -200,12 +213,7 @@ def _newest_complete(path: str, storage: StorageConfig) -> str:
         and name <= latest
     )
     chosen = complete_checkpoint([f"{parent}/{name}" for name in names], storage, log.warning)
-    if chosen is None:
-        raise DataError(
-            f"{parent}: no complete checkpoint to resume from (the newest, {latest}, and "
-            "every one before it fail their manifest); `m2d checkpoints RUN` shows why"
-        )
-    return chosen.rstrip("/").rsplit("/", 1)[-1]
+    return None if chosen is None else chosen.rstrip("/").rsplit("/", 1)[-1]
 
 
 def saved_world_size(checkpoint: Any, rank: int) -> int:

@@ -151,9 +151,9 @@ class Worker:
         written by this number of workers or another."""
         if checkpoint is None:
             return
-        checkpoint = resumable(checkpoint, self.run.storage, self.rank)
-        run_id = self.state.mlflow_run_id
         retry_s = self.run.fault_tolerance.storage_retry_s
+        checkpoint = resumable(checkpoint, self.run.storage, self.rank, retry_s)
+        run_id = self.state.mlflow_run_id
         resharded = saved_world_size(checkpoint, self.rank) != self.world
         rank, local_rank = self.rank, self.local_rank
         with resume_view(checkpoint, rank, local_rank, retry_s, resharded) as folder:

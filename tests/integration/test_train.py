@@ -30,7 +30,7 @@ from training_runs import (
     run_job,
 )
 
-from infra.checkpoint_layout import WEIGHTS
+from infra.checkpoint_layout import MANIFEST, WEIGHTS
 from infra.config import RunConfig, StorageConfig
 from infra.job_specs import ExportSpec, TrainJobSpec
 from infra.jobs import spec_argv
@@ -196,8 +196,9 @@ def test_checkpoints_carry_their_weights_and_readers_read_only_them(
         assert done.returncode == 0, done.stderr[-3000:]
         readers = proxy.bytes_by_pid(f"{checkpoint}/{WEIGHTS}")
         assert list(readers.values()) == [size], readers  # one rank, the file once
-        # Besides it, only the driver's look at the source run (its MLflow run id).
-        small = {f"{checkpoint}/{name}" for name in (WEIGHTS, TRAINER_STATE, RUN_CONFIG)}
+        # Besides it, only the driver's look at the source run (its MLflow run id) and the
+        # manifest the weights file's sha256 is checked against.
+        small = {f"{checkpoint}/{name}" for name in (WEIGHTS, TRAINER_STATE, RUN_CONFIG, MANIFEST)}
         assert proxy.keys_read(checkpoint) <= small, proxy.keys_read(checkpoint)
         assert sum(proxy.bytes_by_pid(checkpoint).values()) < size + 16_384
         # Step 1 runs at lr 0 (WarmupLR), so the gathered partitions of both ranks are
