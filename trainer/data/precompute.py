@@ -128,46 +128,38 @@ def run_pending(
     pool: Pool,
 ) -> None:
     """Encode the pending shards on a pool of Ray Data actors, printing progress."""
-    with ray_session():
-        _encode(pending, settings, out, storage, pool)
-
-
-def _encode(
-    pending: list[tuple[str, list[Item]]],
-    settings: Settings,
-    out: str,
-    storage: StorageConfig | None,
-    pool: Pool,
-) -> None:
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    DataContext.get_current().enable_progress_bars = False
-    rows = [{"name": n, "items": json.dumps([i.to_dict() for i in items])} for n, items in pending]
-    dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
-    storage_json = storage.model_dump() if storage else None
-    encoded = dataset.map_batches(
-        ShardEncoder,
-        batch_size=1,
-        compute=ActorPoolStrategy(size=max(1, min(pool.num_actors, len(rows)))),
-        fn_constructor_kwargs={
-            "settings": asdict(settings),
-            "storage": storage_json,
-            "out": out,
-            "device": pool.device,
-        },
-        num_cpus=1,
-        num_gpus=pool.gpus_per_actor,
-    )
-    try:
-        for done, row in enumerate(encoded.iter_rows(), start=1):
-            print(
-                f"shard {row['name']}: {row['kept']} encoded, {row['skipped']} skipped "
-                f"({done}/{len(rows)})",
-                flush=True,
-            )
-    except Exception as exc:
-        raise _user_error(exc) or exc from None
+    with ray_session():
+        DataContext.get_current().enable_progress_bars = False
+        rows = [
+            {"name": n, "items": json.dumps([i.to_dict() for i in items])} for n, items in pending
+        ]
+        dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
+        storage_json = storage.model_dump() if storage else None
+        encoded = dataset.map_batches(
+            ShardEncoder,
+            batch_size=1,
+            compute=ActorPoolStrategy(size=max(1, min(pool.num_actors, len(rows)))),
+            fn_constructor_kwargs={
+                "settings": asdict(settings),
+                "storage": storage_json,
+                "out": out,
+                "device": pool.device,
+            },
+            num_cpus=1,
+            num_gpus=pool.gpus_per_actor,
+        )
+        try:
+            for done, row in enumerate(encoded.iter_rows(), start=1):
+                print(
+                    f"shard {row['name']}: {row['kept']} encoded, {row['skipped']} skipped "
+                    f"({done}/{len(rows)})",
+                    flush=True,
+                )
+        except Exception as exc:
+            raise _user_error(exc) or exc from None
 
 
 def _user_error(error: BaseException | None) -> M2DError | None:
