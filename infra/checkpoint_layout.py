@@ -51,8 +51,10 @@ __all__ = [
     "complete_checkpoint",
     "consolidated_state_dict",
     "fetch_checkpoint",
+    "file_differs",
     "read_run_config",
     "read_weights",
+    "recorded_files",
     "remote_run_config",
     "write_file_list",
     "write_manifest",
@@ -205,38 +207,49 @@ def write_manifest(uri: str, storage: StorageConfig | None, world_size: int) -> 
     the sizes their lists give; the problem (and no manifest) otherwise."""
     fs, path = filesystem(uri, storage)
     path = path.rstrip("/")
-    sizes = _sizes(fs, path)
-    files: dict[str, dict[str, Any]] = {}
-    for rank in range(world_size):
-        name = RANK_FILES.format(rank=rank)
-        if name not in sizes:
-            return f"rank {rank}'s file list {name} is missing"
-        listed = fs.cat_file(f"{path}/{name}")
-        files[name] = {"size": len(listed), "sha256": hashlib.sha256(listed).hexdigest()}
-        files.update(json.loads(listed))
-    for name, info in files.items():
-        if sizes.get(name) != info["size"]:
-            return _size_problem(name, info["size"], sizes.get(name))
+    files, problem = _listed_files(fs, path, world_size, _sizes(fs, path))
+    if problem:
+        return problem
     manifest = {"world_size": world_size, "files": dict(sorted(files.items()))}
     with fs.open(f"{path}/{MANIFEST}", "w") as handle:
         handle.write(json.dumps(manifest, indent=1))
     return None
 
 
+def _listed_files(
+    fs: Any, path: str, world_size: int, sizes: dict[str, int]
+) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """Every file the ranks' lists name (the lists themselves included), with size and
+    sha256, and the first problem: a list missing, a listed file missing or of another size."""
+    files: dict[str, dict[str, Any]] = {}
+    for rank in range(world_size):
+        name = RANK_FILES.format(rank=rank)
+        if name not in sizes:
+            return files, f"rank {rank}'s file list {name} is missing"
+        listed = fs.cat_file(f"{path}/{name}")
+        files[name] = {"size": len(listed), "sha256": hashlib.sha256(listed).hexdigest()}
+        files.update(json.loads(listed))
+    return files, _size_check(files, sizes)
+
+
 def _size_problem(name: str, want: int, have: int | None) -> str:
     if have is None:
         return f"{name} is missing"
-    return f"{name} is {have} bytes, the manifest says {want}"
+    return f"{name} is {have} bytes, listed as {want}"
 
 
 @dataclass(frozen=True)
 class CheckpointState:
-    """What a check of one checkpoint found: ``problem`` is None when it is complete."""
+    """What a check of one checkpoint found: ``problem`` is None when it is complete.
+    ``manifest``: its manifest was written; ``listed``: its ranks listed their files (every
+    m2d that writes manifests does), so it was written by a manifest-era m2d even when the
+    manifest itself is missing."""
 
     uri: str
     problem: str | None
     manifest: bool
     total_bytes: int = 0
+    listed: bool = False
 
     @property
     def complete(self) -> bool:
@@ -252,28 +265,89 @@ def check_checkpoint(
     uri: str, storage: StorageConfig | None, verify: bool = False
 ) -> CheckpointState:
     """Whether checkpoint ``uri`` is complete: its manifest is there and every file it
-    lists is there at its size (``verify``: and has its sha256, which reads every byte)."""
+    lists is there at its size (``verify``: and has its sha256, which reads every byte).
+
+    A checkpoint whose manifest was never written (the save cut short, or the coordinator
+    unable to write it: a full disk) is complete all the same when every rank's file list
+    is there and every file they list has its size - the check the coordinator makes
+    before writing the manifest - so a full disk at that moment does not cost the run its
+    last complete checkpoint.
+    """
     fs, path = filesystem(uri, storage)
     path = path.rstrip("/")
     fs.invalidate_cache(path)  # a listing cached before the save would hide its files
     try:
-        manifest = json.loads(fs.cat_file(f"{path}/{MANIFEST}"))
-        files = manifest["files"]
+        files = json.loads(fs.cat_file(f"{path}/{MANIFEST}"))["files"]
+        sizes = _sizes(fs, path)
+        problem = _size_check(files, sizes)
+        manifest = True
     except FileNotFoundError:
-        return CheckpointState(uri, f"no {MANIFEST} (the save did not finish)", False)
+        sizes = _sizes(fs, path)
+        listed = any(name.startswith(RANK_FILES.split("{", 1)[0]) for name in sizes)
+        files, problem = _without_manifest(fs, path, sizes)
+        if files is None:
+            return CheckpointState(uri, problem, False, listed=listed)
+        problem, manifest = None, False
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        return CheckpointState(uri, f"unreadable {MANIFEST} ({first_line(exc)})", True)
+        problem = f"unreadable {MANIFEST} ({first_line(exc)})"
+        return CheckpointState(uri, problem, True, listed=True)
     total = sum(info["size"] for info in files.values())
-    sizes = _sizes(fs, path)
-    for name, info in files.items():
-        if sizes.get(name) != info["size"]:
-            return CheckpointState(uri, _size_problem(name, info["size"], sizes.get(name)), True)
-    if verify:
+    if problem is None and verify:
         for name, info in files.items():
             with fs.open(f"{path}/{name}", "rb") as handle:
                 if _sha256(handle) != info["sha256"]:
-                    return CheckpointState(uri, f"{name} differs from its sha256", True, total)
-    return CheckpointState(uri, None, True, total)
+                    problem = f"{name} differs from its sha256"
+                    break
+    return CheckpointState(uri, problem, manifest, total if problem is None else 0, True)
+
+
+def _size_check(files: dict[str, dict[str, Any]], sizes: dict[str, int]) -> str | None:
+    for name, info in files.items():
+        if sizes.get(name) != info["size"]:
+            return _size_problem(name, info["size"], sizes.get(name))
+    return None
+
+
+def _without_manifest(
+    fs: Any, path: str, sizes: dict[str, int]
+) -> tuple[dict[str, dict[str, Any]] | None, str]:
+    """(the files the ranks' lists name, '') when every list is there and its files have
+    their sizes; (None, why not) otherwise - files None also when no rank listed its files
+    (a save cut before any list, or a checkpoint of an m2d from before manifests)."""
+    unfinished = f"no {MANIFEST} (the save did not finish)"
+    try:
+        world_size = int(json.loads(fs.cat_file(f"{path}/{TRAINER_STATE}"))["world_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, unfinished
+    files, problem = _listed_files(fs, path, world_size, sizes)
+    if problem:
+        return None, f"{unfinished}: {problem}"
+    return files, ""
+
+
+def recorded_files(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file of the checkpoint in local ``folder``, as recorded at
+    the save: its manifest, else (a manifest never written) the ranks' own lists; {} for a
+    checkpoint of an m2d from before both."""
+    manifest = folder / MANIFEST
+    if manifest.is_file():
+        return json.loads(manifest.read_text())["files"]
+    files: dict[str, dict[str, Any]] = {}
+    for listed in sorted((folder / RANK_FILES).parent.glob("files_rank_*.json")):
+        files.update(json.loads(listed.read_text()))
+    return files
+
+
+def file_differs(folder: Path, names: list[str], recorded: dict[str, dict[str, Any]]) -> str | None:
+    """The first of ``names`` (files of the checkpoint in local ``folder``) whose sha256 is
+    not the one ``recorded`` at the save, streamed once each; None when all match (a name
+    with no record is not checked)."""
+    for name in names:
+        if name in recorded:
+            with (folder / name).open("rb") as handle:
+                if _sha256(handle) != recorded[name]["sha256"]:
+                    return name
+    return None
 
 
 def complete_checkpoint(
@@ -293,7 +367,7 @@ def complete_checkpoint(
                 warn(f"checkpoint {newer.uri} is incomplete ({newer.problem}); using {uri}")
             return uri
         skipped.append(state)
-    if skipped and not any(state.manifest for state in skipped):
+    if skipped and not any(state.manifest or state.listed for state in skipped):
         warn(
             f"no checkpoint of {uris[-1].rsplit('/', 1)[0]} has a {MANIFEST} (written by an "
             f"older m2d): using the newest, {uris[-1]}, unverified"

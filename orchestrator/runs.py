@@ -257,7 +257,8 @@ def checkpoint_at(record: RunRecord, step: int, warn: Callable[[str], None] = _w
     state = check_checkpoint(wanted[0], record.storage_config)
     if state.complete:
         return wanted[0]
-    if not any(check_checkpoint(uri, record.storage_config).manifest for uri in found):
+    era = (check_checkpoint(uri, record.storage_config) for uri in found)
+    if not any(state.manifest or state.listed for state in era):
         warn(f"{wanted[0]} has no {MANIFEST} (written by an older m2d): using it unverified")
         return wanted[0]
     raise ConfigError(

@@ -38,11 +38,14 @@ import torch.distributed as dist
 
 from infra.checkpoint_layout import (
     DEEPSPEED_TAG,
+    MANIFEST,
     MODULE_PREFIX,
     RUN_CONFIG,
     TRAINER_STATE,
     WEIGHTS,
     complete_checkpoint,
+    file_differs,
+    recorded_files,
     write_file_list,
 )
 from infra.config import RunConfig, StorageConfig
@@ -54,11 +57,13 @@ __all__ = [
     "TrainerState",
     "check_space",
     "checkpoint_bytes",
+    "damaged_file",
     "load_checkpoint",
     "resumable",
     "resume_view",
     "save_checkpoint",
     "saved_world_size",
+    "stored_checkpoint",
     "upload_checkpoint",
 ]
 
@@ -166,27 +171,27 @@ def load_checkpoint(
     return state, [saved["data"] for saved in ranks]
 
 
-def resumable(checkpoint: Any, storage: StorageConfig, rank: int, retry_s: float = 0.0) -> Any:
+def resumable(
+    checkpoint: Any,
+    storage: StorageConfig,
+    rank: int,
+    retry_s: float = 0.0,
+    below: str | None = None,
+) -> Any:
     """The checkpoint to resume from: Ray's latest (a ``ray.train.Checkpoint``) if its
     manifest says it is complete, else the newest complete one before it, with a warning
     naming what the newer one lacks - Ray records a checkpoint once its upload returned,
-    and what a full disk or a hand cut later is not in its record. Rank 0 decides and
-    tells every rank; a DataError when none is complete. Its reads are retried for
+    and what a full disk or a hand cut later is not in its record. ``below``: only
+    checkpoints older than the one of that name (it turned out damaged). Rank 0 decides
+    and tells every rank; a DataError when none is complete. Its reads are retried for
     ``retry_s`` seconds while the storage does not answer, as every resume read is."""
-    found = [None]
-    if rank == 0:
-        found = [
-            retry_storage(
-                lambda: _newest_complete(checkpoint.path, storage),
-                f"rank {rank}'s check of the checkpoints' manifests on {storage.root}",
-                retry_s,
-                RESUME_FIX,
-            )
-        ]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(found, src=0)
-    name = found[0]
     parent, latest = checkpoint.path.rstrip("/").rsplit("/", 1)
+    up_to = latest if below is None else None
+
+    def decide():
+        return _newest_complete(parent, storage, up_to, below)
+
+    name = _decided(decide, storage, rank, retry_s)
     if name is None:
         raise DataError(
             f"{parent}: no complete checkpoint to resume from (the newest, {latest}, and "
@@ -199,21 +204,86 @@ def resumable(checkpoint: Any, storage: StorageConfig, rank: int, retry_s: float
     return ray.train.Checkpoint(path=f"{parent}/{name}", filesystem=checkpoint.filesystem)
 
 
-def _newest_complete(path: str, storage: StorageConfig) -> str | None:
-    """The folder name of the newest complete checkpoint up to Ray's latest at ``path``
-    (a path on the run's storage: ``bucket/key`` of an object store, else local)."""
+def stored_checkpoint(
+    ray_storage: Any, storage: StorageConfig, rank: int, retry_s: float = 0.0
+) -> Any | None:
+    """The run's newest complete checkpoint found on storage (a ``ray.train.Checkpoint``),
+    for a start where Ray Train's run snapshot offers none: it was set aside as torn
+    (``trainer.job.set_aside_torn_snapshot``), or the last attempt died before Ray wrote
+    it. None when the run has no complete checkpoint (a fresh run). ``ray_storage``: Ray
+    Train's ``StorageContext``; rank 0 decides and tells every rank."""
+    import ray.train
+
+    folder = ray_storage.experiment_fs_path.rstrip("/")
+    name = _decided(lambda: _newest_complete(folder, storage), storage, rank, retry_s)
+    if name is None:
+        return None
+    log.info("rank %d: Ray Train offers no checkpoint; resuming from %s", rank, name)
+    return ray.train.Checkpoint(path=f"{folder}/{name}", filesystem=ray_storage.storage_filesystem)
+
+
+def _decided(decide: Any, storage: StorageConfig, rank: int, retry_s: float) -> Any:
+    """``decide()`` on rank 0 (retried while the storage does not answer), told to all."""
+    found = [None]
+    if rank == 0:
+        found = [
+            retry_storage(
+                decide,
+                f"rank {rank}'s check of the checkpoints' manifests on {storage.root}",
+                retry_s,
+                RESUME_FIX,
+            )
+        ]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(found, src=0)
+    return found[0]
+
+
+def _newest_complete(
+    folder: str, storage: StorageConfig, up_to: str | None = None, below: str | None = None
+) -> str | None:
+    """The folder name of the newest complete checkpoint in the run folder ``folder`` (a
+    path on the run's storage: ``bucket/key`` of an object store, else local), up to the
+    one named ``up_to`` (Ray's latest) and older than ``below`` where given."""
     scheme = storage.root.split("://", 1)[0] if "://" in storage.root else ""
-    uri = f"{scheme}://{path.lstrip('/')}" if scheme and scheme != "file" else path
-    parent, latest = uri.rstrip("/").rsplit("/", 1)
-    fs, folder = filesystem(parent, storage)
+    parent = f"{scheme}://{folder.lstrip('/')}" if scheme and scheme != "file" else folder
+    fs, path = filesystem(parent, storage)
+    try:
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return None
     names = sorted(
         name
-        for entry in fs.ls(folder, detail=False)
+        for entry in entries
         if (name := entry.rstrip("/").rsplit("/", 1)[-1]).startswith("checkpoint_")
-        and name <= latest
+        and (up_to is None or name <= up_to)
+        and (below is None or name < below)
     )
     chosen = complete_checkpoint([f"{parent}/{name}" for name in names], storage, log.warning)
     return None if chosen is None else chosen.rstrip("/").rsplit("/", 1)[-1]
+
+
+def damaged_file(folder: Path, rank: int, local_rank: int, every_rank: bool = False) -> str | None:
+    """A file of the checkpoint in ``folder`` (a ``resume_view``) whose bytes are not the
+    ones recorded at its save (a flipped byte keeps the size, which is all the manifest
+    check looks at), or None. Each rank hashes what it reads - its own shards and data
+    position - and a node's local rank 0 the files its ranks share (every rank's, when the
+    checkpoint is converted: ``every_rank``); streamed once each, from local disk. The
+    weights file is not read to resume. Every rank gets the same answer."""
+    recorded = recorded_files(folder)
+    names = [
+        name
+        for name in recorded
+        if not name.startswith(f"{WEIGHTS_DIR}/")
+        and (folder / name).is_file()
+        and (_owner(name) == rank or (local_rank == 0 and (every_rank or _owner(name) is None)))
+    ]
+    found = file_differs(folder, names, recorded)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        everyone: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, found)
+        found = next((name for name in everyone if name), None)
+    return found
 
 
 def saved_world_size(checkpoint: Any, rank: int) -> int:
@@ -349,10 +419,11 @@ def upload_checkpoint(checkpoint: Any, name: str, storage: Any) -> Any:
     import pyarrow.fs
     import ray.train
 
-    target = storage.storage_filesystem
+    target, root = storage.storage_filesystem, storage.build_checkpoint_path_from_name(name)
+    _drop_stale_manifest(target, root)
     if not isinstance(target, pyarrow.fs.PyFileSystem):
         return storage.persist_current_checkpoint(checkpoint, name)
-    handler, root = target.handler, storage.build_checkpoint_path_from_name(name)
+    handler = target.handler
     local = Path(checkpoint.path)
     for path in sorted(p for p in local.rglob("*") if p.is_file()):
         remote = f"{root}/{path.relative_to(local).as_posix()}"
@@ -361,6 +432,20 @@ def upload_checkpoint(checkpoint: Any, name: str, storage: Any) -> Any:
             lambda path=path, remote=remote: handler.fs.put_file(str(path), remote),
         )
     return ray.train.Checkpoint(filesystem=target, path=root)
+
+
+def _drop_stale_manifest(fs: Any, root: str) -> None:
+    """A folder of this name may hold an earlier attempt's save (the run resumed from an
+    older checkpoint, this one being damaged): its manifest must not vouch for the files
+    about to replace them. Every rank tries; one succeeds."""
+    import pyarrow.fs
+
+    path = f"{root}/{MANIFEST}"
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+        return
+    with contextlib.suppress(FileNotFoundError):
+        fs.delete_file(path)
+    log.warning("%s held an earlier save's manifest: removed before this save", root)
 
 
 def _owner(name: str) -> int | None:

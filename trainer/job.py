@@ -24,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,7 @@ from infra.storage import (
     check_stage_input,
     filesystem,
     is_remote,
+    join,
     retry_storage,
     storage_options,
 )
@@ -54,6 +56,10 @@ __all__ = [
 ]
 
 log = get_logger("trainer.job")
+
+# Ray Train's record of a run's reported checkpoints, in the run folder
+# (ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME).
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
 @dataclass
@@ -141,6 +147,48 @@ def _ray_storage(parent: str, run: RunConfig) -> tuple[str, Any]:
     return parent.split("://", 1)[1], pyarrow.fs.PyFileSystem(handler)
 
 
+def set_aside_torn_snapshot(folder: RunFolder) -> str | None:
+    """Move Ray Train's run snapshot aside when Ray could not start on it: cut short (Ray
+    rewrites it in place after every checkpoint, and a full disk leaves it empty), not
+    JSON, or naming a checkpoint folder that is gone. Ray would refuse the resume
+    (``CheckpointManagerInitializationError``) even with space back; without the snapshot
+    the workers resume from the run's newest complete checkpoint, which m2d finds from the
+    manifests itself (``trainer.loop``). The snapshot is renamed, never deleted; the new
+    name, or None when it was sound (or absent)."""
+    fs, path = filesystem(join(folder.uri, RAY_SNAPSHOT), folder.run.storage)
+    try:
+        text = fs.cat_file(path)
+    except FileNotFoundError:
+        return None
+    problem = _snapshot_problem(text, lambda name: fs.exists(f"{path.rsplit('/', 1)[0]}/{name}"))
+    if problem is None:
+        return None
+    aside = f"{path}.torn-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    fs.mv(path, aside)
+    log.warning(
+        "Ray Train's run snapshot %s %s: set aside as %s; the run resumes from its newest "
+        "complete checkpoint",
+        join(folder.uri, RAY_SNAPSHOT),
+        problem,
+        aside.rsplit("/", 1)[-1],
+    )
+    return aside
+
+
+def _snapshot_problem(text: bytes, exists) -> str | None:
+    """Why Ray Train would not start on this snapshot (None: it would)."""
+    if not text.strip():
+        return "is empty (cut short while written)"
+    try:
+        names = [r["checkpoint_dir_name"] for r in json.loads(text)["checkpoint_results"]]
+    except (ValueError, KeyError, TypeError):
+        return "is not the JSON Ray wrote (cut short while written?)"
+    gone = [name for name in names if not exists(name)]
+    if gone:
+        return f"names checkpoint folders that are gone ({', '.join(gone)})"
+    return None
+
+
 def git_commit() -> str:
     """The commit of the code that runs (``M2D_GIT_COMMIT`` wins; 'unknown' outside git)."""
     if os.environ.get("M2D_GIT_COMMIT"):
@@ -221,6 +269,7 @@ def fit(folder: RunFolder) -> Outcome:
     from trainer.process_group import torch_config
 
     init_ray()
+    set_aside_torn_snapshot(folder)
     tags = {"git_commit": git_commit(), "ray_job_id": _ray_job_id()}
     tracker = open_run(folder.run, folder.uri, folder.name, tags)
     url = tracker.url

@@ -38,11 +38,13 @@ from trainer.checkpointing import (
     TrainerState,
     check_space,
     checkpoint_bytes,
+    damaged_file,
     load_checkpoint,
     resumable,
     resume_view,
     save_checkpoint,
     saved_world_size,
+    stored_checkpoint,
     upload_checkpoint,
 )
 from trainer.components import Components, load_components
@@ -78,7 +80,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         context.get_local_world_size(),
     )
     worker = Worker(run, config, rank, world, context.get_local_rank())
-    worker.restore(ray.train.get_checkpoint())
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:  # Ray's run snapshot has none: the storage may hold some
+        retry_s = run.fault_tolerance.storage_retry_s
+        checkpoint = stored_checkpoint(context.get_storage(), run.storage, rank, retry_s)
+    worker.restore(checkpoint)
     worker.train()
 
 
@@ -148,16 +154,31 @@ class Worker:
 
     def restore(self, checkpoint: Any) -> None:
         """Resume engine, data position, RNGs and step from a Ray checkpoint (if any),
-        written by this number of workers or another."""
+        written by this number of workers or another: the newest complete one whose files
+        are still the bytes recorded at its save (a damaged one is skipped with a warning,
+        as an incomplete one is)."""
         if checkpoint is None:
             return
         retry_s = self.run.fault_tolerance.storage_retry_s
-        checkpoint = resumable(checkpoint, self.run.storage, self.rank, retry_s)
         run_id = self.state.mlflow_run_id
-        resharded = saved_world_size(checkpoint, self.rank) != self.world
-        rank, local_rank = self.rank, self.local_rank
-        with resume_view(checkpoint, rank, local_rank, retry_s, resharded) as folder:
-            state, data = load_checkpoint(folder, self.engine, rank, self.world, local_rank)
+        rank, local_rank, below = self.rank, self.local_rank, None
+        while True:
+            chosen = resumable(checkpoint, self.run.storage, rank, retry_s, below)
+            resharded = saved_world_size(chosen, rank) != self.world
+            with resume_view(chosen, rank, local_rank, retry_s, resharded) as folder:
+                damaged = damaged_file(folder, rank, local_rank, resharded)
+                if damaged is None:
+                    state, data = load_checkpoint(folder, self.engine, rank, self.world, local_rank)
+            if damaged is None:
+                break
+            below = chosen.path.rstrip("/").rsplit("/", 1)[-1]
+            if rank == 0:
+                log.warning(
+                    "checkpoint %s: %s is not the file recorded at its save (changed since); "
+                    "resuming from the one before",
+                    chosen.path,
+                    damaged,
+                )
         if resharded:
             self.batches.load_state_dict(self.batches.merged_state(data, self.rank))
         else:

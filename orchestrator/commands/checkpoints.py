@@ -32,7 +32,10 @@ def checkpoints(name: str, verify: bool) -> None:
         if state.complete:
             size = f"{state.total_bytes / 2**20:.1f} MiB"
             what = "verified" if verify else "complete"
-            click.echo(f"{folder}  {what:<10}  {size}")
+            # The coordinator never wrote its manifest (a full disk then): the ranks' lists
+            # of their files are what it was checked against.
+            note = "" if state.manifest else "  (no manifest.json: checked by the ranks' lists)"
+            click.echo(f"{folder}  {what:<10}  {size}{note}")
         else:
             click.echo(f"{folder}  incomplete  {state.problem}")
         if state.damaged:

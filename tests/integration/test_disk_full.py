@@ -1,6 +1,9 @@
 """A full disk under a local storage root (issue 27 point 1), on a real tmpfs: the run stops
 before a checkpoint the disk cannot hold - one line, exit 2, nothing torn - and, once there
-is room, `m2d launch --resume` continues from the last checkpoint to the end."""
+is room, `m2d launch --resume` continues from the last checkpoint to the end. Then what a
+disk that fills *during* a save leaves (Ray's run snapshot cut to 0 bytes, a checkpoint
+whose manifest was never written) and a byte flipped since a save: the resume still
+continues, from the newest checkpoint whose files are the ones recorded at its save."""
 
 from __future__ import annotations
 
@@ -80,4 +83,35 @@ def test_a_full_disk_stops_before_a_checkpoint_and_resume_continues(small_disk, 
     assert [line.split()[:2] for line in listed.stdout.splitlines()] == [
         ["checkpoint_00000002", "complete"],
         ["checkpoint_00000004", "complete"],
+    ]
+
+    # What a disk filling during a save leaves, and a byte flipped since: Ray's snapshot cut
+    # to nothing (Ray would refuse to start on it), the step-2 checkpoint without the
+    # manifest its coordinator could not write, a byte of the step-4 optimizer shard flipped.
+    snapshot = run / "checkpoint_manager_snapshot.json"
+    snapshot.write_bytes(b"")
+    (run / "checkpoint_00000002" / "manifest.json").unlink()
+    shard = run / "checkpoint_00000004" / "deepspeed"
+    shard = next(shard.glob("*zero_pp_rank_0_*optim_states.pt"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    listed = m2d(env, "checkpoints", "df")
+    assert listed.stdout.splitlines()[0].endswith("(no manifest.json: checked by the ranks' lists)")
+
+    log_file = tmp_path / "home" / "runs" / "df.log"  # each launch appends to it
+    seen = len(log_file.read_text())
+    again = m2d(env, "launch", "--resume", "df")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.splitlines()[-1].startswith("run df finished: step 4/4")
+    log = log_file.read_text()[seen:]
+    assert "Ray Train's run snapshot" in log and "is empty (cut short while written)" in log
+    assert f"{shard.relative_to(run / 'checkpoint_00000004')} is not the file recorded" in log
+    assert "rank 0 resumed at step 2" in log
+    assert list(run.glob("checkpoint_manager_snapshot.json.torn-*"))  # set aside, not deleted
+    listed = m2d(env, "checkpoints", "df", "--verify")
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    assert [line.split()[:2] for line in listed.stdout.splitlines()] == [
+        ["checkpoint_00000002", "verified"],
+        ["checkpoint_00000004", "verified"],  # saved again by the resumed run
     ]

@@ -17,8 +17,9 @@ from infra.checkpoint_layout import (
 )
 
 
-def _rank_part(root: Path, rank: int) -> None:
-    """What one rank's save writes (its own folder before Ray merges them)."""
+def _rank_part(root: Path, rank: int, world_size: int | None = None) -> None:
+    """What one rank's save writes (its own folder before Ray merges them); the trainer
+    state names the world size where given."""
     part = root / f"part{rank}"
     (part / "deepspeed").mkdir(parents=True)
     (part / "deepspeed" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(
@@ -27,15 +28,18 @@ def _rank_part(root: Path, rank: int) -> None:
     (part / "ranks").mkdir()
     (part / "ranks" / f"rank_{rank}.pt").write_bytes(b"position %d" % rank)
     if rank == 0:
-        (part / "trainer_state.json").write_text('{"step": 4}')
+        state = {"step": 4} if world_size is None else {"step": 4, "world_size": world_size}
+        (part / "trainer_state.json").write_text(json.dumps(state))
     write_file_list(part, rank)
 
 
-def _merged(tmp_path: Path, name: str = "checkpoint_00000004", ranks=(0, 1)) -> Path:
+def _merged(
+    tmp_path: Path, name: str = "checkpoint_00000004", ranks=(0, 1), world_size=None
+) -> Path:
     """The checkpoint folder as storage holds it once these ranks' parts are uploaded."""
     folder = tmp_path / "run" / name
     for rank in ranks:
-        _rank_part(tmp_path / name, rank)
+        _rank_part(tmp_path / name, rank, world_size)
         for path in (tmp_path / name / f"part{rank}").rglob("*"):
             if path.is_file():
                 target = folder / path.relative_to(tmp_path / name / f"part{rank}")
@@ -73,7 +77,7 @@ def test_no_manifest_while_a_rank_is_missing_or_short(tmp_path):
     shard = other / "deepspeed" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     shard.write_bytes(shard.read_bytes()[:100])  # a torn upload
     assert write_manifest(str(other), None, 2) == (
-        "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt is 100 bytes, the manifest says 1024"
+        "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt is 100 bytes, listed as 1024"
     )
     assert not (other / MANIFEST).exists()
     assert (
@@ -92,7 +96,7 @@ def test_a_short_or_altered_file_after_the_manifest_is_caught(tmp_path):
     )
     position.write_bytes(b"pos")
     assert check_checkpoint(str(folder), None).problem == (
-        "ranks/rank_1.pt is 3 bytes, the manifest says 10"
+        "ranks/rank_1.pt is 3 bytes, listed as 10"
     )
     position.unlink()
     assert check_checkpoint(str(folder), None).problem == "ranks/rank_1.pt is missing"
@@ -117,9 +121,68 @@ def test_readers_take_the_newest_complete_checkpoint_and_say_what_they_skipped(t
 def test_a_run_from_before_manifests_uses_its_newest_unverified(tmp_path):
     first = _merged(tmp_path, "checkpoint_00000002")
     second = _merged(tmp_path, "checkpoint_00000004")
+    for listed in [*first.glob("ranks/files_rank_*"), *second.glob("ranks/files_rank_*")]:
+        listed.unlink()  # an m2d from before manifests listed no files either
     warnings: list[str] = []
     assert complete_checkpoint([str(first), str(second)], None, warnings.append) == str(second)
     assert len(warnings) == 1 and "older m2d" in warnings[0] and "unverified" in warnings[0]
+
+
+def test_a_checkpoint_whose_manifest_was_never_written_counts_by_its_ranks_lists(tmp_path):
+    """The coordinator could not write the manifest (a full disk at that moment): every
+    rank's list is there and every file has its size, so the checkpoint is complete all the
+    same; a newer torn one is skipped, never taken as 'a run from before manifests'."""
+    older = _merged(tmp_path, "checkpoint_00000002", world_size=2)  # no manifest written
+    newer = _merged(tmp_path, "checkpoint_00000004", world_size=2)
+    shard = newer / "deepspeed" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(b"")  # torn: cut to 0 bytes
+    state = check_checkpoint(str(older), None, verify=True)
+    assert state.complete and not state.manifest and state.listed
+    assert state.total_bytes == sum(p.stat().st_size for p in older.rglob("*") if p.is_file())
+    assert check_checkpoint(str(newer), None).problem == (
+        "no manifest.json (the save did not finish): "
+        "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt is 0 bytes, listed as 1024"
+    )
+    warnings: list[str] = []
+    assert complete_checkpoint([str(older), str(newer)], None, warnings.append) == str(older)
+    assert len(warnings) == 1 and "unverified" not in warnings[0]
+    assert f"checkpoint {newer} is incomplete" in warnings[0]
+
+    # The ranks' lists carry the sha256 too: --verify reads a flipped byte of it.
+    position = older / "ranks" / "rank_1.pt"
+    position.write_bytes(b"position 7")
+    assert check_checkpoint(str(older), None, verify=True).problem == (
+        "ranks/rank_1.pt differs from its sha256"
+    )
+    # Without its lists' every rank there, it is not complete; nor is it a pre-manifest run.
+    (older / "ranks" / "files_rank_1.json").unlink()
+    assert complete_checkpoint([str(older), str(newer)], None, warnings.append) is None
+
+
+def test_a_resume_hashes_what_each_rank_reads_and_names_a_flipped_byte(tmp_path):
+    """``damaged_file``: each rank its own shards and data position, local rank 0 the
+    shared files; a flipped byte (size unchanged) is named, the weights file not read."""
+    from trainer.checkpointing import damaged_file
+
+    folder = _merged(tmp_path, world_size=2)
+    assert write_manifest(str(folder), None, 2) is None
+    assert damaged_file(folder, rank=0, local_rank=0) is None
+    assert damaged_file(folder, rank=1, local_rank=1) is None
+
+    def flip(name: str) -> None:
+        path = folder / name
+        data = bytearray(path.read_bytes())
+        data[3] ^= 0x10
+        path.write_bytes(bytes(data))
+
+    flip("ranks/rank_1.pt")  # rank 1's own data position
+    assert damaged_file(folder, rank=1, local_rank=1) == "ranks/rank_1.pt"
+    assert damaged_file(folder, rank=0, local_rank=0) is None  # not rank 0's to read
+    assert damaged_file(folder, rank=0, local_rank=0, every_rank=True) == "ranks/rank_1.pt"
+    flip("ranks/rank_1.pt")  # back
+    flip("trainer_state.json")  # shared: the node's local rank 0 hashes it
+    assert damaged_file(folder, rank=1, local_rank=1) is None
+    assert damaged_file(folder, rank=1, local_rank=0) == "trainer_state.json"
 
 
 def _listed(tmp_path: Path, *args: str):
@@ -227,9 +290,71 @@ def test_a_resume_takes_the_newest_complete_checkpoint_not_rays_latest(tmp_path,
     assert chosen.path == str(run / "checkpoint_00000002")
     assert "checkpoint_00000004 is incomplete (deepspeed/model.pt is 10 bytes" in caplog.text
 
+    # A flipped byte of the latest (its resume read finds it): the one before it.
+    assert resumable(latest, storage, rank=0, below="checkpoint_00000004").path == str(
+        run / "checkpoint_00000002"
+    )
+
     (run / "checkpoint_00000002" / MANIFEST).unlink()  # and the one before has no manifest
     with pytest.raises(DataError, match="no complete checkpoint to resume from"):
         resumable(latest, storage, rank=0)
+
+
+def test_a_start_without_rays_snapshot_finds_the_newest_complete_checkpoint(tmp_path):
+    """Ray's run snapshot set aside (or never written): the workers look at the run
+    folder themselves; a fresh run finds nothing, a torn newest is passed over."""
+    from types import SimpleNamespace
+
+    import pyarrow.fs
+
+    from infra.config import StorageConfig
+    from trainer.checkpointing import stored_checkpoint
+
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    storage = StorageConfig(root=str(tmp_path / "runs"))
+    ray_storage = SimpleNamespace(
+        experiment_fs_path=str(run), storage_filesystem=pyarrow.fs.LocalFileSystem()
+    )
+    assert stored_checkpoint(ray_storage, storage, rank=0) is None  # a fresh run
+    for step in (2, 4):
+        folder = run / f"checkpoint_{step:08d}"
+        (folder / "deepspeed").mkdir(parents=True)
+        (folder / "deepspeed" / "model.pt").write_bytes(b"w" * 100)
+        write_file_list(folder, 0)
+        assert write_manifest(str(folder), None, world_size=1) is None
+    (run / "checkpoint_00000004" / "deepspeed" / "model.pt").write_bytes(b"")
+    found = stored_checkpoint(ray_storage, storage, rank=0)
+    assert found.path == str(run / "checkpoint_00000002")
+    assert isinstance(found.filesystem, pyarrow.fs.LocalFileSystem)
+
+
+def test_a_torn_ray_snapshot_is_set_aside_and_a_sound_one_kept(tmp_path):
+    import json as json_
+    from types import SimpleNamespace
+
+    from trainer.job import RAY_SNAPSHOT, set_aside_torn_snapshot
+
+    run = tmp_path / "runs" / "r"
+    (run / "checkpoint_00000002").mkdir(parents=True)
+    folder = SimpleNamespace(uri=str(run), run=SimpleNamespace(storage=None))
+    assert set_aside_torn_snapshot(folder) is None  # none there: nothing to do
+    sound = {"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_00000002"}]}
+    snapshot = run / RAY_SNAPSHOT
+    snapshot.write_text(json_.dumps(sound))
+    assert set_aside_torn_snapshot(folder) is None and snapshot.exists()
+    for torn in (
+        b"",
+        b'{"checkpoint_results": [{"checkpoi',
+        json_.dumps(
+            {"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_00000004"}]}  # gone
+        ).encode(),
+    ):
+        snapshot.write_bytes(torn)
+        aside = set_aside_torn_snapshot(folder)
+        assert aside is not None and not snapshot.exists()
+        assert Path(aside).read_bytes() == torn  # kept, renamed
+        Path(aside).unlink()
 
 
 def test_a_checkpoint_the_disk_cannot_hold_is_refused_before_writing(tmp_path, monkeypatch):
