@@ -19,14 +19,29 @@ import fsspec
 from infra.config import DataConfig, StorageConfig
 from infra.errors import DataError, StorageError, first_line
 from infra.logging import get_logger
+from infra.timeouts import network_timeout_s
 
 log = get_logger("storage")
 
+#: s3fs' tries of one request on a timeout or a dropped connection (its default: 5).
+S3_TRIES = 3
+
 
 def storage_options(storage: StorageConfig | None) -> dict[str, Any]:
-    """fsspec options for the profile's object store (endpoint and region only)."""
+    """fsspec options for the profile's object store: endpoint and region, and requests
+    bounded by ``infra.timeouts`` - one botocore attempt of at most that long (botocore's
+    own default: 60 s, up to 5 attempts, on a store that never answers); s3fs tries a
+    request that timed out ``S3_TRIES`` times in all (``bounded``)."""
+    timeout = network_timeout_s()
+    options: dict[str, Any] = {
+        "config_kwargs": {
+            "connect_timeout": timeout,
+            "read_timeout": timeout,
+            "retries": {"max_attempts": 1},
+        },
+    }
     if storage is None:
-        return {}
+        return options
     client_kwargs: dict[str, Any] = {}
     if storage.endpoint_url:
         client_kwargs["endpoint_url"] = storage.endpoint_url
@@ -34,7 +49,7 @@ def storage_options(storage: StorageConfig | None) -> dict[str, Any]:
         client_kwargs["region_name"] = storage.region
     if storage.credentials_file:
         os.environ.setdefault("AWS_SHARED_CREDENTIALS_FILE", storage.credentials_file)
-    return {"client_kwargs": client_kwargs} if client_kwargs else {}
+    return {**options, "client_kwargs": client_kwargs} if client_kwargs else options
 
 
 def filesystem(
@@ -42,13 +57,23 @@ def filesystem(
 ) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem of ``uri`` and the path inside it.
 
-    Options apply to object stores only; local paths need none.
+    Options apply to S3 object stores only (``s3://``); other filesystems take fsspec's
+    defaults.
     """
-    options = storage_options(storage) if is_remote(uri) else {}
+    options = storage_options(storage) if uri.startswith("s3://") else {}
     try:
-        return fsspec.core.url_to_fs(uri, **options)
+        fs, path = fsspec.core.url_to_fs(uri, **options)
     except (ImportError, ValueError) as exc:
         raise StorageError(f"{uri}: cannot open this location ({exc})") from None
+    return bounded(fs), path
+
+
+def bounded(fs: Any) -> Any:
+    """``fs`` with s3fs' tries of a request set to ``S3_TRIES`` (a class setting of s3fs',
+    5, which no constructor argument reaches)."""
+    if hasattr(fs, "retries") and type(fs).__module__.startswith("s3fs"):
+        fs.retries = S3_TRIES
+    return fs
 
 
 def require(uri: str, storage: StorageConfig | None, key: str, fix: str = "fix the path") -> None:

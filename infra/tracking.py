@@ -26,6 +26,7 @@ from infra.config import RunConfig, StorageConfig, TrackingConfig, looks_secret
 from infra.errors import ServiceError, first_line
 from infra.logging import get_logger
 from infra.storage import filesystem, join
+from infra.timeouts import NETWORK_TIMEOUT_ENV, network_timeout_s
 
 __all__ = [
     "MLFLOW_RUN_FILE",
@@ -433,10 +434,13 @@ def is_server(uri: str) -> bool:
 
 
 @contextlib.contextmanager
-def fail_fast(timeout_s: int = 10, retries: int = 0) -> Iterator[None]:
+def fail_fast(timeout_s: int | None = None, retries: int = 0) -> Iterator[None]:
     """MLflow requests of an interactive command: ``1 + retries`` attempts each (a retry
-    only after an answer such as 503, with MLflow's backoff), ``timeout_s`` each at most.
-    MLflow's own default retries back off for minutes against a server that is down."""
+    only after an answer such as 503, with MLflow's backoff), ``timeout_s`` each at most
+    (``infra.timeouts.network_timeout_s()`` unless given). MLflow's own default retries
+    back off for minutes against a server that is down."""
+    if timeout_s is None:
+        timeout_s = max(1, round(network_timeout_s()))
     wanted = {
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
         "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s),
@@ -472,9 +476,13 @@ def check_store(uri: str) -> None:
         try:
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
         except Exception as exc:  # MLflow, requests and SQLAlchemy each raise their own
+            if "timed out" in str(exc) or "Timeout" in str(exc):
+                why = f"did not answer within {network_timeout_s():g} s"
+            else:
+                why = f"does not answer ({first_line(exc)})"
             raise ServiceError(
-                f"tracking.uri {uri}: the MLflow store does not answer ({first_line(exc)}); "
-                "start the server or fix tracking.uri"
+                f"tracking.uri {uri}: the MLflow server {why}; start it or fix tracking.uri"
+                f" ({NETWORK_TIMEOUT_ENV} sets the wait)"
             ) from None
 
 

@@ -70,7 +70,14 @@ def cluster_nodes(address: str) -> list[Node]:
     client_auth()
     from ray.util.state import list_nodes
 
-    found = list_nodes(address=address, detail=True, raise_on_missing_output=False)
+    from infra.timeouts import network_timeout_s
+
+    found = list_nodes(
+        address=address,
+        detail=True,
+        raise_on_missing_output=False,
+        timeout=max(1, round(network_timeout_s())),
+    )
     return [Node(n.node_ip, dict(n.resources_total or {})) for n in found if n.state == "ALIVE"]
 
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from infra.errors import ServiceError, first_line
+from infra.timeouts import NETWORK_TIMEOUT_ENV, network_timeout_s
 
 # How long a submission waits for the cluster's job agent: Ray's head answers "No available
 # agent to submit job" until the agent on the head node has registered, seconds to about
@@ -43,17 +44,42 @@ def refresh_auth() -> None:
 
 
 def job_client(address: str):
-    """A Ray Jobs client; the auth token comes from RAY_AUTH_TOKEN(_PATH) or ~/.ray."""
+    """A Ray Jobs client whose every request waits at most ``network_timeout_s()`` (Ray's
+    own waits forever on a server that accepts and never answers); the auth token comes
+    from RAY_AUTH_TOKEN(_PATH) or ~/.ray."""
     client_auth()
     from ray.job_submission import JobSubmissionClient
 
+    timeout = network_timeout_s()
+
+    class BoundedClient(JobSubmissionClient):
+        def _do_request(self, method, endpoint, **kwargs):
+            kwargs.setdefault("timeout", timeout)
+            return super()._do_request(method, endpoint, **kwargs)
+
     try:
-        return JobSubmissionClient(address)
+        return BoundedClient(address)
     except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError...
+        if silent := no_answer(exc, address):
+            raise ServiceError(silent) from None
         raise ServiceError(
             f"cannot reach the Ray cluster at {address} ({first_line(exc)}); check that it "
             "runs and that ray.address in the cluster profile is its dashboard address"
         ) from None
+
+
+def no_answer(exc: BaseException, address: str) -> str | None:
+    """The line for a request to the Ray cluster at ``address`` that timed out (None for
+    any other failure)."""
+    import requests
+
+    if not isinstance(exc, requests.exceptions.Timeout):
+        return None
+    return (
+        f"the Ray cluster at {address} did not answer within {network_timeout_s():g} s; "
+        "check that its head node runs and that ray.address is its dashboard address "
+        f"({NETWORK_TIMEOUT_ENV} sets the wait)"
+    )
 
 
 def submit_job(client, what: str, echo: Callable[[str], None] = print, **kwargs: Any) -> str:
@@ -69,6 +95,8 @@ def submit_job(client, what: str, echo: Callable[[str], None] = print, **kwargs:
         try:
             return client.submit_job(**kwargs)
         except Exception as exc:  # Ray raises RuntimeError, ValueError, ConnectionError...
+            if silent := no_answer(exc, getattr(client, "_address", "")):
+                raise ServiceError(f"{what}: {silent}") from None
             if "No available agent" not in str(exc):
                 raise ServiceError(f"Ray refused {what}: {first_line(exc)}") from None
         if time.monotonic() + delay > deadline:
@@ -100,4 +128,5 @@ def remote_call(record: RunJob, method: str, *args):
     try:
         return getattr(client, method)(record.ray_job, *args)
     except Exception as exc:
-        raise ServiceError(f"{method} for run {record.name}: {first_line(exc)}") from None
+        why = no_answer(exc, record.address) or first_line(exc)
+        raise ServiceError(f"{method} for run {record.name}: {why}") from None

@@ -38,7 +38,6 @@ import torch.distributed as dist
 
 from infra.checkpoint_layout import (
     DEEPSPEED_TAG,
-    MANIFEST,
     MODULE_PREFIX,
     RUN_CONFIG,
     TRAINER_STATE,
@@ -419,11 +418,10 @@ def upload_checkpoint(checkpoint: Any, name: str, storage: Any) -> Any:
     import pyarrow.fs
     import ray.train
 
-    target, root = storage.storage_filesystem, storage.build_checkpoint_path_from_name(name)
-    _drop_stale_manifest(target, root)
+    target = storage.storage_filesystem
     if not isinstance(target, pyarrow.fs.PyFileSystem):
         return storage.persist_current_checkpoint(checkpoint, name)
-    handler = target.handler
+    handler, root = target.handler, storage.build_checkpoint_path_from_name(name)
     local = Path(checkpoint.path)
     for path in sorted(p for p in local.rglob("*") if p.is_file()):
         remote = f"{root}/{path.relative_to(local).as_posix()}"
@@ -432,20 +430,6 @@ def upload_checkpoint(checkpoint: Any, name: str, storage: Any) -> Any:
             lambda path=path, remote=remote: handler.fs.put_file(str(path), remote),
         )
     return ray.train.Checkpoint(filesystem=target, path=root)
-
-
-def _drop_stale_manifest(fs: Any, root: str) -> None:
-    """A folder of this name may hold an earlier attempt's save (the run resumed from an
-    older checkpoint, this one being damaged): its manifest must not vouch for the files
-    about to replace them. Every rank tries; one succeeds."""
-    import pyarrow.fs
-
-    path = f"{root}/{MANIFEST}"
-    if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
-        return
-    with contextlib.suppress(FileNotFoundError):
-        fs.delete_file(path)
-    log.warning("%s held an earlier save's manifest: removed before this save", root)
 
 
 def _owner(name: str) -> int | None:

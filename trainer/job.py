@@ -36,6 +36,7 @@ from infra.jobs import run_job
 from infra.logging import get_logger, progress
 from infra.ray_runtime import init_ray
 from infra.storage import (
+    bounded,
     check_stage_input,
     filesystem,
     is_remote,
@@ -138,11 +139,9 @@ def _ray_storage(parent: str, run: RunConfig) -> tuple[str, Any]:
 
     from infra.arrow_storage import RetryingHandler
 
-    # botocore's own retries (up to ~15 s a request) would eat the budget before a failure
-    # reached the handler; s3fs' quick ones (about 2 s) stay.
-    fs = s3fs.S3FileSystem(
-        **storage_options(run.storage), config_kwargs={"retries": {"max_attempts": 1}}
-    )
+    # One botocore attempt a request (infra.storage), s3fs' quick tries: the handler's
+    # retries hold the budget.
+    fs = bounded(s3fs.S3FileSystem(**storage_options(run.storage)))
     handler = RetryingHandler(fs, run.fault_tolerance.storage_retry_s, run.storage.root)
     return parent.split("://", 1)[1], pyarrow.fs.PyFileSystem(handler)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from m2d_cli import M2D, ROOT
+from tcp_proxy import SwitchProxy
 
 from orchestrator.runs import resolve_run
 
@@ -68,19 +69,25 @@ def _state(ws: Path) -> dict[str, tuple[int, int]]:
     }
 
 
-def _run_case(case: dict, template: Path, root: Path, index: int) -> str | None:
-    """What is wrong with m2d's answer to ``case`` (None: nothing)."""
+def _run_case(case: dict, template: Path, root: Path, index: int, silent: str) -> str | None:
+    """What is wrong with m2d's answer to ``case`` (None: nothing). ``{ws}`` in its args
+    and files is its workspace, ``{silent}`` the URL of a server that accepts connections
+    and never answers."""
     ws = root / f"case{index:03d}"
     shutil.copytree(template, ws)
+
+    def placed(text: str) -> str:
+        return text.replace("{ws}", str(ws)).replace("{silent}", silent)
+
     for name, text in (case.get("files") or {}).items():
         (ws / name).parent.mkdir(parents=True, exist_ok=True)
-        (ws / name).write_text(text.replace("{ws}", str(ws)))
+        (ws / name).write_text(placed(text))
     before = _state(ws)
     drop = ("RAY_", "AWS_", "MLFLOW_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     env.update(M2D_HOME=str(ws / "home"), M2D_CLUSTERS_DIR=str(ws / "clusters"))
     env.update(case.get("env") or {})
-    args = [str(arg).replace("{ws}", str(ws)) for arg in case["args"]]
+    args = [placed(str(arg)) for arg in case["args"]]
     done = subprocess.run(
         [*M2D, *args], cwd=ws, env=env, capture_output=True, text=True, timeout=180
     )
@@ -92,9 +99,9 @@ def _run_case(case: dict, template: Path, root: Path, index: int) -> str | None:
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     if case["exit"]:
         message = [line for line in lines if not line.startswith(_FRAME)]
-        if len(message) != 1 or case["line"] not in message[0]:
-            return f"not one line holding {case['line']!r}: {said}"
-    elif case["stdout"] not in done.stdout or len(lines) > 1:
+        if len(message) != 1 or placed(case["line"]) not in message[0]:
+            return f"not one line holding {placed(case['line'])!r}: {said}"
+    elif placed(case["stdout"]) not in done.stdout or len(lines) > 1:
         return f"stdout without {case['stdout']!r}, or more than one line on stderr: {said}"
     for secret in ("secret", "corpus-key"):
         if secret in done.stderr + done.stdout:
@@ -109,10 +116,12 @@ def _run_case(case: dict, template: Path, root: Path, index: int) -> str | None:
 
 def test_every_bad_input_gets_one_line_and_harms_nothing(tmp_path):
     template = _template(tmp_path)
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    with SwitchProxy(upstream_port=9) as silent, ThreadPoolExecutor(max_workers=2) as pool:
+        silent.blackhole = True  # accepts, never answers
+        url = f"http://127.0.0.1:{silent.port}"
         answers = list(
             pool.map(
-                lambda indexed: _run_case(indexed[1], template, tmp_path, indexed[0]),
+                lambda indexed: _run_case(indexed[1], template, tmp_path, indexed[0], url),
                 enumerate(CASES),
             )
         )

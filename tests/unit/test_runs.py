@@ -264,7 +264,7 @@ def test_a_launch_whose_mlflow_store_does_not_answer_writes_nothing(tmp_path):
     argv += ["--set", f"storage.root={tmp_path / 'runs'}", "--set", f"tracking.uri={uri}"]
     result = CliRunner().invoke(cli, [*argv, "--set", f"data.pretrain={manifest}"])
     assert result.exit_code == 2, result.output
-    assert f"tracking.uri {uri}: the MLflow store does not answer" in result.output
+    assert f"tracking.uri {uri}: the MLflow server does not answer" in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists() and runs.recent_records() == []
 
