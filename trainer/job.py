@@ -30,7 +30,7 @@ from typing import Any
 
 from infra.checkpoint_layout import write_manifest
 from infra.config import RunConfig, StorageConfig
-from infra.errors import ConfigError, M2DError, StorageError, first_line
+from infra.errors import ConfigError, M2DError, ServiceError, StorageError, first_line
 from infra.job_specs import TrainJobSpec
 from infra.jobs import run_job
 from infra.logging import get_logger, progress
@@ -270,7 +270,7 @@ def fit(folder: RunFolder) -> Outcome:
     init_ray()
     set_aside_torn_snapshot(folder)
     tags = {"git_commit": git_commit(), "ray_job_id": _ray_job_id()}
-    tracker = open_run(folder.run, folder.uri, folder.name, tags)
+    tracker = _open_tracking(folder, tags)
     url = tracker.url
     log.info("MLflow run %s", url)
     trainer = TorchTrainer(
@@ -291,6 +291,24 @@ def fit(folder: RunFolder) -> Outcome:
     except Exception as exc:  # the run is done; only its MLflow status is not
         log.warning("MLflow did not record the run's end (%s)", exc)
     return outcome
+
+
+def _open_tracking(folder: RunFolder, tags: dict[str, str]) -> Tracker:
+    """The run's MLflow run, opened (or continued) with bounded waits: a request waits
+    ``infra.timeouts`` at most and a server that answers with errors (a read-only store)
+    is tried three times, not MLflow's default minutes of backoff; one line if it fails."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    try:
+        with fail_fast(retries=2):
+            return open_run(folder.run, folder.uri, folder.name, tags)
+    except (MlflowException, requests.RequestException, OSError) as exc:
+        raise ServiceError(
+            f"tracking.uri {folder.run.tracking.uri}: the MLflow store did not take the run "
+            f"({first_line(exc)}); fix the store (or tracking.uri), then "
+            f"`m2d launch --resume {folder.name}`"
+        ) from None
 
 
 def worker_config(folder: RunFolder, mlflow_run_id: str | None) -> dict[str, Any]:
