@@ -34,6 +34,9 @@ def storage_options(storage: StorageConfig | None) -> dict[str, Any]:
     request that timed out ``S3_TRIES`` times in all (``bounded``)."""
     timeout = network_timeout_s()
     options: dict[str, Any] = {
+        # What another process (or another filesystem object) changed is seen at once:
+        # m2d lists a folder to decide (checkpoints, items, model parts), rarely often.
+        "use_listings_cache": False,
         "config_kwargs": {
             "connect_timeout": timeout,
             "read_timeout": timeout,
