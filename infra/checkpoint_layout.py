@@ -32,19 +32,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra.config import RunConfig, StorageConfig
+from infra.config import StorageConfig
 from infra.errors import ConfigError, DataError, StorageError, first_line
 from infra.logging import get_logger
+from infra.run_folder import (
+    MANIFEST,
+    TRAINER_STATE,
+    FileRecord,
+    Manifest,
+    read_manifest,
+    read_trainer_state,
+    write_manifest_file,
+)
 from infra.storage import filesystem, is_remote
 
 log = get_logger("infra.checkpoint_layout")
 
 __all__ = [
     "DEEPSPEED_TAG",
-    "MANIFEST",
     "MODULE_PREFIX",
-    "RUN_CONFIG",
-    "TRAINER_STATE",
     "WEIGHTS",
     "CheckpointState",
     "check_checkpoint",
@@ -52,19 +58,14 @@ __all__ = [
     "consolidated_state_dict",
     "fetch_checkpoint",
     "file_differs",
-    "read_run_config",
     "read_weights",
     "recorded_files",
-    "remote_run_config",
     "write_file_list",
     "write_manifest",
 ]
 
 DEEPSPEED_TAG = "deepspeed"
-RUN_CONFIG = "run_config.json"
-TRAINER_STATE = "trainer_state.json"
 WEIGHTS = "weights/transformer.safetensors"
-MANIFEST = "manifest.json"
 RANK_FILES = "ranks/files_rank_{rank}.json"
 _CHUNK = 8 << 20
 
@@ -89,11 +90,6 @@ def fetch_checkpoint(uri: str, storage: StorageConfig | None, into: Path) -> Pat
             "checkpoint_NNNNNNNN folder of a finished run"
         )
     return folder
-
-
-def read_run_config(folder: Path) -> RunConfig:
-    """The resolved run config a checkpoint was written with."""
-    return RunConfig.model_validate_json((folder / RUN_CONFIG).read_text())
 
 
 def consolidated_state_dict(folder: Path) -> dict[str, Any]:
@@ -139,11 +135,14 @@ def read_weights(uri: str, storage: StorageConfig | None) -> dict[str, Any]:
 
 
 def _listed_sha256(fs: Any, path: str, name: str) -> str | None:
-    """The sha256 the checkpoint's manifest records for ``name`` (None: no manifest)."""
+    """The sha256 the checkpoint's manifest records for ``name`` (None: no manifest, or
+    one that does not list it)."""
     try:
-        return json.loads(fs.cat_file(f"{path}/{MANIFEST}"))["files"][name]["sha256"]
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        manifest = read_manifest(fs, path, path)
+    except DataError:
         return None
+    listed = manifest.files.get(name) if manifest else None
+    return listed.sha256 if listed else None
 
 
 def _check_sha256(uri: str, local: Path, expected: str | None) -> None:
@@ -156,18 +155,6 @@ def _check_sha256(uri: str, local: Path, expected: str | None) -> None:
                 "after the save); use an earlier checkpoint (`m2d checkpoints RUN --verify` "
                 "names every damaged one)"
             )
-
-
-def remote_run_config(uri: str, storage: StorageConfig | None) -> RunConfig:
-    """The run config of checkpoint ``uri`` (local or remote), read without fetching it."""
-    fs, path = filesystem(uri, storage)
-    try:
-        return RunConfig.model_validate_json(fs.cat_file(f"{path.rstrip('/')}/{RUN_CONFIG}"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"checkpoint {uri}: unreadable {RUN_CONFIG} ({first_line(exc)}); "
-            "give a checkpoint of a finished save"
-        ) from None
 
 
 # -- completeness: each rank's file list, the coordinator's manifest, the readers' check ----
@@ -210,25 +197,24 @@ def write_manifest(uri: str, storage: StorageConfig | None, world_size: int) -> 
     files, problem = _listed_files(fs, path, world_size, _sizes(fs, path))
     if problem:
         return problem
-    manifest = {"world_size": world_size, "files": dict(sorted(files.items()))}
-    with fs.open(f"{path}/{MANIFEST}", "w") as handle:
-        handle.write(json.dumps(manifest, indent=1))
+    manifest = Manifest(world_size=world_size, files=dict(sorted(files.items())))
+    write_manifest_file(fs, path, manifest)
     return None
 
 
 def _listed_files(
     fs: Any, path: str, world_size: int, sizes: dict[str, int]
-) -> tuple[dict[str, dict[str, Any]], str | None]:
+) -> tuple[dict[str, FileRecord], str | None]:
     """Every file the ranks' lists name (the lists themselves included), with size and
     sha256, and the first problem: a list missing, a listed file missing or of another size."""
-    files: dict[str, dict[str, Any]] = {}
+    files: dict[str, FileRecord] = {}
     for rank in range(world_size):
         name = RANK_FILES.format(rank=rank)
         if name not in sizes:
             return files, f"rank {rank}'s file list {name} is missing"
         listed = fs.cat_file(f"{path}/{name}")
-        files[name] = {"size": len(listed), "sha256": hashlib.sha256(listed).hexdigest()}
-        files.update(json.loads(listed))
+        files[name] = FileRecord(size=len(listed), sha256=hashlib.sha256(listed).hexdigest())
+        files.update({k: FileRecord(**v) for k, v in json.loads(listed).items()})
     return files, _size_check(files, sizes)
 
 
@@ -277,47 +263,49 @@ def check_checkpoint(
     path = path.rstrip("/")
     fs.invalidate_cache(path)  # a listing cached before the save would hide its files
     try:
-        files = json.loads(fs.cat_file(f"{path}/{MANIFEST}"))["files"]
-        sizes = _sizes(fs, path)
+        found = read_manifest(fs, path, uri)
+    except DataError as exc:
+        problem = str(exc).removeprefix(f"{uri}: ").split("; ", 1)[0]
+        return CheckpointState(uri, problem, True, listed=True)
+    sizes = _sizes(fs, path)
+    if found is not None:
+        files, manifest = found.files, True
         problem = _size_check(files, sizes)
-        manifest = True
-    except FileNotFoundError:
-        sizes = _sizes(fs, path)
+    else:
         listed = any(name.startswith(RANK_FILES.split("{", 1)[0]) for name in sizes)
-        files, problem = _without_manifest(fs, path, sizes)
+        files, problem = _without_manifest(fs, path, uri, storage, sizes)
         if files is None:
             return CheckpointState(uri, problem, False, listed=listed)
         problem, manifest = None, False
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        problem = f"unreadable {MANIFEST} ({first_line(exc)})"
-        return CheckpointState(uri, problem, True, listed=True)
-    total = sum(info["size"] for info in files.values())
+    total = sum(info.size for info in files.values())
     if problem is None and verify:
         for name, info in files.items():
             with fs.open(f"{path}/{name}", "rb") as handle:
-                if _sha256(handle) != info["sha256"]:
+                if _sha256(handle) != info.sha256:
                     problem = f"{name} differs from its sha256"
                     break
     return CheckpointState(uri, problem, manifest, total if problem is None else 0, True)
 
 
-def _size_check(files: dict[str, dict[str, Any]], sizes: dict[str, int]) -> str | None:
+def _size_check(files: dict[str, FileRecord], sizes: dict[str, int]) -> str | None:
     for name, info in files.items():
-        if sizes.get(name) != info["size"]:
-            return _size_problem(name, info["size"], sizes.get(name))
+        if sizes.get(name) != info.size:
+            return _size_problem(name, info.size, sizes.get(name))
     return None
 
 
 def _without_manifest(
-    fs: Any, path: str, sizes: dict[str, int]
-) -> tuple[dict[str, dict[str, Any]] | None, str]:
+    fs: Any, path: str, uri: str, storage: StorageConfig | None, sizes: dict[str, int]
+) -> tuple[dict[str, FileRecord] | None, str]:
     """(the files the ranks' lists name, '') when every list is there and its files have
     their sizes; (None, why not) otherwise - files None also when no rank listed its files
     (a save cut before any list, or a checkpoint of an m2d from before manifests)."""
     unfinished = f"no {MANIFEST} (the save did not finish)"
+    if TRAINER_STATE not in sizes:
+        return None, unfinished
     try:
-        world_size = int(json.loads(fs.cat_file(f"{path}/{TRAINER_STATE}"))["world_size"])
-    except (OSError, ValueError, KeyError, TypeError):
+        world_size = read_trainer_state(uri, storage).world_size
+    except DataError:
         return None, unfinished
     files, problem = _listed_files(fs, path, world_size, sizes)
     if problem:
@@ -325,27 +313,28 @@ def _without_manifest(
     return files, ""
 
 
-def recorded_files(folder: Path) -> dict[str, dict[str, Any]]:
+def recorded_files(folder: Path) -> dict[str, FileRecord]:
     """Size and sha256 of every file of the checkpoint in local ``folder``, as recorded at
     the save: its manifest, else (a manifest never written) the ranks' own lists; {} for a
     checkpoint of an m2d from before both."""
-    manifest = folder / MANIFEST
-    if manifest.is_file():
-        return json.loads(manifest.read_text())["files"]
-    files: dict[str, dict[str, Any]] = {}
+    fs, path = filesystem(str(folder))
+    manifest = read_manifest(fs, path, str(folder))
+    if manifest is not None:
+        return manifest.files
+    files: dict[str, FileRecord] = {}
     for listed in sorted((folder / RANK_FILES).parent.glob("files_rank_*.json")):
-        files.update(json.loads(listed.read_text()))
+        files.update({k: FileRecord(**v) for k, v in json.loads(listed.read_text()).items()})
     return files
 
 
-def file_differs(folder: Path, names: list[str], recorded: dict[str, dict[str, Any]]) -> str | None:
+def file_differs(folder: Path, names: list[str], recorded: dict[str, FileRecord]) -> str | None:
     """The first of ``names`` (files of the checkpoint in local ``folder``) whose sha256 is
     not the one ``recorded`` at the save, streamed once each; None when all match (a name
     with no record is not checked)."""
     for name in names:
         if name in recorded:
             with (folder / name).open("rb") as handle:
-                if _sha256(handle) != recorded[name]["sha256"]:
+                if _sha256(handle) != recorded[name].sha256:
                     return name
     return None
 

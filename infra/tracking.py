@@ -21,10 +21,10 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from infra.checkpoint_layout import TRAINER_STATE
 from infra.config import RunConfig, StorageConfig, TrackingConfig, looks_secret
-from infra.errors import ServiceError, first_line
+from infra.errors import DataError, ServiceError, first_line
 from infra.logging import get_logger
+from infra.run_folder import read_trainer_state
 from infra.storage import filesystem, join
 from infra.timeouts import NETWORK_TIMEOUT_ENV, network_timeout_s
 
@@ -536,11 +536,9 @@ def _parent_run_id(run: RunConfig) -> str | None:
     if not run.init_from:
         return None
     try:
-        fs, path = filesystem(join(run.init_from.rstrip("/"), TRAINER_STATE), run.storage)
-        with fs.open(path, "r") as handle:
-            parent = json.load(handle).get("mlflow_run_id")
-    except (OSError, ValueError) as exc:
-        log.warning("no parent MLflow run: cannot read %s's trainer state (%s)", run.init_from, exc)
+        parent = read_trainer_state(run.init_from.rstrip("/"), run.storage).mlflow_run_id
+    except DataError as exc:
+        log.warning("no parent MLflow run: %s", exc)
         return None
     if not parent:
         return None

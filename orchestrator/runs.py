@@ -19,15 +19,12 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from infra.checkpoint_layout import (
-    MANIFEST,
-    RUN_CONFIG,
-    check_checkpoint,
-    complete_checkpoint,
-)
+from infra import run_folder
+from infra.checkpoint_layout import check_checkpoint, complete_checkpoint
 from infra.config import RunConfig, StorageConfig
 from infra.errors import ConfigError, first_line
 from infra.processes import process_alive
+from infra.run_folder import MANIFEST, RUN_CONFIG, write_run_config
 from infra.storage import filesystem, join
 from mask2dit.tiny import BUILT_IN_SOURCES
 from orchestrator import profiles, ray_jobs
@@ -64,6 +61,11 @@ class RunRecord:
     #: The Ray job of the run's latest start (remote): its name, then ``NAME-resume-N``
     #: for each resume, since Ray keeps job names unique.
     job_id: str | None = None
+
+    @property
+    def config_folder(self) -> str:
+        """The folder of the run's ``run_config.json`` (the run folder)."""
+        return self.config_uri.rsplit("/", 1)[0]
 
     @property
     def ray_job(self) -> str:
@@ -187,20 +189,14 @@ def create_run_folder(run: RunConfig, name: str) -> str:
             f"{name}` or pick another --name"
         )
     fs.makedirs(path, exist_ok=True)
-    config_path = join(path, RUN_CONFIG)
-    with fs.open(config_path, "w") as handle:
-        handle.write(run.model_dump_json(indent=2))
-    return join(folder, RUN_CONFIG)
+    return write_run_config(folder, run.storage, run)
 
 
 def read_run_config(record: RunRecord) -> RunConfig:
     """Read back a run's saved config (for resume)."""
-    config_uri = record.config_uri
-    fs, path = filesystem(config_uri, record.storage_config)
-    if not fs.exists(path):
-        raise ConfigError(f"{config_uri}: the run's config is missing; was the run folder moved?")
-    with fs.open(path) as handle:
-        return RunConfig.model_validate_json(handle.read())
+    return run_folder.read_run_config(
+        record.config_folder, record.storage_config, fix="was the run folder moved?"
+    )
 
 
 def rewrite_run_config(record: RunRecord, run: RunConfig) -> str:
@@ -208,12 +204,10 @@ def rewrite_run_config(record: RunRecord, run: RunConfig) -> str:
     is kept beside it as ``run_config.UTCTIME.json``, whose URI is returned."""
     fs, path = filesystem(record.config_uri, record.storage_config)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    kept = f"{path.removesuffix('.json')}.{stamp}.json"
-    if fs.exists(kept):
+    kept = f"{RUN_CONFIG.removesuffix('.json')}.{stamp}.json"
+    if fs.exists(f"{path.rsplit('/', 1)[0]}/{kept}"):
         raise ConfigError(f"{kept} exists: the run was resized a moment ago; try again")
-    fs.copy(path, kept)
-    with fs.open(path, "w") as handle:
-        handle.write(run.model_dump_json(indent=2))
+    write_run_config(record.config_folder, record.storage_config, run, kept=kept)
     return f"{record.config_uri.removesuffix('.json')}.{stamp}.json"
 
 

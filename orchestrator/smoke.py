@@ -12,14 +12,14 @@ nested under it in MLflow.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from infra.checkpoint_layout import TRAINER_STATE
 from infra.config import RunConfig, deep_merge
-from infra.storage import filesystem, join
+from infra.errors import DataError
+from infra.run_folder import TrainerState, read_trainer_state, write_run_config
+from infra.storage import join
 from orchestrator import ray_jobs, runs, submit
 
 SMOKE_STEPS = 2
@@ -68,7 +68,7 @@ def check_stage(record: runs.RunRecord, run: RunConfig, start: Start) -> list[Ch
         checks.append(Check(stage, "resume", False, "not run: no checkpoint to resume from"))
         return checks
     longer = shrink(run, 2 * SMOKE_STEPS)
-    write_run_config(record, longer)
+    write_run_config(record.config_folder, record.storage_config, longer)  # the resume runs more
     code = start(record, longer, f"{record.name}-resume")
     checks.append(Check(stage, "resume", *_resumed(record, run, code, first)))
     return checks
@@ -95,8 +95,8 @@ def _resumed(record: runs.RunRecord, run: RunConfig, code: int, first: dict) -> 
 
 def check_nested(sft: runs.RunRecord, pretrain: runs.RunRecord, run: RunConfig) -> Check:
     """The SFT run's MLflow run is a child of the pretrain's."""
-    parent = (_checkpoint_state(pretrain, 2 * SMOKE_STEPS) or {}).get("mlflow_run_id")
-    child = (_checkpoint_state(sft, SMOKE_STEPS) or {}).get("mlflow_run_id")
+    parent = getattr(_checkpoint_state(pretrain, 2 * SMOKE_STEPS), "mlflow_run_id", None)
+    child = getattr(_checkpoint_state(sft, SMOKE_STEPS), "mlflow_run_id", None)
     if not (parent and child):
         return Check("sft", "nested", False, "a run has no MLflow id")
     try:
@@ -113,28 +113,19 @@ def _client(run: RunConfig):
     return MlflowClient(tracking_uri=run.tracking.uri)
 
 
-def _checkpoint_state(record: runs.RunRecord, step: int) -> dict | None:
-    """trainer_state.json of the run's checkpoint at ``step``, if it is there."""
-    uri = join(record.run_dir, f"checkpoint_{step:08d}", TRAINER_STATE)
-    fs, path = filesystem(uri, record.storage_config)
+def _checkpoint_state(record: runs.RunRecord, step: int) -> TrainerState | None:
+    """The trainer state of the run's checkpoint at ``step``, if it is there."""
+    uri = join(record.run_dir, f"checkpoint_{step:08d}")
     try:
-        with fs.open(path) as handle:
-            state = json.load(handle)
-    except (OSError, ValueError):
+        state = read_trainer_state(uri, record.storage_config)
+    except DataError:
         return None
-    return state if state.get("step") == step else None
+    return state if state.step == step else None
 
 
-def _where(record: runs.RunRecord, step: int, state: dict | None) -> str:
+def _where(record: runs.RunRecord, step: int, state: TrainerState | None) -> str:
     name = f"checkpoint_{step:08d}"
     return join(record.run_dir, name) if state else f"no {name} in {record.run_dir}"
-
-
-def write_run_config(record: runs.RunRecord, run: RunConfig) -> None:
-    """Replace a smoke run's run_config.json (the resume runs more steps)."""
-    fs, path = filesystem(record.config_uri, record.storage_config)
-    with fs.open(path, "w") as handle:
-        handle.write(run.model_dump_json(indent=2))
 
 
 def run_job(record: runs.RunRecord, run: RunConfig, job_id: str, echo) -> int:

@@ -13,12 +13,12 @@ Three kinds of checkpoint folder are accepted (local or ``s3://``):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
-from infra.checkpoint_layout import DEEPSPEED_TAG, TRAINER_STATE, remote_run_config
+from infra.checkpoint_layout import DEEPSPEED_TAG
 from infra.config import ModelConfig, StageRecipe, StorageConfig
-from infra.errors import ConfigError, StorageError, first_line
+from infra.errors import ConfigError, StorageError
+from infra.run_folder import read_run_config, read_trainer_state
 from infra.sample_spec import CheckpointSpec, SampleJobSpec
 from infra.storage import filesystem
 
@@ -79,15 +79,6 @@ def describe_checkpoint(spec: SampleJobSpec, checkpoint: CheckpointSpec) -> Chec
     kind = checkpoint_kind(checkpoint.uri, spec.storage)
     if kind != "training":
         return CheckpointInfo(kind, 0, None, spec.recipe, spec.model, spec.storage)
-    run = remote_run_config(checkpoint.uri, spec.storage)
-    fs, path = filesystem(checkpoint.uri, spec.storage)
-    try:
-        state = json.loads(fs.cat_file(f"{path.rstrip('/')}/{TRAINER_STATE}"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"checkpoint {checkpoint.uri}: unreadable {TRAINER_STATE} ({first_line(exc)}); "
-            "give a checkpoint of a finished save"
-        ) from None
-    return CheckpointInfo(
-        kind, state["step"], state.get("mlflow_run_id"), run.recipe, run.model, run.storage
-    )
+    run = read_run_config(checkpoint.uri, spec.storage, fix="give a checkpoint of a finished save")
+    state = read_trainer_state(checkpoint.uri, spec.storage)
+    return CheckpointInfo(kind, state.step, state.mlflow_run_id, run.recipe, run.model, run.storage)

@@ -21,13 +21,11 @@ import argparse
 import contextlib
 import hashlib
 import io
-import json
 import random
 import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +37,6 @@ import torch.distributed as dist
 from infra.checkpoint_layout import (
     DEEPSPEED_TAG,
     MODULE_PREFIX,
-    RUN_CONFIG,
-    TRAINER_STATE,
     WEIGHTS,
     complete_checkpoint,
     file_differs,
@@ -50,10 +46,17 @@ from infra.checkpoint_layout import (
 from infra.config import RunConfig, StorageConfig
 from infra.errors import ConfigError, DataError
 from infra.logging import get_logger
+from infra.run_folder import (
+    TRAINER_STATE,
+    TrainerState,
+    parse_trainer_state,
+    read_trainer_state,
+    write_run_config,
+    write_trainer_state,
+)
 from infra.storage import RESUME_FIX, filesystem, retry_storage
 
 __all__ = [
-    "TrainerState",
     "check_space",
     "checkpoint_bytes",
     "damaged_file",
@@ -76,15 +79,6 @@ UNIVERSAL_TAG = f"{DEEPSPEED_TAG}_universal"
 _RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_|^ranks/rank_(\d+)\.pt$")
 
 
-@dataclass
-class TrainerState:
-    """The loop's position: the next optimizer step and the MLflow run it writes to."""
-
-    step: int = 0
-    world_size: int = 1
-    mlflow_run_id: str | None = None
-
-
 def save_checkpoint(
     folder: Path,
     engine: Any,
@@ -105,8 +99,8 @@ def save_checkpoint(
     rank_file.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"data": data_state, "rng": _rng_states()}, rank_file)
     if rank == 0:
-        (folder / RUN_CONFIG).write_text(json.dumps(run.model_dump(mode="json"), indent=2))
-        (folder / TRAINER_STATE).write_text(json.dumps(state.__dict__, indent=2))
+        write_run_config(folder, None, run)
+        write_trainer_state(folder, state)
     write_file_list(folder, rank)  # last: what the coordinator's manifest checks
 
 
@@ -148,7 +142,7 @@ def load_checkpoint(
     """Restore the engine and RNGs from ``folder``; returns the saved state (its
     ``world_size`` is the run's that wrote it) and the data positions: this rank's own, or,
     written by another number of workers, those of every rank that wrote it."""
-    state = TrainerState(**json.loads((folder / TRAINER_STATE).read_text()))
+    state = read_trainer_state(str(folder), None)
     if state.world_size == world_size:
         _load_engine(engine, folder, DEEPSPEED_TAG)
         saved = torch.load(folder / "ranks" / f"rank_{rank}.pt", weights_only=False)
@@ -293,7 +287,7 @@ def saved_world_size(checkpoint: Any, rank: int) -> int:
     if rank == 0:
         fs, path = checkpoint.filesystem, f"{checkpoint.path.rstrip('/')}/{TRAINER_STATE}"
         with fs.open_input_stream(path) as handle:
-            found = [int(json.loads(handle.read())["world_size"])]
+            found = [parse_trainer_state(handle.read(), checkpoint.path).world_size]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(found, src=0)
     return found[0]

@@ -15,12 +15,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from infra.checkpoint_layout import read_weights, remote_run_config
+from infra.checkpoint_layout import read_weights
 from infra.config import StorageConfig
 from infra.errors import StorageError, first_line
 from infra.job_specs import ExportSpec
 from infra.jobs import run_job
 from infra.model_store import resolve_model_folder
+from infra.run_folder import read_run_config
 from infra.storage import filesystem, is_remote
 from mask2dit.components import load_transformer, transformer_config
 from mask2dit.tiny import BUILT_IN_SOURCES
@@ -28,7 +29,7 @@ from mask2dit.tiny import BUILT_IN_SOURCES
 
 def checkpoint_config(checkpoint_uri: str, storage: StorageConfig | None) -> dict:
     """The stock transformer config of a checkpoint's run (its model source's)."""
-    run = remote_run_config(checkpoint_uri, storage)
+    run = read_run_config(checkpoint_uri, storage, fix="give a checkpoint of a finished save")
     if run.model.source in BUILT_IN_SOURCES:
         return transformer_config(None, run.model.source)
     return transformer_config(resolve_model_folder(run.model.source, run.storage))

@@ -35,6 +35,7 @@ from infra.job_specs import TrainJobSpec
 from infra.jobs import run_job
 from infra.logging import get_logger, progress
 from infra.ray_runtime import init_ray
+from infra.run_folder import read_run_config
 from infra.storage import (
     bounded,
     check_stage_input,
@@ -76,22 +77,8 @@ class RunFolder:
 def read_run_folder(config_uri: str, storage: StorageConfig | None = None) -> RunFolder:
     """Read and validate ``run_config.json``, reached with ``storage``'s settings; the run
     is named after its folder."""
-    fs, path = filesystem(config_uri, storage)
-    try:
-        with fs.open(path, "r") as handle:
-            data = json.load(handle)
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{config_uri}: no run config there; give the run_config.json the launcher wrote"
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise StorageError(f"{config_uri}: cannot read the run config ({exc})") from None
-    try:
-        run = RunConfig.model_validate(data)
-    except ValueError as exc:
-        first = str(exc).splitlines()
-        raise ConfigError(f"{config_uri}: invalid run config: {' '.join(first[:3])}") from None
     folder = config_uri.rstrip("/").rsplit("/", 1)[0]
+    run = read_run_config(folder, storage, fix="give the run_config.json the launcher wrote")
     parent, name = folder.rsplit("/", 1) if "/" in folder else (".", folder)
     if not is_remote(parent):
         parent = os.path.abspath(parent.removeprefix("file://"))

@@ -30,12 +30,12 @@ import torch.distributed as dist
 from infra.checkpoint_layout import read_weights
 from infra.config import RunConfig
 from infra.logging import get_logger, progress, set_rank
+from infra.run_folder import TrainerState
 from infra.storage import is_remote
 from infra.tracking import MetricWriter, Tracker, fail_fast, spill
 from mask2dit.tasks import TaskMix, prepare_training_batch, task_loss
 from trainer.batches import StoryBatches, encode_batch, make_batches
 from trainer.checkpointing import (
-    TrainerState,
     check_space,
     checkpoint_bytes,
     damaged_file,
@@ -183,7 +183,9 @@ class Worker:
             self.batches.load_state_dict(self.batches.merged_state(data, self.rank))
         else:
             self.batches.load_state_dict(data[0])
-        self.state = TrainerState(state.step, self.world, run_id or state.mlflow_run_id)
+        self.state = TrainerState(
+            step=state.step, world_size=self.world, mlflow_run_id=run_id or state.mlflow_run_id
+        )
         log.info("rank %d resumed at step %d", self.rank, self.state.step)
 
     def train(self) -> None:

@@ -46,7 +46,8 @@ CHECKPOINT_SCRIPT = textwrap.dedent(
     import os, sys, torch, torch.distributed as dist, yaml
     from pathlib import Path
     from infra.config import ClusterProfile, resolve_run
-    from trainer.checkpointing import TrainerState, save_checkpoint
+    from infra.run_folder import TrainerState
+    from trainer.checkpointing import save_checkpoint
     from trainer.components import load_components
     from trainer.engine import build_engine
 

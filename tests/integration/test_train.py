@@ -236,7 +236,7 @@ def test_bad_config_exits_2_with_one_line(tmp_path):
     done = run_job(str(tmp_path / "nope" / "run_config.json"))
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: ")
-    assert "no run config there" in done.stderr
+    assert "nope: no run_config.json there" in done.stderr
 
 
 def test_missing_manifest_exits_2_before_ray_starts(tmp_path, mlflow_server):

@@ -1,0 +1,180 @@
+"""The files of a run folder that more than one part of m2d reads, each a typed model with
+one reader and one writer, and one error vocabulary: a ``DataError`` line naming the file,
+what is wrong with it and the fix.
+
+    {storage.root}/{run}/run_config.json      the resolved run config (the launcher writes
+                                               it; a checkpoint keeps a copy)
+    {storage.root}/{run}/checkpoint_NNNNNNNN/trainer_state.json
+                                               step, world size, MLflow run id (rank 0)
+    {storage.root}/{run}/checkpoint_NNNNNNNN/manifest.json
+                                               every file of the checkpoint with its size and
+                                               sha256 (the job's coordinator, last)
+
+A file is read through fsspec (``uri`` and the run's ``StorageConfig``) or, where a caller
+has the bytes already (Ray's pyarrow filesystem, which retries an object store that does
+not answer), parsed from them with the same model and the same line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from infra.config import RunConfig, StorageConfig
+from infra.errors import DataError, first_line
+from infra.storage import filesystem, join
+
+__all__ = [
+    "MANIFEST",
+    "RUN_CONFIG",
+    "TRAINER_STATE",
+    "FileRecord",
+    "Manifest",
+    "TrainerState",
+    "parse_manifest",
+    "parse_trainer_state",
+    "read_manifest",
+    "read_run_config",
+    "read_trainer_state",
+    "write_manifest_file",
+    "write_run_config",
+    "write_trainer_state",
+]
+
+RUN_CONFIG = "run_config.json"
+TRAINER_STATE = "trainer_state.json"
+MANIFEST = "manifest.json"
+
+_CHECKPOINT_FIX = "use another checkpoint (`m2d checkpoints RUN` lists them)"
+
+
+class TrainerState(BaseModel):
+    """A checkpoint's place in its run: the next optimizer step, how many workers wrote
+    it, the MLflow run it logs to."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    step: int = 0
+    world_size: int  # no default: what reads a checkpoint's shards must not guess it
+    mlflow_run_id: str | None = None
+
+
+class FileRecord(BaseModel):
+    """One file of a checkpoint as its rank wrote it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    size: int
+    sha256: str
+
+
+class Manifest(BaseModel):
+    """Every file of a complete checkpoint (the ranks' own lists included)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    world_size: int
+    files: dict[str, FileRecord]
+
+
+def _problem(where: str, name: str, exc: BaseException, fix: str) -> DataError:
+    if isinstance(exc, FileNotFoundError):
+        return DataError(f"{where}: no {name} there; {fix}")
+    if isinstance(exc, ValidationError):
+        why = exc.errors()[0]
+        return DataError(
+            f"{where}: unreadable {name} ({'.'.join(map(str, why['loc']))}: {why['msg']}); {fix}"
+        )
+    return DataError(f"{where}: unreadable {name} ({first_line(exc)}); {fix}")
+
+
+def _read(uri: str, storage: StorageConfig | None) -> bytes:
+    fs, path = filesystem(uri, storage)
+    return fs.cat_file(path)
+
+
+# -- run_config.json -----------------------------------------------------------------------
+
+
+def read_run_config(folder: str, storage: StorageConfig | None, fix: str = "") -> RunConfig:
+    """The run config in ``folder`` (a run folder or a checkpoint folder, local or remote).
+    A DataError line naming the file and ``fix`` (by default: the file is the launcher's,
+    so the folder was moved or cut) when it is missing or not a run config."""
+    uri = join(folder, RUN_CONFIG)
+    fix = fix or "give the folder of a run m2d launched (or one of its checkpoints)"
+    try:
+        return RunConfig.model_validate_json(_read(uri, storage))
+    except (OSError, ValueError) as exc:
+        raise _problem(folder, RUN_CONFIG, exc, fix) from None
+
+
+def write_run_config(
+    folder: str | Path, storage: StorageConfig | None, run: RunConfig, kept: str | None = None
+) -> str:
+    """Write ``run`` as the run config of ``folder``; ``kept``: first copy the one it
+    replaces to that name beside it. Returns the file's URI."""
+    uri = join(str(folder), RUN_CONFIG)
+    fs, path = filesystem(uri, storage)
+    if kept is not None:
+        fs.copy(path, f"{path.rsplit('/', 1)[0]}/{kept}")
+    with fs.open(path, "w") as handle:
+        handle.write(run.model_dump_json(indent=2))
+    return uri
+
+
+# -- trainer_state.json --------------------------------------------------------------------
+
+
+def parse_trainer_state(data: bytes | str, where: str) -> TrainerState:
+    """The trainer state in ``data``, read from checkpoint ``where``."""
+    try:
+        return TrainerState.model_validate_json(data)
+    except ValueError as exc:
+        raise _problem(where, TRAINER_STATE, exc, _CHECKPOINT_FIX) from None
+
+
+def read_trainer_state(checkpoint: str, storage: StorageConfig | None) -> TrainerState:
+    """The trainer state of checkpoint folder ``checkpoint`` (local or remote)."""
+    try:
+        data = _read(join(checkpoint, TRAINER_STATE), storage)
+    except OSError as exc:
+        raise _problem(checkpoint, TRAINER_STATE, exc, _CHECKPOINT_FIX) from None
+    return parse_trainer_state(data, checkpoint)
+
+
+def write_trainer_state(folder: Path, state: TrainerState) -> None:
+    """Write ``state`` into the local checkpoint part ``folder`` (rank 0's)."""
+    (folder / TRAINER_STATE).write_text(state.model_dump_json(indent=2))
+
+
+# -- manifest.json -------------------------------------------------------------------------
+
+
+def parse_manifest(data: bytes | str, where: str) -> Manifest:
+    """The manifest in ``data``, read from checkpoint ``where``."""
+    try:
+        return Manifest.model_validate_json(data)
+    except ValueError as exc:
+        raise _problem(where, MANIFEST, exc, _CHECKPOINT_FIX) from None
+
+
+def read_manifest(fs: Any, path: str, where: str) -> Manifest | None:
+    """The manifest of the checkpoint at ``path`` on ``fs`` (``where``: its URI, for the
+    line); None when it has none (a save that did not finish)."""
+    try:
+        data = fs.cat_file(f"{path}/{MANIFEST}")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise _problem(where, MANIFEST, exc, _CHECKPOINT_FIX) from None
+    return parse_manifest(data, where)
+
+
+def write_manifest_file(fs: Any, path: str, manifest: Manifest) -> None:
+    """Write ``manifest`` into the checkpoint at ``path`` on ``fs``."""
+    body = {"world_size": manifest.world_size, "files": manifest.model_dump()["files"]}
+    with fs.open(f"{path}/{MANIFEST}", "w") as handle:
+        handle.write(json.dumps(body, indent=1))
