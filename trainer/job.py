@@ -378,15 +378,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(spec: TrainJobSpec) -> int:
-    folder = None
+    folder, checked = None, False
     try:
         folder = read_run_folder(spec.config, spec.storage)
         check_input(folder.run)
+        checked = True
         outcome = fit(folder)
-    except M2DError:
-        if folder is not None:
-            end_run(folder.run, folder.uri, "FAILED")
-        raise
+    except M2DError as exc:
+        if folder is None:
+            raise
+        end_run(folder.run, folder.uri, "FAILED")
+        if checked:
+            raise
+        # Found before any step: the run folder and its record stay, and a resume once the
+        # input is fixed starts it from step 0 under the same name.
+        raise type(exc)(
+            f"{exc}; once fixed, `m2d launch --resume {folder.name}` starts the run"
+        ) from None
     except (KeyboardInterrupt, SystemExit):  # SIGTERM: `m2d stop`, Ray's job stop
         if folder is not None:  # the MLflow run says KILLED, not RUNNING, until a resume
             end_run(folder.run, folder.uri, "KILLED")

@@ -251,8 +251,46 @@ def test_missing_manifest_exits_2_before_ray_starts(tmp_path, mlflow_server):
     assert done.stderr.strip().splitlines()[-1] == (
         "error: stage pretrain needs its manifest: set data.pretrain in the run config (or "
         "data.pretrain_latents to precomputed latents, or data.synthetic: true for a run "
-        "without files)"
+        "without files); once fixed, `m2d launch --resume no-data` starts the run"
     )
+
+
+def test_a_user_error_found_by_the_job_leaves_a_run_resume_starts(tmp_path):
+    """A validation prompt file missing is found by the job, after the run's folder and
+    record exist: one line, exit 2, and once the file is there `--resume` trains the run."""
+    import subprocess
+
+    from m2d_cli import M2D, ROOT, local_env
+
+    env = local_env(M2D_HOME=str(tmp_path / "home"))
+    prompts = tmp_path / "validation.jsonl"
+    sets = {
+        "data.synthetic": "true",
+        "storage.root": str(tmp_path / "runs"),
+        "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "recipe.steps": "2",
+        "recipe.warmup_steps": "1",
+        "recipe.validation.every": "2",
+        "recipe.validation.prompts": str(prompts),
+    }
+    flags = [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
+
+    def m2d(*args):
+        return subprocess.run(
+            [*M2D, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        )
+
+    first = m2d("launch", "--cluster", "local", "--stage", "pretrain", "--name", "vp", *flags)
+    assert first.returncode == 2, first.stdout + first.stderr
+    errors = [line for line in first.stderr.splitlines() if line.startswith("error")]
+    assert errors == [
+        f"error: {prompts}: prompts file not found; check the path; once fixed, "
+        "`m2d launch --resume vp` starts the run"
+    ]
+    prompts.write_text('{"id": "v0", "prompts": ["a red cube", "a blue ball"]}\n')
+    resumed = m2d("launch", "--resume", "vp")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert resumed.stdout.splitlines()[-1].startswith("run vp finished: step 2/2")
 
 
 def test_export_from_s3_loads_in_stock_diffusers(s3_pretrain, tmp_path):
