@@ -9,6 +9,7 @@ local process or remote Ray job - so ``m2d status/logs/stop/runs`` can find it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -26,6 +27,7 @@ from infra.errors import ConfigError, first_line
 from infra.processes import process_alive
 from infra.run_folder import MANIFEST, RUN_CONFIG, write_run_config
 from infra.storage import filesystem, join
+from infra.tracking import MLFLOW_RUN_FILE
 from mask2dit.tiny import BUILT_IN_SOURCES
 from orchestrator import profiles, ray_jobs
 
@@ -190,6 +192,20 @@ def create_run_folder(run: RunConfig, name: str) -> str:
         )
     fs.makedirs(path, exist_ok=True)
     return write_run_config(folder, run.storage, run)
+
+
+def discard_run_folder(record: RunRecord) -> None:
+    """Undo ``create_run_folder`` for a run whose first job never started (Ray refused the
+    submission): the launcher's own files go (the run config, the MLflow run's id), then
+    the folder if that leaves it empty, so the name can be launched again. Nothing else in
+    the folder is touched."""
+    fs, path = filesystem(record.config_folder, record.storage_config)
+    for name in (RUN_CONFIG, MLFLOW_RUN_FILE):
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(f"{path}/{name}")
+    with contextlib.suppress(OSError):
+        if not fs.ls(path):
+            fs.rmdir(path)
 
 
 def read_run_config(record: RunRecord) -> RunConfig:

@@ -157,6 +157,7 @@ def _start(record: runs.RunRecord, run: RunConfig, follow: bool) -> int:
         )
     if record.kind == "local":
         return submit.run_local(record, verbose=verbose())
+    first = record.job_id is None
     try:
         submit.submit_remote(record, run, submission_id=_next_job_id(record))
     except ServiceError:
@@ -164,6 +165,8 @@ def _start(record: runs.RunRecord, run: RunConfig, follow: bool) -> int:
             from infra.tracking import end_run
 
             end_run(run, record.run_dir)  # no job will continue the run opened above
+        if first:  # nothing ran: the name is free again, as if never launched
+            runs.discard_run_folder(record)
         raise
     click.echo(f"submitted to {run.ray.address}; follow with `m2d logs {record.name} -f`")
     if follow:

@@ -494,3 +494,45 @@ time.sleep(60)
     assert (tmp_path / "checkpoint").read_text() == "saved"
     after = runs.load_record("interrupted")
     assert after.stopped and after.exit_code == 1
+
+
+def test_a_first_submission_ray_refuses_leaves_no_run_and_the_name_free(
+    tmp_path, m2d_home, monkeypatch
+):
+    """Ray refuses the job (its agent never came up): the run folder the launcher made and
+    its record go, so the same --name launches again; a user's own file there stays."""
+    from infra.errors import ServiceError
+
+    calls = []
+
+    def refuse(record, run, submission_id=None):
+        calls.append(submission_id)
+        raise ServiceError("Ray refused the job: the cluster's job agent did not answer")
+
+    monkeypatch.setattr("orchestrator.ray_jobs.job_client", lambda address: object())
+    monkeypatch.setattr("orchestrator.submit.submit_remote", refuse)
+    root = tmp_path / "runs"
+    args = [
+        "launch", "--cluster", "local", "--stage", "pretrain", "--name", "far", "--force",
+        "--set", "ray.address=http://127.0.0.1:8265", "--set", f"storage.root={root}",
+        "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "--set", "data.synthetic=true",
+    ]  # fmt: skip
+    for _attempt in range(2):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2, result.output
+        assert "Ray refused the job" in result.output
+        assert "already exists" not in result.output  # the name was free again
+        assert not (root / "far").exists()
+        assert not list((m2d_home / "runs").glob("far*"))
+    assert calls == ["far", "far"]
+
+    (root / "far").mkdir(parents=True)
+    (root / "far" / "notes.txt").write_text("mine")
+    monkeypatch.setattr(
+        "orchestrator.runs.create_run_folder",
+        lambda run, name: str(root / "far" / "run_config.json"),
+    )
+    (root / "far" / "run_config.json").write_text("{}")
+    assert CliRunner().invoke(cli, args).exit_code == 2
+    assert (root / "far" / "notes.txt").read_text() == "mine"  # only m2d's own files go
+    assert not (root / "far" / "run_config.json").exists()
