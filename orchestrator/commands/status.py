@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import click
 
+from infra.checkpoint_layout import complete_checkpoint
 from orchestrator import ray_jobs, runs, submit
 from orchestrator.cli import UserError
 
@@ -82,7 +83,7 @@ def _follow_local(record: runs.RunRecord) -> None:
 @click.command()
 @click.argument("name")
 def status(name: str) -> None:
-    """State of run NAME, where it runs, its progress and its latest checkpoint."""
+    """State of run NAME, where it runs, its progress and its last complete checkpoint."""
     record = runs.load_record(name)
     found = runs.checkpoints(record)
     progress = progress_of([record]).get(record.name)
@@ -95,7 +96,23 @@ def status(name: str) -> None:
         click.echo(f"mlflow:     {progress.url}")
     elif record.tracking_uri:
         click.echo(f"mlflow:     no run of it readable in {record.tracking_uri} from here")
-    click.echo(f"checkpoint: {found[-1] if found else 'none yet'}")
+    click.echo(f"checkpoint: {_last_complete(record, found)}")
+
+
+def _last_complete(record: runs.RunRecord, found: list[str]) -> str:
+    """The run's newest complete checkpoint (what a resume, SFT --from, export and
+    sample-batch take) and what is wrong with each newer one."""
+    if not found:
+        return "none yet"
+    newer: list[str] = []
+    chosen = complete_checkpoint(found, record.storage_config, newer.append)
+    if chosen is None:
+        return f"none complete ({len(found)} incomplete: `m2d checkpoints {record.name}`)"
+    skipped = [line.split(" is incomplete ", 1) for line in newer if " is incomplete " in line]
+    notes = "; ".join(
+        f"{uri.rsplit('/', 1)[-1]} is incomplete {why.split('; using')[0]}" for uri, why in skipped
+    )
+    return f"{chosen} (last complete{'; ' + notes if notes else ''})"
 
 
 @click.command()
@@ -143,14 +160,15 @@ def runs_(ctx: click.Context, limit: int) -> None:
 
     records = runs.recent_records(limit, warn=lambda line: click.echo(line, err=True))
     progress = progress_of(records)
-    table = Table("run", "stage", "cluster", "state", "step", "loss", "checkpoints", "latest")
+    table = Table("run", "stage", "cluster", "state", "step", "loss", "checkpoints", "complete")
     for record in records:
         try:
             state = runs.state_of(record)
         except Exception as exc:  # one unreachable cluster must not hide the other runs
             state = f"unknown ({type(exc).__name__})"
         found = runs.checkpoints(record)
-        latest = found[-1].rsplit("/", 1)[-1] if found else "-"
+        complete = complete_checkpoint(found, record.storage_config, lambda line: None)
+        latest = complete.rsplit("/", 1)[-1] if complete else "-"
         seen = progress.get(record.name)
         table.add_row(
             record.name,

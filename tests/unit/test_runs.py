@@ -536,3 +536,26 @@ def test_a_first_submission_ray_refuses_leaves_no_run_and_the_name_free(
     assert CliRunner().invoke(cli, args).exit_code == 2
     assert (root / "far" / "notes.txt").read_text() == "mine"  # only m2d's own files go
     assert not (root / "far" / "run_config.json").exists()
+
+
+def test_status_and_runs_name_the_last_complete_checkpoint_not_the_newest_folder(tmp_path):
+    """The run's own record says which checkpoint is last complete: a torn newer one (a
+    disk that filled during its save) is named with why it does not count."""
+    from infra.checkpoint_layout import write_file_list, write_manifest
+
+    record = _record(tmp_path, "torn", exit_code=1)
+    for step in (2, 4):
+        folder = Path(record.run_dir) / f"checkpoint_{step:08d}"
+        (folder / "deepspeed").mkdir(parents=True)
+        (folder / "deepspeed" / "model.pt").write_bytes(b"w" * 100)
+        write_file_list(folder, 0)
+        assert write_manifest(str(folder), None, world_size=1) is None
+    (Path(record.run_dir) / "checkpoint_00000004" / "deepspeed" / "model.pt").write_bytes(b"")
+    status = CliRunner().invoke(cli, ["status", "torn"])
+    assert status.exit_code == 0, status.output
+    assert (
+        f"checkpoint: {record.run_dir}/checkpoint_00000002 (last complete; checkpoint_00000004 "
+        "is incomplete (deepspeed/model.pt is 0 bytes, listed as 100))"
+    ) in status.output
+    table = CliRunner().invoke(cli, ["runs"])
+    assert _row(table.output, "torn")[6:8] == ["2", "checkpoint_00000002"]
