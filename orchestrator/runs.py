@@ -291,17 +291,23 @@ def resolve_run(
     )
 
 
-def absolute(value: str | None) -> str | None:
-    """A local path made absolute (so a job started elsewhere finds it); URIs as they are."""
+def absolute(value: str | None, key: str = "a path") -> str | None:
+    """A local path made absolute (so a job started elsewhere finds it); URIs as they are.
+    A path through a symlink loop is a ConfigError naming ``key``."""
     if value is None or "://" in value:
         return value
-    return str(Path(value).expanduser().resolve())
+    try:
+        return str(Path(value).expanduser().resolve())
+    except (RuntimeError, OSError) as exc:  # pathlib: RuntimeError("Symlink loop from ...")
+        raise ConfigError(
+            f"{key}: {value} cannot be resolved ({first_line(exc)}); point it at a real folder"
+        ) from None
 
 
 def model_path(value: str | None, built_in: Collection[str] = BUILT_IN_SOURCES) -> str | None:
     """:func:`absolute`, but a name in ``built_in`` (default: the built-in models, ``tiny``
     and ``toy``; ``BUILT_IN_ENCODERS`` for an encoder path) stays a name."""
-    return value if value in built_in else absolute(value)
+    return value if value in built_in else absolute(value, "model.source")
 
 
 def with_absolute_paths(run: RunConfig) -> RunConfig:
@@ -316,9 +322,15 @@ def with_absolute_paths(run: RunConfig) -> RunConfig:
         tracking = "sqlite:///" + absolute(tracking.removeprefix("sqlite:///"))
     return run.model_copy(
         update={
-            "storage": run.storage.model_copy(update={"root": absolute(run.storage.root)}),
+            "storage": run.storage.model_copy(
+                update={"root": absolute(run.storage.root, "storage.root")}
+            ),
             "data": run.data.model_copy(
-                update={name: absolute(value) for name, value in run.data if isinstance(value, str)}
+                update={
+                    name: absolute(value, f"data.{name}")
+                    for name, value in run.data
+                    if isinstance(value, str)
+                }
             ),
             "model": run.model.model_copy(update={"source": model_path(run.model.source)}),
             "tracking": run.tracking.model_copy(update={"uri": tracking}),

@@ -45,6 +45,7 @@ def _template(root: Path) -> Path:
     (ws / "dataset").mkdir()
     for name in ("pretrain.jsonl", "sft.jsonl", "my-notes.txt"):
         (ws / "dataset" / name).write_text(f"a user's {name}\n")
+    (ws / "loop").symlink_to(ws / "loop")  # a symlink loop, where a folder would go
     (ws / "samples" / "ckpt").mkdir(parents=True)
     (ws / "samples" / "ckpt" / "meta.json").write_text("{}")
     (ws / "home" / "runs").mkdir(parents=True)
@@ -74,7 +75,7 @@ def _run_case(case: dict, template: Path, root: Path, index: int, silent: str) -
     and files is its workspace, ``{silent}`` the URL of a server that accepts connections
     and never answers."""
     ws = root / f"case{index:03d}"
-    shutil.copytree(template, ws)
+    shutil.copytree(template, ws, symlinks=True)
 
     def placed(text: str) -> str:
         return text.replace("{ws}", str(ws)).replace("{silent}", silent)
