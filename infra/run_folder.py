@@ -10,14 +10,22 @@ what is wrong with it and the fix.
                                                every file of the checkpoint with its size and
                                                sha256 (the job's coordinator, last)
 
+and in a ``sample-batch`` output folder, per item (``OUT/CHECKPOINT/STORY/SEED/``):
+
+    meta.json      what the item was rendered from and how (the sampler, last: an item is
+                   finished exactly when it is there)
+    scores.json    the item's scores and the encoder that made them (the eval job)
+
 A file is read through fsspec (``uri`` and the run's ``StorageConfig``) or, where a caller
 has the bytes already (Ray's pyarrow filesystem, which retries an object store that does
-not answer), parsed from them with the same model and the same line.
+not answer; a row from a Ray Data actor), parsed from them with the same model and the
+same line.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +36,23 @@ from infra.errors import DataError, first_line
 from infra.storage import filesystem, join
 
 __all__ = [
+    "ITEM_META",
+    "ITEM_SCORES",
     "MANIFEST",
     "RUN_CONFIG",
     "TRAINER_STATE",
     "FileRecord",
+    "ItemInputs",
+    "ItemMeta",
+    "ItemScores",
+    "ItemSource",
     "Manifest",
     "TrainerState",
+    "parse_item_meta",
+    "read_item_meta",
+    "read_item_scores",
+    "write_item_meta",
+    "write_item_scores",
     "parse_manifest",
     "parse_trainer_state",
     "read_manifest",
@@ -47,6 +66,8 @@ __all__ = [
 RUN_CONFIG = "run_config.json"
 TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
+ITEM_META = "meta.json"
+ITEM_SCORES = "scores.json"
 
 _CHECKPOINT_FIX = "use another checkpoint (`m2d checkpoints RUN` lists them)"
 
@@ -178,3 +199,109 @@ def write_manifest_file(fs: Any, path: str, manifest: Manifest) -> None:
     body = {"world_size": manifest.world_size, "files": manifest.model_dump()["files"]}
     with fs.open(f"{path}/{MANIFEST}", "w") as handle:
         handle.write(json.dumps(body, indent=1))
+
+
+# -- a sample item's meta.json and scores.json ---------------------------------------------
+
+_ITEM_FIX = "render it again (`m2d sample-batch ... --overwrite`) or write to a new --out"
+
+
+class ItemInputs(BaseModel):
+    """What an item's pixels depend on: a rerun renders the item again only when these
+    differ (and then only with ``--overwrite``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    story: str
+    seed: int
+    noise_seed: int
+    mode: str
+    prompts: list[str]
+    context_videos: list[str]
+    checkpoint: str
+    scheduler: str
+    vae_tiling: bool
+    params: dict[str, Any]
+
+
+class ItemSource(BaseModel):
+    """The checkpoint an item was rendered from, as the sampler described it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    label: str
+    uri: str
+    run: str | None = None
+    kind: str
+    step: int
+    mlflow_run_id: str | None = None
+
+
+class ItemMeta(BaseModel):
+    """A finished item: its inputs, its checkpoint, and what the render gave."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: ItemInputs
+    checkpoint: ItemSource
+    seconds: float
+    scene_frames: list[int]
+    context_scenes: int
+    truncated: list[bool]
+    written: str
+
+
+class ItemScores(BaseModel):
+    """An item's scores (named by the encoder or oracle that made them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    encoder: dict[str, Any]
+    scores: dict[str, Any]
+    extension: list[float] | None = None
+    fvd_features: list[list[float]] | None = None
+
+
+def parse_item_meta(data: bytes | str, where: str) -> ItemMeta:
+    """The item meta in ``data``, of the item folder ``where``."""
+    try:
+        return ItemMeta.model_validate_json(data)
+    except ValueError as exc:
+        raise _problem(where, ITEM_META, exc, _ITEM_FIX) from None
+
+
+def read_item_meta(item: str, storage: StorageConfig | None) -> ItemMeta | None:
+    """The meta of the item folder ``item``; None while it has none (not finished)."""
+    try:
+        data = _read(join(item, ITEM_META), storage)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise _problem(item, ITEM_META, exc, _ITEM_FIX) from None
+    return parse_item_meta(data, item)
+
+
+def write_item_meta(item: str, storage: StorageConfig | None, meta: ItemMeta) -> None:
+    """Write ``meta`` into the item folder ``item`` whole (a local file, then one put):
+    the item's last file, so it is finished exactly when this is there."""
+    fs, path = filesystem(item, storage)
+    with tempfile.TemporaryDirectory(prefix="m2d-meta-") as tmp:
+        local = Path(tmp) / ITEM_META
+        local.write_text(meta.model_dump_json(indent=2))
+        fs.put_file(str(local), f"{path.rstrip('/')}/{ITEM_META}")
+
+
+def read_item_scores(item: str, storage: StorageConfig | None) -> ItemScores | None:
+    """The scores of the item folder ``item``; None when it has none - or one that is not
+    a scores file (cut short, another tool's): such an item is scored again."""
+    try:
+        return ItemScores.model_validate_json(_read(join(item, ITEM_SCORES), storage))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def write_item_scores(item: str, storage: StorageConfig | None, scores: ItemScores) -> None:
+    """Write ``scores`` into the item folder ``item``."""
+    fs, path = filesystem(join(item, ITEM_SCORES), storage)
+    with fs.open(path, "w") as handle:
+        handle.write(scores.model_dump_json(indent=1))

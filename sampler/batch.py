@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import safetensors.torch
 import torch
@@ -36,6 +34,14 @@ from infra.config import StorageConfig
 from infra.errors import ConfigError, DataError
 from infra.previews import preview_frames, write_contact_sheet, write_gif
 from infra.prompts import Story
+from infra.run_folder import (
+    ITEM_META,
+    ItemInputs,
+    ItemMeta,
+    ItemSource,
+    read_item_meta,
+    write_item_meta,
+)
 from infra.sample_spec import CheckpointSpec, SampleJobSpec
 from infra.storage import filesystem, join
 from infra.video import read_frames, resize_center_crop, write_video
@@ -49,7 +55,6 @@ if TYPE_CHECKING:  # the driver plans without the model frameworks
 __all__ = [
     "FPS",
     "LATENTS",
-    "META",
     "Item",
     "item_uri",
     "noise_seed",
@@ -61,7 +66,6 @@ __all__ = [
 ]
 
 FPS = 8  # CogVideoX's frame rate
-META = "meta.json"
 LATENTS = "latents.safetensors"
 
 
@@ -126,7 +130,7 @@ def inputs_record(
     checkpoint: CheckpointSpec,
     spec: SampleJobSpec,
     params: SamplingParams,
-) -> dict[str, Any]:
+) -> ItemInputs:
     """What an item's output depends on; meta.json keeps it and a rerun compares it.
 
     VAE tiling blends overlapping tiles, so it changes the pixels; slicing decodes the
@@ -134,18 +138,18 @@ def inputs_record(
     not. The batch size does not either (beyond float rounding): each item draws from its
     own seed's generator.
     """
-    return {
-        "story": story.id,
-        "seed": seed,
-        "noise_seed": noise_seed(story.id, seed, spec.noise),
-        "mode": spec.mode,
-        "prompts": list(story.prompts),
-        "context_videos": list(story.context_videos),
-        "checkpoint": checkpoint.uri,
-        "scheduler": spec.scheduler,
-        "vae_tiling": spec.vae_tiling,
-        "params": params.to_dict(),
-    }
+    return ItemInputs(
+        story=story.id,
+        seed=seed,
+        noise_seed=noise_seed(story.id, seed, spec.noise),
+        mode=spec.mode,
+        prompts=list(story.prompts),
+        context_videos=list(story.context_videos),
+        checkpoint=checkpoint.uri,
+        scheduler=spec.scheduler,
+        vae_tiling=spec.vae_tiling,
+        params=params.to_dict(),
+    )
 
 
 def plan_items(
@@ -167,26 +171,32 @@ def plan_items(
     return todo, finished
 
 
-def _finished(spec: SampleJobSpec, item: Item, wanted: dict[str, Any]) -> bool:
-    fs, path = filesystem(item_uri(spec.out, item), spec.storage)
-    meta_path = f"{path}/{META}"
-    if spec.overwrite or not fs.exists(meta_path):
+def _finished(spec: SampleJobSpec, item: Item, wanted: ItemInputs) -> bool:
+    """Whether the item is there, rendered from ``wanted``; a DataError when something
+    else is there (never overwritten without ``--overwrite``)."""
+    if spec.overwrite:
         return False
+    uri = item_uri(spec.out, item)
     try:
-        found = json.loads(fs.cat_file(meta_path))["inputs"]
-    except (ValueError, KeyError):
+        meta = read_item_meta(uri, spec.storage)
+    except DataError:  # a meta.json this m2d cannot read
         found = None
-    if found != wanted:
-        raise DataError(
-            f"{item_uri(spec.out, item)} holds a sample rendered with other inputs "
-            f"({_first_difference(found, wanted)}); write to a new --out or pass --overwrite"
-        )
-    return True
+    else:
+        if meta is None:
+            return False  # not finished: rendered (again)
+        if meta.inputs == wanted:
+            return True
+        found = meta.inputs.model_dump()
+    raise DataError(
+        f"{uri} holds a sample rendered with other inputs "
+        f"({_first_difference(found, wanted.model_dump())}); write to a new --out or pass "
+        "--overwrite"
+    )
 
 
 def _first_difference(found: dict | None, wanted: dict) -> str:
     if not isinstance(found, dict):
-        return "unreadable meta.json"
+        return f"unreadable {ITEM_META}"
     for key, value in wanted.items():
         if found.get(key) != value:
             if isinstance(value, dict) and isinstance(found.get(key), dict):
@@ -253,10 +263,12 @@ def write_item(
     out: str,
     item: Item,
     output: StoryOutput,
-    meta: dict[str, Any],
+    inputs: ItemInputs,
+    source: ItemSource,
+    seconds: float,
     storage: StorageConfig | None,
-) -> dict[str, Any]:
-    """Write the item's files, meta.json last; returns meta as written."""
+) -> ItemMeta:
+    """Write the item's files, meta.json last; returns the meta as written."""
     uri = item_uri(out, item)
     scenes = [frames.numpy() for frames in output.frames]
     for index, frames in enumerate(output.frames):
@@ -266,18 +278,16 @@ def write_item(
     write_gif(small, f"{uri}/preview.gif", fps=FPS, storage=storage)
     write_contact_sheet(small, f"{uri}/contact.png", storage=storage)
     _write_latents(f"{uri}/{LATENTS}", output, storage)
-    meta = {
-        **meta,
-        "scene_frames": [int(frames.shape[0]) for frames in output.frames],
-        "context_scenes": output.context_scenes,
-        "truncated": list(output.truncated),
-        "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    fs, path = filesystem(uri, storage)
-    with tempfile.TemporaryDirectory(prefix="m2d-meta-") as tmp:
-        local = Path(tmp) / META
-        local.write_text(json.dumps(meta, indent=2))
-        fs.put_file(str(local), f"{path}/{META}")
+    meta = ItemMeta(
+        inputs=inputs,
+        checkpoint=source,
+        seconds=round(seconds, 3),
+        scene_frames=[int(frames.shape[0]) for frames in output.frames],
+        context_scenes=output.context_scenes,
+        truncated=list(output.truncated),
+        written=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+    write_item_meta(uri, storage, meta)
     return meta
 
 

@@ -46,12 +46,18 @@ from infra.job_specs import EvalSpec
 from infra.jobs import run_job
 from infra.logging import get_logger
 from infra.ray_runtime import ray_session
+from infra.run_folder import (
+    ITEM_META,
+    ItemMeta,
+    ItemScores,
+    read_item_meta,
+    read_item_scores,
+    write_item_scores,
+)
 from infra.storage import filesystem, is_remote, join
 
 log = get_logger("sampler.eval_job")
 
-META = "meta.json"
-SCORES = "scores.json"
 METRICS = "metrics.json"
 STORIES_CSV = "stories.csv"
 
@@ -62,7 +68,7 @@ class Scored:
 
     label: str
     uri: str
-    meta: dict[str, Any]
+    meta: ItemMeta
     scores: dict[str, Any] | None
     skipped: str | None = None
     fvd_features: list[list[float]] | None = None
@@ -79,12 +85,12 @@ def find_items(spec: EvalSpec) -> list[tuple[str, str]]:
     fs, root = filesystem(spec.samples, spec.storage)
     root = root.rstrip("/")
     try:
-        metas = sorted(fs.glob(f"{root}/*/*/*/{META}"))
+        metas = sorted(fs.glob(f"{root}/*/*/*/{ITEM_META}"))
     except OSError as exc:
         raise DataError(f"--samples {spec.samples}: cannot list it ({first_line(exc)})") from None
     if not metas:
         raise DataError(
-            f"--samples {spec.samples}: no finished sample-batch item (no */*/*/{META}); "
+            f"--samples {spec.samples}: no finished sample-batch item (no */*/*/{ITEM_META}); "
             "give the --out folder of `m2d sample-batch`"
         )
     base = spec.samples.rstrip("/")
@@ -93,13 +99,6 @@ def find_items(spec: EvalSpec) -> list[tuple[str, str]]:
         label, story, seed = meta[len(root) + 1 :].split("/")[:3]
         items.append((label, f"{base}/{label}/{story}/{seed}"))
     return items
-
-
-def _read_json(fs: Any, path: str) -> dict[str, Any] | None:
-    try:
-        return json.loads(fs.cat_file(path))
-    except (FileNotFoundError, ValueError):
-        return None
 
 
 class ItemScorer:
@@ -127,31 +126,29 @@ class ItemScorer:
         """Score one item into its ``scores.json``; '' or why it was skipped."""
         from infra.video import VideoError
 
-        fs, path = filesystem(uri, self.spec.storage)
-        meta = json.loads(fs.cat_file(f"{path}/{META}"))
+        meta = read_item_meta(uri, self.spec.storage)
         try:
-            scenes, fvd_features = self._read_scenes(uri, meta["scene_frames"])
+            scenes, fvd_features = self._read_scenes(uri, meta.scene_frames)
         except VideoError as exc:
             log.warning("skipped %s: %s", uri, exc)
             return exc.reason
         except DataError:
             return "too_short"
-        prompts = list(meta["inputs"]["prompts"])
-        context = int(meta.get("context_scenes") or 0)
-        story, extension = meta["inputs"]["story"], None
+        prompts = list(meta.inputs.prompts)
+        context = meta.context_scenes
+        story, extension = meta.inputs.story, None
         if self.oracle is not None:
             found = self.oracle.score_story(scenes, prompts, context_scenes=context)
             scores = {"story": story, **found}
         else:
             scores, extension = self._consistency(story, scenes, prompts, context)
-        record = {
-            "encoder": encoder_record(self.spec),
-            "scores": scores,
-            "extension": extension,
-            "fvd_features": fvd_features if self.fvd is not None else None,
-        }
-        with fs.open(f"{path}/{SCORES}", "w") as handle:
-            handle.write(json.dumps(record, indent=1))
+        record = ItemScores(
+            encoder=encoder_record(self.spec),
+            scores=scores,
+            extension=extension,
+            fvd_features=fvd_features if self.fvd is not None else None,
+        )
+        write_item_scores(uri, self.spec.storage, record)
         return ""
 
     def _read_scenes(self, uri: str, scene_frames: list[int]) -> tuple[list, list]:
@@ -326,15 +323,13 @@ def score_items(spec: EvalSpec, todo: list[str]) -> dict[str, str]:
 
 
 def collect(spec: EvalSpec, items: list[tuple[str, str]], skipped: dict[str, str]) -> list[Scored]:
-    fs, _ = filesystem(spec.samples, spec.storage)
     found = []
     for label, uri in items:
-        _, path = filesystem(uri, spec.storage)
-        meta = json.loads(fs.cat_file(f"{path}/{META}"))
-        record = _read_json(fs, f"{path}/{SCORES}")
+        meta = read_item_meta(uri, spec.storage)
+        record = read_item_scores(uri, spec.storage)
         usable = record is not None and uri not in skipped
-        scores = record["scores"] if usable else None
-        fvd = record.get("fvd_features") if usable else None
+        scores = record.scores if usable else None
+        fvd = record.fvd_features if usable else None
         found.append(Scored(label, uri, meta, scores, skipped.get(uri), fvd))
     return found
 
@@ -353,8 +348,8 @@ def _check_same_settings(scored: list[Scored], label: str) -> None:
     different step counts or sizes would be no one's number."""
     settings = {}
     for item in scored:
-        inputs = item.meta.get("inputs", {})
-        key = json.dumps([inputs.get("mode"), inputs.get("params"), inputs.get("scheduler")])
+        inputs = item.meta.inputs
+        key = json.dumps([inputs.mode, inputs.params, inputs.scheduler])
         settings.setdefault(key, item.uri)
     if len(settings) > 1:
         first, other = list(settings.values())[:2]
@@ -370,9 +365,8 @@ def _summary(scored: list[Scored], spec: EvalSpec) -> dict[str, Any]:
     for item in scored:
         if item.skipped:
             skips[item.skipped] = skips.get(item.skipped, 0) + 1
-    checkpoint = scored[0].meta.get("checkpoint", {})
     return {
-        "checkpoint": checkpoint,
+        "checkpoint": scored[0].meta.checkpoint.model_dump(),
         "encoder": encoder_record(spec),
         "items": len(stories),
         "skipped": skips,
@@ -388,9 +382,9 @@ def _csv(scored: list[Scored]) -> str:
     writer = csv.DictWriter(out, fieldnames=["seed", *columns, "skipped"])
     writer.writeheader()
     for item in scored:
-        inputs = item.meta.get("inputs", {})
-        row = dict(item.scores or {"story": inputs.get("story")})
-        writer.writerow({"seed": inputs.get("seed"), **row, "skipped": item.skipped or ""})
+        inputs = item.meta.inputs
+        row = dict(item.scores or {"story": inputs.story})
+        writer.writerow({"seed": inputs.seed, **row, "skipped": item.skipped or ""})
     return out.getvalue()
 
 
@@ -457,12 +451,10 @@ def run(spec: EvalSpec, echo: Callable[[str], None] = print) -> dict[str, dict[s
             raise DataError("--reference needs --fvd-path: the FVD features' model folder")
         check_encoder(spec.fvd_features, spec.fvd_path, spec.storage)
     items = find_items(spec)
-    fs, _ = filesystem(spec.samples, spec.storage)
     todo = []
     for _, uri in items:
-        _, path = filesystem(uri, spec.storage)
-        record = _read_json(fs, f"{path}/{SCORES}")
-        if spec.overwrite or not record or record.get("encoder") != encoder_record(spec):
+        record = read_item_scores(uri, spec.storage)
+        if spec.overwrite or not record or record.encoder != encoder_record(spec):
             todo.append(uri)
     echo(f"{len(todo)} item(s) to score, {len(items) - len(todo)} already scored")
     if TINY in (spec.encoder_path, spec.fvd_path):

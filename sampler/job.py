@@ -14,7 +14,6 @@ artifacts). Exit status: 0 done, 2 a user error (one line), 1 anything else.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import sys
@@ -30,6 +29,7 @@ from infra.logging import get_logger
 from infra.processes import pid_alive
 from infra.prompts import Story, check_context_videos, prompt_file, read_stories
 from infra.ray_runtime import ray_session
+from infra.run_folder import ItemMeta, ItemSource, parse_item_meta
 from infra.sample_spec import SampleJobSpec
 from infra.storage import filesystem, is_remote
 from mask2dit.sampling.params import SamplingParams
@@ -129,21 +129,19 @@ class StoryRenderer:
     def write(self, story_id: str, seed: int, output, seconds: float) -> dict[str, Any]:
         story = self.stories[story_id]
         inputs = inputs_record(story, seed, self.checkpoint, self.spec, self.params)
-        meta = {
-            "inputs": inputs,
-            "checkpoint": {
-                "label": self.checkpoint.label,
-                "uri": self.checkpoint.uri,
-                "run": self.checkpoint.run,
-                "kind": self.info.kind,
-                "step": self.info.step,
-                "mlflow_run_id": self.info.mlflow_run_id,
-            },
-            "seconds": round(seconds, 3),
-        }
+        source = ItemSource(
+            label=self.checkpoint.label,
+            uri=self.checkpoint.uri,
+            run=self.checkpoint.run,
+            kind=self.info.kind,
+            step=self.info.step,
+            mlflow_run_id=self.info.mlflow_run_id,
+        )
         item = Item(self.checkpoint.label, story_id, seed)
-        written = write_item(self.spec.out, item, output, meta, self.spec.storage)
-        return {"story": story_id, "seed": seed, "meta": json.dumps(written)}
+        written = write_item(
+            self.spec.out, item, output, inputs, source, seconds, self.spec.storage
+        )
+        return {"story": story_id, "seed": seed, "meta": written.model_dump_json()}
 
 
 #: How long a sample job waits for its whole actor pool (models load in the actors).
@@ -228,8 +226,8 @@ def _run(plan: Plan, echo: Callable[[str], None]) -> Plan:
             for checkpoint in spec.checkpoints:
                 items = [item for item in plan.todo if item.checkpoint == checkpoint.label]
                 for row in _rendered(plan, checkpoint.label, items) if items else ():
-                    meta = json.loads(row["meta"])
-                    _warn_truncated(meta, echo)
+                    where = f"{checkpoint.label}/{row['story']}/{row['seed']}"
+                    _warn_truncated(parse_item_meta(row["meta"], where), echo)
                     if tracker is not None:
                         _log_item(tracker, plan, Item(checkpoint.label, row["story"], row["seed"]))
                     progress.advance(f"{checkpoint.label}/{row['story']}/{row['seed']}")
@@ -296,12 +294,12 @@ def _check_stale_claim(lock: Path, out: str) -> None:
         lock.unlink()
 
 
-def _warn_truncated(meta: dict[str, Any], echo: Callable[[str], None]) -> None:
-    scenes = [str(scene) for scene, cut in enumerate(meta["truncated"]) if cut]
+def _warn_truncated(meta: ItemMeta, echo: Callable[[str], None]) -> None:
+    scenes = [str(scene) for scene, cut in enumerate(meta.truncated) if cut]
     if scenes:
-        tokens = meta["inputs"]["params"]["text_tokens"]
+        tokens = meta.inputs.params["text_tokens"]
         echo(
-            f"warning: {meta['inputs']['story']}: prompt(s) of scene(s) {', '.join(scenes)} "
+            f"warning: {meta.inputs.story}: prompt(s) of scene(s) {', '.join(scenes)} "
             f"longer than {tokens} tokens, truncated"
         )
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from m2d_cli import local_env
+from sample_items import item_meta, write_meta
 from tiny_models import tiny_clip, tiny_videomae
 
 from infra.video import write_video
@@ -41,20 +42,8 @@ def write_item(out: Path, story: str, videos: list[torch.Tensor], training_run: 
     for index, frames in enumerate(videos):
         write_video(str(folder / f"scene_{index:02d}.mp4"), frames, fps=8)
     prompts = [f"Actor1 (a red fox) in scene {i}" for i in range(len(videos))]
-    meta = {
-        "inputs": {"story": story, "seed": 0, "mode": "fixed", "prompts": prompts},
-        "checkpoint": {
-            "label": LABEL,
-            "uri": "/runs/pre/checkpoint_00000007",
-            "run": "pre",
-            "kind": "training",
-            "step": 7,
-            "mlflow_run_id": training_run,
-        },
-        "scene_frames": [FRAMES] * len(videos),
-        "context_scenes": 0,
-    }
-    (folder / "meta.json").write_text(json.dumps(meta))
+    meta = item_meta(story, prompts, [FRAMES] * len(videos), LABEL, 7, training_run)
+    write_meta(folder, meta)
     return folder
 
 

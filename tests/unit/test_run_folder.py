@@ -95,3 +95,36 @@ def test_readers_reach_an_object_store_with_the_runs_settings(monkeypatch):
     storage = StorageConfig(root="s3://b/runs", endpoint_url="http://127.0.0.1:9000")
     assert read_trainer_state("s3://b/runs/r/checkpoint_00000002", storage).step == 2
     assert seen == [("s3://b/runs/r/checkpoint_00000002/trainer_state.json", storage)]
+
+
+def test_an_items_meta_reads_back_and_a_foreign_one_is_named(tmp_path):
+    from sample_items import item_meta, write_meta
+
+    from infra.run_folder import parse_item_meta, read_item_meta
+
+    item = tmp_path / "ckpt" / "s1" / "0"
+    assert read_item_meta(str(item), None) is None  # not finished
+    meta = item_meta("s1", ["a cat", "the cat sleeps"], [5, 5])
+    write_meta(item, meta)
+    assert read_item_meta(str(item), None) == meta
+    assert parse_item_meta(meta.model_dump_json(), "row") == meta  # a row from an actor
+    (item / "meta.json").write_text('{"inputs": {"story": "s1"}}')
+    with pytest.raises(DataError) as foreign:
+        read_item_meta(str(item), None)
+    assert str(foreign.value) == (
+        f"{item}: unreadable meta.json (inputs.seed: Field required); render it again "
+        "(`m2d sample-batch ... --overwrite`) or write to a new --out"
+    )
+
+
+def test_an_items_scores_read_back_and_a_cut_one_is_scored_again(tmp_path):
+    from infra.run_folder import ItemScores, read_item_scores, write_item_scores
+
+    item = tmp_path / "item"
+    item.mkdir()
+    assert read_item_scores(str(item), None) is None
+    scores = ItemScores(encoder={"name": "clip"}, scores={"visual": 91.5}, extension=[0.5])
+    write_item_scores(str(item), None, scores)
+    assert read_item_scores(str(item), None) == scores
+    (item / "scores.json").write_text('{"encoder": {"name": "cl')  # cut short
+    assert read_item_scores(str(item), None) is None

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from sample_items import item_meta, write_meta
 
 from infra.config import ModelConfig, StageRecipe, StorageConfig
 from infra.errors import ConfigError, DataError
@@ -15,7 +15,7 @@ from infra.sample_spec import CheckpointSpec, SampleJobSpec
 from orchestrator import runs
 from orchestrator.cli import cli
 from orchestrator.commands.sample import resolve_checkpoint
-from sampler.batch import META, Item, inputs_record, item_uri, plan_items, sampling_params
+from sampler.batch import Item, inputs_record, item_uri, plan_items, sampling_params
 from sampler.checkpoint_info import CheckpointInfo
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -146,7 +146,7 @@ def test_finished_items_are_skipped_and_changed_inputs_refused(tmp_path):
     done = Path(item_uri(spec.out, Item("c", "s", 1)))
     done.mkdir(parents=True)
     inputs = inputs_record(stories[0], 1, spec.checkpoints[0], spec, params["c"])
-    (done / META).write_text(json.dumps({"inputs": inputs}))
+    write_meta(done, item_meta("s", ["a", "b"], [1, 1], "c", inputs=inputs))
     assert plan_items(spec, stories, params) == ([Item("c", "s", 0)], [Item("c", "s", 1)])
     assert plan_items(spec.model_copy(update={"overwrite": True}), stories, params)[1] == []
 

@@ -16,6 +16,7 @@ from itertools import product
 import numpy as np
 import pytest
 import torch
+from sample_items import item_meta, write_meta
 
 from evaluation.toy_oracle import (
     CHANCE,
@@ -251,13 +252,7 @@ def _sample_item(out, story_id: str, scenes: list[torch.Tensor], prompts: list[s
     folder = out / "toy-step3" / story_id / "0"
     for index, frames in enumerate(scenes):
         write_video(str(folder / f"scene_{index:02d}.mp4"), frames, 8)
-    meta = {
-        "inputs": {"story": story_id, "seed": 0, "mode": "fixed", "prompts": prompts},
-        "checkpoint": {"label": "toy-step3", "step": 3, "mlflow_run_id": ""},
-        "scene_frames": [FRAMES] * len(scenes),
-        "context_scenes": 0,
-    }
-    (folder / "meta.json").write_text(json.dumps(meta))
+    write_meta(folder, item_meta(story_id, prompts, [FRAMES] * len(scenes), "toy-step3", 3, ""))
 
 
 def test_m2d_eval_carries_the_oracles_scores_into_every_result(tmp_path):
