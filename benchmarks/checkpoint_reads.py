@@ -43,7 +43,7 @@ def train_tiny(root: Path) -> Path:
 
     data = root / "data"
     synth = SynthSpec(out=str(data), stories=2, scenes=3, frames=17, height=32, width=32)
-    subprocess.run([sys.executable, "-m", "trainer.data.synth", *spec_argv(synth)], check=True)
+    subprocess.run([sys.executable, "-m", "datajobs.synth", *spec_argv(synth)], check=True)
     profile = ClusterProfile.model_validate(
         yaml.safe_load((ROOT / "clusters/local.yaml").read_text())
     )

@@ -2,8 +2,8 @@
 
 Setup: the ``local`` profile's pretrain run (tiny model, 3 scenes x 9 frames at 32x32,
 micro-batch 1, one intra-op thread as ``workers.cpus_per_worker: 1`` gives each worker);
-real mp4 stories from ``trainer.data.synth`` (17 frames at 32x32, as ``make demo``
-writes them); their latents precomputed in-process by ``trainer.data.precompute`` (the
+real mp4 stories from ``datajobs.synth`` (17 frames at 32x32, as ``make demo``
+writes them); their latents precomputed in-process by ``datajobs.precompute`` (the
 same functions the Ray Data job's actors call).
 
 Measured, per micro-batch, in one process:
@@ -56,9 +56,9 @@ def local_run(manifest: Path, latents: Path) -> RunConfig:
 
 def prepare(run: RunConfig, folder: Path, stories: int, parts) -> None:
     """Synthetic stories under ``folder`` and their precomputed latents."""
+    from datajobs import precompute, shard_encoder
+    from datajobs.synth import synthesize
     from infra.job_specs import PrecomputeSpec
-    from trainer.data import precompute, shard_encoder
-    from trainer.data.synth import synthesize
 
     r = run.recipe
     synthesize(

@@ -2,7 +2,7 @@
 
 The job: ``python -m trainer.job`` on the ``local`` profile - Ray Train, 2 CPU workers
 (one intra-op thread each, ``workers.cpus_per_worker: 1``), DeepSpeed ZeRO-2, real mp4
-stories from ``trainer.data.synth`` decoded by ``trainer.data``, MLflow metrics of every
+stories from ``datajobs.synth`` decoded by ``trainer.data``, MLflow metrics of every
 step (a sqlite store), one checkpoint at the end. Its steady state is read back from
 MLflow: each step's ``loss`` carries the time rank 0 took it, right after the step's
 all-reduce, so (last - first timestamp) / steps between them is the mean wall time of a
@@ -93,7 +93,7 @@ def synth_data(out: Path, run: RunConfig) -> None:
         width=r.width,
         seed=0,
     )
-    synth = [sys.executable, "-m", "trainer.data.synth", *spec_argv(spec)]
+    synth = [sys.executable, "-m", "datajobs.synth", *spec_argv(spec)]
     subprocess.run(synth, check=True, cwd=ROOT)
 
 

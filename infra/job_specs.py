@@ -36,7 +36,7 @@ MAX_SYNTH_SHOT_BYTES = 2 << 30
 
 
 class SynthSpec(_Strict):
-    """``python -m trainer.data.synth``: a small synthetic multi-scene dataset."""
+    """``python -m datajobs.synth``: a small synthetic multi-scene dataset."""
 
     out: str = Field(description="New (or empty) folder or s3:// prefix.")
     world: Literal["characters", "toy"] = Field(
@@ -103,7 +103,7 @@ _TOY_DEFAULTS = {"frames": 5, "height": 16, "width": 16}
 
 
 class InspectSpec(_Strict):
-    """``python -m trainer.data.manifest``: what a manifest holds and what it skips."""
+    """``python -m datajobs.inspect_manifest``: what a manifest holds and what it skips."""
 
     manifest: str = Field(description="Manifest path or URI.")
     scenes: int | None = Field(None, ge=1, description="Read as SFT groups of N scenes.")
@@ -152,7 +152,7 @@ class ExportSpec(_Strict):
 
 
 class FilterSpec(_Strict):
-    """``python -m trainer.data.filter``: keep the SFT windows of similar adjacent scenes.
+    """``python -m datajobs.filter``: keep the SFT windows of similar adjacent scenes.
     Values are checked by the job (``check_spec``), which names the option to fix."""
 
     manifest: str = Field(description="SFT manifest (.json/.jsonl), path or URI.")
@@ -171,7 +171,7 @@ class FilterSpec(_Strict):
 
 
 class PrecomputeSpec(_Strict):
-    """``python -m trainer.data.precompute``: a stage's latents and text embeddings, once.
+    """``python -m datajobs.precompute``: a stage's latents and text embeddings, once.
 
     Model, recipe (frames, size, scenes, seed), precision, workers, storage and MLflow are
     the resolved run's (profile + stage + ``--set``), exactly what training would use."""

@@ -87,7 +87,15 @@ def stop_local(record: RunRecord) -> bool:
 
 
 # The packages a job imports, shipped as Ray py_modules; what never goes with them.
-SHIPPED_PACKAGES = ("infra", "mask2dit", "trainer", "sampler", "evaluation", "orchestrator")
+SHIPPED_PACKAGES = (
+    "infra",
+    "mask2dit",
+    "trainer",
+    "datajobs",
+    "sampler",
+    "evaluation",
+    "orchestrator",
+)
 SHIP_EXCLUDES = ["__pycache__", "*.pyc", "runs/", "data/", ".venv/", "*.egg-info/"]
 
 

@@ -9,7 +9,7 @@ another number of workers resumes from.
 :func:`encode_batch` turns either into the step's latents and text embeddings. The source
 is the run's ``data`` section, in this order: ``synthetic`` (seeded random stories for
 smoke runs that need no files), the stage's precomputed latents (``<stage>_latents``,
-written by ``trainer.data.precompute``), or the stage's manifest (``<stage>``) decoded on
+written by ``datajobs.precompute``), or the stage's manifest (``<stage>``) decoded on
 the fly. Both file sources draw stories in the same order, so sharding across ranks
 and exact resume are the same. ``data.prefetch`` > 0 reads that many micro-batches ahead
 in a background thread (:class:`PrefetchedBatches`).

@@ -28,9 +28,7 @@ def synth(size: str | None, **options) -> None:
     held-out evaluation stories: eval.jsonl and eval_extend.jsonl)."""
     height, width = parse_size(size)
     sizes = {"height": "--size", "width": "--size"}
-    run_job(
-        "trainer.data.synth", make_spec(SynthSpec, sizes, height=height, width=width, **options)
-    )
+    run_job("datajobs.synth", make_spec(SynthSpec, sizes, height=height, width=width, **options))
 
 
 @data.command()
@@ -38,7 +36,7 @@ def synth(size: str | None, **options) -> None:
 @spec_options(InspectSpec, "scenes", "endpoint_url")
 def inspect(**options) -> None:
     """Count the usable rows (or SFT groups) of MANIFEST and the skipped ones by reason."""
-    run_job("trainer.data.manifest", make_spec(InspectSpec, **options))
+    run_job("datajobs.inspect_manifest", make_spec(InspectSpec, **options))
 
 
 data.add_command(filter_)

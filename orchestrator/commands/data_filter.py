@@ -1,6 +1,6 @@
 """``m2d data filter``: keep SFT windows whose adjacent scenes look alike (a Ray Data job).
 
-The job is ``trainer.data.filter``, run as a subprocess: this module imports nothing
+The job is ``datajobs.filter``, run as a subprocess: this module imports nothing
 heavy, so ``m2d --help`` stays instant.
 """
 
@@ -16,4 +16,4 @@ from orchestrator.jobs import make_spec, run_job, spec_options
 @spec_options(FilterSpec, *FilterSpec.model_fields)
 def filter_(**options) -> None:
     """Embed every shot of an SFT manifest and keep the windows of similar scenes."""
-    run_job("trainer.data.filter", make_spec(FilterSpec, **options))
+    run_job("datajobs.filter", make_spec(FilterSpec, **options))

@@ -2,7 +2,7 @@
 
 The job's spec carries the stage's resolved run (profile + stage recipe + ``--set``): the
 model, the recipe's frames/size/scenes/seed, precision, workers, storage and MLflow; the
-work runs in ``trainer.data.precompute`` as a subprocess (the orchestrator imports neither
+work runs in ``datajobs.precompute`` as a subprocess (the orchestrator imports neither
 torch nor Ray). Set ``data.<stage>_latents`` to the
 output (in the profile or with ``m2d launch --set``) to train from it.
 """
@@ -41,7 +41,7 @@ def precompute(
     if not manifest:
         raise click.UsageError(f"give --manifest (the profile {cluster_name} sets no data.{stage})")
     spec = job_spec(run, manifest, out, shard_size, num_actors, tracking=not no_tracking)
-    run_job("trainer.data.precompute", spec)
+    run_job("datajobs.precompute", spec)
     where = out if "://" in out else os.path.abspath(out)  # workers may start elsewhere
     click.echo(
         f"train from it: m2d launch --cluster {cluster_name} --stage {stage} "

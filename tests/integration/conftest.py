@@ -19,9 +19,7 @@ def synth_data(tmp_path_factory) -> Path:
     """Real mp4 stories and both manifests from the data package's generator."""
     out = tmp_path_factory.mktemp("data")
     spec = SynthSpec(out=str(out), stories=4, scenes=3, frames=17, height=32, width=32, seed=0)
-    subprocess.run(
-        [sys.executable, "-m", "trainer.data.synth", *spec_argv(spec)], check=True, cwd=ROOT
-    )
+    subprocess.run([sys.executable, "-m", "datajobs.synth", *spec_argv(spec)], check=True, cwd=ROOT)
     return out
 
 

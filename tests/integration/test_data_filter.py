@@ -86,7 +86,7 @@ def dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("filter")
     data = root / "data"
     spec = SynthSpec(out=str(data), stories=4, scenes=SCENES, shots=5, frames=FRAMES, seed=3)
-    synth = [sys.executable, "-m", "trainer.data.synth", *spec_argv(spec)]
+    synth = [sys.executable, "-m", "datajobs.synth", *spec_argv(spec)]
     subprocess.run(synth, check=True, cwd=ROOT)
     (data / "bad").mkdir()
     (data / "bad" / "zero.mp4").write_bytes(b"")

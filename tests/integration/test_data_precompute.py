@@ -42,9 +42,7 @@ def corpus(tmp_path_factory) -> Path:
     """
     out = tmp_path_factory.mktemp("corpus")
     spec = SynthSpec(out=str(out), stories=4, scenes=3, frames=17, height=32, width=32, seed=0)
-    subprocess.run(
-        [sys.executable, "-m", "trainer.data.synth", *spec_argv(spec)], check=True, cwd=ROOT
-    )
+    subprocess.run([sys.executable, "-m", "datajobs.synth", *spec_argv(spec)], check=True, cwd=ROOT)
     good = (out / "videos/story000/shot0.mp4").read_bytes()
     (out / "bad").mkdir()
     (out / "bad/empty.mp4").write_bytes(b"")
@@ -90,7 +88,7 @@ def precompute(
         overrides["tracking"] = {"uri": tracking, "experiment": "pc-it"}
     run = resolve_run(profile, "local", stage, overrides)
     spec = PrecomputeSpec(run=run, manifest=manifest, out=out, tracking=bool(tracking), **options)
-    return run_entry("trainer.data.precompute", spec)
+    return run_entry("datajobs.precompute", spec)
 
 
 def assert_bad_counts(skips: dict[str, int]) -> None:

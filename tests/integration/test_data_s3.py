@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from datajobs.synth import synthesize
 from infra.config import StorageConfig
 from infra.storage import filesystem
 from infra.video import read_frames, write_video
 from trainer.data.loader import StoryLoader
 from trainer.data.manifest import Clip, read_clips, read_shot_groups
 from trainer.data.order import PretrainOrder, SFTOrder
-from trainer.data.synth import synthesize
 
 pytestmark = pytest.mark.integration
 

@@ -44,7 +44,7 @@ WORKER_TITLE = "ray::RayTrainWorker"
 def pretrain_manifest(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data")
     spec = SynthSpec(out=str(out), stories=4, frames=17, height=32, width=32)
-    synth = [sys.executable, "-m", "trainer.data.synth", *spec_argv(spec)]
+    synth = [sys.executable, "-m", "datajobs.synth", *spec_argv(spec)]
     subprocess.run(synth, check=True, cwd=ROOT)
     return out / "pretrain.jsonl"
 

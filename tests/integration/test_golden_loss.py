@@ -19,8 +19,8 @@ import pytest
 import yaml
 from training_runs import run_job
 
+from datajobs.synth import synthesize
 from infra.config import ClusterProfile, RunConfig, resolve_run
-from trainer.data.synth import synthesize
 
 pytestmark = pytest.mark.integration
 

@@ -13,6 +13,14 @@ import random
 import pytest
 import torch
 
+from datajobs.filter import (
+    adjacent_similarities,
+    filter_groups,
+    kept_runs,
+    main,
+    manifest_text,
+    window_count,
+)
 from evaluation.encoders import (
     VideoEncoder,
     check_encoder,
@@ -22,14 +30,6 @@ from evaluation.encoders import (
     uniform_frame_indices,
 )
 from infra.errors import ConfigError, DataError
-from trainer.data.filter import (
-    adjacent_similarities,
-    filter_groups,
-    kept_runs,
-    main,
-    manifest_text,
-    window_count,
-)
 from trainer.data.manifest import Clip, ShotGroup, SkipCounts
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

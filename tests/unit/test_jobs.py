@@ -20,10 +20,10 @@ from infra.jobs import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USER_ERROR, run_job
 ROOT = Path(__file__).resolve().parents[2]
 # Every job module: each takes a spec.
 JOB_MODULES = [
-    "trainer.data.synth",
-    "trainer.data.manifest",
-    "trainer.data.filter",
-    "trainer.data.precompute",
+    "datajobs.synth",
+    "datajobs.inspect_manifest",
+    "datajobs.filter",
+    "datajobs.precompute",
     "trainer.export",
     "trainer.job",
     "sampler.job",
@@ -48,7 +48,7 @@ def test_a_bad_spec_is_one_line_and_exit_2(module, spec):
 
 def test_no_spec_is_a_usage_line():
     result = subprocess.run(
-        [sys.executable, "-m", "trainer.data.synth", "--out", "x"],
+        [sys.executable, "-m", "datajobs.synth", "--out", "x"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("mask2dit", "orchestrator", "trainer", "sampler", "evaluation", "infra")
+PACKAGES = ("mask2dit", "orchestrator", "trainer", "datajobs", "sampler", "evaluation", "infra")
 
 # What each package must never import (ours and third-party), anywhere in its code.
 FORBIDDEN = {
@@ -24,12 +24,23 @@ FORBIDDEN = {
         "mlflow",
         "click",
     },
-    "infra": {"orchestrator", "trainer", "sampler", "mask2dit", "evaluation"},
-    "trainer": {"orchestrator", "sampler"},
-    "sampler": {"orchestrator", "trainer"},
+    "infra": {"orchestrator", "trainer", "datajobs", "sampler", "mask2dit", "evaluation"},
+    # The training worker runs no data job: the direction is datajobs -> trainer.
+    "trainer": {"orchestrator", "sampler", "datajobs"},
+    # The data jobs: started by the CLI as subprocesses; they may use the trainer's readers.
+    "datajobs": {"orchestrator", "sampler"},
+    "sampler": {"orchestrator", "trainer", "datajobs"},
     # Scores what the trainer's data and the sampler's videos are; imports neither.
-    "evaluation": {"orchestrator", "trainer", "sampler", "mask2dit", "ray", "deepspeed"},
-    "orchestrator": {"trainer", "sampler", "mask2dit", "evaluation"},
+    "evaluation": {
+        "orchestrator",
+        "trainer",
+        "datajobs",
+        "sampler",
+        "mask2dit",
+        "ray",
+        "deepspeed",
+    },
+    "orchestrator": {"trainer", "datajobs", "sampler", "mask2dit", "evaluation"},
 }
 # Exceptions by package: torch-free modules of mask2dit. Configuration validates mask
 # policies with one.

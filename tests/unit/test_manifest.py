@@ -9,11 +9,11 @@ import re
 import pytest
 import torch
 
+from datajobs.synth import COLORS, synthesize
+from datajobs.synth import main as synth_main
 from infra.errors import DataError
 from infra.video import read_frames
 from trainer.data.manifest import Clip, ShotGroup, SkipCounts, read_clips, read_shot_groups
-from trainer.data.synth import COLORS, synthesize
-from trainer.data.synth import main as synth_main
 
 GOOD = {"path": "a.mp4", "caption": "Actor1 (a red square) waves.", "num_frames": 60, "fps": 24}
 GOOD = {**GOOD, "width": 64, "height": 48}

@@ -3,6 +3,7 @@ cluster's nodes can hold the workers (a request Ray can never meet waits forever
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,9 @@ def test_a_remote_job_ships_this_checkouts_packages_and_no_secrets(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
     env = runtime_env(_run())
     assert env["py_modules"] == [str(ROOT / package) for package in SHIPPED_PACKAGES]
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    installed = re.search(r"include = \[(.*)\]", pyproject).group(1)
+    assert set(SHIPPED_PACKAGES) == {p.strip(' "*') for p in installed.split(",")}
     assert {"__pycache__", "runs/", "data/", ".venv/"} <= set(env["excludes"])
     assert env["env_vars"]["PYTHONSAFEPATH"] == "1"  # the job's cwd cannot shadow them
     assert "image_uri" not in env  # an image is an opt-in (runtime_env.image)

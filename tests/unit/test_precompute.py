@@ -15,17 +15,18 @@ import pytest
 import torch
 import yaml
 
+from datajobs import precompute, shard_encoder
+from datajobs.synth import synthesize
 from infra.config import ClusterProfile, ModelConfig, resolve_run
 from infra.errors import ConfigError, DataError
 from infra.job_specs import PrecomputeSpec
 from trainer.batches import EncodedBatch, ManifestStories, PrecomputedStories, encode_batch
 from trainer.components import load_components
-from trainer.data import latents, precompute, shard_encoder
+from trainer.data import latents
 from trainer.data.latents import Entry, Settings
 from trainer.data.loader import SPANS, decode_clip
 from trainer.data.manifest import SkipCounts, read_clips, read_shot_groups
 from trainer.data.order import PretrainOrder, SFTOrder
-from trainer.data.synth import synthesize
 
 ROOT = Path(__file__).resolve().parents[2]
 FRAMES, SIZE, TOKENS, SCENES = 9, 32, 16, 3

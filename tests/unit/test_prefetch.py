@@ -15,10 +15,10 @@ import pytest
 import torch
 import yaml
 
+from datajobs.synth import synthesize
 from infra.config import ClusterProfile, resolve_run
 from infra.errors import DataError
 from trainer.batches import ManifestStories, PrefetchedBatches, make_batches
-from trainer.data.synth import synthesize
 
 ROOT = Path(__file__).resolve().parents[2]
 

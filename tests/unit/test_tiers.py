@@ -29,7 +29,7 @@ BIN = Path(sys.executable).parent
         ([sys.executable, "-m", "mlflow", "server"], "-m mlflow"),
         ([sys.executable, "-m", "ray.util.client.server"], "-m ray.util.client.server"),
         ([sys.executable, "-c", "pass"], None),
-        ([sys.executable, "-m", "trainer.data.synth", "--spec", "{}"], None),
+        ([sys.executable, "-m", "datajobs.synth", "--spec", "{}"], None),
         ([sys.executable, "-m", "raylike"], None),
         ([""], None),
     ],

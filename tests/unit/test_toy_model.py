@@ -14,6 +14,7 @@ import yaml
 from diffusers import CogVideoXPipeline
 from transformers import AutoTokenizer
 
+from datajobs.shard_encoder import posterior
 from evaluation.toy_world import VOCABULARY, render_scene, split_stories
 from infra.config import ClusterProfile, ModelConfig, StageRecipe, StorageConfig, resolve_run
 from infra.errors import ConfigError
@@ -33,7 +34,6 @@ from sampler.batch import sampling_params
 from sampler.checkpoint_info import CheckpointInfo
 from trainer.components import load_components
 from trainer.data.latents import sample_latents
-from trainer.data.shard_encoder import posterior
 
 ROOT = Path(__file__).resolve().parents[2]
 FRAMES, SIZE, TEXT_TOKENS = 5, 16, 8  # a toy scene; 5 words + eos fit 8 tokens

@@ -11,6 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from datajobs.toy_synth import synthesize_toy
 from evaluation.toy_world import (
     BACKGROUNDS,
     COLORS,
@@ -27,7 +28,6 @@ from evaluation.toy_world import (
 from infra.prompts import read_stories
 from infra.video import read_frames
 from orchestrator.cli import cli
-from trainer.data.toy_synth import synthesize_toy
 
 
 def _lines(path: Path) -> list[dict]:

@@ -168,7 +168,7 @@ def test_write_video_gives_the_same_file_every_time(tmp_path):
     """A dataset written twice is the same dataset (the golden losses train on one). The
     frames are `m2d data synth`'s story001 shot 0: with x264's macroblock tree on, 40
     encodes of them here gave 6 different files."""
-    from trainer.data import synth
+    from datajobs import synth
 
     rng = random.Random("synth:0:1")
     actors = synth._story_cast(rng)

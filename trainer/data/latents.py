@@ -1,4 +1,4 @@
-"""Precomputed latents: the storage format ``trainer.data.precompute`` writes and the trainer
+"""Precomputed latents: the storage format ``datajobs.precompute`` writes and the trainer
 reads in place of decoding videos and running the frozen VAE and T5 every step.
 
 Layout under OUT (a local folder or an ``s3://`` prefix)::

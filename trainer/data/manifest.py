@@ -1,6 +1,6 @@
-"""``m2d data inspect MANIFEST`` (``python -m trainer.data.manifest --spec INSPECT_SPEC``)
-counts what a manifest holds. Training manifests: pre-training clip tables and SFT shot
-groups, local or on S3.
+"""Training manifests: pre-training clip tables and SFT shot groups, local or on S3, read
+by the training loader and the data jobs alike (``m2d data inspect`` counts what one holds:
+``datajobs.inspect_manifest``).
 
 Pre-training (CSV, JSONL or Parquet): one row per single-scene clip with
 ``path, caption, num_frames, fps, width, height`` and optional ``start, end`` seconds
@@ -19,7 +19,6 @@ import io
 import json
 import math
 import posixpath
-import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -27,8 +26,6 @@ from typing import Any
 
 from infra.config import StorageConfig
 from infra.errors import DataError, first_line
-from infra.job_specs import InspectSpec
-from infra.jobs import run_job
 from infra.storage import filesystem, parent_folder, resolve_relative
 
 REQUIRED = ("path", "caption", "num_frames", "fps", "width", "height")
@@ -290,24 +287,3 @@ def _read_groups(uri: str, storage: StorageConfig | None) -> list[Any]:
     if not isinstance(groups, list):
         raise DataError(f'{uri}: expected a list of groups (or {{"groups": [...]}})')
     return groups
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``m2d data inspect`` runs ``python -m trainer.data.manifest --spec INSPECT_SPEC``:
-    counts and skips."""
-    return run_job(InspectSpec, _inspect, argv)
-
-
-def _inspect(spec: InspectSpec) -> None:
-    storage = StorageConfig(root=spec.manifest, endpoint_url=spec.endpoint_url)
-    if spec.scenes:
-        groups, skips = read_shot_groups(spec.manifest, spec.scenes, storage)
-        shots = sum(len(g.shots) for g in groups)
-        print(f"{len(groups)} groups, {shots} shots; skipped: {skips}")
-    else:
-        clips, skips = read_clips(spec.manifest, storage)
-        print(f"{len(clips)} clips; skipped: {skips}")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Encoding one shard of the latent precompute: decode, VAE posterior, T5, write.
 
-Used by the Ray Data actors of ``trainer.data.precompute`` (:class:`ShardEncoder`) and,
+Used by the Ray Data actors of ``datajobs.precompute`` (:class:`ShardEncoder`) and,
 in-process, by tests and benchmarks (:func:`encode_shard`). Frames are chosen as
 training chooses them (``trainer.data.loader``), with a window drawn once per entry
 from ``random.Random(f"frames:{seed}:{key}")``; pixels go through the VAE as

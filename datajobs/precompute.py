@@ -1,5 +1,5 @@
 """``m2d data precompute --cluster NAME --stage STAGE --out URI`` (``python -m
-trainer.data.precompute --spec PRECOMPUTE_SPEC``): every clip of a stage's manifest through
+datajobs.precompute --spec PRECOMPUTE_SPEC``): every clip of a stage's manifest through
 the frozen CogVideoX VAE, every caption through T5, once.
 
 The spec carries the stage's resolved run (profile + stage + ``--set``): its model, recipe
@@ -27,6 +27,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from datajobs.shard_encoder import Item, ShardEncoder
 from infra.config import StorageConfig
 from infra.errors import ConfigError, DataError, M2DError, StorageError
 from infra.job_specs import PrecomputeSpec
@@ -37,7 +38,6 @@ from infra.storage import filesystem, is_remote, join
 from mask2dit.tiny import BUILT_IN_SOURCES
 from trainer.data.latents import SETTINGS, Entry, Settings, shard_uri, write_atomic, write_index
 from trainer.data.manifest import SkipCounts, read_clips, read_shot_groups
-from trainer.data.shard_encoder import Item, ShardEncoder
 
 __all__ = ["build_index", "main", "plan_items", "precompute", "prepare_out", "split_groups"]
 

@@ -1,6 +1,6 @@
-"""``m2d data synth --out DIR`` (``python -m trainer.data.synth --spec SYNTH_SPEC``): a small
+"""``m2d data synth --out DIR`` (``python -m datajobs.synth --spec SYNTH_SPEC``): a small
 synthetic multi-scene dataset with recurring characters, for demos and tests; ``--world toy``
-writes the toy world instead (``trainer.data.toy_synth``).
+writes the toy world instead (``datajobs.toy_synth``).
 
 Each story has one or two "characters" (a colored shape, fixed for the story) that appear
 in every shot, moving in a per-shot direction over a per-shot background color. Captions
@@ -17,13 +17,13 @@ from dataclasses import dataclass
 
 import torch
 
+from datajobs.toy_synth import synthesize_toy
 from infra.config import StorageConfig
 from infra.errors import StorageError, first_line
 from infra.job_specs import SynthSpec
 from infra.jobs import run_job
 from infra.storage import filesystem, join, write_jsonl
 from infra.video import write_video
-from trainer.data.toy_synth import synthesize_toy
 
 COLORS = {
     "red": (230, 40, 40),

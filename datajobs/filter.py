@@ -1,5 +1,5 @@
 """``m2d data filter --manifest URI --encoder-path URI --out URI`` (``python -m
-trainer.data.filter --spec FILTER_SPEC``): the inter-scene similarity filter for SFT
+datajobs.filter --spec FILTER_SPEC``): the inter-scene similarity filter for SFT
 manifests (docs/method.md §6).
 
 Every shot of an SFT manifest is embedded with a video encoder (``evaluation.encoders``;
