@@ -56,7 +56,7 @@ def save_model(preset: str, folder: Path) -> Path:
 def measure(preset: str, folder: Path, prompts: Path, out: Path, batch: int, args) -> float:
     """Steady-state items/s of one job rendering ``batch`` items per model call."""
     from infra.config import ModelConfig, StageRecipe, StorageConfig
-    from infra.sample_spec import CheckpointSpec, SampleJobSpec
+    from infra.job_specs import CheckpointSpec, SampleJobSpec
     from sampler.job import run
 
     setting = PRESETS[preset]

@@ -34,7 +34,7 @@ def write_stories(path: Path, count: int) -> None:
 def measure(folder: Path, prompts: Path, out: Path, actors: int, args) -> float:
     """Steady-state items/s of one job with ``actors`` actors."""
     from infra.config import ModelConfig, StageRecipe, StorageConfig
-    from infra.sample_spec import CheckpointSpec, SampleJobSpec
+    from infra.job_specs import CheckpointSpec, SampleJobSpec
     from sampler.job import run
 
     height, width = (int(v) for v in args.size.split("x"))

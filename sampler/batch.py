@@ -32,6 +32,7 @@ import torch
 
 from infra.config import StorageConfig
 from infra.errors import ConfigError, DataError
+from infra.job_specs import CheckpointSpec, SampleJobSpec
 from infra.previews import preview_frames, write_contact_sheet, write_gif
 from infra.prompts import Story
 from infra.run_folder import (
@@ -42,7 +43,6 @@ from infra.run_folder import (
     read_item_meta,
     write_item_meta,
 )
-from infra.sample_spec import CheckpointSpec, SampleJobSpec
 from infra.storage import filesystem, join
 from infra.video import read_frames, resize_center_crop, write_video
 from mask2dit.sampling.params import SamplingParams, StoryOutput

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from infra.checkpoint_layout import DEEPSPEED_TAG
 from infra.config import ModelConfig, StageRecipe, StorageConfig
 from infra.errors import ConfigError, StorageError
+from infra.job_specs import CheckpointSpec, SampleJobSpec
 from infra.run_folder import read_run_config, read_trainer_state
-from infra.sample_spec import CheckpointSpec, SampleJobSpec
 from infra.storage import filesystem
 
 __all__ = ["CheckpointInfo", "checkpoint_kind", "describe_checkpoint"]

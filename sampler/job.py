@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from infra.errors import ConfigError, DataError
+from infra.job_specs import SampleJobSpec
 from infra.jobs import run_job
 from infra.logging import get_logger
 from infra.processes import pid_alive
 from infra.prompts import Story, check_context_videos, prompt_file, read_stories
 from infra.ray_runtime import ray_session
 from infra.run_folder import ItemMeta, ItemSource, parse_item_meta
-from infra.sample_spec import SampleJobSpec
 from infra.storage import filesystem, is_remote
 from mask2dit.sampling.params import SamplingParams
 from sampler.batch import (

@@ -24,8 +24,8 @@ from diffusers import CogVideoXTransformer3DModel
 from evaluation.toy_world import VOCABULARY
 from infra.checkpoint_layout import read_weights
 from infra.errors import DataError, first_line
+from infra.job_specs import CheckpointSpec, SampleJobSpec
 from infra.model_store import ENCODER_SUBFOLDERS, fetch_folder, resolve_model_folder
-from infra.sample_spec import CheckpointSpec, SampleJobSpec
 from mask2dit.components import (
     ModelParts,
     built_in_parts,

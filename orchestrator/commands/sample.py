@@ -16,8 +16,7 @@ from pydantic import ValidationError
 
 from infra.config import RunConfig
 from infra.errors import ConfigError
-from infra.job_specs import EvalSpec
-from infra.sample_spec import CheckpointSpec, SampleJobSpec
+from infra.job_specs import CheckpointSpec, EvalSpec, SampleJobSpec
 from infra.storage import is_remote
 from orchestrator import runs, submit
 from orchestrator.cli import UserError, set_option

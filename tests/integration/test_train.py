@@ -163,7 +163,7 @@ def test_checkpoints_carry_their_weights_and_readers_read_only_them(
         consolidated_state_dict,
         read_weights,
     )
-    from infra.sample_spec import CheckpointSpec, SampleJobSpec
+    from infra.job_specs import CheckpointSpec, SampleJobSpec
     from sampler.checkpoint_info import describe_checkpoint
     from sampler.models import load_pipeline
 

@@ -47,7 +47,7 @@ def test_the_sample_job_driver_plans_without_the_model_frameworks(tmp_path):
     probe = (
         "from ray import cloudpickle\n"
         "from infra.config import ModelConfig, StageRecipe, StorageConfig\n"
-        "from infra.sample_spec import CheckpointSpec, SampleJobSpec\n"
+        "from infra.job_specs import CheckpointSpec, SampleJobSpec\n"
         "import infra.prompts, sampler.job\n"
         "spec = SampleJobSpec(\n"
         f"    cluster='local', checkpoints=[CheckpointSpec(label='a', uri={str(folder)!r})],\n"

@@ -10,8 +10,8 @@ from sample_items import item_meta, write_meta
 
 from infra.config import ModelConfig, StageRecipe, StorageConfig
 from infra.errors import ConfigError, DataError
+from infra.job_specs import CheckpointSpec, SampleJobSpec
 from infra.prompts import Story
-from infra.sample_spec import CheckpointSpec, SampleJobSpec
 from orchestrator import runs
 from orchestrator.cli import cli
 from orchestrator.commands.sample import resolve_checkpoint

@@ -18,7 +18,7 @@ from datajobs.shard_encoder import posterior
 from evaluation.toy_world import VOCABULARY, render_scene, split_stories
 from infra.config import ClusterProfile, ModelConfig, StageRecipe, StorageConfig, resolve_run
 from infra.errors import ConfigError
-from infra.sample_spec import CheckpointSpec, SampleJobSpec
+from infra.job_specs import CheckpointSpec, SampleJobSpec
 from mask2dit.components import load_parts, save_parts, toy_parts
 from mask2dit.encoding import encode_prompt_batch, encode_video
 from mask2dit.model import Mask2DiT
