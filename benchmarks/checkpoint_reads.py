@@ -38,8 +38,8 @@ GB = 1e9
 def train_tiny(root: Path) -> Path:
     """A 2-step ZeRO-2 run of the `local` profile on 2 workers; its checkpoint folder."""
     from infra.config import ClusterProfile, resolve_run
+    from infra.job_entry import spec_argv
     from infra.job_specs import SynthSpec, TrainJobSpec
-    from infra.jobs import spec_argv
 
     data = root / "data"
     synth = SynthSpec(out=str(data), stories=2, scenes=3, frames=17, height=32, width=32)

@@ -58,8 +58,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout
 
 from infra.config import ClusterProfile, RunConfig, resolve_run  # noqa: E402
+from infra.job_entry import spec_argv  # noqa: E402
 from infra.job_specs import SynthSpec, TrainJobSpec  # noqa: E402
-from infra.jobs import spec_argv  # noqa: E402
 from infra.processes import free_port  # noqa: E402
 
 

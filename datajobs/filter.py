@@ -46,8 +46,8 @@ from dataclasses import dataclass, field
 from evaluation.encoders import check_encoder
 from infra.config import StorageConfig
 from infra.errors import DataError, ServiceError
+from infra.job_entry import job_main
 from infra.job_specs import FilterSpec
-from infra.jobs import run_job
 from infra.logging import get_logger
 from infra.ray_runtime import ray_session
 from infra.storage import filesystem, is_remote
@@ -430,7 +430,7 @@ def _log_run(spec: FilterSpec, result: Result, png: bytes) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The job entry point: a ``FilterSpec`` in, the filtered manifest written."""
-    return run_job(FilterSpec, _main, argv)
+    return job_main(FilterSpec, _main, argv)
 
 
 def _main(spec: FilterSpec) -> None:

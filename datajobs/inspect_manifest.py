@@ -7,14 +7,14 @@ from __future__ import annotations
 import sys
 
 from infra.config import StorageConfig
+from infra.job_entry import job_main
 from infra.job_specs import InspectSpec
-from infra.jobs import run_job
 from trainer.data.manifest import read_clips, read_shot_groups
 
 
 def main(argv: list[str] | None = None) -> int:
     """Counts and skips of ``spec.manifest`` (shot groups of ``spec.scenes``, else clips)."""
-    return run_job(InspectSpec, _inspect, argv)
+    return job_main(InspectSpec, _inspect, argv)
 
 
 def _inspect(spec: InspectSpec) -> None:

@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass
 from datajobs.shard_encoder import Item, ShardEncoder
 from infra.config import StorageConfig
 from infra.errors import ConfigError, DataError, M2DError, StorageError
+from infra.job_entry import job_main
 from infra.job_specs import PrecomputeSpec
-from infra.jobs import run_job
 from infra.logging import get_logger
 from infra.ray_runtime import ray_session
 from infra.storage import filesystem, is_remote, join
@@ -325,7 +325,7 @@ def pool_of(spec: PrecomputeSpec) -> Pool:
 
 def main(argv: list[str] | None = None) -> int:
     """The job entry point: a ``PrecomputeSpec`` in, the shards and index written."""
-    return run_job(PrecomputeSpec, _main, argv)
+    return job_main(PrecomputeSpec, _main, argv)
 
 
 def _main(spec: PrecomputeSpec) -> None:

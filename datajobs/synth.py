@@ -20,8 +20,8 @@ import torch
 from datajobs.toy_synth import synthesize_toy
 from infra.config import StorageConfig
 from infra.errors import StorageError, first_line
+from infra.job_entry import job_main
 from infra.job_specs import SynthSpec
-from infra.jobs import run_job
 from infra.storage import filesystem, join, write_jsonl
 from infra.video import write_video
 
@@ -210,7 +210,7 @@ def _write_story(out, story_id, rng, shots, frames, height, width, fps, storage)
 
 def main(argv: list[str] | None = None) -> int:
     """The job entry point: a ``SynthSpec`` in, the dataset written."""
-    return run_job(SynthSpec, _run, argv)
+    return job_main(SynthSpec, _run, argv)
 
 
 def _run(spec: SynthSpec) -> None:

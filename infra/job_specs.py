@@ -1,4 +1,4 @@
-"""The typed spec of every job the CLI starts (``infra.jobs.run_job`` reads them): the data
+"""The typed spec of every job the CLI starts (``infra.job_entry.job_main`` reads them): the data
 jobs', export's, the training job's (it names the run's config) and sample-batch's.
 
 Each job's options are declared once, as these fields (defaults and help), and become

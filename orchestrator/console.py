@@ -33,7 +33,7 @@ _M2D_RECORD = re.compile(
     r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (?P<level>[A-Z]+) m2d\.(?P<name>[\w.]+)"
     r"(?: \[rank (?P<rank>\d+)\])?: (?P<message>.*)$"
 )
-_JOB_LINE = re.compile(r"^(error: .*|stopped)$")  # infra.jobs.run_job's own last words
+_JOB_LINE = re.compile(r"^(error: .*|stopped)$")  # infra.job_entry.job_main's own last words
 
 
 def _strip(line: str) -> tuple[str, bool]:

@@ -1,7 +1,7 @@
 """The CLI's one way to a job that runs here: build the job's typed spec from the
 command's options, run ``python -m MODULE --spec JSON`` with this Python (so the
 orchestrator never imports the trainer or torch), sort what it prints into its log and the
-console (``orchestrator.console``), and exit with its exit status (``infra.jobs``: 2 for
+console (``orchestrator.console``), and exit with its exit status (``infra.job_entry``: 2 for
 a user error, which the job has said in one line)."""
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from typing import Any, TypeVar
 import click
 from pydantic import BaseModel, ValidationError
 
-from infra.jobs import EXIT_FAILURE, spec_argv
+from infra.job_entry import EXIT_FAILURE, spec_argv
 from orchestrator.cli import UserError, verbose
 from orchestrator.console import JobConsole
 from orchestrator.runs import m2d_home
 
-__all__ = ["make_spec", "parse_size", "run_job", "spec_options"]
+__all__ = ["make_spec", "parse_size", "run_here", "spec_options"]
 
 SpecT = TypeVar("SpecT", bound=BaseModel)
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
@@ -47,7 +47,7 @@ def make_spec(
         raise UserError(f"{option}: {message}") from None
 
 
-def run_job(module: str, spec: BaseModel) -> None:
+def run_here(module: str, spec: BaseModel) -> None:
     """Run the job ``module`` on ``spec`` here, in the foreground. Everything it prints goes
     to a log file (``$M2D_HOME/logs/``, named on the console once it holds more than the
     console shows); the console gets the job's data (stdout), m2d's messages and progress

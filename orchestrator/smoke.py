@@ -128,7 +128,7 @@ def _where(record: runs.RunRecord, step: int, state: TrainerState | None) -> str
     return join(record.run_dir, name) if state else f"no {name} in {record.run_dir}"
 
 
-def run_job(record: runs.RunRecord, run: RunConfig, job_id: str, echo) -> int:
+def run_to_end(record: runs.RunRecord, run: RunConfig, job_id: str, echo) -> int:
     """Run the job to its end, locally (its console: m2d's lines and progress) or as a Ray
     job named ``job_id`` (the tail of its log through ``echo`` when it fails); its exit
     status."""

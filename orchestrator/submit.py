@@ -22,8 +22,8 @@ from pydantic import BaseModel
 
 from infra.config import RunConfig
 from infra.errors import ConfigError
+from infra.job_entry import EXIT_FAILURE, EXIT_INTERRUPTED, spec_argv
 from infra.job_specs import TrainJobSpec
-from infra.jobs import EXIT_FAILURE, EXIT_INTERRUPTED, spec_argv
 from infra.processes import process_start
 from orchestrator import ray_jobs
 from orchestrator.console import JobConsole
@@ -186,7 +186,7 @@ def run_job_on(
     steps = ((module, spec), *then)
     if run.ray.address == "local":
         for step_module, step_spec in steps:
-            jobs.run_job(step_module, step_spec)
+            jobs.run_here(step_module, step_spec)
         return
     commands = [shlex.join(["python", "-m", m, *spec_argv(s)]) for m, s in steps]
     job_id = ray_jobs.submit_job(

@@ -42,8 +42,8 @@ from evaluation.metrics import (
 )
 from evaluation.tiny import TINY
 from infra.errors import DataError, first_line
+from infra.job_entry import job_main
 from infra.job_specs import EvalSpec
-from infra.jobs import run_job
 from infra.logging import get_logger
 from infra.ray_runtime import ray_session
 from infra.run_folder import (
@@ -487,7 +487,7 @@ def run(spec: EvalSpec, echo: Callable[[str], None] = print) -> dict[str, dict[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job(EvalSpec, lambda spec: run(spec) and 0, argv)
+    return job_main(EvalSpec, lambda spec: run(spec) and 0, argv)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from infra.errors import ConfigError, DataError
+from infra.job_entry import job_main
 from infra.job_specs import SampleJobSpec
-from infra.jobs import run_job
 from infra.logging import get_logger
 from infra.processes import pid_alive
 from infra.prompts import Story, check_context_videos, prompt_file, read_stories
@@ -367,7 +367,7 @@ def _log_item(tracker, plan: Plan, item: Item) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The job entry point: a ``SampleJobSpec`` in, every unfinished item rendered."""
-    return run_job(SampleJobSpec, _main, argv)
+    return job_main(SampleJobSpec, _main, argv)
 
 
 def _main(spec: SampleJobSpec) -> None:

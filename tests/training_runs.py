@@ -22,8 +22,8 @@ from pydantic import BaseModel
 
 from infra.checkpoint_layout import WEIGHTS
 from infra.config import ClusterProfile, RunConfig, StorageConfig, resolve_run
+from infra.job_entry import spec_argv
 from infra.job_specs import TrainJobSpec
-from infra.jobs import spec_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6

@@ -18,8 +18,8 @@ from pathlib import Path
 from infra.checkpoint_layout import read_weights
 from infra.config import StorageConfig
 from infra.errors import StorageError, first_line
+from infra.job_entry import job_main
 from infra.job_specs import ExportSpec
-from infra.jobs import run_job
 from infra.model_store import resolve_model_folder
 from infra.run_folder import read_run_config
 from infra.storage import filesystem, is_remote
@@ -79,7 +79,7 @@ def _upload(folder: Path, out: str, storage: StorageConfig | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The job entry point: an ``ExportSpec`` in, the folder written."""
-    return run_job(ExportSpec, _export, argv)
+    return job_main(ExportSpec, _export, argv)
 
 
 def _export(spec: ExportSpec) -> None:

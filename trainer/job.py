@@ -31,8 +31,8 @@ from typing import Any
 from infra.checkpoint_layout import write_manifest
 from infra.config import RunConfig, StorageConfig
 from infra.errors import ConfigError, M2DError, ServiceError, StorageError, first_line
+from infra.job_entry import job_main
 from infra.job_specs import TrainJobSpec
-from infra.jobs import run_job
 from infra.logging import get_logger, progress
 from infra.ray_runtime import init_ray
 from infra.run_folder import read_run_config
@@ -374,7 +374,7 @@ def _loss_trend(tracker: Tracker) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     """The job entry point: a ``TrainJobSpec`` in, the run trained (or resumed)."""
-    return run_job(TrainJobSpec, _main, argv)
+    return job_main(TrainJobSpec, _main, argv)
 
 
 def _main(spec: TrainJobSpec) -> int:

@@ -11,7 +11,7 @@ import click
 from infra.job_specs import InspectSpec, SynthSpec
 from orchestrator.commands.data_filter import filter_
 from orchestrator.commands.data_precompute import precompute
-from orchestrator.jobs import make_spec, parse_size, run_job, spec_options
+from orchestrator.jobs import make_spec, parse_size, run_here, spec_options
 
 
 @click.group()
@@ -28,7 +28,7 @@ def synth(size: str | None, **options) -> None:
     held-out evaluation stories: eval.jsonl and eval_extend.jsonl)."""
     height, width = parse_size(size)
     sizes = {"height": "--size", "width": "--size"}
-    run_job("datajobs.synth", make_spec(SynthSpec, sizes, height=height, width=width, **options))
+    run_here("datajobs.synth", make_spec(SynthSpec, sizes, height=height, width=width, **options))
 
 
 @data.command()
@@ -36,7 +36,7 @@ def synth(size: str | None, **options) -> None:
 @spec_options(InspectSpec, "scenes", "endpoint_url")
 def inspect(**options) -> None:
     """Count the usable rows (or SFT groups) of MANIFEST and the skipped ones by reason."""
-    run_job("datajobs.inspect_manifest", make_spec(InspectSpec, **options))
+    run_here("datajobs.inspect_manifest", make_spec(InspectSpec, **options))
 
 
 data.add_command(filter_)

@@ -9,11 +9,11 @@ from __future__ import annotations
 import click
 
 from infra.job_specs import FilterSpec
-from orchestrator.jobs import make_spec, run_job, spec_options
+from orchestrator.jobs import make_spec, run_here, spec_options
 
 
 @click.command("filter")
 @spec_options(FilterSpec, *FilterSpec.model_fields)
 def filter_(**options) -> None:
     """Embed every shot of an SFT manifest and keep the windows of similar scenes."""
-    run_job("datajobs.filter", make_spec(FilterSpec, **options))
+    run_here("datajobs.filter", make_spec(FilterSpec, **options))

@@ -17,7 +17,7 @@ from infra.config import STAGES, RunConfig
 from infra.job_specs import PrecomputeSpec, default_of
 from orchestrator import runs
 from orchestrator.cli import set_option
-from orchestrator.jobs import make_spec, run_job, spec_options
+from orchestrator.jobs import make_spec, run_here, spec_options
 
 
 @click.command()
@@ -41,7 +41,7 @@ def precompute(
     if not manifest:
         raise click.UsageError(f"give --manifest (the profile {cluster_name} sets no data.{stage})")
     spec = job_spec(run, manifest, out, shard_size, num_actors, tracking=not no_tracking)
-    run_job("datajobs.precompute", spec)
+    run_here("datajobs.precompute", spec)
     where = out if "://" in out else os.path.abspath(out)  # workers may start elsewhere
     click.echo(
         f"train from it: m2d launch --cluster {cluster_name} --stage {stage} "

@@ -6,7 +6,7 @@ import click
 
 from infra.job_specs import ExportSpec
 from orchestrator import runs
-from orchestrator.jobs import make_spec, run_job
+from orchestrator.jobs import make_spec, run_here
 
 EXPORT_MODULE = "trainer.export"
 
@@ -27,4 +27,4 @@ def export(name: str, step: int | None, out: str) -> None:
     record = runs.load_record(name)
     checkpoint = pick_checkpoint(record, step)
     spec = make_spec(ExportSpec, checkpoint=checkpoint, out=out, storage=record.storage_config)
-    run_job(EXPORT_MODULE, spec)
+    run_here(EXPORT_MODULE, spec)

@@ -11,7 +11,7 @@ import yaml
 from infra.config import STAGES, RunConfig, looks_secret
 from infra.deepspeed_config import deepspeed_config
 from infra.errors import ConfigError, M2DError, ServiceError, first_line
-from infra.jobs import EXIT_USER_ERROR
+from infra.job_entry import EXIT_USER_ERROR
 from orchestrator import profiles, ray_jobs, runs, submit
 from orchestrator.cli import set_option, verbose
 from orchestrator.placement import placement_lines
@@ -240,7 +240,7 @@ def _smoke(ctx, run: RunConfig, assignments: tuple[str, ...]) -> None:
 
     def start(record: runs.RunRecord, run: RunConfig, job_id: str) -> int:
         click.echo(f"{job_id}: {run.recipe.steps} steps on {run.cluster} -> {record.run_dir}")
-        return smoke.run_job(record, run, job_id, echo)
+        return smoke.run_to_end(record, run, job_id, echo)
 
     first = smoke.shrink(run)
     record = _new_record(first, smoke.smoke_name(first), smoke=True)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from training_runs import ROOT, make_run, run_job
 
+from infra.job_entry import spec_argv
 from infra.job_specs import SynthSpec
-from infra.jobs import spec_argv
 
 
 @pytest.fixture(scope="session")

@@ -25,8 +25,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from infra.config import StorageConfig
+from infra.job_entry import spec_argv
 from infra.job_specs import SynthSpec
-from infra.jobs import spec_argv
 from infra.storage import filesystem
 from orchestrator.cli import cli
 from trainer.data.manifest import read_shot_groups

@@ -20,8 +20,8 @@ import yaml
 from training_runs import run_entry, run_job
 
 from infra.config import ClusterProfile, StorageConfig, resolve_run
+from infra.job_entry import spec_argv
 from infra.job_specs import PrecomputeSpec, SynthSpec
-from infra.jobs import spec_argv
 from trainer.data.latents import ShardReader, read_index
 
 pytestmark = pytest.mark.integration

@@ -25,8 +25,8 @@ import yaml
 from m2d_cli import local_env
 
 from infra.config import ClusterProfile, resolve_run
+from infra.job_entry import spec_argv
 from infra.job_specs import SynthSpec, TrainJobSpec
-from infra.jobs import spec_argv
 from infra.tracking import Tracker
 
 pytestmark = pytest.mark.integration

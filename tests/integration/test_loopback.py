@@ -26,8 +26,8 @@ import yaml
 from ray_session import ray_session, stop_group, wait_gone
 
 from infra.config import ClusterProfile, resolve_run
+from infra.job_entry import spec_argv
 from infra.job_specs import TrainJobSpec
-from infra.jobs import spec_argv
 
 pytestmark = pytest.mark.integration
 

@@ -26,8 +26,8 @@ from m2d_cli import local_env
 from ray_session import ray_session, wait_gone, wait_job
 
 from infra.config import ModelConfig, StageRecipe, StorageConfig
+from infra.job_entry import spec_argv
 from infra.job_specs import CheckpointSpec, ExportSpec, SampleJobSpec
-from infra.jobs import spec_argv
 from infra.processes import free_port
 from infra.video import write_video
 from mask2dit.components import tiny_parts

@@ -21,8 +21,8 @@ from m2d_cli import M2D, local_env, register_run
 from s3_proxy import CountingProxy
 
 from infra.config import ClusterProfile, RunConfig, resolve_run
+from infra.job_entry import spec_argv
 from infra.job_specs import TrainJobSpec
-from infra.jobs import spec_argv
 
 pytestmark = pytest.mark.integration
 

@@ -18,8 +18,8 @@ from m2d_cli import local_env, register_run
 from tcp_proxy import SwitchProxy
 
 from infra.config import ClusterProfile, resolve_run
+from infra.job_entry import spec_argv
 from infra.job_specs import TrainJobSpec
-from infra.jobs import spec_argv
 
 pytestmark = pytest.mark.integration
 

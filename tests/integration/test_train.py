@@ -32,8 +32,8 @@ from training_runs import (
 
 from infra.checkpoint_layout import MANIFEST, WEIGHTS
 from infra.config import RunConfig, StorageConfig
+from infra.job_entry import spec_argv
 from infra.job_specs import ExportSpec, TrainJobSpec
-from infra.jobs import spec_argv
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""Every job's entry (``infra.jobs.run_job``): a bad spec or a user error is exit status 2
+"""Every job's entry (``infra.job_entry.job_main``): a bad spec or a user error is exit status 2
 with one line, an internal error exit status 1 with its traceback, SIGTERM a clean stop."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from pydantic import BaseModel
 
 from infra.errors import DataError
-from infra.jobs import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USER_ERROR, run_job
+from infra.job_entry import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USER_ERROR, job_main
 
 ROOT = Path(__file__).resolve().parents[2]
 # Every job module: each takes a spec.
@@ -65,17 +65,17 @@ def test_user_error_is_one_line_internal_error_a_traceback(capsys):
         raise RuntimeError("a bug")
 
     argv = ["--spec", json.dumps({"name": "m.jsonl"})]
-    assert run_job(Spec, refuse, argv) == EXIT_USER_ERROR
+    assert job_main(Spec, refuse, argv) == EXIT_USER_ERROR
     assert capsys.readouterr().err == "error: m.jsonl: not found; fix the path\n"
-    assert run_job(Spec, crash, argv) == EXIT_FAILURE
+    assert job_main(Spec, crash, argv) == EXIT_FAILURE
     err = capsys.readouterr().err
     assert err.startswith("Traceback (most recent call last):") and "RuntimeError: a bug" in err
-    assert run_job(Spec, lambda spec: None, argv) == 0
+    assert job_main(Spec, lambda spec: None, argv) == 0
 
     def interrupted(spec: Spec) -> None:
         raise KeyboardInterrupt
 
-    assert run_job(Spec, interrupted, argv) == EXIT_INTERRUPTED == 130
+    assert job_main(Spec, interrupted, argv) == EXIT_INTERRUPTED == 130
     assert capsys.readouterr().err == "stopped\n"
 
 
@@ -83,7 +83,7 @@ def test_a_spec_file_is_read(tmp_path):
     path = tmp_path / "spec.json"
     path.write_text(json.dumps({"name": "from-file"}))
     seen = []
-    assert run_job(Spec, lambda spec: seen.append(spec.name), ["--spec", str(path)]) == 0
+    assert job_main(Spec, lambda spec: seen.append(spec.name), ["--spec", str(path)]) == 0
     assert seen == ["from-file"]
 
 
@@ -92,7 +92,7 @@ SIGTERM_JOB = textwrap.dedent(
     import sys, time
     from pathlib import Path
     from pydantic import BaseModel
-    from infra.jobs import run_job
+    from infra.job_entry import job_main
 
     class Spec(BaseModel):
         marks: str
@@ -105,7 +105,7 @@ SIGTERM_JOB = textwrap.dedent(
         finally:
             (marks / "cleaned").touch()
 
-    sys.exit(run_job(Spec, body))
+    sys.exit(job_main(Spec, body))
     """
 )
 

@@ -286,8 +286,8 @@ def test_the_job_checks_its_input_before_ray_starts_and_fails_the_mlflow_run(tmp
     # starts, and ends the MLflow run the launcher opened for it.
     from mlflow.tracking import MlflowClient
 
+    from infra.job_entry import spec_argv
     from infra.job_specs import TrainJobSpec
-    from infra.jobs import spec_argv
     from trainer import job
 
     missing = tmp_path / "moved.jsonl"

@@ -3,7 +3,7 @@
     python -m MODULE --spec JSON|FILE
 
 The CLI writes the job's spec (a pydantic model, one per job) as JSON; the job module's
-``main`` is ``run_job(ItsSpec, body)``, which
+``main`` is ``job_main(ItsSpec, body)``, which
 
 - turns SIGTERM (``m2d stop``, Ray's job stop) into ``SystemExit(143)`` from the start,
   so cleanup handlers and ``finally`` blocks run;
@@ -30,7 +30,7 @@ from pydantic import BaseModel, ValidationError
 
 from infra.errors import ConfigError, M2DError
 
-__all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_USER_ERROR", "run_job", "spec_argv"]
+__all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_USER_ERROR", "job_main", "spec_argv"]
 
 EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
@@ -43,7 +43,7 @@ def spec_argv(spec: BaseModel) -> list[str]:
     return ["--spec", spec.model_dump_json()]
 
 
-def run_job(
+def job_main(
     spec_type: type[SpecT],
     body: Callable[[SpecT], int | None],
     argv: list[str] | None = None,
