@@ -20,11 +20,16 @@ import click
 from pydantic import BaseModel, ValidationError
 
 from infra.job_entry import EXIT_FAILURE, spec_argv
+from infra.job_specs import EvalSpec
+from orchestrator import runs
 from orchestrator.cli import UserError, verbose
 from orchestrator.console import JobConsole
 from orchestrator.runs import m2d_home
 
-__all__ = ["make_spec", "parse_size", "run_here", "spec_options"]
+__all__ = ["EVAL_JOB", "eval_spec", "make_spec", "parse_size", "run_here", "spec_options"]
+
+#: The eval job's module: ``m2d eval`` runs it, ``m2d sample-batch --eval`` chains it.
+EVAL_JOB = "sampler.eval_job"
 
 SpecT = TypeVar("SpecT", bound=BaseModel)
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
@@ -126,3 +131,29 @@ def parse_size(value: str | None) -> tuple[int | None, int | None]:
     if not match:
         raise click.BadParameter(f"{value!r}: give HEIGHTxWIDTH, e.g. 480x720")
     return int(match[1]), int(match[2])
+
+
+def eval_spec(
+    run, samples: str, num_actors: int | None, no_tracking: bool, options: dict
+) -> EvalSpec:
+    """The eval job's spec from the resolved run and the command's options (also what
+    ``m2d sample-batch --eval`` chains)."""
+    workers = run.workers
+    path, reference, fvd_path = (options.pop(k) for k in ("encoder_path", "reference", "fvd_path"))
+    if not path and ":" not in options["encoder"]:  # MODULE:FUNCTION may need no folder
+        raise UserError("--encoder-path: give the encoder's folder (save_pretrained)")
+    if reference and not fvd_path:
+        raise UserError("--reference needs --fvd-path: the FVD features' model folder")
+    return make_spec(
+        EvalSpec,
+        samples=runs.absolute(samples),
+        encoder_path=runs.model_path(path, runs.BUILT_IN_ENCODERS) or "",
+        reference=runs.absolute(reference),
+        fvd_path=runs.model_path(fvd_path, runs.BUILT_IN_ENCODERS),
+        num_actors=num_actors or workers.num_workers,
+        cpus_per_actor=workers.cpus_per_worker,
+        gpus_per_actor=workers.gpus_per_worker,
+        storage=run.storage,
+        tracking=None if no_tracking else run.tracking,
+        **options,
+    )

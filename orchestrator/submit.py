@@ -14,6 +14,7 @@ import shlex
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
@@ -199,3 +200,23 @@ def run_job_on(
     )
     click.echo(f"submitted {what} job {job_id} to {run.ray.address}")
     click.echo(f"follow with: ray job logs --follow --address {run.ray.address} {job_id}")
+
+
+def follow_remote_logs(record: RunRecord, echo: Callable[[str], None] | None = None) -> int:
+    """Stream a remote run's job log until the job ends (``m2d launch --follow``, ``m2d
+    logs -f``); 0 if it succeeded."""
+    import asyncio
+
+    import click
+
+    from orchestrator.runs import state_of
+
+    echo = echo or (lambda chunk: click.echo(chunk, nl=False))
+
+    async def stream() -> None:
+        client = ray_jobs.job_client(record.address)
+        async for chunk in client.tail_job_logs(record.ray_job):
+            echo(chunk)
+
+    asyncio.run(stream())
+    return 0 if state_of(record) == "SUCCEEDED" else 1

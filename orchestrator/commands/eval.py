@@ -20,9 +20,8 @@ from infra.job_specs import EvalSpec
 from infra.storage import filesystem
 from orchestrator import runs, submit
 from orchestrator.cli import UserError, set_option
-from orchestrator.jobs import make_spec, spec_options
+from orchestrator.jobs import EVAL_JOB, eval_spec, spec_options
 
-JOB_MODULE = "sampler.eval_job"
 # The paper's columns (docs/method.md §8), then ours; a story oracle's scores (say
 # evaluation.toy_oracle's) become columns by their own names.
 COLUMNS = {
@@ -171,33 +170,7 @@ def eval_(
     if not samples:
         raise UserError("--samples: give the --out folder of `m2d sample-batch` (or --compare)")
     spec = eval_spec(run, samples, num_actors, no_tracking, options)
-    submit.run_job_on(run, JOB_MODULE, spec, "eval")
-
-
-def eval_spec(
-    run, samples: str, num_actors: int | None, no_tracking: bool, options: dict
-) -> EvalSpec:
-    """The eval job's spec from the resolved run and the command's options (also what
-    ``m2d sample-batch --eval`` chains)."""
-    workers = run.workers
-    path, reference, fvd_path = (options.pop(k) for k in ("encoder_path", "reference", "fvd_path"))
-    if not path and ":" not in options["encoder"]:  # MODULE:FUNCTION may need no folder
-        raise UserError("--encoder-path: give the encoder's folder (save_pretrained)")
-    if reference and not fvd_path:
-        raise UserError("--reference needs --fvd-path: the FVD features' model folder")
-    return make_spec(
-        EvalSpec,
-        samples=runs.absolute(samples),
-        encoder_path=runs.model_path(path, runs.BUILT_IN_ENCODERS) or "",
-        reference=runs.absolute(reference),
-        fvd_path=runs.model_path(fvd_path, runs.BUILT_IN_ENCODERS),
-        num_actors=num_actors or workers.num_workers,
-        cpus_per_actor=workers.cpus_per_worker,
-        gpus_per_actor=workers.gpus_per_worker,
-        storage=run.storage,
-        tracking=None if no_tracking else run.tracking,
-        **options,
-    )
+    submit.run_job_on(run, EVAL_JOB, spec, "eval")
 
 
 def _compare(sources: list[str], table_out: str | None, storage) -> None:

@@ -265,9 +265,7 @@ def _smoke_size(run: RunConfig) -> RunConfig:
 
 
 def _follow_remote(record: runs.RunRecord) -> int:
-    from orchestrator.commands.status import follow_remote_logs
-
-    return follow_remote_logs(record)
+    return submit.follow_remote_logs(record)
 
 
 @click.command()

@@ -20,9 +20,7 @@ from infra.job_specs import CheckpointSpec, EvalSpec, SampleJobSpec
 from infra.storage import is_remote
 from orchestrator import runs, submit
 from orchestrator.cli import UserError, set_option
-from orchestrator.commands.eval import JOB_MODULE as EVAL_MODULE
-from orchestrator.commands.eval import eval_spec
-from orchestrator.jobs import parse_size, spec_options
+from orchestrator.jobs import EVAL_JOB, eval_spec, parse_size, spec_options
 
 JOB_MODULE = "sampler.job"
 
@@ -163,5 +161,5 @@ def sample_batch(
     then = ()
     if then_eval:
         scored = eval_spec(run, spec.out, spec.num_actors, spec.tracking is None, scoring)
-        then = ((EVAL_MODULE, scored),)
+        then = ((EVAL_JOB, scored),)
     submit.run_job_on(run, JOB_MODULE, spec, "sample-batch", then=then)

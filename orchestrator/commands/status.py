@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 
@@ -52,18 +51,6 @@ def progress_of(records: list[runs.RunRecord]) -> dict[str, Progress]:
                 if getattr(exc, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
                     silent.add(uri)
     return found
-
-
-def follow_remote_logs(record: runs.RunRecord) -> int:
-    """Stream a remote job's logs until it ends; 0 if it succeeded."""
-
-    async def stream() -> None:
-        client = ray_jobs.job_client(record.address)
-        async for chunk in client.tail_job_logs(record.ray_job):
-            click.echo(chunk, nl=False)
-
-    asyncio.run(stream())
-    return 0 if runs.state_of(record) == "SUCCEEDED" else 1
 
 
 def _follow_local(record: runs.RunRecord) -> None:
@@ -123,7 +110,7 @@ def logs(name: str, follow: bool) -> None:
     record = runs.load_record(name)
     if record.kind == "remote":
         if follow:
-            follow_remote_logs(record)
+            submit.follow_remote_logs(record)
         else:
             click.echo(ray_jobs.remote_call(record, "get_job_logs"), nl=False)
         return

@@ -184,3 +184,14 @@ def test_method_citations_point_at_sections_that_exist():
         for group in re.findall(r"docs/method\.md ((?:§\d+(?:-§\d+)?(?:, )?)+)", text):
             cited.update(re.findall(r"§(\d+)", group))
     assert cited and cited <= headings, cited - headings
+
+
+def test_commands_do_not_import_each_other():
+    """What two commands share lives in orchestrator/ (jobs, submit, runs, ...), not in one
+    of them; only a command group imports its subcommands (the CLI, `m2d data`)."""
+    groups = {ROOT / "orchestrator" / "cli.py", ROOT / "orchestrator" / "commands" / "data.py"}
+    for path in (ROOT / "orchestrator" / "commands").glob("*.py"):
+        if path in groups:
+            continue
+        others = {n for n in _imports(path) if n.startswith("orchestrator.commands")}
+        assert not others, f"{path.name} imports {sorted(others)}"

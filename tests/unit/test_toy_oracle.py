@@ -300,7 +300,7 @@ def test_an_oracle_needs_no_encoder_path_and_a_named_encoder_still_does(tmp_path
     from types import SimpleNamespace
 
     from orchestrator.cli import UserError
-    from orchestrator.commands.eval import eval_spec
+    from orchestrator.jobs import eval_spec
 
     workers = SimpleNamespace(num_workers=1, cpus_per_worker=1, gpus_per_worker=0)
     run = SimpleNamespace(workers=workers, storage=None, tracking=None)
