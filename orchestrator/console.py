@@ -3,12 +3,13 @@
 Every line a job prints - Ray's, DeepSpeed's and the workers' included - goes to the job's
 log file, named when the job starts. The console gets m2d's own lines: log records of the
 ``m2d`` loggers (the driver's, and from workers those of rank 0 plus any rank's warnings),
-the job entry's ``error: ...`` line, and one progress display fed by the training loop's
-``m2d.progress`` records (``infra.logging.progress``). ``-v`` puts every line on the
-console as well. The display is live (rich) only when stderr is a terminal and
-``NO_COLOR`` is unset; otherwise it is a plain line at every tenth of the run and at every
-checkpoint. Messages go to stderr; a job's data (what it prints on stdout that is not
-Ray's) stays on stdout.
+the job entry's ``error: ...`` line, and one progress display fed by the job's
+``m2d.progress`` records (``infra.logging.progress``: the training loop's steps, with loss,
+samples/s, checkpoints and restarts; another job's ``unit``, say a sampler's items).
+``-v`` puts every line on the console as well. The display is live (rich) only when
+stderr is a terminal and ``NO_COLOR`` is unset; otherwise it is a plain line at every tenth
+of the run and at every checkpoint. Messages go to stderr; a job's data (what it prints on
+stdout that is not Ray's) stays on stdout.
 """
 
 from __future__ import annotations
@@ -158,8 +159,10 @@ class JobConsole:
         if event.get("event") == "start":
             state["restarts"] += 1
             state.update(steps=event["steps"], started=time.monotonic(), start_step=event["step"])
+            state["unit"] = event.get("unit", "step")
             return
-        state.update({k: event[k] for k in ("step", "loss", "samples_per_s") if k in event})
+        fields = ("step", "loss", "samples_per_s", "item")
+        state.update({k: event[k] for k in fields if k in event})
         state["checkpoints"] += bool(event.get("checkpoint"))
         steps, step = state.get("steps") or 0, state.get("step", 0)
         if self.live:
@@ -179,6 +182,8 @@ class JobConsole:
 
     def _fields(self, steps: int, step: int) -> str:
         s = self.state
+        if s.get("unit", "step") != "step":  # a job of items: the last one done, the ETA
+            return f"{s.get('item', '')}  ETA {self._eta(steps, step)}"
         return (
             f"loss {s.get('loss', float('nan')):.4f}  {s.get('samples_per_s', 0.0):.2f} "
             f"samples/s  ETA {self._eta(steps, step)}  checkpoints {s['checkpoints']}  "
@@ -186,7 +191,7 @@ class JobConsole:
         )
 
     def _plain_line(self, steps: int, step: int) -> str:
-        return f"step {step}/{steps}  {self._fields(steps, step)}"
+        return f"{self.state.get('unit', 'step')} {step}/{steps}  {self._fields(steps, step)}"
 
     def _show_live(self, steps: int, step: int) -> None:
         if self.progress is None:
@@ -194,7 +199,7 @@ class JobConsole:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
             self.progress = Progress(
-                TextColumn("step"),
+                TextColumn(self.state.get("unit", "step")),
                 MofNCompleteColumn(),
                 BarColumn(bar_width=20),
                 TextColumn("{task.fields[details]}"),

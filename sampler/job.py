@@ -5,10 +5,11 @@ The driver checks everything a user can get wrong - the prompts file, context vi
 checkpoints, frame counts, earlier outputs - before any model loads, then runs one Ray
 Data pass per checkpoint: ``map_batches`` with a pool of ``StoryRenderer`` actors, each
 holding one model, rendering up to ``--batch-size`` items per call (stories and seeds in
-one model batch, ``sampler.batch.render_stories``) and writing their files itself. The driver
-streams the finished rows: a progress line (done / total, ETA) and, with a tracking URI,
-the MLflow run (previews as images at the checkpoint's training step, files as
-artifacts). Exit status: 0 done, 2 a user error (one line), 1 anything else.
+one model batch, ``sampler.batch.render_stories``) and writing their files itself. The
+driver streams the finished rows: a progress record each (``infra.logging.progress``, which
+the console shows as items done of all, with an ETA) and, with a tracking URI, the MLflow
+run (previews as images at the checkpoint's training step, files as artifacts). Exit
+status: 0 done, 2 a user error (one line), 1 anything else.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 from infra.errors import ConfigError, DataError
 from infra.job_entry import job_main
 from infra.job_specs import SampleJobSpec
-from infra.logging import get_logger
+from infra.logging import get_logger, progress
 from infra.processes import pid_alive
 from infra.prompts import Story, check_context_videos, prompt_file, read_stories
 from infra.ray_runtime import ray_session
@@ -180,27 +181,6 @@ def _rendered(plan: Plan, label: str, items: list[Item]) -> Iterator[dict[str, A
         ) from None
 
 
-class Progress:
-    """``done/total`` with the rate so far and an ETA, one line per finished item."""
-
-    def __init__(self, total: int, echo: Callable[[str], None]) -> None:
-        self.total, self.done, self.echo = total, 0, echo
-        self.started = time.monotonic()
-
-    def advance(self, what: str) -> None:
-        self.done += 1
-        elapsed = time.monotonic() - self.started
-        eta = elapsed / self.done * (self.total - self.done)
-        self.echo(
-            f"[{self.done}/{self.total}] {what}  elapsed {_clock(elapsed)}  ETA {_clock(eta)}"
-        )
-
-
-def _clock(seconds: float) -> str:
-    minutes, secs = divmod(round(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
-
-
 def run(spec: SampleJobSpec, echo: Callable[[str], None] = print) -> Plan:
     """Render every unfinished item; returns the plan (its ``todo`` is what was done)."""
     with claim_output(spec.out):  # before planning: what is finished is read under it
@@ -219,7 +199,8 @@ def _run(plan: Plan, echo: Callable[[str], None]) -> Plan:
         for item in plan.finished:
             if item not in logged:
                 _log_item(tracker, plan, item)
-    progress = Progress(len(plan.todo), echo)
+    progress(event="start", step=0, steps=len(plan.todo), unit="item")
+    done = 0
     cpus = max(2, spec.num_actors * spec.cpus_per_actor)
     try:
         with ray_session(num_cpus=cpus) if plan.todo else contextlib.nullcontext():
@@ -230,7 +211,8 @@ def _run(plan: Plan, echo: Callable[[str], None]) -> Plan:
                     _warn_truncated(parse_item_meta(row["meta"], where), echo)
                     if tracker is not None:
                         _log_item(tracker, plan, Item(checkpoint.label, row["story"], row["seed"]))
-                    progress.advance(f"{checkpoint.label}/{row['story']}/{row['seed']}")
+                    done += 1
+                    progress(step=done, unit="item", item=where)
     except BaseException as exc:
         if tracker is not None:
             stopped = isinstance(exc, (KeyboardInterrupt, SystemExit))  # Ctrl-C, SIGTERM

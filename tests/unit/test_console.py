@@ -151,3 +151,29 @@ def test_the_log_is_named_once_when_a_line_is_first_kept_off_the_console(tmp_pat
     assert err.getvalue().splitlines()[1:] == [
         f"log: {tmp_path / 'j.log'} (all output; m2d -v shows it here)"
     ]
+
+
+def test_a_job_of_items_shows_items_done_of_all_with_the_last_one_and_an_eta(tmp_path):
+    """The sampler's progress records (unit "item") go through the same display as
+    training's: plain lines by tenths, naming the item, with no loss or checkpoints."""
+    import logging
+
+    err = io.StringIO()
+    console = JobConsole(tmp_path / "job.log", out=io.StringIO(), err=err)
+    record = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def emit(**fields):
+        message = json.dumps(fields, separators=(",", ":"))
+        made = logging.LogRecord("m2d.progress", logging.INFO, "", 0, message, None, None)
+        console.feed(record.format(made))
+
+    emit(event="start", step=0, steps=20, unit="item")
+    for done in range(1, 21):
+        emit(step=done, unit="item", item=f"ckpt/s{done:02d}/0")
+    console.close()
+    shown = err.getvalue().splitlines()
+    assert [line.split()[:2] for line in shown] == [
+        ["item", f"{n}/20"] for n in (1, *range(2, 21, 2))
+    ], shown
+    assert shown[-1].startswith("item 20/20  ckpt/s20/0  ETA ")
+    assert not any("loss" in line or "checkpoints" in line for line in shown)
