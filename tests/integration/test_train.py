@@ -30,10 +30,11 @@ from training_runs import (
     run_job,
 )
 
-from infra.checkpoint_layout import MANIFEST, WEIGHTS
+from infra.checkpoint_layout import WEIGHTS
 from infra.config import RunConfig, StorageConfig
 from infra.job_entry import spec_argv
 from infra.job_specs import ExportSpec, TrainJobSpec
+from infra.run_folder import MANIFEST
 
 pytestmark = pytest.mark.integration
 
@@ -157,13 +158,9 @@ def test_checkpoints_carry_their_weights_and_readers_read_only_them(
     broadcast; a sampler reads only the file too (every rank used to download and merge
     the whole checkpoint). Old checkpoints without the file still load, by merging their
     shards."""
-    from infra.checkpoint_layout import (
-        RUN_CONFIG,
-        TRAINER_STATE,
-        consolidated_state_dict,
-        read_weights,
-    )
+    from infra.checkpoint_layout import consolidated_state_dict, read_weights
     from infra.job_specs import CheckpointSpec, SampleJobSpec
+    from infra.run_folder import RUN_CONFIG, TRAINER_STATE
     from sampler.checkpoint_info import describe_checkpoint
     from sampler.models import load_pipeline
 
@@ -413,15 +410,16 @@ def test_a_kill_during_a_checkpoint_upload_leaves_it_incomplete_and_unused(
     assert listed.returncode == 0, listed.stderr
     lines = listed.stdout.splitlines()
     assert lines[0].startswith(f"checkpoint_{EVERY:08d}  complete")
-    assert lines[1] == (
-        f"checkpoint_{STEPS:08d}  incomplete  no manifest.json (the save did not finish)"
+    torn = (  # the proxy held rank 1's upload: its list never came
+        "no manifest.json (the save did not finish): rank 1's file list "
+        "ranks/files_rank_1.json is missing"
     )
+    assert lines[1] == f"checkpoint_{STEPS:08d}  incomplete  {torn}"
     warnings: list[str] = []
     before = f"{run_dir}/checkpoint_{EVERY:08d}"
     assert latest_checkpoint(record, warnings.append) == before
     assert warnings == [
-        f"checkpoint {run_dir}/checkpoint_{STEPS:08d} is incomplete (no manifest.json (the "
-        f"save did not finish)); using {before}"
+        f"checkpoint {run_dir}/checkpoint_{STEPS:08d} is incomplete ({torn}); using {before}"
     ]
 
     direct = run.model_copy(update={"storage": StorageConfig(**record.storage)})

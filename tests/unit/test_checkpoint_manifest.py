@@ -9,12 +9,12 @@ import json
 from pathlib import Path
 
 from infra.checkpoint_layout import (
-    MANIFEST,
     check_checkpoint,
     complete_checkpoint,
     write_file_list,
     write_manifest,
 )
+from infra.run_folder import MANIFEST
 
 
 def _rank_part(root: Path, rank: int, world_size: int | None = None) -> None:
