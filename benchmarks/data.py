@@ -127,13 +127,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from trainer.batches import ManifestStories, PrecomputedStories
-    from trainer.components import load_components
+    from trainer.components import load_training_parts
 
     with tempfile.TemporaryDirectory(prefix="m2d-bench-data-") as scratch:
         folder = Path(scratch)
         run = local_run(folder / "pretrain.jsonl", folder / "latents")
         r, size = run.recipe, run.deepspeed.micro_batch_per_gpu
-        parts = load_components(run.model, None, "cpu", policy=r.mask_policy, seed=r.seed)
+        parts = load_training_parts(run.model, None, "cpu", policy=r.mask_policy, seed=r.seed)
         start = time.perf_counter()
         prepare(run, folder, args.stories, parts)
         print(f"precomputed {args.stories * 4} clips in {time.perf_counter() - start:.1f} s")

@@ -11,7 +11,7 @@ reports, MLflow writes. The first ``--skip`` steps and the last (the checkpoint)
 left out.
 
 The reference: one process, ``torch.set_num_threads(1)``, the same components
-(``trainer.components.load_components`` of the profile's tiny model), the same batch
+(``trainer.components.load_training_parts`` of the profile's tiny model), the same batch
 shapes (``micro_batch_per_gpu`` stories of ``num_scenes`` x ``frames`` at
 ``height`` x ``width``, in memory), the same step (VAE and T5 encoding, the task's
 noise, Mask²DiT forward, v loss, backward, gradient clipping, ``torch.optim.AdamW`` with
@@ -204,12 +204,12 @@ def job_steady_state(run: RunConfig, job: dict[str, Any], skip: int) -> dict[str
 def plain_loop(run: RunConfig, steps: int, warmup: int) -> dict[str, float]:
     """The same step without Ray, DeepSpeed, files or logging: mean step time, samples/s."""
     from mask2dit.tasks import TaskMix, prepare_training_batch, task_loss
-    from trainer.components import load_components
+    from trainer.components import load_training_parts
     from trainer.encode import encode_prompts, encode_videos
 
     torch.set_num_threads(1)
     r, batch = run.recipe, run.deepspeed.micro_batch_per_gpu
-    parts = load_components(run.model, None, "cpu", policy=r.mask_policy, seed=r.seed)
+    parts = load_training_parts(run.model, None, "cpu", policy=r.mask_policy, seed=r.seed)
     model = parts.transformer
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(

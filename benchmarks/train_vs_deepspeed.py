@@ -107,9 +107,9 @@ def bench_run(root: Path, steps: int, prefetch: int | None = None, workers: int 
 def precompute(run: RunConfig) -> None:
     """The stories and their latents and T5 text, as `m2d data precompute` writes them
     (``benchmarks/data.py``'s in-process precompute)."""
-    from trainer.components import load_components
+    from trainer.components import load_training_parts
 
-    parts = load_components(run.model, None, "cpu", encoders_only=True)
+    parts = load_training_parts(run.model, None, "cpu", encoders_only=True)
     data.prepare(run, Path(run.data.pretrain).parent, STORIES, parts)
 
 

@@ -138,12 +138,12 @@ def load_encoders(settings: Settings, storage: StorageConfig | None, device: str
     import torch
 
     from infra.config import ModelConfig
-    from trainer.components import load_components
+    from trainer.components import load_training_parts
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     model = ModelConfig(source=settings.model_source, text_tokens=settings.text_tokens)
     dtype = dtypes[settings.dtype]
-    return load_components(model, storage, torch.device(device), dtype, encoders_only=True)
+    return load_training_parts(model, storage, torch.device(device), dtype, encoders_only=True)
 
 
 class ShardEncoder:

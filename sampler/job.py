@@ -46,14 +46,14 @@ from sampler.batch import (
 )
 from sampler.checkpoint_info import CheckpointInfo, describe_checkpoint
 
-__all__ = ["LOCK_FILE", "Plan", "StoryRenderer", "claim_output", "main", "prepare", "run"]
+__all__ = ["LOCK_FILE", "SamplePlan", "StoryRenderer", "claim_output", "main", "prepare", "run"]
 
 log = get_logger(__name__)
 
 LOCK_FILE = ".m2d-sample.lock"  # in a local output folder: "host pid" of the job writing it
 
 
-class Plan:
+class SamplePlan:
     """The checked inputs of a job: stories, each checkpoint's facts and parameters,
     and the items still to render."""
 
@@ -69,9 +69,9 @@ class Plan:
         self.todo, self.finished = plan_items(spec, self.stories, self.params)
 
 
-def prepare(spec: SampleJobSpec) -> Plan:
+def prepare(spec: SampleJobSpec) -> SamplePlan:
     """Validate the job's inputs (no model loads); raises M2DError with one line."""
-    plan = Plan(spec)
+    plan = SamplePlan(spec)
     if spec.mode == "fixed":
         for story in plan.stories:
             if story.context_videos:
@@ -149,7 +149,7 @@ class StoryRenderer:
 ACTOR_START_S = 600
 
 
-def _rendered(plan: Plan, label: str, items: list[Item]) -> Iterator[dict[str, Any]]:
+def _rendered(plan: SamplePlan, label: str, items: list[Item]) -> Iterator[dict[str, Any]]:
     """Rows of finished items of one checkpoint, as the actor pool completes them."""
     import ray.data
 
@@ -181,13 +181,13 @@ def _rendered(plan: Plan, label: str, items: list[Item]) -> Iterator[dict[str, A
         ) from None
 
 
-def run(spec: SampleJobSpec, echo: Callable[[str], None] = print) -> Plan:
+def run(spec: SampleJobSpec, echo: Callable[[str], None] = print) -> SamplePlan:
     """Render every unfinished item; returns the plan (its ``todo`` is what was done)."""
     with claim_output(spec.out):  # before planning: what is finished is read under it
         return _run(prepare(spec), echo)
 
 
-def _run(plan: Plan, echo: Callable[[str], None]) -> Plan:
+def _run(plan: SamplePlan, echo: Callable[[str], None]) -> SamplePlan:
     spec = plan.spec
     echo(
         f"{len(plan.todo)} item(s) to render, {len(plan.finished)} already finished, "
@@ -286,7 +286,7 @@ def _warn_truncated(meta: ItemMeta, echo: Callable[[str], None]) -> None:
         )
 
 
-def _open_tracker(plan: Plan, echo: Callable[[str], None]):
+def _open_tracker(plan: SamplePlan, echo: Callable[[str], None]):
     """The job's MLflow run: the one an interrupted run of the same job left unfinished
     (the same output and parameters), else a new one."""
     from infra.tracking import Tracker, flatten
@@ -313,7 +313,7 @@ def _open_tracker(plan: Plan, echo: Callable[[str], None]):
     return tracker
 
 
-def _logged_items(tracker, plan: Plan) -> set[Item]:
+def _logged_items(tracker, plan: SamplePlan) -> set[Item]:
     """Finished items an interrupted attempt logged already: those whose preview image is
     in the run (an item's image goes in last, after its files).
 
@@ -328,11 +328,11 @@ def _logged_items(tracker, plan: Plan) -> set[Item]:
     return {item for key, items in groups.items() if images[key] >= len(items) for item in items}
 
 
-def _image_key(plan: Plan, item: Item) -> tuple[str, int]:
+def _image_key(plan: SamplePlan, item: Item) -> tuple[str, int]:
     return f"{item.story}_seed{item.seed}", plan.infos[item.checkpoint].step
 
 
-def _log_item(tracker, plan: Plan, item: Item) -> None:
+def _log_item(tracker, plan: SamplePlan, item: Item) -> None:
     """The item's files as artifacts, then its contact sheet as an image at the
     checkpoint's step (the dashboard's slider compares checkpoints): the image, logged
     last, marks the item as logged (``_logged_items``)."""

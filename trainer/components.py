@@ -28,15 +28,17 @@ from mask2dit.tiny import BUILT_IN_SOURCES
 from mask2dit.toy import ToyVAE
 
 __all__ = [
-    "Components",
-    "load_components",
+    "TrainingParts",
+    "load_training_parts",
     "save_tiny_pretrained",
 ]
 
 
 @dataclass
-class Components:
-    """Everything a training step needs besides the optimizer."""
+class TrainingParts:
+    """Everything a training step needs besides the optimizer: the model folder's parts
+    (``mask2dit.components.ModelParts``, stock diffusers) with the transformer wrapped in
+    ``Mask2DiT`` and the VAE and T5 frozen on the device."""
 
     transformer: Mask2DiT | None  # None: encoders only (latent precompute)
     vae: AutoencoderKLCogVideoX | ToyVAE
@@ -45,7 +47,7 @@ class Components:
     scheduler: CogVideoXDDIMScheduler
 
 
-def load_components(
+def load_training_parts(
     model: ModelConfig,
     storage: StorageConfig | None = None,
     device: torch.device | str = "cpu",
@@ -54,13 +56,13 @@ def load_components(
     policy: str = DEFAULT_POLICY,
     seed: int = 0,
     encoders_only: bool = False,
-) -> Components:
+) -> TrainingParts:
     """Build or load the components of ``model.source`` onto ``device``.
 
     The VAE and T5 are frozen (eval, no grad) and cast to ``dtype``. The transformer stays
     float32 on ``device``: DeepSpeed owns its training precision (it casts for bf16).
     ``seed`` only affects built-in (``tiny``, ``toy``) weights. ``encoders_only`` neither
-    fetches nor loads the transformer (``Components.transformer`` is ``None``).
+    fetches nor loads the transformer (``TrainingParts.transformer`` is ``None``).
     """
     if model.source in BUILT_IN_SOURCES:
         parts = built_in_parts(model.source, seed, VOCABULARY)
@@ -76,7 +78,7 @@ def load_components(
         frozen.to(device)
         if frozen.dtype != dtype:  # diffusers warns on a no-op cast
             frozen.to(dtype=dtype)
-    return Components(
+    return TrainingParts(
         transformer=None
         if parts.transformer is None
         else Mask2DiT(parts.transformer.to(device), policy=policy),

@@ -47,7 +47,7 @@ from trainer.checkpointing import (
     stored_checkpoint,
     upload_checkpoint,
 )
-from trainer.components import Components, load_components
+from trainer.components import TrainingParts, load_training_parts
 from trainer.engine import build_engine, device_and_dtype
 from trainer.validation import Validator
 
@@ -115,7 +115,7 @@ class Worker:
             torch.set_num_threads(run.workers.cpus_per_worker)
         # The frozen VAE and T5, the latents, the noising and the loss stay in fp32 in every
         # precision; DeepSpeed trains the transformer in self.dtype (docs/planner.md).
-        self.parts: Components = load_components(
+        self.parts: TrainingParts = load_training_parts(
             run.model,
             run.storage,
             self.device,

@@ -39,7 +39,7 @@ from infra.tracking import Tracker, fail_fast
 from mask2dit.sampling.denoise import build_scheduler
 from mask2dit.sampling.params import SamplingParams
 from mask2dit.sampling.pipeline import MultiScenePipeline
-from trainer.components import Components
+from trainer.components import TrainingParts
 
 __all__ = ["Render", "Validator"]
 
@@ -63,7 +63,7 @@ class Render:
 class Validator:
     """Renders, scores and logs the validation set of one worker's run."""
 
-    def __init__(self, run: RunConfig, parts: Components, rank: int, world: int) -> None:
+    def __init__(self, run: RunConfig, parts: TrainingParts, rank: int, world: int) -> None:
         config = run.recipe.validation
         self.run, self.config, self.rank, self.world = run, config, rank, world
         self.parts = parts

@@ -21,7 +21,7 @@ PARTS = ("transformer", "text_encoder", "vae")
 
 def read_model_configs(model: ModelConfig, storage: StorageConfig | None) -> ModelConfigs:
     """The configs of ``model.source``; a one-line error names the file that is missing."""
-    if model.source in BUILT_IN_SOURCES:  # as trainer.components.load_components reads it
+    if model.source in BUILT_IN_SOURCES:  # as trainer.components.load_training_parts reads it
         return ModelConfigs(**built_in_configs(model.source))
     fs, root = filesystem(model.source, storage)
     found = {}

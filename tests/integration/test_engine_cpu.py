@@ -22,12 +22,12 @@ port = free_port()
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 import yaml
 from infra.config import ClusterProfile, resolve_run
-from trainer.components import load_components
+from trainer.components import load_training_parts
 from trainer.engine import build_engine
 profile = ClusterProfile.model_validate(yaml.safe_load(open("clusters/local.yaml")))
 run = resolve_run(profile, "local", "pretrain", {"workers": {"num_workers": 1},
                                                  "recipe": {"global_batch": 1, "warmup_steps": 0}})
-parts = load_components(run.model, None, "cpu", seed=0)
+parts = load_training_parts(run.model, None, "cpu", seed=0)
 engine = build_engine(run, parts.transformer)
 latents = torch.randn(1, 3, 4, 4, 4)
 text = torch.randn(1, 16, parts.transformer.config.text_embed_dim)

@@ -13,7 +13,7 @@ import torch
 
 from infra.config import ModelConfig, StorageConfig
 from infra.errors import ConfigError
-from trainer.components import load_components, save_tiny_pretrained
+from trainer.components import load_training_parts, save_tiny_pretrained
 
 pytestmark = pytest.mark.integration
 
@@ -51,13 +51,13 @@ def cached_parts(cache: Path) -> dict[str, set[str]]:
 
 def test_s3_source_loads_like_the_local_folder(uploaded, tiny_folder, tmp_path):
     fs, source, storage = uploaded
-    local = load_components(ModelConfig(source=str(tiny_folder)))
-    remote = load_components(ModelConfig(source=source), storage)
+    local = load_training_parts(ModelConfig(source=str(tiny_folder)))
+    remote = load_training_parts(ModelConfig(source=source), storage)
     for name in ("vae", "text_encoder"):
         assert same_weights(getattr(local, name), getattr(remote, name)), name
     assert same_weights(local.transformer, remote.transformer)
 
-    encoders = load_components(ModelConfig(source=source), storage, encoders_only=True)
+    encoders = load_training_parts(ModelConfig(source=source), storage, encoders_only=True)
     assert encoders.transformer is None
     assert same_weights(local.vae, encoders.vae)
     every = {"transformer", "vae", "text_encoder", "tokenizer", "scheduler"}
@@ -65,12 +65,12 @@ def test_s3_source_loads_like_the_local_folder(uploaded, tiny_folder, tmp_path):
     assert sorted(copies.values(), key=len) == [every - {"transformer"}, every]
 
     # Unchanged upload: no new copy. Changed upload: a new one, with the new weights.
-    load_components(ModelConfig(source=source), storage, encoders_only=True)
+    load_training_parts(ModelConfig(source=source), storage, encoders_only=True)
     assert cached_parts(tmp_path / "cache") == copies
     config = json.loads(fs.cat_file(f"{source}/scheduler/scheduler_config.json"))
     config["num_train_timesteps"] = 500
     fs.pipe_file(f"{source}/scheduler/scheduler_config.json", json.dumps(config).encode())
-    changed = load_components(ModelConfig(source=source), storage, encoders_only=True)
+    changed = load_training_parts(ModelConfig(source=source), storage, encoders_only=True)
     assert changed.scheduler.config.num_train_timesteps == 500
     assert len(cached_parts(tmp_path / "cache")) == 3
 
@@ -79,7 +79,7 @@ def test_s3_source_without_a_part_is_refused_by_name(uploaded):
     fs, source, storage = uploaded
     fs.rm(f"{source}/text_encoder", recursive=True)
     with pytest.raises(ConfigError, match=r"missing subfolder\(s\) text_encoder"):
-        load_components(ModelConfig(source=source), storage, encoders_only=True)
+        load_training_parts(ModelConfig(source=source), storage, encoders_only=True)
     fs.rm(f"{source}/transformer", recursive=True)
     with pytest.raises(ConfigError, match=r"missing subfolder\(s\) transformer, text_encoder"):
-        load_components(ModelConfig(source=source), storage)
+        load_training_parts(ModelConfig(source=source), storage)

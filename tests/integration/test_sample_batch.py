@@ -47,7 +47,7 @@ CHECKPOINT_SCRIPT = textwrap.dedent(
     from infra.config import ClusterProfile, resolve_run
     from infra.run_folder import TrainerState
     from trainer.checkpointing import save_checkpoint
-    from trainer.components import load_components
+    from trainer.components import load_training_parts
     from trainer.engine import build_engine
 
     out, port = Path(sys.argv[1]), sys.argv[2]
@@ -61,7 +61,7 @@ CHECKPOINT_SCRIPT = textwrap.dedent(
         "recipe": {"global_batch": 1},
         "storage": {"root": str(out)},
     })
-    parts = load_components(run.model, seed=run.recipe.seed)
+    parts = load_training_parts(run.model, seed=run.recipe.seed)
     generator = torch.Generator().manual_seed(123)  # weights no init would give
     with torch.no_grad():
         for p in parts.transformer.parameters():

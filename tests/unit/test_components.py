@@ -10,13 +10,13 @@ from diffusers import CogVideoXTransformer3DModel
 
 from infra.config import ModelConfig
 from infra.errors import ConfigError
-from trainer.components import load_components, save_tiny_pretrained
+from trainer.components import load_training_parts, save_tiny_pretrained
 from trainer.encode import encode_prompts, encode_videos
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    return load_components(ModelConfig(source="tiny", text_tokens=8))
+    return load_training_parts(ModelConfig(source="tiny", text_tokens=8))
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +44,9 @@ def test_tiny_components_fit_each_other(tiny):
 
 
 def test_tiny_is_seeded():
-    a = load_components(ModelConfig(source="tiny"), seed=3)
-    b = load_components(ModelConfig(source="tiny"), seed=3)
-    c = load_components(ModelConfig(source="tiny"), seed=4)
+    a = load_training_parts(ModelConfig(source="tiny"), seed=3)
+    b = load_training_parts(ModelConfig(source="tiny"), seed=3)
+    c = load_training_parts(ModelConfig(source="tiny"), seed=4)
     for x, y in zip(a.vae.parameters(), b.vae.parameters(), strict=True):
         assert torch.equal(x, y)
     ta, tc = a.transformer.state_dict(), c.transformer.state_dict()
@@ -54,7 +54,7 @@ def test_tiny_is_seeded():
 
 
 def test_saved_folder_round_trip(tiny, tiny_folder):
-    loaded = load_components(ModelConfig(source=str(tiny_folder), text_tokens=8))
+    loaded = load_training_parts(ModelConfig(source=str(tiny_folder), text_tokens=8))
     for name in ("transformer", "vae", "text_encoder"):
         ours, theirs = getattr(tiny, name).state_dict(), getattr(loaded, name).state_dict()
         assert ours.keys() == theirs.keys()
@@ -110,7 +110,7 @@ def test_encode_prompts_pads_and_truncates_each_scene(tiny):
 def test_missing_folder_names_path_and_fix(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(ConfigError, match=r"nope: no such folder.*'tiny'"):
-        load_components(ModelConfig(source=str(missing)))
+        load_training_parts(ModelConfig(source=str(missing)))
 
 
 def test_missing_subfolder_is_named(tmp_path, tiny_folder):
@@ -118,14 +118,14 @@ def test_missing_subfolder_is_named(tmp_path, tiny_folder):
     shutil.copytree(tiny_folder, broken)
     shutil.rmtree(broken / "vae")
     with pytest.raises(ConfigError, match=r"missing subfolder\(s\) vae"):
-        load_components(ModelConfig(source=str(broken)))
+        load_training_parts(ModelConfig(source=str(broken)))
 
 
 def test_loaded_weights_sit_in_torch_memory(tiny, tiny_folder):
     """Loaded from safetensors, every weight is 64-byte aligned like torch's own tensors
     (diffusers hands over the file's memory map at 8-byte offsets, and CPU kernels round
     by alignment), with the saved values."""
-    loaded = load_components(ModelConfig(source=str(tiny_folder), text_tokens=8))
+    loaded = load_training_parts(ModelConfig(source=str(tiny_folder), text_tokens=8))
     stock = CogVideoXTransformer3DModel.from_pretrained(tiny_folder / "transformer")
     assert any(p.data_ptr() % 64 for p in stock.parameters())  # what is fixed here
     for name in ("transformer", "vae", "text_encoder"):

@@ -21,7 +21,7 @@ from infra.config import ClusterProfile, ModelConfig, resolve_run
 from infra.errors import ConfigError, DataError
 from infra.job_specs import PrecomputeSpec
 from trainer.batches import EncodedBatch, ManifestStories, PrecomputedStories, encode_batch
-from trainer.components import load_components
+from trainer.components import load_training_parts
 from trainer.data import latents
 from trainer.data.latents import Entry, Settings
 from trainer.data.loader import SPANS, decode_clip
@@ -37,7 +37,7 @@ def parts():
     # One thread: on a loaded 2-core machine two threads make the tiny VAE ~10x slower.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield load_components(ModelConfig(source="tiny", text_tokens=TOKENS))
+    yield load_training_parts(ModelConfig(source="tiny", text_tokens=TOKENS))
     torch.set_num_threads(threads)
 
 

@@ -32,7 +32,7 @@ from orchestrator.plan.shapes import numel, t5_encoder_shapes, transformer_shape
 from orchestrator.plan.sources import read_model_configs
 from sampler.batch import sampling_params
 from sampler.checkpoint_info import CheckpointInfo
-from trainer.components import load_components
+from trainer.components import load_training_parts
 from trainer.data.latents import sample_latents
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -194,9 +194,9 @@ def test_saved_toy_folder_loads_back_identical(toy, toy_folder, story):
 
 
 def test_load_components_builds_the_toy_seeded_and_frozen(toy_folder):
-    built = load_components(ModelConfig(source="toy", text_tokens=TEXT_TOKENS), seed=0)
-    again = load_components(ModelConfig(source=str(toy_folder), text_tokens=TEXT_TOKENS))
-    other = load_components(ModelConfig(source="toy"), seed=1)
+    built = load_training_parts(ModelConfig(source="toy", text_tokens=TEXT_TOKENS), seed=0)
+    again = load_training_parts(ModelConfig(source=str(toy_folder), text_tokens=TEXT_TOKENS))
+    other = load_training_parts(ModelConfig(source="toy"), seed=1)
     cfg = built.transformer.config
     assert built.vae.latent_channels == cfg.in_channels
     assert built.text_encoder.config.d_model == cfg.text_embed_dim
