@@ -21,12 +21,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from infra.errors import ConfigError, DataError
 from infra.job_entry import job_main
-from infra.job_specs import SampleJobSpec
+from infra.job_specs import CheckpointSpec, SampleJobSpec
 from infra.logging import get_logger, progress
 from infra.processes import pid_alive
 from infra.prompts import Story, check_context_videos, prompt_file, read_stories
@@ -84,24 +85,41 @@ def prepare(spec: SampleJobSpec) -> SamplePlan:
     return plan
 
 
+@dataclass(frozen=True)
+class RenderWork:
+    """What the driver planned for one checkpoint's actors, handed to each whole (Ray
+    pickles it): they read no spec file, prompt file or checkpoint description again."""
+
+    spec: SampleJobSpec
+    checkpoint: CheckpointSpec
+    info: CheckpointInfo
+    params: SamplingParams
+    stories: dict[str, Story]  # the stories of this checkpoint's items, by id
+
+    @classmethod
+    def of(cls, plan: SamplePlan, label: str, items: list[Item]) -> RenderWork:
+        checkpoint = next(c for c in plan.spec.checkpoints if c.label == label)
+        wanted = {item.story for item in items}
+        stories = {story.id: story for story in plan.stories if story.id in wanted}
+        return cls(plan.spec, checkpoint, plan.infos[label], plan.params[label], stories)
+
+
 class StoryRenderer:
     """A Ray Data actor: one checkpoint's pipeline, rendering ``batch_size`` rows (items)
     per call."""
 
-    def __init__(self, spec_json: str, label: str) -> None:
+    def __init__(self, work: RenderWork) -> None:
         import torch
 
         from sampler.models import load_pipeline  # diffusers and transformers: actors only
 
-        self.spec = SampleJobSpec.model_validate_json(spec_json)
+        self.spec = work.spec
         torch.set_num_threads(self.spec.cpus_per_actor)
-        checkpoint = next(c for c in self.spec.checkpoints if c.label == label)
-        info = describe_checkpoint(self.spec, checkpoint)
         device = "cuda" if self.spec.gpus_per_actor and torch.cuda.is_available() else "cpu"
-        self.pipeline = load_pipeline(self.spec, checkpoint, info, device)
-        self.checkpoint, self.info = checkpoint, info
-        self.params = sampling_params(self.spec, info)
-        self.stories = {s.id: s for s in read_stories(self.spec.prompts, self.spec.storage)}
+        self.pipeline = load_pipeline(self.spec, work.checkpoint, work.info, device)
+        self.checkpoint, self.info = work.checkpoint, work.info
+        self.params = work.params
+        self.stories = work.stories
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         """Render a batch of rows (up to ``batch_size`` items) in shared model calls."""
@@ -165,7 +183,7 @@ def _rendered(plan: SamplePlan, label: str, items: list[Item]) -> Iterator[dict[
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
     rendered = dataset.map_batches(
         StoryRenderer,
-        fn_constructor_kwargs={"spec_json": spec.model_dump_json(), "label": label},
+        fn_constructor_kwargs={"work": RenderWork.of(plan, label, items)},
         batch_size=spec.batch_size,
         concurrency=actors,
         num_cpus=spec.cpus_per_actor,
