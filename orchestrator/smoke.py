@@ -74,15 +74,17 @@ def check_stage(record: runs.RunRecord, run: RunConfig, start: Start) -> list[Ch
     return checks
 
 
-def _resumed(record: runs.RunRecord, run: RunConfig, code: int, first: dict) -> tuple[bool, str]:
+def _resumed(
+    record: runs.RunRecord, run: RunConfig, code: int, first: TrainerState
+) -> tuple[bool, str]:
     if code:
         return False, f"exit {code}"
     second = _checkpoint_state(record, 2 * SMOKE_STEPS)
     if second is None:
         return False, f"no checkpoint at step {2 * SMOKE_STEPS}"
-    run_id = first.get("mlflow_run_id")
-    if second.get("mlflow_run_id") != run_id:
-        return False, f"new MLflow run {second.get('mlflow_run_id')} (was {run_id})"
+    run_id = first.mlflow_run_id
+    if second.mlflow_run_id != run_id:
+        return False, f"new MLflow run {second.mlflow_run_id} (was {run_id})"
     try:
         steps = sorted(m.step for m in _client(run).get_metric_history(run_id, "loss"))
     except Exception as exc:  # MLflow raises many kinds; the row says which

@@ -209,7 +209,11 @@ def test_a_refused_submission_leaves_no_mlflow_run_running(tmp_path, monkeypatch
     result = CliRunner().invoke(cli, [*argv, *(f"--set={k}={v}" for k, v in sets.items())])
     assert result.exit_code == 2, result.output
     assert "Ray refused the job refused: no such image" in result.output
-    run_id = json.loads((tmp_path / "runs" / "refused" / "mlflow_run.json").read_text())["run_id"]
+    # The run folder the launcher made is gone (the name is free again); the MLflow run it
+    # opened, named on the console, is ended.
+    assert not (tmp_path / "runs" / "refused").exists()
+    opened = next(line for line in result.output.splitlines() if line.startswith("MLflow run: "))
+    run_id = opened.rstrip("/").rsplit("/", 1)[-1]
     assert MlflowClient(uri).get_run(run_id).info.status == "FAILED"
 
 
