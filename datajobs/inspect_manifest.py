@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _inspect(spec: InspectSpec) -> None:
-    storage = StorageConfig(root=spec.manifest, endpoint_url=spec.endpoint_url)
+    storage = spec.storage or StorageConfig(root=spec.manifest)
     if spec.scenes:
         groups, skips = read_shot_groups(spec.manifest, spec.scenes, storage)
         shots = sum(len(g.shots) for g in groups)

@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(spec: SynthSpec) -> None:
-    storage = StorageConfig(root=spec.out, endpoint_url=spec.endpoint_url)
+    storage = spec.storage or StorageConfig(root=spec.out)
     if spec.world == "toy":
         _check_empty(spec.out, storage)
         counts = synthesize_toy(

@@ -68,7 +68,7 @@ class SynthSpec(_Strict):
     )
     fps: float = Field(8.0, gt=0, description="Frames per second.")
     seed: int = Field(0, description="Same seed, same dataset.")
-    endpoint_url: str | None = Field(None, description="S3-compatible endpoint of --out.")
+    storage: StorageConfig | None = Field(None, description="The store of an s3:// --out.")
 
     @field_validator("height", "width")
     @classmethod
@@ -119,7 +119,7 @@ class InspectSpec(_Strict):
 
     manifest: str = Field(description="Manifest path or URI.")
     scenes: int | None = Field(None, ge=1, description="Read as SFT groups of N scenes.")
-    endpoint_url: str | None = Field(None, description="S3-compatible endpoint.")
+    storage: StorageConfig | None = Field(None, description="The store of an s3:// manifest.")
 
 
 class EvalSpec(_Strict):

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import click
 from pydantic import BaseModel, ValidationError
 
+from infra.config import StorageConfig
 from infra.job_entry import EXIT_FAILURE, spec_argv
 from infra.job_specs import EvalSpec
 from orchestrator import runs
@@ -26,7 +27,15 @@ from orchestrator.cli import UserError, verbose
 from orchestrator.console import JobConsole
 from orchestrator.runs import m2d_home
 
-__all__ = ["EVAL_JOB", "eval_spec", "make_spec", "parse_size", "run_here", "spec_options"]
+__all__ = [
+    "EVAL_JOB",
+    "eval_spec",
+    "make_spec",
+    "object_store",
+    "parse_size",
+    "run_here",
+    "spec_options",
+]
 
 #: The eval job's module: ``m2d eval`` runs it, ``m2d sample-batch --eval`` chains it.
 EVAL_JOB = "sampler.eval_job"
@@ -121,6 +130,12 @@ def _spec_option(
     if typing.get_origin(info.annotation) is typing.Literal:  # the choices, in the help too
         settings["type"] = click.Choice(typing.get_args(info.annotation))
     return click.option("--" + field.replace("_", "-"), **settings)
+
+
+def object_store(root: str, endpoint_url: str | None) -> StorageConfig | None:
+    """A job's store from ``--endpoint-url`` (declared once, as ``StorageConfig``'s field:
+    ``spec_options(StorageConfig, "endpoint_url")``); None without one."""
+    return StorageConfig(root=root, endpoint_url=endpoint_url) if endpoint_url else None
 
 
 def parse_size(value: str | None) -> tuple[int | None, int | None]:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import click
 
+from infra.config import StorageConfig
 from infra.job_specs import InspectSpec, SynthSpec
 from orchestrator.commands.data_filter import filter_
 from orchestrator.commands.data_precompute import precompute
-from orchestrator.jobs import make_spec, parse_size, run_here, spec_options
+from orchestrator.jobs import make_spec, object_store, parse_size, run_here, spec_options
 
 
 @click.group()
@@ -22,21 +23,27 @@ def data() -> None:
 @data.command()
 @spec_options(SynthSpec, "out", "world", "stories", "scenes", "shots", "frames")
 @click.option("--size", default=None, help="HEIGHTxWIDTH of the videos (default 32x32; toy 16x16).")
-@spec_options(SynthSpec, "held_out", "fps", "seed", "endpoint_url")
-def synth(size: str | None, **options) -> None:
+@spec_options(SynthSpec, "held_out", "fps", "seed")
+@spec_options(StorageConfig, "endpoint_url")
+def synth(size: str | None, endpoint_url: str | None, **options) -> None:
     """Write mp4 stories plus pretrain.jsonl and sft.jsonl (and, for the toy world, the
     held-out evaluation stories: eval.jsonl and eval_extend.jsonl)."""
     height, width = parse_size(size)
     sizes = {"height": "--size", "width": "--size"}
-    run_here("datajobs.synth", make_spec(SynthSpec, sizes, height=height, width=width, **options))
+    storage = object_store(options["out"], endpoint_url)
+    spec = make_spec(SynthSpec, sizes, height=height, width=width, storage=storage, **options)
+    run_here("datajobs.synth", spec)
 
 
 @data.command()
 @click.argument("manifest")
-@spec_options(InspectSpec, "scenes", "endpoint_url")
-def inspect(**options) -> None:
+@spec_options(InspectSpec, "scenes")
+@spec_options(StorageConfig, "endpoint_url")
+def inspect(manifest: str, endpoint_url: str | None, **options) -> None:
     """Count the usable rows (or SFT groups) of MANIFEST and the skipped ones by reason."""
-    run_here("datajobs.inspect_manifest", make_spec(InspectSpec, **options))
+    storage = object_store(manifest, endpoint_url)
+    spec = make_spec(InspectSpec, manifest=manifest, storage=storage, **options)
+    run_here("datajobs.inspect_manifest", spec)
 
 
 data.add_command(filter_)
