@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import click
 from pydantic import BaseModel, ValidationError
 
-from infra.config import StorageConfig
+from infra.config import StorageConfig, TrackingConfig
 from infra.job_entry import EXIT_FAILURE, spec_argv
 from infra.job_specs import EvalSpec
 from orchestrator import runs
@@ -149,10 +149,10 @@ def parse_size(value: str | None) -> tuple[int | None, int | None]:
 
 
 def eval_spec(
-    run, samples: str, num_actors: int | None, no_tracking: bool, options: dict
+    run, samples: str, num_actors: int | None, tracking: TrackingConfig | None, options: dict
 ) -> EvalSpec:
     """The eval job's spec from the resolved run and the command's options (also what
-    ``m2d sample-batch --eval`` chains)."""
+    ``m2d sample-batch --eval`` chains); ``tracking`` None logs nothing."""
     workers = run.workers
     path, reference, fvd_path = (options.pop(k) for k in ("encoder_path", "reference", "fvd_path"))
     if not path and ":" not in options["encoder"]:  # MODULE:FUNCTION may need no folder
@@ -169,6 +169,6 @@ def eval_spec(
         cpus_per_actor=workers.cpus_per_worker,
         gpus_per_actor=workers.gpus_per_worker,
         storage=run.storage,
-        tracking=None if no_tracking else run.tracking,
+        tracking=tracking,
         **options,
     )

@@ -169,7 +169,7 @@ def eval_(
         return
     if not samples:
         raise UserError("--samples: give the --out folder of `m2d sample-batch` (or --compare)")
-    spec = eval_spec(run, samples, num_actors, no_tracking, options)
+    spec = eval_spec(run, samples, num_actors, None if no_tracking else run.tracking, options)
     submit.run_job_on(run, EVAL_JOB, spec, "eval")
 
 

@@ -160,6 +160,6 @@ def sample_batch(
         raise UserError(f"{option}: {error['msg']}") from None
     then = ()
     if then_eval:
-        scored = eval_spec(run, spec.out, spec.num_actors, spec.tracking is None, scoring)
+        scored = eval_spec(run, spec.out, spec.num_actors, spec.tracking, scoring)
         then = ((EVAL_JOB, scored),)
     submit.run_job_on(run, JOB_MODULE, spec, "sample-batch", then=then)

@@ -308,7 +308,7 @@ def test_an_oracle_needs_no_encoder_path_and_a_named_encoder_still_does(tmp_path
     def options(encoder: str) -> dict:
         return {"encoder": encoder, "encoder_path": None, "reference": None, "fvd_path": None}
 
-    spec = eval_spec(run, str(tmp_path), None, True, options("evaluation.toy_oracle:oracle"))
+    spec = eval_spec(run, str(tmp_path), None, None, options("evaluation.toy_oracle:oracle"))
     assert spec.encoder == "evaluation.toy_oracle:oracle" and spec.encoder_path == ""
     with pytest.raises(UserError, match="--encoder-path: give the encoder's folder"):
-        eval_spec(run, str(tmp_path), None, True, options("xclip"))
+        eval_spec(run, str(tmp_path), None, None, options("xclip"))
