@@ -357,7 +357,7 @@ def check_spec(spec: FilterSpec, storage: StorageConfig | None) -> None:
 
 def run(spec: FilterSpec) -> Result:
     """The whole job: read, embed on Ray, cut groups, write; returns what it did."""
-    storage = StorageConfig(root=spec.manifest, endpoint_url=spec.endpoint_url)
+    storage = spec.storage or StorageConfig(root=spec.manifest)
     check_spec(spec, storage)
     groups, read_skips = read_shot_groups(spec.manifest, spec.scenes, storage)
     embedded = _embed_on_ray(shot_rows(groups, spec.min_frames), spec, storage)

@@ -333,8 +333,8 @@ def _main(spec: PrecomputeSpec) -> None:
     settings = settings_from(spec)
     summary = precompute(settings, spec.out, run.storage, pool_of(spec))
     run_id = None
-    if spec.tracking:
-        run_id = log_to_mlflow(run.tracking.uri, run.tracking.experiment, settings, summary)
+    if spec.tracking is not None:
+        run_id = log_to_mlflow(spec.tracking.uri, spec.tracking.experiment, settings, summary)
     mlflow = f", mlflow run {run_id}" if run_id else ""
     print(
         f"precomputed {summary['entries']} of {summary['items']} {run.stage} entries in "

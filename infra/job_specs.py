@@ -175,7 +175,7 @@ class FilterSpec(_Strict):
     threshold: float = Field(0.7, description="Min adjacent-scene cosine similarity.")
     min_frames: int = Field(1, description="Skip shots with fewer frames.")
     histogram: str | None = Field(None, description="Histogram PNG (default: OUT as .png).")
-    endpoint_url: str | None = Field(None, description="S3-compatible endpoint.")
+    storage: StorageConfig | None = Field(None, description="The store of s3:// paths.")
     tracking_uri: str | None = Field(None, description="MLflow URI: log counts, histogram.")
     experiment: str = Field("m2d-data", description="MLflow experiment.")
     num_actors: int = Field(1, description="Encoder actors (one model each).")
@@ -195,7 +195,9 @@ class PrecomputeSpec(_Strict):
     num_actors: int | None = Field(
         None, ge=1, description="Encoder actors (default: the run's workers)."
     )
-    tracking: bool = Field(True, description="Log the counts to the run's MLflow store.")
+    tracking: TrackingConfig | None = Field(
+        None, description="Where the counts are logged (the run's MLflow); None: not at all."
+    )
 
 
 class TrainJobSpec(_Strict):

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import click
 
+from infra.config import StorageConfig
 from infra.job_specs import FilterSpec
-from orchestrator.jobs import make_spec, run_here, spec_options
+from orchestrator.jobs import make_spec, object_store, run_here, spec_options
 
 
 @click.command("filter")
-@spec_options(FilterSpec, *FilterSpec.model_fields)
-def filter_(**options) -> None:
+@spec_options(FilterSpec, *(field for field in FilterSpec.model_fields if field != "storage"))
+@spec_options(StorageConfig, "endpoint_url")
+def filter_(endpoint_url: str | None, **options) -> None:
     """Embed every shot of an SFT manifest and keep the windows of similar scenes."""
-    run_here("datajobs.filter", make_spec(FilterSpec, **options))
+    storage = object_store(options["manifest"], endpoint_url)
+    run_here("datajobs.filter", make_spec(FilterSpec, storage=storage, **options))

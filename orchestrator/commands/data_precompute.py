@@ -13,7 +13,7 @@ import os
 
 import click
 
-from infra.config import STAGES, RunConfig
+from infra.config import STAGES, RunConfig, TrackingConfig
 from infra.job_specs import PrecomputeSpec, default_of
 from orchestrator import runs
 from orchestrator.cli import set_option
@@ -40,7 +40,8 @@ def precompute(
     manifest = manifest or getattr(run.data, stage)
     if not manifest:
         raise click.UsageError(f"give --manifest (the profile {cluster_name} sets no data.{stage})")
-    spec = job_spec(run, manifest, out, shard_size, num_actors, tracking=not no_tracking)
+    tracking = None if no_tracking else run.tracking
+    spec = job_spec(run, manifest, out, shard_size, num_actors, tracking=tracking)
     run_here("datajobs.precompute", spec)
     where = out if "://" in out else os.path.abspath(out)  # workers may start elsewhere
     click.echo(
@@ -55,9 +56,10 @@ def job_spec(
     out: str,
     shard_size: int = default_of(PrecomputeSpec, "shard_size"),
     num_actors: int | None = None,
-    tracking: bool = True,
+    tracking: TrackingConfig | None = None,
 ) -> PrecomputeSpec:
-    """The job's spec: the stage's resolved run, the manifest and the output."""
+    """The job's spec: the stage's resolved run, the manifest and the output; ``tracking``
+    (the run's, unless --no-tracking) where the counts are logged."""
     return make_spec(
         PrecomputeSpec,
         run=run,

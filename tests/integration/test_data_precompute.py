@@ -87,7 +87,9 @@ def precompute(
     if tracking:
         overrides["tracking"] = {"uri": tracking, "experiment": "pc-it"}
     run = resolve_run(profile, "local", stage, overrides)
-    spec = PrecomputeSpec(run=run, manifest=manifest, out=out, tracking=bool(tracking), **options)
+    spec = PrecomputeSpec(
+        run=run, manifest=manifest, out=out, tracking=run.tracking if tracking else None, **options
+    )
     return run_entry("datajobs.precompute", spec)
 
 

@@ -328,7 +328,7 @@ def test_cli_passes_the_profile_recipe_to_the_job(dataset):
 
     run = local_run("sft", micro_batch=1)
     manifest = str(dataset / "sft.jsonl")
-    written = job_spec(run, manifest, "s3://b/latents", shard_size=8, num_actors=None)
+    written = job_spec(run, manifest, "s3://b/latents", 8, None, tracking=run.tracking)
     spec = PrecomputeSpec.model_validate_json(written.model_dump_json())  # as the job reads it
     settings = precompute.settings_from(spec)
     assert (settings.stage, settings.model_source, settings.manifest) == ("sft", "tiny", manifest)
@@ -336,8 +336,8 @@ def test_cli_passes_the_profile_recipe_to_the_job(dataset):
     assert (settings.num_scenes, settings.seed, settings.shard_size) == (3, 3, 8)
     assert (settings.text_tokens, settings.dtype) == (16, "fp32")
     assert precompute.pool_of(spec) == precompute.Pool(2, "cpu", 0)
-    assert spec.tracking and spec.run.tracking == run.tracking
-    assert not job_spec(run, manifest, "out", tracking=False).tracking
+    assert spec.tracking == run.tracking
+    assert job_spec(run, manifest, "out").tracking is None
 
 
 def test_cli_user_errors_are_one_line_with_exit_2(tmp_path):
