@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import click
 
-from infra.checkpoint_layout import complete_checkpoint
+from infra.checkpoint_layout import check_checkpoint, complete_checkpoint
 from orchestrator import ray_jobs, runs, submit
 from orchestrator.cli import UserError
 
@@ -91,15 +91,15 @@ def _last_complete(record: runs.RunRecord, found: list[str]) -> str:
     sample-batch take) and what is wrong with each newer one."""
     if not found:
         return "none yet"
-    newer: list[str] = []
-    chosen = complete_checkpoint(found, record.storage_config, newer.append)
+    chosen = complete_checkpoint(found, record.storage_config, lambda line: None)
     if chosen is None:
         return f"none complete ({len(found)} incomplete: `m2d checkpoints {record.name}`)"
-    skipped = [line.split(" is incomplete ", 1) for line in newer if " is incomplete " in line]
-    notes = "; ".join(
-        f"{uri.rsplit('/', 1)[-1]} is incomplete {why.split('; using')[0]}" for uri, why in skipped
+    newer = found[found.index(chosen) + 1 :]
+    states = [check_checkpoint(uri, record.storage_config) for uri in newer]
+    notes = "".join(
+        f"; {state.uri.rsplit('/', 1)[-1]} is incomplete ({state.problem})" for state in states
     )
-    return f"{chosen} (last complete{'; ' + notes if notes else ''})"
+    return f"{chosen} (last complete{notes})"
 
 
 @click.command()
