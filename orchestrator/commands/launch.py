@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 import click
 import yaml
@@ -107,15 +108,27 @@ def _resolve(ctx, cluster_name, stage, assignments) -> RunConfig:
     return runs.resolve_run(ctx.find_root().obj["clusters_dir"], cluster_name, stage, assignments)
 
 
-def _resolve_new_run(ctx, cluster_name, stage, assignments, from_run) -> RunConfig:
+@dataclass(frozen=True)
+class Source:
+    """Where an SFT run's weights start: a pretrain run (``--from``; None: the cluster's
+    latest finished one) or, with ``base``, the model's own weights (``model.source``) -
+    SFT with no multi-scene pre-training, the paper's "SFT only" setting."""
+
+    run: str | None = None
+    base: bool = False
+
+
+def _resolve_new_run(ctx, cluster_name, stage, assignments, source: Source) -> RunConfig:
     if not (cluster_name and stage):
         raise click.UsageError("give --cluster and --stage (or --resume RUN)")
+    if stage != "sft" and (source.run or source.base):
+        raise click.UsageError("--from and --from-base apply to --stage sft only")
+    if source.run and source.base:
+        raise click.UsageError("give --from RUN or --from-base, not both")
     run = _resolve(ctx, cluster_name, stage, assignments)
-    if stage == "sft":
-        source = runs.load_record(from_run) if from_run else _latest_pretrain(cluster_name)
-        run = run.model_copy(update={"init_from": runs.latest_checkpoint(source)})
-    elif from_run:
-        raise click.UsageError("--from applies to --stage sft only")
+    if stage == "sft" and not source.base:
+        found = runs.load_record(source.run) if source.run else _latest_pretrain(cluster_name)
+        run = run.model_copy(update={"init_from": runs.latest_checkpoint(found)})
     return run
 
 
@@ -283,6 +296,11 @@ def _follow_remote(record: runs.RunRecord) -> int:
 @click.option("--name", help="Run name (default CLUSTER-STAGE-UTCTIME).")
 @click.option("--resume", "resume_name", metavar="RUN", help="Continue RUN from its checkpoint.")
 @click.option("--from", "from_run", metavar="RUN", help="SFT: start from this pretrain run.")
+@click.option(
+    "--from-base",
+    is_flag=True,
+    help="SFT: start from the model's own weights (model.source), with no pretrain run.",
+)
 @click.option("--follow", is_flag=True, help="Remote runs: stream the job's logs until it ends.")
 @click.option(
     "--smoke",
@@ -300,6 +318,7 @@ def launch(
     name: str | None,
     resume_name: str | None,
     from_run: str | None,
+    from_base: bool,
     follow: bool,
     smoke: bool,
     force: bool,
@@ -308,8 +327,8 @@ def launch(
     if smoke and (resume_name or name):
         raise click.UsageError("--smoke names its own runs; it takes no --resume or --name")
     if resume_name:
-        if cluster_name or stage or from_run:
-            raise click.UsageError("--resume takes no --cluster/--stage/--from")
+        if cluster_name or stage or from_run or from_base:
+            raise click.UsageError("--resume takes no --cluster/--stage/--from/--from-base")
         record = runs.load_record(resume_name)
         run = runs.read_run_config(record)
         if assignments:  # on other workers: the checkpoint is resharded when it loads
@@ -324,7 +343,7 @@ def launch(
     else:
         if name:  # before anything is read, checked or started
             runs.check_run_name(name)
-        run = _resolve_new_run(ctx, cluster_name, stage, assignments, from_run)
+        run = _resolve_new_run(ctx, cluster_name, stage, assignments, Source(from_run, from_base))
         if dry_run:
             shown = _smoke_size(run) if smoke else run
             click.echo(render_dry_run(shown) + render_plan(shown), nl=False)

@@ -118,6 +118,9 @@ def test_checkpoints_are_listed_oldest_first(tmp_path):
         (["launch", "--resume", "x", "--stage", "sft"], "--resume takes no"),
         (["launch", "--cluster", "local", "--stage", "sft"], "no finished pretrain run"),
         (["launch", "--cluster", "local", "--stage", "pretrain", "--from", "x"], "sft only"),
+        (["launch", "--cluster", "local", "--stage", "pretrain", "--from-base"], "sft only"),
+        (["launch", "--cluster", "local", "--stage", "sft", "--from", "x", "--from-base"], "both"),
+        (["launch", "--resume", "x", "--from-base"], "--resume takes no"),
     ],
 )
 def test_run_commands_refuse_clearly(argv, message):
@@ -141,6 +144,15 @@ def test_sft_dry_run_starts_from_the_latest_pretrain_checkpoint(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert f"init_from: {record.run_dir}/checkpoint_2026-01-01_00-00-00.000000" in result.output
+
+
+def test_sft_from_base_starts_from_the_model_even_beside_a_pretrain_run(tmp_path):
+    record = _record(tmp_path, "pre", exit_code=0)
+    (Path(record.run_dir) / "checkpoint_2026-01-01_00-00-00.000000").mkdir()
+    argv = ["launch", "--cluster", "local", "--stage", "sft", "--dry-run"]
+    result = CliRunner().invoke(cli, [*argv, "--from-base"])
+    assert result.exit_code == 0, result.output
+    assert "init_from: null" in result.output and "checkpoint_2026" not in result.output
 
 
 def test_runs_table_and_status_of_a_finished_local_run(tmp_path):
