@@ -43,7 +43,8 @@ demo: $(STAMP)
 	$(VENV)/bin/m2d eval --cluster toy --compare runs/samples/$(DEMO)
 	@echo "one story, both checkpoints:" runs/samples/$(DEMO)/*/eval000/0/contact.png
 
-# The paper's mask ablation on the toy world (docs/ablation.md): every policy, 2 seeds, a
+# The paper's mask ablation on the toy world (docs/ablation.md): every policy, 2 seeds, plus
+# the training-settings ablation under v2 (pre-training only, SFT only), a
 # few hours on 2 cores; resumable (run it again after a stop).
 ablation: $(STAMP)
 	$(PY) benchmarks/mask_ablation.py

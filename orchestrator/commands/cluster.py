@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 import yaml
@@ -11,6 +12,7 @@ import yaml
 from infra.config import STAGES, ClusterProfile
 from infra.errors import ConfigError
 from orchestrator import profiles
+from orchestrator.output import print_json, print_table
 
 
 def profile_schema() -> str:
@@ -36,35 +38,55 @@ def cluster() -> None:
 
 
 @cluster.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON array instead.")
 @click.pass_context
-def list_(ctx: click.Context) -> None:
-    """Table of the profiles: name, workers, GPUs, Ray address, whether each is valid."""
-    from rich.console import Console
+def list_(ctx: click.Context, as_json: bool) -> None:
+    """Table of the profiles: name, workers, GPUs, Ray address, whether each is valid.
+
+    --json: an array of objects with name, file, valid, problem (null when valid),
+    num_workers, nodes, gpus_per_worker, gpu_type, ray_address and description (null
+    where an invalid profile does not say).
+    """
     from rich.table import Table
 
+    rows = [_profile_row(path) for path in profiles.profile_paths(_directory(ctx))]
+    if as_json:
+        print_json(rows)
+        return
     table = Table("cluster", "workers", "gpu", "ray", "status", "description")
-    for path in profiles.profile_paths(_directory(ctx)):
-        try:
-            loaded = profiles.load_profile(path)
-            check(loaded)
-        except ConfigError as exc:
-            table.add_row(path.stem, "", "", "", f"[red]invalid[/red]: {exc}", "")
+    for row in rows:
+        if not row["valid"]:
+            table.add_row(row["name"], "", "", "", f"[red]invalid[/red]: {row['problem']}", "")
             continue
-        workers = loaded.profile.workers
-        gpu = (
-            f"{workers.gpu_type or 'gpu'} x{workers.num_workers}"
-            if workers.gpus_per_worker
-            else "cpu"
-        )
+        gpus = row["gpus_per_worker"]
+        gpu = f"{row['gpu_type'] or 'gpu'} x{row['num_workers']}" if gpus else "cpu"
+        workers = f"{row['num_workers']} on {row['nodes']} node(s)"
         table.add_row(
-            path.stem,
-            f"{workers.num_workers} on {workers.nodes} node(s)",
-            gpu,
-            loaded.profile.ray.address,
-            "[green]ok[/green]",
-            loaded.profile.description,
+            row["name"], workers, gpu, row["ray_address"], "[green]ok[/green]", row["description"]
         )
-    Console().print(table)
+    print_table(table)
+
+
+def _profile_row(path: Path) -> dict[str, Any]:
+    """One profile as `m2d cluster list` shows it."""
+    row: dict[str, Any] = {"name": path.stem, "file": str(path), "valid": True, "problem": None}
+    fields = ("num_workers", "nodes", "gpus_per_worker", "gpu_type", "ray_address", "description")
+    row.update(dict.fromkeys(fields))
+    try:
+        loaded = profiles.load_profile(path)
+        check(loaded)
+    except ConfigError as exc:
+        return {**row, "valid": False, "problem": str(exc)}
+    workers = loaded.profile.workers
+    return {
+        **row,
+        "num_workers": workers.num_workers,
+        "nodes": workers.nodes,
+        "gpus_per_worker": workers.gpus_per_worker,
+        "gpu_type": workers.gpu_type,
+        "ray_address": loaded.profile.ray.address,
+        "description": loaded.profile.description,
+    }
 
 
 @cluster.command()

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import click
 
 from infra.checkpoint_layout import check_checkpoint, complete_checkpoint
 from orchestrator import ray_jobs, runs, submit
 from orchestrator.cli import UserError
+from orchestrator.output import print_json, print_table
 
 _TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED", "LOST")
 
@@ -69,11 +71,22 @@ def _follow_local(record: runs.RunRecord) -> None:
 
 @click.command()
 @click.argument("name")
-def status(name: str) -> None:
-    """State of run NAME, where it runs, its progress and its last complete checkpoint."""
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead.")
+def status(name: str, as_json: bool) -> None:
+    """State of run NAME, where it runs, its progress and its last complete checkpoint.
+
+    --json fields: name, stage, cluster, state (SUCCEEDED, RUNNING, FAILED, STOPPED, LOST or
+    Ray's job status; "unknown" when it cannot be read), exit_code, where ("local" or the
+    Ray address), folder,
+    step, loss, mlflow (the run's URL), checkpoint (the last complete one's URI), incomplete
+    (each newer checkpoint: checkpoint, problem); null where unknown.
+    """
     record = runs.load_record(name)
     found = runs.checkpoints(record)
     progress = progress_of([record]).get(record.name)
+    if as_json:
+        print_json(_status_document(record, found, progress))
+        return
     click.echo(f"run:        {record.name} ({record.stage} on {record.cluster})")
     click.echo(f"state:      {runs.state_of(record)}")
     click.echo(f"where:      {record.address if record.kind == 'remote' else 'local process'}")
@@ -91,15 +104,46 @@ def _last_complete(record: runs.RunRecord, found: list[str]) -> str:
     sample-batch take) and what is wrong with each newer one."""
     if not found:
         return "none yet"
-    chosen = complete_checkpoint(found, record.storage_config, lambda line: None)
+    chosen, states = _complete_and_newer(record, found)
     if chosen is None:
         return f"none complete ({len(found)} incomplete: `m2d checkpoints {record.name}`)"
-    newer = found[found.index(chosen) + 1 :]
-    states = [check_checkpoint(uri, record.storage_config) for uri in newer]
     notes = "".join(
         f"; {state.uri.rsplit('/', 1)[-1]} is incomplete ({state.problem})" for state in states
     )
     return f"{chosen} (last complete{notes})"
+
+
+def _complete_and_newer(record: runs.RunRecord, found: list[str]) -> tuple[str | None, list]:
+    """The newest complete checkpoint of ``found`` (None: none is) and the states of the
+    incomplete ones after it (all of them when none is complete)."""
+    chosen = complete_checkpoint(found, record.storage_config, lambda line: None)
+    newer = found[found.index(chosen) + 1 :] if chosen else found
+    return chosen, [check_checkpoint(uri, record.storage_config) for uri in newer]
+
+
+def _state_fields(state: str, record: runs.RunRecord) -> dict[str, Any]:
+    """A state as JSON: the word alone ("FAILED", not "FAILED (exit 1)"; "unknown" where the
+    cluster did not answer), and the local job's exit status (null: not ended, or remote)."""
+    return {"state": state.split(" ", 1)[0], "exit_code": record.exit_code}
+
+
+def _status_document(
+    record: runs.RunRecord, found: list[str], progress: Progress | None
+) -> dict[str, Any]:
+    chosen, newer = _complete_and_newer(record, found) if found else (None, [])
+    return {
+        "name": record.name,
+        "stage": record.stage,
+        "cluster": record.cluster,
+        **_state_fields(runs.state_of(record), record),
+        "where": record.address if record.kind == "remote" else "local",
+        "folder": record.run_dir,
+        "step": None if progress is None else progress.step,
+        "loss": None if progress is None else progress.loss,
+        "mlflow": None if progress is None else progress.url,
+        "checkpoint": chosen,
+        "incomplete": [{"checkpoint": s.uri, "problem": s.problem} for s in newer],
+    }
 
 
 @click.command()
@@ -137,37 +181,59 @@ def stop(name: str) -> None:
 
 @click.group("runs", invoke_without_command=True)
 @click.option("--limit", default=20, show_default=True, help="How many recent runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON array instead.")
 @click.pass_context
-def runs_(ctx: click.Context, limit: int) -> None:
-    """Table of recent runs: stage, cluster, state, step, last loss, checkpoints."""
+def runs_(ctx: click.Context, limit: int, as_json: bool) -> None:
+    """Table of recent runs: stage, cluster, state, step, last loss, checkpoints.
+
+    --json: an array, newest first, of objects with name, stage, cluster, state and
+    exit_code (as `m2d status --json`), step, loss, checkpoints (how many), checkpoint (the
+    last complete one's URI), folder and mlflow (the run's URL); null where unknown.
+    """
     if ctx.invoked_subcommand is not None:
         return
-    from rich.console import Console
     from rich.table import Table
 
     records = runs.recent_records(limit, warn=lambda line: click.echo(line, err=True))
     progress = progress_of(records)
+    rows = [_run_row(record, progress.get(record.name)) for record in records]
+    if as_json:
+        print_json(rows)
+        return
     table = Table("run", "stage", "cluster", "state", "step", "loss", "checkpoints", "complete")
-    for record in records:
-        try:
-            state = runs.state_of(record)
-        except Exception as exc:  # one unreachable cluster must not hide the other runs
-            state = f"unknown ({type(exc).__name__})"
-        found = runs.checkpoints(record)
-        complete = complete_checkpoint(found, record.storage_config, lambda line: None)
-        latest = complete.rsplit("/", 1)[-1] if complete else "-"
-        seen = progress.get(record.name)
+    for row in rows:
         table.add_row(
-            record.name,
-            record.stage,
-            record.cluster,
-            state,
-            _step(seen),
-            _loss(seen),
-            str(len(found)),
-            latest,
+            row["name"],
+            row["stage"],
+            row["cluster"],
+            row["state"],
+            "-" if row["step"] is None else str(row["step"]),
+            "-" if row["loss"] is None else f"{row['loss']:.4f}",
+            str(row["checkpoints"]),
+            row["checkpoint"].rsplit("/", 1)[-1] if row["checkpoint"] else "-",
         )
-    Console(width=160).print(table)
+    print_table(table)
+
+
+def _run_row(record: runs.RunRecord, seen: Progress | None) -> dict[str, Any]:
+    """One run as `m2d runs` lists it."""
+    try:
+        state = runs.state_of(record)
+    except Exception as exc:  # one unreachable cluster must not hide the other runs
+        state = f"unknown ({type(exc).__name__})"
+    found = runs.checkpoints(record)
+    return {
+        "name": record.name,
+        "stage": record.stage,
+        "cluster": record.cluster,
+        **_state_fields(state, record),
+        "step": None if seen is None else seen.step,
+        "loss": None if seen is None else seen.loss,
+        "checkpoints": len(found),
+        "checkpoint": complete_checkpoint(found, record.storage_config, lambda line: None),
+        "folder": record.run_dir,
+        "mlflow": None if seen is None else seen.url,
+    }
 
 
 def _step(progress: Progress | None) -> str:

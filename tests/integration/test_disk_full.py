@@ -71,7 +71,7 @@ def test_a_full_disk_stops_before_a_checkpoint_and_resume_continues(small_disk, 
     run = small_disk / "runs" / "df"
     assert not (run / "checkpoint_00000004").exists()  # refused before writing: nothing torn
     listed = m2d(env, "checkpoints", "df")
-    assert listed.stdout.split()[:2] == ["checkpoint_00000002", "complete"], listed.stdout
+    assert listed.stdout.splitlines()[1].split()[:2] == ["checkpoint_00000002", "complete"]
 
     subprocess.run(["mount", "-o", f"remount,size={LARGE}", str(small_disk)], check=True)
     resumed = m2d(env, "launch", "--resume", "df")
@@ -80,7 +80,7 @@ def test_a_full_disk_stops_before_a_checkpoint_and_resume_continues(small_disk, 
     log = (tmp_path / "home" / "runs" / "df.log").read_text()
     assert "rank 0 resumed at step 2" in log
     listed = m2d(env, "checkpoints", "df")
-    assert [line.split()[:2] for line in listed.stdout.splitlines()] == [
+    assert [line.split()[:2] for line in listed.stdout.splitlines()[1:]] == [
         ["checkpoint_00000002", "complete"],
         ["checkpoint_00000004", "complete"],
     ]
@@ -97,7 +97,7 @@ def test_a_full_disk_stops_before_a_checkpoint_and_resume_continues(small_disk, 
     data[len(data) // 2] ^= 0x01
     shard.write_bytes(bytes(data))
     listed = m2d(env, "checkpoints", "df")
-    assert listed.stdout.splitlines()[0].endswith("(no manifest.json: checked by the ranks' lists)")
+    assert listed.stdout.splitlines()[1].endswith("(no manifest.json: checked by the ranks' lists)")
 
     log_file = tmp_path / "home" / "runs" / "df.log"  # each launch appends to it
     seen = len(log_file.read_text())
@@ -111,7 +111,7 @@ def test_a_full_disk_stops_before_a_checkpoint_and_resume_continues(small_disk, 
     assert list(run.glob("checkpoint_manager_snapshot.json.torn-*"))  # set aside, not deleted
     listed = m2d(env, "checkpoints", "df", "--verify")
     assert listed.returncode == 0, listed.stdout + listed.stderr
-    assert [line.split()[:2] for line in listed.stdout.splitlines()] == [
+    assert [line.split()[:2] for line in listed.stdout.splitlines()[1:]] == [
         ["checkpoint_00000002", "verified"],
         ["checkpoint_00000004", "verified"],  # saved again by the resumed run
     ]

@@ -408,7 +408,7 @@ def test_a_kill_during_a_checkpoint_upload_leaves_it_incomplete_and_unused(
         text=True,
     )
     assert listed.returncode == 0, listed.stderr
-    lines = listed.stdout.splitlines()
+    lines = listed.stdout.splitlines()[1:]  # below the header
     assert lines[0].startswith(f"checkpoint_{EVERY:08d}  complete")
     torn = (  # the proxy held rank 1's upload: its list never came
         "no manifest.json (the save did not finish): rank 1's file list "
@@ -438,7 +438,7 @@ def test_a_kill_during_a_checkpoint_upload_leaves_it_incomplete_and_unused(
     verified = subprocess.run(
         [*M2D_CLI, "checkpoints", "torn", "--verify"], cwd=ROOT, capture_output=True, text=True
     )
-    assert [line.split()[1] for line in verified.stdout.splitlines()] == ["verified"] * 2
+    assert [line.split()[1] for line in verified.stdout.splitlines()[1:]] == ["verified"] * 2
 
 
 def _start(command: list[str], env: dict[str, str]) -> subprocess.Popen:

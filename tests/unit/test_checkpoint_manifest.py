@@ -220,7 +220,8 @@ def test_checkpoints_verify_fails_on_a_flipped_byte_and_lists_the_rest(tmp_path)
     assert sizes_only.exit_code == 0, sizes_only.output  # sizes match: nothing seen
     verified = _listed(tmp_path, "--verify")
     assert verified.exit_code == 1, verified.output
-    lines = verified.output.splitlines()
+    header, *lines = verified.output.splitlines()
+    assert header.split() == ["checkpoint", "state", "size", "/", "problem"]
     assert lines[0].startswith("checkpoint_00000004  verified")
     assert lines[1] == (
         "checkpoint_00000008  incomplete  "
