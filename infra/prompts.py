@@ -33,6 +33,19 @@ __all__ = [
 EVAL50 = str(Path(__file__).with_name("prompt_sets") / "eval50.jsonl")
 
 
+def _near_miss(uri: str) -> str:
+    """The fix for a prompts file that is not there: the shipped set or the file beside it
+    whose name is closest (``eval5`` -> ``eval50``), else "check the path"."""
+    import difflib
+
+    candidates = {"eval50": "eval50"}  # shipped sets, by the name --prompts takes
+    folder = Path(uri).parent
+    if "://" not in uri and folder.is_dir():
+        candidates.update({p.name: str(p) for p in folder.iterdir() if p.is_file()})
+    close = difflib.get_close_matches(Path(uri).name, list(candidates), n=1, cutoff=0.75)
+    return f"did you mean {candidates[close[0]]}?" if close else "check the path"
+
+
 def prompt_file(prompts: str) -> str:
     """The prompt file ``prompts`` names: a shipped set by name (``eval50``), else itself."""
     return EVAL50 if prompts == "eval50" else prompts
@@ -93,7 +106,7 @@ def _lines(uri: str, storage: StorageConfig | None) -> list[tuple[int, str]]:
             raise DataError(f"{uri}: not a regular file; give the prompts file")
         text = fs.cat_file(path).decode("utf-8-sig")
     except FileNotFoundError:
-        raise DataError(f"{uri}: prompts file not found; check the path") from None
+        raise DataError(f"{uri}: prompts file not found; {_near_miss(uri)}") from None
     except UnicodeDecodeError:
         raise DataError(f"{uri}: prompts file is not UTF-8 text; save it as UTF-8") from None
     except OSError as exc:

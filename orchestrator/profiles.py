@@ -39,8 +39,14 @@ class LoadedProfile:
 
 def clusters_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
     """The profile folder: explicit, $M2D_CLUSTERS_DIR, ./clusters, or the repository's."""
-    for candidate in (explicit, os.environ.get("M2D_CLUSTERS_DIR")):
+    where = "--clusters-dir (or M2D_CLUSTERS_DIR)"
+    for source, candidate in ((where, explicit), (where, os.environ.get("M2D_CLUSTERS_DIR"))):
         if candidate:
+            if not Path(candidate).is_dir():  # else every profile would be "not found"
+                raise ConfigError(
+                    f"{source} {candidate}: no such folder; name the folder of the cluster "
+                    "profiles (clusters/*.yaml)"
+                )
             return Path(candidate)
     local = Path("clusters")
     if local.is_dir():

@@ -121,10 +121,10 @@ def _complete_and_newer(record: runs.RunRecord, found: list[str]) -> tuple[str |
     return chosen, [check_checkpoint(uri, record.storage_config) for uri in newer]
 
 
-def _state_fields(state: str, record: runs.RunRecord) -> dict[str, Any]:
+def _state_fields(state: str, exit_code: int | None) -> dict[str, Any]:
     """A state as JSON: the word alone ("FAILED", not "FAILED (exit 1)"; "unknown" where the
     cluster did not answer), and the local job's exit status (null: not ended, or remote)."""
-    return {"state": state.split(" ", 1)[0], "exit_code": record.exit_code}
+    return {"state": state.split(" ", 1)[0], "exit_code": exit_code}
 
 
 def _status_document(
@@ -135,7 +135,7 @@ def _status_document(
         "name": record.name,
         "stage": record.stage,
         "cluster": record.cluster,
-        **_state_fields(runs.state_of(record), record),
+        **_state_fields(runs.state_of(record), record.exit_code),
         "where": record.address if record.kind == "remote" else "local",
         "folder": record.run_dir,
         "step": None if progress is None else progress.step,
@@ -198,7 +198,7 @@ def runs_(ctx: click.Context, limit: int, as_json: bool) -> None:
     progress = progress_of(records)
     rows = [_run_row(record, progress.get(record.name)) for record in records]
     if as_json:
-        print_json(rows)
+        print_json([{**row, **_state_fields(row["state"], row["exit_code"])} for row in rows])
         return
     table = Table("run", "stage", "cluster", "state", "step", "loss", "checkpoints", "complete")
     for row in rows:
@@ -226,7 +226,8 @@ def _run_row(record: runs.RunRecord, seen: Progress | None) -> dict[str, Any]:
         "name": record.name,
         "stage": record.stage,
         "cluster": record.cluster,
-        **_state_fields(state, record),
+        "state": state,  # the table's: "FAILED (exit 1)", "unknown (ServiceError)"
+        "exit_code": record.exit_code,
         "step": None if seen is None else seen.step,
         "loss": None if seen is None else seen.loss,
         "checkpoints": len(found),

@@ -98,6 +98,8 @@ def test_runs_json_lists_newest_first_as_the_table_does(tmp_path, torn):
     assert rows[1]["checkpoints"] == 2
     assert rows[1]["checkpoint"] == f"{torn.run_dir}/checkpoint_00000002"
     assert rows[0]["checkpoints"] == 0 and rows[0]["checkpoint"] is None
+    assert (rows[1]["state"], rows[1]["exit_code"]) == ("FAILED", 1)
+    assert "FAILED (exit 1)" in CliRunner().invoke(cli, ["runs"]).stdout  # the table says all
     assert set(rows[0]) == {
         "name", "stage", "cluster", "state", "exit_code", "step", "loss", "checkpoints",
         "checkpoint",

@@ -285,3 +285,42 @@ def test_launch_refuses_a_run_that_does_not_fit_unless_forced(tmp_path, monkeypa
     # Past the plan: the next check is the training input, which is not there.
     assert forced.exit_code == 2 and "the plan needs" not in forced.output
     assert "pretrain" in forced.output and "not found" in forced.output
+
+
+def test_a_toy_plan_is_printed_in_units_that_show_it():
+    """`m2d plan --cluster local` printed every memory row as 0.00 GiB: a plan below a GiB
+    is in MiB, parameter counts and FLOPs in the unit that fits."""
+    table = _invoke("plan", "--cluster", "local", "--stage", "pretrain")
+    assert table.exit_code == 0, table.output
+    rows = [line for line in table.output.splitlines() if line.strip().startswith("peak")]
+    peak = float(rows[0].split()[1])
+    assert rows[0].split()[2] == "MiB" and 0.5 < peak < 1024
+    assert "GiB" not in table.output.split("memory per worker")[1].split("compute")[0]
+    assert "0.0 PFLOP" not in table.output and "B trained" not in table.output
+
+
+@pytest.mark.parametrize(
+    ("value", "count", "flops"),
+    [
+        (5_570_000_000, "5.57B", "5.6 GFLOP"),
+        (42_200, "42.2K", "42,200 FLOP"),
+        (812, "812", "812 FLOP"),
+        (46.8e15, "4.68e+07B", "46.8 PFLOP"),
+    ],
+)
+def test_counts_and_flops_take_the_largest_unit_that_keeps_them_at_one_or_more(value, count, flops):
+    from orchestrator.plan.report import count as count_of
+    from orchestrator.plan.report import flops as flops_of
+
+    assert count_of(value) == count and flops_of(value) == flops
+
+
+def test_a_plan_without_a_price_says_how_to_get_one():
+    source = f"model.source={MODELS / 'CogVideoX-5b'}"
+    table = _invoke("plan", "--cluster", "a100x64", "--stage", "pretrain", "--set", source)
+    assert "cost: set plan.usd_per_gpu_hour in the profile" in table.output
+    priced = _invoke(
+        "plan", "--cluster", "a100x64", "--stage", "pretrain", "--set", source,
+        "--set", "plan.usd_per_gpu_hour=2",
+    )  # fmt: skip
+    assert "cost at $2/GPU-hour: $" in priced.output and "cost: set" not in priced.output

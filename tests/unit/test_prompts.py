@@ -287,3 +287,15 @@ def test_eval50_is_packaged():
     patterns = config["tool"]["setuptools"]["package-data"]["infra"]
     relative = Path(EVAL50).relative_to(ROOT / "infra").as_posix()
     assert any(fnmatch.fnmatch(relative, pattern) for pattern in patterns)
+
+
+def test_a_missing_prompts_file_names_the_nearest_shipped_set_or_neighbour(tmp_path):
+    (tmp_path / "stories.jsonl").write_text("")
+    for given, hint in [
+        ("eval5", "did you mean eval50?"),
+        (str(tmp_path / "storie.jsonl"), f"did you mean {tmp_path / 'stories.jsonl'}?"),
+        (str(tmp_path / "other.txt"), "check the path"),
+    ]:
+        with pytest.raises(DataError) as caught:
+            read_stories(given, None)
+        assert str(caught.value).endswith(f"prompts file not found; {hint}"), given
