@@ -26,6 +26,9 @@ from orchestrator.cli import UserError
 
 STARTUP_S = 120.0  # MLflow creates its tables on a new store first
 STOP_S = 15.0
+#: Not 5000: that is the local stack's MLflow server (clusters/localstack.yaml), which a
+#: dashboard of another profile must not collide with.
+DEFAULT_PORT = 5050
 
 
 def ui_command(tracking_uri: str, port: int) -> list[str]:
@@ -53,6 +56,28 @@ def check_port(port: int) -> None:
             f"--port {port}: 127.0.0.1:{port} is in use; stop what listens there or pass "
             "another --port"
         )
+
+
+def check_store(uri: str, cluster_name: str) -> None:
+    """Refuse a local store that is not there: MLflow would create an empty one and serve
+    an empty UI (a relative path read from another folder than the runs' is the usual
+    cause)."""
+    path = _local_store(uri)
+    if path is None or path.exists():
+        return
+    raise UserError(
+        f"tracking.uri = {uri}: no MLflow store at {path.absolute()} yet; run `m2d dashboard` "
+        f"from the folder the runs were launched in, or launch a run of {cluster_name} first"
+    )
+
+
+def _local_store(uri: str) -> Path | None:
+    """The file or folder of a local tracking store (None: a server or database)."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///"))
+    if uri.startswith("file:"):
+        return Path(uri.removeprefix("file://").removeprefix("file:"))
+    return Path(uri) if "://" not in uri else None
 
 
 @contextlib.contextmanager
@@ -106,7 +131,7 @@ def _wait_until_up(process: subprocess.Popen, port: int) -> None:
 @click.option("--cluster", "cluster_name", required=True, help="Profile name in clusters/.")
 @click.option(
     "--port",
-    default=5000,
+    default=DEFAULT_PORT,
     show_default=True,
     type=click.IntRange(1, 65535),
     help="Local port of the UI.",
@@ -122,6 +147,7 @@ def dashboard(ctx: click.Context, cluster_name: str, port: int) -> None:
         # A tracking server already serves its UI; nothing to start.
         click.echo(f"MLflow UI: {tracking.uri} (experiment {tracking.experiment})")
         return
+    check_store(tracking.uri, cluster_name)
     check_port(port)
     with _stops_on_signals():
         process = subprocess.Popen(ui_command(tracking.uri, port), start_new_session=True)

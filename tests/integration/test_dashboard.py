@@ -23,6 +23,10 @@ M2D = str(Path(sys.executable).parent / "m2d")
 
 
 def dashboard(tmp_path: Path, *args: str) -> list[str]:
+    """The command, run from ``tmp_path`` where the `local` profile's store now is (an
+    empty sqlite file: MLflow makes its tables in it)."""
+    (tmp_path / "runs").mkdir(exist_ok=True)
+    (tmp_path / "runs" / "mlflow.db").touch()
     return [M2D, "--clusters-dir", str(ROOT / "clusters"), "dashboard", "--cluster", "local", *args]
 
 
