@@ -118,7 +118,14 @@ class InspectSpec(_Strict):
     """``python -m datajobs.inspect_manifest``: what a manifest holds and what it skips."""
 
     manifest: str = Field(description="Manifest path or URI.")
-    scenes: int | None = Field(None, ge=1, description="Read as SFT groups of N scenes.")
+    scenes: int | None = Field(
+        None,
+        ge=1,
+        description="Read as SFT groups of N scenes (default: 3 for a manifest of groups).",
+    )
+    check: bool = Field(
+        False, description="Also open every video: count missing, empty, undecodable ones."
+    )
     storage: StorageConfig | None = Field(None, description="The store of an s3:// manifest.")
 
 

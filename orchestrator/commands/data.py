@@ -37,7 +37,7 @@ def synth(size: str | None, endpoint_url: str | None, **options) -> None:
 
 @data.command()
 @click.argument("manifest")
-@spec_options(InspectSpec, "scenes")
+@spec_options(InspectSpec, "scenes", "check")
 @spec_options(StorageConfig, "endpoint_url")
 def inspect(manifest: str, endpoint_url: str | None, **options) -> None:
     """Count the usable rows (or SFT groups) of MANIFEST and the skipped ones by reason."""

@@ -230,6 +230,32 @@ def test_m2d_data_synth_and_inspect_run_the_jobs(tmp_path):
     assert missing.output.count("\n") == 1
 
 
+def test_inspect_reads_an_sft_manifest_as_groups_and_check_opens_every_video(tmp_path):
+    """`m2d data inspect data/synth/sft.jsonl` (the README's line) needed --scenes 3, and a
+    manifest whose videos were missing or empty read "skipped: none"."""
+    from click.testing import CliRunner
+
+    from orchestrator.cli import cli
+
+    runner = CliRunner()
+    out = tmp_path / "synth"
+    made = runner.invoke(cli, ["data", "synth", "--out", str(out), "--stories", "2"])
+    assert made.exit_code == 0, made.output
+    sft = runner.invoke(cli, ["data", "inspect", str(out / "sft.jsonl")])
+    assert sft.exit_code == 0, sft.output
+    assert "read as groups of 3 scenes" in sft.output and "2 groups, 8 shots" in sft.output
+    assert "videos not opened (--check opens each one)" in sft.output
+    (out / "videos" / "story000" / "shot1.mp4").unlink()
+    (out / "videos" / "story000" / "shot2.mp4").write_bytes(b"")
+    (out / "videos" / "story001" / "shot0.mp4").write_bytes(b"not a video")
+    for manifest in ("sft.jsonl", "pretrain.jsonl"):
+        checked = runner.invoke(cli, ["data", "inspect", str(out / manifest), "--check"])
+        assert checked.exit_code == 0, checked.output
+        assert "videos checked: 8; unusable: missing=1, undecodable=1, zero_byte=1" in (
+            checked.output
+        )
+
+
 def test_synth_main_refuses_odd_sizes_with_one_line(tmp_path, capsys):
     code = synth_main(["--spec", json.dumps({"out": str(tmp_path), "height": 31})])
     assert code == 2 and "even" in capsys.readouterr().err

@@ -272,6 +272,18 @@ def _json_lines(text: str) -> Iterator[Any]:
                 yield None
 
 
+def first_row(uri: str, storage: StorageConfig | None = None) -> Any:
+    """The first parseable row of a JSON or JSON-lines manifest; None for another format,
+    an empty file, or one that is not a list of rows (its reader then says why)."""
+    if _suffix(uri) not in (".json", ".jsonl", ".ndjson"):
+        return None
+    try:
+        rows = _read_groups(uri, storage)
+    except DataError:
+        return None
+    return next((row for row in rows if row is not None), None)
+
+
 def _read_groups(uri: str, storage: StorageConfig | None) -> list[Any]:
     suffix = _suffix(uri)
     if suffix not in (".json", ".jsonl", ".ndjson"):
