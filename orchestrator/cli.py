@@ -21,6 +21,10 @@ COMMANDS = {
         "orchestrator.commands.checkpoints:checkpoints",
         "A run's checkpoints and whether each is complete.",
     ),
+    "completion": (
+        "orchestrator.commands.completion:completion",
+        "Print the shell completion script (bash, zsh, fish).",
+    ),
     "cluster": (
         "orchestrator.commands.cluster:cluster",
         "List, show and validate cluster profiles.",

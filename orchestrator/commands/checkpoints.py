@@ -13,11 +13,12 @@ import click
 
 from infra.checkpoint_layout import CheckpointState, check_checkpoint
 from orchestrator import runs
+from orchestrator.completion import run_names
 from orchestrator.output import print_json
 
 
 @click.command()
-@click.argument("name")
+@click.argument("name", shell_complete=run_names)
 @click.option("--verify", is_flag=True, help="Also check every file's sha256 (reads them all).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON array instead.")
 def checkpoints(name: str, verify: bool, as_json: bool) -> None:

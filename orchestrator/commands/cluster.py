@@ -12,6 +12,7 @@ import yaml
 from infra.config import STAGES, ClusterProfile
 from infra.errors import ConfigError
 from orchestrator import profiles
+from orchestrator.completion import cluster_names
 from orchestrator.output import print_json, print_table
 
 
@@ -90,7 +91,7 @@ def _profile_row(path: Path) -> dict[str, Any]:
 
 
 @cluster.command()
-@click.argument("name")
+@click.argument("name", shell_complete=cluster_names)
 @click.pass_context
 def show(ctx: click.Context, name: str) -> None:
     """Print profile NAME with its `extends:` chain merged and every default filled in."""

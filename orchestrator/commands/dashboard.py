@@ -23,6 +23,7 @@ import click
 from infra.processes import port_in_use
 from orchestrator import profiles
 from orchestrator.cli import UserError
+from orchestrator.completion import cluster_names
 
 STARTUP_S = 120.0  # MLflow creates its tables on a new store first
 STOP_S = 15.0
@@ -128,7 +129,13 @@ def _wait_until_up(process: subprocess.Popen, port: int) -> None:
 
 
 @click.command()
-@click.option("--cluster", "cluster_name", required=True, help="Profile name in clusters/.")
+@click.option(
+    "--cluster",
+    "cluster_name",
+    shell_complete=cluster_names,
+    required=True,
+    help="Profile name in clusters/.",
+)
 @click.option(
     "--port",
     default=DEFAULT_PORT,

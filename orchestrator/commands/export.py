@@ -6,6 +6,7 @@ import click
 
 from infra.job_specs import ExportSpec
 from orchestrator import runs
+from orchestrator.completion import run_names
 from orchestrator.jobs import make_spec, run_here
 
 EXPORT_MODULE = "trainer.export"
@@ -19,7 +20,7 @@ def pick_checkpoint(record: runs.RunRecord, step: int | None) -> str:
 
 
 @click.command()
-@click.argument("name")
+@click.argument("name", shell_complete=run_names)
 @click.option("--step", type=int, help="Checkpoint step (default: the latest).")
 @click.option("--out", required=True, help="New folder or s3:// URI.")
 def export(name: str, step: int | None, out: str) -> None:

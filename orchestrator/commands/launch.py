@@ -15,6 +15,7 @@ from infra.errors import ConfigError, M2DError, ServiceError, first_line
 from infra.job_entry import EXIT_USER_ERROR
 from orchestrator import profiles, ray_jobs, runs, submit
 from orchestrator.cli import set_option, verbose
+from orchestrator.completion import cluster_names, run_names
 from orchestrator.placement import placement_lines
 
 # Credentials the workers read from their own environment, never from config.
@@ -282,7 +283,9 @@ def _follow_remote(record: runs.RunRecord) -> int:
 
 
 @click.command()
-@click.option("--cluster", "cluster_name", help="Profile name in clusters/.")
+@click.option(
+    "--cluster", "cluster_name", shell_complete=cluster_names, help="Profile name in clusters/."
+)
 @click.option("--stage", type=click.Choice(STAGES), help="Training stage.")
 @set_option("recipe.steps=200 or deepspeed.zero_stage=3; with --resume: workers.num_workers=4")
 @click.option(
@@ -294,8 +297,20 @@ def _follow_remote(record: runs.RunRecord) -> int:
     help="Launch even when `m2d plan` says it does not fit or the cluster lacks the nodes.",
 )
 @click.option("--name", help="Run name (default CLUSTER-STAGE-UTCTIME).")
-@click.option("--resume", "resume_name", metavar="RUN", help="Continue RUN from its checkpoint.")
-@click.option("--from", "from_run", metavar="RUN", help="SFT: start from this pretrain run.")
+@click.option(
+    "--resume",
+    "resume_name",
+    metavar="RUN",
+    shell_complete=run_names,
+    help="Continue RUN from its checkpoint.",
+)
+@click.option(
+    "--from",
+    "from_run",
+    metavar="RUN",
+    shell_complete=run_names,
+    help="SFT: start from this pretrain run.",
+)
 @click.option(
     "--from-base",
     is_flag=True,

@@ -13,6 +13,7 @@ import click
 
 from orchestrator import profiles, runs
 from orchestrator.cli import UserError
+from orchestrator.completion import cluster_names
 from orchestrator.stack import PROFILE, Stack, read_state, write_state
 
 
@@ -38,7 +39,12 @@ def stack() -> None:
 
 @stack.command()
 @click.option(
-    "--cluster", "cluster_name", default=PROFILE, show_default=True, help="Profile it serves."
+    "--cluster",
+    "cluster_name",
+    shell_complete=cluster_names,
+    default=PROFILE,
+    show_default=True,
+    help="Profile it serves.",
 )
 @click.option("--nodes", default=1, show_default=True, type=click.IntRange(1, 8), help="Ray nodes.")
 @click.option(

@@ -11,6 +11,7 @@ import click
 from infra.checkpoint_layout import check_checkpoint, complete_checkpoint
 from orchestrator import ray_jobs, runs, submit
 from orchestrator.cli import UserError
+from orchestrator.completion import run_names
 from orchestrator.output import print_json, print_table
 
 _TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED", "LOST")
@@ -70,7 +71,7 @@ def _follow_local(record: runs.RunRecord) -> None:
 
 
 @click.command()
-@click.argument("name")
+@click.argument("name", shell_complete=run_names)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead.")
 def status(name: str, as_json: bool) -> None:
     """State of run NAME, where it runs, its progress and its last complete checkpoint.
@@ -147,7 +148,7 @@ def _status_document(
 
 
 @click.command()
-@click.argument("name")
+@click.argument("name", shell_complete=run_names)
 @click.option("-f", "--follow", is_flag=True, help="Keep printing until the run ends.")
 def logs(name: str, follow: bool) -> None:
     """Print the output of run NAME."""
@@ -168,7 +169,7 @@ def logs(name: str, follow: bool) -> None:
 
 
 @click.command()
-@click.argument("name")
+@click.argument("name", shell_complete=run_names)
 def stop(name: str) -> None:
     """Stop run NAME (its checkpoints stay; resume with `m2d launch --resume NAME`)."""
     record = runs.load_record(name)
@@ -246,7 +247,7 @@ def _loss(progress: Progress | None) -> str:
 
 
 @runs_.command("sync")
-@click.argument("name")
+@click.argument("name", shell_complete=run_names)
 def sync(name: str) -> None:
     """Send run NAME's metrics that MLflow did not take while the job ran (kept in its
     folder's mlflow_pending.jsonl); a step MLflow already has is not sent again."""
