@@ -74,7 +74,7 @@ class JobConsole:
 
     def __init__(
         self,
-        log_path: Path | str,
+        log_path: Path | str | None,
         verbose: bool = False,
         out: IO[str] | None = None,
         err: IO[str] | None = None,
@@ -82,14 +82,19 @@ class JobConsole:
     ) -> None:
         """``name_log_when_hiding``: name the log file on the console when the first line
         is kept off it (a short job that hides nothing, e.g. one refusing its input, then
-        says only its own line); otherwise the caller names it at start."""
-        self.name_log = name_log_when_hiding
-        self.log_path = Path(log_path)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.log = self.log_path.open("a")
+        says only its own line); otherwise the caller names it at start. ``log_path``
+        None: a view of a log already written (`m2d logs`): nothing is written, and the
+        progress is plain lines."""
+        self.name_log = name_log_when_hiding and log_path is not None
+        self.log_path = None if log_path is None else Path(log_path)
+        self.log = None
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self.log = self.log_path.open("a")
         self.verbose = verbose
         self.out, self.err = out or sys.stdout, err or sys.stderr
-        self.live = self.err.isatty() and not os.environ.get("NO_COLOR")
+        live = self.log is not None and self.err.isatty()
+        self.live = live and not os.environ.get("NO_COLOR")
         self.progress: Any = None  # rich Progress while a live display runs
         self.task: Any = None
         self.state: dict[str, Any] = {"checkpoints": 0, "restarts": -1}
@@ -98,8 +103,9 @@ class JobConsole:
     def feed(self, line: str, data: bool = False) -> None:
         """One line the job printed; ``data``: it came on the job's stdout, where a data
         job prints its results (those stay on stdout, unless they are Ray's)."""
-        self.log.write(line if line.endswith("\n") else line + "\n")
-        self.log.flush()
+        if self.log is not None:
+            self.log.write(line if line.endswith("\n") else line + "\n")
+            self.log.flush()
         if self.verbose:
             self._say(line.rstrip("\n"), data)
             return
@@ -144,7 +150,8 @@ class JobConsole:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
-        self.log.close()
+        if self.log is not None:
+            self.log.close()
 
     def _say(self, text: str, stdout: bool) -> None:
         if self.progress is not None and not stdout:
@@ -182,12 +189,13 @@ class JobConsole:
 
     def _fields(self, steps: int, step: int) -> str:
         s = self.state
+        # A replayed log (`m2d logs`) has no clock to give an ETA by.
+        eta = f"  ETA {self._eta(steps, step)}" if self.log is not None else ""
         if s.get("unit", "step") != "step":  # a job of items: the last one done, the ETA
-            return f"{s.get('item', '')}  ETA {self._eta(steps, step)}"
+            return f"{s.get('item', '')}{eta}"
         return (
             f"loss {s.get('loss', float('nan')):.4f}  {s.get('samples_per_s', 0.0):.2f} "
-            f"samples/s  ETA {self._eta(steps, step)}  checkpoints {s['checkpoints']}  "
-            f"restarts {max(s['restarts'], 0)}"
+            f"samples/s{eta}  checkpoints {s['checkpoints']}  restarts {max(s['restarts'], 0)}"
         )
 
     def _plain_line(self, steps: int, step: int) -> str:

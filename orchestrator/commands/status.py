@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +13,7 @@ from infra.checkpoint_layout import check_checkpoint, complete_checkpoint
 from orchestrator import ray_jobs, runs, submit
 from orchestrator.cli import UserError
 from orchestrator.completion import run_names
+from orchestrator.console import JobConsole
 from orchestrator.output import print_json, print_table
 
 _TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED", "LOST")
@@ -54,20 +56,6 @@ def progress_of(records: list[runs.RunRecord]) -> dict[str, Progress]:
                 if getattr(exc, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
                     silent.add(uri)
     return found
-
-
-def _follow_local(record: runs.RunRecord) -> None:
-    with open(record.log_path) as log:
-        while True:
-            line = log.readline()
-            if line:
-                click.echo(line, nl=False)
-            elif runs.local_state(record) != "RUNNING":
-                click.echo(log.read(), nl=False)
-                return
-            else:
-                time.sleep(0.5)
-                record = runs.load_record(record.name)
 
 
 @click.command()
@@ -150,22 +138,97 @@ def _status_document(
 @click.command()
 @click.argument("name", shell_complete=run_names)
 @click.option("-f", "--follow", is_flag=True, help="Keep printing until the run ends.")
-def logs(name: str, follow: bool) -> None:
-    """Print the output of run NAME."""
+@click.option(
+    "--all",
+    "everything",
+    is_flag=True,
+    help="Every line the job printed (Ray's, DeepSpeed's, every rank's), as it printed it.",
+)
+@click.option("--tail", type=click.IntRange(min=1), help="Only the last N lines (then -f goes on).")
+def logs(name: str, follow: bool, everything: bool, tail: int | None) -> None:
+    """Print the output of run NAME: m2d's own lines (its messages, warnings and errors,
+    progress at every tenth of the run and at each checkpoint, what the job printed),
+    or with --all every line of its log."""
     record = runs.load_record(name)
+    view = LogView(everything)
     if record.kind == "remote":
-        if follow:
-            submit.follow_remote_logs(record)
-        else:
-            click.echo(ray_jobs.remote_call(record, "get_job_logs"), nl=False)
-        return
-    if not record.log_path:
+        text = ray_jobs.remote_call(record, "get_job_logs")
+    elif not record.log_path:
         raise click.ClickException(f"run {name} has no log yet")
-    if follow:
-        _follow_local(record)
     else:
         with open(record.log_path) as log:
-            click.echo(log.read(), nl=False)
+            text = log.read()
+    shown = view.lines(text.splitlines(keepends=True))
+    for line in shown[-tail:] if tail else shown:
+        click.echo(line)
+    if follow:
+        view.follow(record, len(text))
+
+
+class LogView:
+    """A job's log as `m2d logs` shows it: through the console's filter (m2d's lines, plain
+    progress lines), or whole with ``everything``."""
+
+    def __init__(self, everything: bool) -> None:
+        self.everything = everything
+        self.shown: list[str] = []
+        self.console = JobConsole(None, out=self, err=self)
+
+    def write(self, text: str) -> None:  # the console's stream: collect what it shows
+        self.shown.extend(text.splitlines())
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+    def lines(self, raw: list[str]) -> list[str]:
+        """What ``raw`` (lines of the log, in order) shows as."""
+        if self.everything:
+            return [line.rstrip("\n") for line in raw]
+        self.shown = []
+        for line in raw:
+            self.console.feed(line, data=is_job_output(line))
+        return self.shown
+
+    def follow(self, record: runs.RunRecord, offset: int) -> None:
+        """Print what the log gains after ``offset`` characters until the run ends."""
+        if record.kind == "remote":
+            pending = [""]
+
+            def echo(chunk: str) -> None:  # whole lines only: a chunk may end mid-line
+                nonlocal offset
+                skipped = chunk[:offset]  # Ray streams the log from its start
+                chunk, offset = chunk[len(skipped) :], offset - len(skipped)
+                *complete, pending[0] = (pending[0] + chunk).split("\n")
+                for line in self.lines([f"{line}\n" for line in complete]):
+                    click.echo(line)
+
+            submit.follow_remote_logs(record, echo)
+            for line in self.lines([pending[0]] if pending[0] else []):
+                click.echo(line)
+            return
+        with open(record.log_path) as log:
+            log.seek(offset)
+            while True:
+                line = log.readline()
+                if line:
+                    for shown in self.lines([line]):
+                        click.echo(shown)
+                elif runs.local_state(record) != "RUNNING":
+                    for shown in self.lines(log.readlines()):
+                        click.echo(shown)
+                    return
+                else:
+                    time.sleep(0.5)
+                    record = runs.load_record(record.name)
+
+
+def is_job_output(line: str) -> bool:
+    """Whether a log line is what the job itself printed (its data and closing words),
+    not a log record of Ray, DeepSpeed or a worker: no Ray prefix, no timestamp."""
+    return not re.match(r"^(\x1b\[[0-9;]*m)*(\(|\[?\d{4}-\d\d-\d\d)", line)
 
 
 @click.command()

@@ -117,7 +117,7 @@ def test_a_remote_job_runs_the_submitting_checkouts_code(workspace, ray_head, tm
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert _wait_state(workspace, "shipped", {"SUCCEEDED", "FAILED"}) == "SUCCEEDED"
-    assert marker in m2d(workspace, "logs", "shipped").stdout
+    assert marker in m2d(workspace, "logs", "shipped", "--all").stdout
 
 
 def test_remote_launch_status_logs_stop(workspace, ray_head):

@@ -245,7 +245,7 @@ def test_two_nodes_survive_a_lost_node_then_sft_and_sampling_use_both(stack):
     assert "ray-node-1: started" in replaced.stdout
 
     assert wait_state(env, name, {"SUCCEEDED", "FAILED", "STOPPED"}, timeout=600) == "SUCCEEDED"
-    log = run_m2d(env, "logs", name).stdout
+    log = run_m2d(env, "logs", name, "--all").stdout  # every rank's lines
     resumed = {int(step) for step in re.findall(r"rank 0 resumed at step (\d+)", log)}
     assert resumed and all(0 < s < STEPS and s % EVERY == 0 for s in resumed), log[-3000:]
     assert "node_rank 1, local_rank 0 of 1" in log and "node_rank 0, local_rank 0 of 1" in log
