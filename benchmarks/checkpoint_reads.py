@@ -102,7 +102,7 @@ def projected_5b(ranks: int = 64, per_node: int = 8) -> dict[str, float]:
     all (fp32 master, exp_avg, exp_avg_sq), weights file 2P, rank files ~0."""
     from orchestrator.plan.shapes import numel, transformer_shapes
 
-    config = ROOT / "tests/assets/cogvideox/CogVideoX-5b/transformer/config.json"
+    config = ROOT / "orchestrator/plan/model_configs/CogVideoX-5b/transformer/config.json"
     p = numel(transformer_shapes(json.loads(config.read_text())))
     whole = 2 * p + 12 * p + 2 * p
     return {

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-MODELS = ROOT / "tests" / "assets" / "cogvideox"
+MODELS = ROOT / "orchestrator" / "plan" / "model_configs"
 GIB = 2**30
 
 

@@ -71,12 +71,13 @@ def render_plan(run: RunConfig) -> str:
     """`m2d plan`'s table for ``run`` as comment lines (or why there is none)."""
     from orchestrator.plan import plan_for, report
 
+    notes: list[str] = []
     try:
-        table = report.as_table(plan_for(run))
+        table = report.as_table(plan_for(run, warn=notes.append))
     except M2DError as exc:
         return f"# Plan: not available ({exc})\n"
     return "# Plan (m2d plan)\n" + "".join(
-        f"# {line}".rstrip() + "\n" for line in table.splitlines()
+        f"# {line}".rstrip() + "\n" for line in [*notes, *table.splitlines()]
     )
 
 
@@ -87,7 +88,7 @@ def check_fits(run: RunConfig) -> None:
     from orchestrator.plan.estimate import GIB
 
     try:
-        found = plan_for(run)
+        found = plan_for(run, warn=lambda line: click.echo(line, err=True))
     except M2DError as exc:
         click.echo(f"plan skipped: {exc}", err=True)
         return

@@ -33,5 +33,5 @@ def plan(ctx, cluster_name: str, stage: str, assignments: tuple[str, ...], as_js
     from orchestrator.plan import plan_for, report
 
     run = runs.resolve_run(ctx.find_root().obj["clusters_dir"], cluster_name, stage, assignments)
-    found = plan_for(run)
+    found = plan_for(run, warn=lambda line: click.echo(line, err=True))
     click.echo(json.dumps(report.as_json(found)) if as_json else report.as_table(found), nl=as_json)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -9,10 +10,11 @@ if TYPE_CHECKING:
     from orchestrator.plan.estimate import Plan
 
 
-def plan_for(run: RunConfig) -> Plan:
-    """The plan of ``run`` (its model's configs read from ``model.source``), with the
-    cheapest change that fits when it does not."""
+def plan_for(run: RunConfig, warn: Callable[[str], None] | None = None) -> Plan:
+    """The plan of ``run`` (its model's configs read from ``model.source``, else m2d's
+    copy of a model of that name, said to ``warn``), with the cheapest change that fits
+    when it does not."""
     from orchestrator.plan.estimate import plan_with_suggestion
     from orchestrator.plan.sources import read_model_configs
 
-    return plan_with_suggestion(run, read_model_configs(run.model, run.storage))
+    return plan_with_suggestion(run, read_model_configs(run.model, run.storage, warn))

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 M2D = [sys.executable, "-c", "from orchestrator.cli import main; main()"]
-MODEL = ["--set", f"model.source={ROOT / 'tests/assets/cogvideox/CogVideoX-5b'}"]
+MODEL = ["--set", f"model.source={ROOT / 'orchestrator/plan/model_configs/CogVideoX-5b'}"]
 PLANTED = {
     "AWS_ACCESS_KEY_ID": "AKIAPLANTED0001",
     "AWS_SECRET_ACCESS_KEY": "planted-aws-secret-0002",

@@ -23,7 +23,7 @@ from orchestrator.plan.shapes import numel, t5_encoder_shapes, transformer_shape
 from orchestrator.plan.sources import read_model_configs
 
 ROOT = Path(__file__).resolve().parents[2]
-MODELS = ROOT / "tests" / "assets" / "cogvideox"
+MODELS = ROOT / "orchestrator" / "plan" / "model_configs"
 JSON_KEYS = {
     "per_gpu_peak_gib",
     "fits",
@@ -265,11 +265,18 @@ def test_launch_dry_run_shows_the_plan():
     assert done.exit_code == 0, done.output
     plan = done.output.split("# Plan (m2d plan)\n", 1)[1]
     assert "# plan: pretrain on a100x64 (64 x A100," in plan and "fits" in plan
+    # The model is on S3, out of reach here: planned with the shipped configs, and said.
     unreachable = _invoke("launch", "--cluster", "a100x64", "--stage", "pretrain", "--dry-run")
-    assert unreachable.exit_code == 0  # the model is on S3, out of reach here: said, not fatal
-    assert (
-        "# Plan: not available (model.source = s3://m2d-models/CogVideoX-5b" in unreachable.output
-    )
+    assert unreachable.exit_code == 0
+    shipped = unreachable.output.split("# Plan (m2d plan)\n", 1)[1]
+    assert shipped.startswith("# model.source = s3://m2d-models/CogVideoX-5b")
+    assert "planning with the CogVideoX-5b configs m2d ships" in shipped.splitlines()[0]
+    assert shipped.splitlines()[1:] == plan.splitlines()
+    elsewhere = _invoke(
+        "launch", "--cluster", "a100x64", "--stage", "pretrain", "--dry-run",
+        "--set", "model.source=s3://m2d-models/other-model",
+    )  # fmt: skip
+    assert "# Plan: not available (model.source = s3://m2d-models/other-model" in elsewhere.output
 
 
 def test_launch_refuses_a_run_that_does_not_fit_unless_forced(tmp_path, monkeypatch):
@@ -324,3 +331,32 @@ def test_a_plan_without_a_price_says_how_to_get_one():
         "--set", "plan.usd_per_gpu_hour=2",
     )  # fmt: skip
     assert "cost at $2/GPU-hour: $" in priced.output and "cost: set" not in priced.output
+
+
+@pytest.mark.parametrize("cluster", ["a100x64", "a100x8"])
+def test_the_shipped_profiles_plan_offline_with_the_shipped_configs(cluster, monkeypatch):
+    """The README's `m2d plan --cluster a100x64 --stage pretrain` on a fresh machine: its
+    model is in a bucket it has no credentials for (a100x8's on a cluster's disk); the plan
+    is made from m2d's copy of CogVideoX-5b's configs and says so in one line."""
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    done = _invoke("plan", "--cluster", cluster, "--stage", "pretrain")
+    assert done.exit_code == 0, done.output
+    note = done.stderr.strip().splitlines()
+    assert len(note) == 1 and note[0].endswith("planning with the CogVideoX-5b configs m2d ships")
+    direct = _invoke(
+        "plan", "--cluster", cluster, "--stage", "pretrain",
+        "--set", f"model.source={MODELS / 'CogVideoX-5b'}",
+    )  # fmt: skip
+    assert direct.stdout == done.stdout and direct.stderr == ""  # the same plan
+
+
+def test_a_source_m2d_ships_no_configs_for_still_fails_in_one_line(tmp_path):
+    done = _invoke(
+        "plan", "--cluster", "a100x8", "--stage", "sft",
+        "--set", f"model.source={tmp_path / 'CogVideoX-7b'}",
+    )  # fmt: skip
+    assert done.exit_code == 2 and "CogVideoX-7b: transformer/config.json not found" in done.output

@@ -17,7 +17,7 @@ from mask2dit.model import Mask2DiT
 from orchestrator.plan.estimate import Sequence, visible_pairs
 from orchestrator.plan.shapes import transformer_shapes
 
-MODELS = Path(__file__).resolve().parents[1] / "assets" / "cogvideox"
+MODELS = Path(__file__).resolve().parents[2] / "orchestrator" / "plan" / "model_configs"
 FRAMES, HEIGHT, WIDTH, TEXT = 49, 480, 720, 226
 LATENT_FRAMES, LATENT_H, LATENT_W = 13, 60, 90  # 4x temporal, 8x spatial
 
