@@ -22,6 +22,7 @@ from orchestrator import runs, submit
 from orchestrator.cli import UserError, set_option
 from orchestrator.completion import cluster_names
 from orchestrator.jobs import EVAL_JOB, eval_spec, spec_options
+from orchestrator.output import print_json
 
 # The paper's columns (docs/method.md §8), then ours; a story oracle's scores (say
 # evaluation.toy_oracle's) become columns by their own names.
@@ -152,6 +153,13 @@ def render(rows: list[dict], kind: str) -> str:
     type=click.Path(dir_okay=False),
     help="Also write the --compare table to this .csv or .md file (a new file).",
 )
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="With --compare: one JSON array instead of the table (checkpoint, step, items, "
+    "metrics: name -> {mean, low, high, n}, fvd).",
+)
 @set_option("ray.address=http://HOST:8265")
 @click.pass_context
 def eval_(
@@ -162,6 +170,7 @@ def eval_(
     no_tracking: bool,
     compare: tuple[str, ...],
     table_out: str | None,
+    as_json: bool,
     assignments: tuple[str, ...],
     **options,
 ) -> None:
@@ -172,15 +181,17 @@ def eval_(
     checkpoints with --compare."""
     run = runs.resolve_run(ctx.find_root().obj["clusters_dir"], cluster_name, "sft", assignments)
     if compare:
-        _compare(list(compare), table_out, run.storage)
+        _compare(list(compare), table_out, run.storage, as_json)
         return
+    if as_json:
+        raise UserError("--json applies to --compare only (scoring logs to MLflow and files)")
     if not samples:
         raise UserError("--samples: give the --out folder of `m2d sample-batch` (or --compare)")
     spec = eval_spec(run, samples, num_actors, None if no_tracking else run.tracking, options)
     submit.run_job_on(run, EVAL_JOB, spec, "eval")
 
 
-def _compare(sources: list[str], table_out: str | None, storage) -> None:
+def _compare(sources: list[str], table_out: str | None, storage, as_json: bool) -> None:
     kind = None
     if table_out:
         kind = {".csv": "csv", ".md": "markdown"}.get(Path(table_out).suffix)
@@ -189,7 +200,10 @@ def _compare(sources: list[str], table_out: str | None, storage) -> None:
         if Path(table_out).exists():
             raise UserError(f"--table-out {table_out}: exists; give a new file")
     rows = comparison([runs.absolute(s) for s in sources], storage)
-    click.echo(render(rows, "text"), nl=False)
+    if as_json:
+        print_json(rows)
+    else:
+        click.echo(render(rows, "text"), nl=False)
     if table_out and kind:
         Path(table_out).write_text(render(rows, kind))
         click.echo(f"table written to {table_out}")

@@ -82,3 +82,19 @@ def test_compare_refuses_what_it_cannot_read_or_would_overwrite(tmp_path):
         assert done.returncode == 2, (args, done.stderr)
         assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr
     assert (tmp_path / "kept.md").read_text() == "a user's notes"
+
+
+def test_compare_json_holds_the_tables_numbers(tmp_path):
+    b = _scored(tmp_path / "ours", {"sft-step5000": 70.95, "sft-step10000": 73.5})
+    done = _m2d("--compare", str(b), "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    assert done.stdout.endswith("\n") and done.stdout.count("\n") == 1
+    assert [(r["checkpoint"], r["step"], r["items"]) for r in rows] == [
+        ("sft-step5000", 5000, 50),
+        ("sft-step10000", 5000, 50),
+    ]
+    assert rows[1]["metrics"]["visual"] == {"mean": 73.5, "low": 72.5, "high": 74.5, "n": 50}
+    assert rows[0]["fvd"] is None
+    alone = _m2d("--samples", str(b), "--json", cwd=tmp_path)
+    assert alone.returncode == 2 and "--json applies to --compare only" in alone.stderr
