@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from infra.config import RunConfig, StorageConfig
 from infra.errors import DataError, first_line
@@ -39,7 +39,9 @@ __all__ = [
     "ITEM_META",
     "ITEM_SCORES",
     "MANIFEST",
+    "PROVENANCE",
     "RUN_CONFIG",
+    "SOURCE_DIFF",
     "TRAINER_STATE",
     "FileRecord",
     "ItemInputs",
@@ -47,6 +49,7 @@ __all__ = [
     "ItemScores",
     "ItemSource",
     "Manifest",
+    "Provenance",
     "TrainerState",
     "parse_item_meta",
     "parse_manifest",
@@ -54,11 +57,13 @@ __all__ = [
     "read_item_meta",
     "read_item_scores",
     "read_manifest",
+    "read_provenance",
     "read_run_config",
     "read_trainer_state",
     "write_item_meta",
     "write_item_scores",
     "write_manifest_file",
+    "write_provenance",
     "write_run_config",
     "write_trainer_state",
 ]
@@ -68,6 +73,8 @@ TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
 ITEM_META = "meta.json"
 ITEM_SCORES = "scores.json"
+PROVENANCE = "provenance.json"
+SOURCE_DIFF = "source.diff"
 
 _CHECKPOINT_FIX = "use another checkpoint (`m2d checkpoints RUN` lists them)"
 
@@ -305,3 +312,48 @@ def write_item_scores(item: str, storage: StorageConfig | None, scores: ItemScor
     fs, path = filesystem(join(item, ITEM_SCORES), storage)
     with fs.open(path, "w") as handle:
         handle.write(scores.model_dump_json(indent=1))
+
+
+# -- provenance.json -----------------------------------------------------------------------
+
+
+class Provenance(BaseModel):
+    """Where a run came from, written by the launcher when it creates the run folder (a
+    resume adds nothing): the code (its commit; a dirty tree's diff is ``source.diff``
+    beside it), the packages, the profile, the DeepSpeed config and the data manifests."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    git_commit: str = Field(description="The launcher's checkout's commit; 'unknown' outside git.")
+    git_dirty: bool = Field(description="Whether tracked files differed from it (source.diff).")
+    packages: dict[str, str] = Field(description="Installed versions where the launch ran.")
+    profile: str | None = Field(description="The cluster profile file the run resolved.")
+    profile_sha256: str | None
+    deepspeed: dict[str, Any] = Field(description="The DeepSpeed config the run trains with.")
+    manifests: dict[str, str | None] = Field(
+        description="data.KEY -> the manifest's sha256 (None: not readable from the launcher)."
+    )
+    python: str
+    host: str
+    launched_at: str
+
+
+def read_provenance(folder: str, storage: StorageConfig | None) -> Provenance | None:
+    """The provenance of run ``folder``; None for a run from before it was recorded."""
+    uri = join(folder, PROVENANCE)
+    try:
+        return Provenance.model_validate_json(_read(uri, storage))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise _problem(folder, PROVENANCE, exc, "it is the launcher's record; leave it") from None
+
+
+def write_provenance(
+    folder: str, storage: StorageConfig | None, provenance: Provenance, diff: str | None
+) -> None:
+    """Write ``provenance`` (and ``diff`` as source.diff) into run ``folder``."""
+    fs, path = filesystem(folder, storage)
+    if diff:
+        fs.pipe_file(f"{path}/{SOURCE_DIFF}", diff.encode())
+    fs.pipe_file(f"{path}/{PROVENANCE}", provenance.model_dump_json(indent=2).encode())

@@ -25,7 +25,7 @@ from infra.checkpoint_layout import check_checkpoint, complete_checkpoint
 from infra.config import RunConfig, StorageConfig
 from infra.errors import ConfigError, first_line
 from infra.processes import process_alive
-from infra.run_folder import MANIFEST, RUN_CONFIG, write_run_config
+from infra.run_folder import MANIFEST, PROVENANCE, RUN_CONFIG, SOURCE_DIFF, write_run_config
 from infra.storage import filesystem, join
 from infra.tracking import MLFLOW_RUN_FILE
 from mask2dit.tiny import BUILT_IN_SOURCES
@@ -196,11 +196,11 @@ def create_run_folder(run: RunConfig, name: str) -> str:
 
 def discard_run_folder(record: RunRecord) -> None:
     """Undo ``create_run_folder`` for a run whose first job never started (Ray refused the
-    submission): the launcher's own files go (the run config, the MLflow run's id), then
-    the folder if that leaves it empty, so the name can be launched again. Nothing else in
-    the folder is touched."""
+    submission): the launcher's own files go (the run config, the MLflow run's id, the
+    provenance and a dirty tree's diff), then the folder if that leaves it empty, so the
+    name can be launched again. Nothing else in the folder is touched."""
     fs, path = filesystem(record.config_folder, record.storage_config)
-    for name in (RUN_CONFIG, MLFLOW_RUN_FILE):
+    for name in (RUN_CONFIG, MLFLOW_RUN_FILE, PROVENANCE, SOURCE_DIFF):
         with contextlib.suppress(FileNotFoundError):
             fs.rm_file(f"{path}/{name}")
     with contextlib.suppress(OSError):

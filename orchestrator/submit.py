@@ -134,8 +134,12 @@ def runtime_env(run: RunConfig) -> dict[str, Any]:
         # path (never its keys) goes to all of them, as storage_options sets it here.
         env_vars.setdefault("AWS_SHARED_CREDENTIALS_FILE", run.storage.credentials_file)
     if run.runtime_env.ship_code:
+        from orchestrator.provenance import git_state
+
         env["py_modules"] = shipped_code()
         env["excludes"] = list(SHIP_EXCLUDES)
+        # The shipped copy has no .git: the job tags its MLflow run with this commit.
+        env_vars.setdefault("M2D_GIT_COMMIT", git_state()[0])
         # `python -m` would put the job's working directory first on sys.path, ahead of
         # the shipped packages: a copy of m2d there (the head's own checkout) would win.
         env_vars.setdefault("PYTHONSAFEPATH", "1")

@@ -30,12 +30,12 @@ from typing import Any
 
 from infra.checkpoint_layout import write_manifest
 from infra.config import RunConfig, StorageConfig
-from infra.errors import ConfigError, M2DError, ServiceError, StorageError, first_line
+from infra.errors import ConfigError, DataError, M2DError, ServiceError, StorageError, first_line
 from infra.job_entry import job_main
 from infra.job_specs import TrainJobSpec
 from infra.logging import get_logger, progress
 from infra.ray_runtime import init_ray
-from infra.run_folder import read_run_config
+from infra.run_folder import read_provenance, read_run_config
 from infra.storage import (
     bounded,
     check_stage_input,
@@ -175,6 +175,24 @@ def _snapshot_problem(text: bytes, exists) -> str | None:
     return None
 
 
+def provenance_tags(folder: RunFolder) -> dict[str, str]:
+    """MLflow tags from the run's provenance.json (none for a run launched before it)."""
+    try:
+        found = read_provenance(folder.uri, folder.run.storage)
+    except DataError as exc:
+        log.warning("%s", exc)
+        return {}
+    if found is None:
+        return {}
+    return {
+        "git_commit": found.git_commit,
+        "m2d.git_dirty": str(found.git_dirty).lower(),
+        "m2d.packages": json.dumps(found.packages, sort_keys=True),
+        "m2d.profile_sha256": found.profile_sha256 or "unknown",
+        "m2d.manifests": json.dumps(found.manifests, sort_keys=True),
+    }
+
+
 def git_commit() -> str:
     """The commit of the code that runs (``M2D_GIT_COMMIT`` wins; 'unknown' outside git)."""
     if os.environ.get("M2D_GIT_COMMIT"):
@@ -256,7 +274,7 @@ def fit(folder: RunFolder) -> Outcome:
 
     init_ray()
     set_aside_torn_snapshot(folder)
-    tags = {"git_commit": git_commit(), "ray_job_id": _ray_job_id()}
+    tags = {"git_commit": git_commit(), "ray_job_id": _ray_job_id(), **provenance_tags(folder)}
     tracker = _open_tracking(folder, tags)
     url = tracker.url
     log.info("MLflow run %s", url)

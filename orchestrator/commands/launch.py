@@ -230,13 +230,22 @@ def _next_job_id(record: runs.RunRecord) -> str:
 
 
 def _new_record(run: RunConfig, run_name: str, smoke: bool = False) -> runs.RunRecord:
-    """Create the run's folder (its run_config.json) and its registry record."""
+    """Create the run's folder (its run_config.json and provenance.json) and its registry
+    record."""
+    from infra.run_folder import write_provenance
+    from orchestrator import provenance
+
+    config_uri = runs.create_run_folder(run, run_name)
+    root = click.get_current_context().find_root().obj or {}
+    profile = profiles.find_profile(run.cluster, profiles.clusters_dir(root.get("clusters_dir")))
+    found, diff = provenance.collect(run, profile)
+    write_provenance(runs.run_dir(run, run_name), run.storage, found, diff)
     return runs.RunRecord(
         name=run_name,
         cluster=run.cluster,
         stage=run.stage,
         run_dir=runs.run_dir(run, run_name),
-        config_uri=runs.create_run_folder(run, run_name),
+        config_uri=config_uri,
         kind="local" if run.ray.address == "local" else "remote",
         address=run.ray.address,
         tracking_uri=run.tracking.uri,
