@@ -36,6 +36,10 @@ COMMANDS = {
     "data": ("orchestrator.commands.data:data", "Synthesize and inspect training data."),
     "logs": ("orchestrator.commands.status:logs", "Print (or follow) a run's output."),
     "plan": ("orchestrator.commands.plan:plan", "Memory per GPU, step time and cost of a stage."),
+    "relaunch": (
+        "orchestrator.commands.launch:relaunch",
+        "Start a new run like an earlier one (here or on another cluster).",
+    ),
     "runs": ("orchestrator.commands.status:runs_", "Table of recent runs."),
     "sample-batch": (
         "orchestrator.commands.sample:sample_batch",

@@ -140,6 +140,37 @@ def resize(run: RunConfig, assignments: list[str] | tuple[str, ...]) -> RunConfi
         raise ConfigError(f"--set: {key}: {_error_message(error, RunConfig)}") from None
 
 
+#: What a relaunch on another cluster keeps of the run: what it trains, on what, from what.
+RUN_OWN = ("recipe", "model", "data", "init_from")
+
+
+def relaunched(
+    run: RunConfig, other: RunConfig | None, assignments: list[str] | tuple[str, ...]
+) -> RunConfig:
+    """A new run like ``run`` (``m2d relaunch``): all of it, or with ``other`` (the same
+    stage resolved on another cluster) that cluster's workers, DeepSpeed, Ray, storage,
+    tracking and runtime with ``run``'s recipe, model, data and init_from; then the
+    ``--set`` assignments (run-level keys, as ``m2d launch --set`` takes them)."""
+    data = run.model_dump(mode="json")
+    overrides = parse_overrides(assignments)
+    if other is not None:
+        data = {**other.model_dump(mode="json"), **{key: data[key] for key in RUN_OWN}}
+        if "gradient_accumulation" not in overrides.get("deepspeed", {}):
+            # The run's global batch on this cluster's workers, where it divides evenly
+            # (else the validation below names what to set).
+            per_step = data["deepspeed"]["micro_batch_per_gpu"] * data["workers"]["num_workers"]
+            batch = overrides.get("recipe", {}).get("global_batch", run.recipe.global_batch)
+            if isinstance(batch, int) and batch % per_step == 0:
+                data["deepspeed"]["gradient_accumulation"] = batch // per_step
+    data = deep_merge(data, overrides)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = ".".join(_error_key(error))
+        raise ConfigError(f"--set: {key}: {_error_message(error, RunConfig)}") from None
+
+
 def parse_overrides(assignments: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """``["recipe.steps=10", ...]`` as a nested dict; unknown keys are refused by name."""
     overrides: dict[str, Any] = {}

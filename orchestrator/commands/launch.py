@@ -373,24 +373,37 @@ def launch(
             shown = _smoke_size(run) if smoke else run
             click.echo(render_dry_run(shown) + render_plan(shown), nl=False)
             return
-        if not (smoke or force):
-            check_fits(run)
-        if run.ray.address == "local":
-            _check_input(run)  # a training input that is not there fails before any write
-        else:
-            ray_jobs.job_client(run.ray.address)  # so does an unreachable cluster
-            if not (smoke or force):
-                from orchestrator.placement import check_cluster
-
-                check_cluster(run)  # and one that can never hold the workers
-        if not smoke and _opens_mlflow_here(run):
-            from infra.tracking import check_store
-
-            check_store(run.tracking.uri)  # and an MLflow store that does not answer
+        _check_before_writing(run, checks=not (smoke or force), mlflow=not smoke)
         if smoke:
             _smoke(ctx, run, assignments)
             return
         record = _new_record(run, runs.new_run_name(run, name))
+    _run_to_end(record, run, follow)
+
+
+def _check_before_writing(run: RunConfig, checks: bool, mlflow: bool = True) -> None:
+    """What a new run must pass before its folder is made: the plan fits and the cluster
+    can hold its workers (``checks``: not with --force), its training input is there (a
+    local run) or its cluster answers, and its MLflow store answers (``mlflow``)."""
+    if checks:
+        check_fits(run)
+    if run.ray.address == "local":
+        _check_input(run)  # a training input that is not there fails before any write
+    else:
+        ray_jobs.job_client(run.ray.address)  # so does an unreachable cluster
+        if checks:
+            from orchestrator.placement import check_cluster
+
+            check_cluster(run)  # and one that can never hold the workers
+    if mlflow and _opens_mlflow_here(run):
+        from infra.tracking import check_store
+
+        check_store(run.tracking.uri)  # and an MLflow store that does not answer
+
+
+def _run_to_end(record: runs.RunRecord, run: RunConfig, follow: bool) -> None:
+    """Start the run's job and wait for it (a remote one: unless it was only submitted);
+    a stop, a user error or a failure ends the command with its status."""
     code = _start(record, run, follow)
     if code and runs.load_record(record.name).stopped:
         raise click.ClickException(
@@ -400,3 +413,50 @@ def launch(
         raise click.exceptions.Exit(code)
     if code:
         raise click.ClickException(f"run {record.name} failed (exit {code}); see the log above")
+
+
+@click.command()
+@click.argument("name", shell_complete=run_names)
+@click.option(
+    "--cluster",
+    "cluster_name",
+    shell_complete=cluster_names,
+    help="Run it on this cluster: its workers, DeepSpeed, Ray, storage and tracking; the "
+    "recipe, model, data and starting weights stay the run's.",
+)
+@set_option("recipe.steps=2000 or recipe.seed=1")
+@click.option("--name", "new_name", help="The new run's name (default CLUSTER-STAGE-UTCTIME).")
+@click.option("--dry-run", is_flag=True, help="Print the new run's configuration and plan only.")
+@click.option("--follow", is_flag=True, help="Remote runs: stream the job's logs until it ends.")
+@click.option("--force", is_flag=True, help="Launch even when `m2d plan` says it does not fit.")
+@click.pass_context
+def relaunch(
+    ctx: click.Context,
+    name: str,
+    cluster_name: str | None,
+    assignments: tuple[str, ...],
+    new_name: str | None,
+    dry_run: bool,
+    follow: bool,
+    force: bool,
+) -> None:
+    """Start a new run like run NAME, from the configuration saved in its folder
+    (run_config.json; its provenance.json says what code and data it ran with): the same
+    stage, recipe, model, data and starting weights, here or on --cluster, with --set
+    changes. NAME itself is not touched."""
+    if new_name:
+        runs.check_run_name(new_name)
+    record = runs.load_record(name)
+    old = runs.read_run_config(record)
+    other = None
+    if cluster_name:
+        clusters = ctx.find_root().obj["clusters_dir"]
+        other = runs.resolve_run(clusters, cluster_name, old.stage)
+    run = runs.with_absolute_paths(profiles.relaunched(old, other, assignments))
+    if dry_run:
+        click.echo(render_dry_run(run) + render_plan(run), nl=False)
+        return
+    _check_before_writing(run, checks=not force)
+    record = _new_record(run, runs.new_run_name(run, new_name))
+    click.echo(f"run {record.name}: like {name}")
+    _run_to_end(record, run, follow)
