@@ -241,6 +241,20 @@ class FaultToleranceConfig(_Strict):
     )
 
 
+class NotifyConfig(_Strict):
+    """Where a run's state changes are posted (started, checkpoint, restarted, finished,
+    failed: ``infra/notify.py``). A webhook URL carries its own credential (Slack's and
+    most chat services' do), so it comes from the environment, like every secret."""
+
+    webhook_env: str | None = Field(
+        None,
+        description="Environment variable holding the webhook URL (e.g. M2D_WEBHOOK_URL); "
+        "unset or empty: no posts. The job's driver reads it (a remote job: set it in the "
+        "cluster's environment, as credentials are).",
+    )
+    timeout_s: float = Field(5.0, gt=0, le=60, description="Seconds one post may take.")
+
+
 class ModelConfig(_Strict):
     """Where the CogVideoX weights come from."""
 
@@ -486,6 +500,7 @@ class _Placement(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     runtime_env: RuntimeEnvConfig = Field(default_factory=RuntimeEnvConfig)
     plan: PlanConfig = Field(default_factory=PlanConfig)
+    notify: NotifyConfig = Field(default_factory=NotifyConfig)
 
     @model_validator(mode="after")
     def _placement(self) -> _Placement:

@@ -34,6 +34,7 @@ from infra.errors import ConfigError, DataError, M2DError, ServiceError, Storage
 from infra.job_entry import job_main
 from infra.job_specs import TrainJobSpec
 from infra.logging import get_logger, progress
+from infra.notify import Notifier
 from infra.ray_runtime import init_ray
 from infra.run_folder import read_provenance, read_run_config
 from infra.storage import (
@@ -207,12 +208,24 @@ def git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
-def _progress_callback(folder: RunFolder, tracker: Tracker) -> Any:
+def _progress_callback(folder: RunFolder, tracker: Tracker, notifier: Notifier) -> Any:
     """A controller-side callback: a progress record per report (``infra.logging.progress``,
-    which the CLI's console displays), checkpoints into MLflow."""
+    which the CLI's console displays), checkpoints into MLflow and the webhook, a worker
+    failure Ray restarts from to the webhook."""
     from ray.train import UserCallback
 
+    allowed = folder.run.fault_tolerance.max_failures
+
     class Progress(UserCallback):
+        failures = 0
+
+        def after_exception(self, run_context: Any, worker_exceptions: dict) -> None:
+            self.failures += 1
+            if allowed == -1 or self.failures <= allowed:  # Ray starts the workers again
+                error = next(iter(worker_exceptions.values()), None)
+                why = _first_line(error) if error is not None else ""
+                notifier.post("restarted", restarts=self.failures, error=why)
+
         def after_report(self, run_context: Any, metrics: list, checkpoint: Any) -> None:
             rank0 = metrics[0] if metrics else {}
             step = int(rank0.get("step", 0))
@@ -226,6 +239,7 @@ def _progress_callback(folder: RunFolder, tracker: Tracker) -> Any:
                 name = checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
                 uri = f"{folder.parent}/{folder.name}/{name}"
                 _commit(uri, folder.run)
+                notifier.post("checkpoint", step=step, checkpoint=uri)
                 try:  # a tracking server that does not answer must not hold up training
                     with fail_fast(10):
                         tracker.log_checkpoint(uri, step)
@@ -278,18 +292,25 @@ def fit(folder: RunFolder) -> Outcome:
     tracker = _open_tracking(folder, tags)
     url = tracker.url
     log.info("MLflow run %s", url)
+    notifier = Notifier(folder.run, folder.name, url)
+    notifier.post("started")
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=worker_config(folder, tracker.run_id),
         scaling_config=scaling_config(folder.run),
         torch_config=torch_config(folder.run),
-        run_config=ray_run_config(folder, [_progress_callback(folder, tracker)]),
+        run_config=ray_run_config(folder, [_progress_callback(folder, tracker, notifier)]),
     )
     try:
         result = trainer.fit()
         outcome = Outcome(tracker, result.metrics or {}, result.checkpoint, result.error, url)
     except ray.train.TrainingFailedError as exc:  # V2 raises where V1 returned result.error
         outcome = Outcome(tracker, {}, None, exc, url)
+    step = int(outcome.metrics.get("step", 0))
+    if outcome.error:
+        notifier.post("failed", step=step, error=_first_line(outcome.error))
+    else:
+        notifier.post("finished", step=step)
     try:  # one request, answered in milliseconds by a server that works
         with fail_fast(10):
             tracker.finish("FAILED" if outcome.error else "FINISHED")

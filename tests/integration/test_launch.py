@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from m2d_cli import M2D, ROOT, local_env, run_m2d, wait_state
+from webhook import Receiver
 
 pytestmark = pytest.mark.integration
 
@@ -221,11 +222,22 @@ def test_a_local_launch_shows_m2ds_lines_and_logs_the_rest(workspace):
     """A 200-step local launch, as `make demo` runs it: fewer than 40 lines on the console,
     all m2d's; Ray's and DeepSpeed's output (every worker's) is in the run's log file."""
     sets = ["recipe.steps=200", "fault_tolerance.checkpoint_every=50"]
+    sets.append("notify.webhook_env=M2D_TEST_WEBHOOK")  # the run's events posted, below
     flags = [*workspace["flags"], *(arg for value in sets for arg in ("--set", value))]
-    done = m2d(
-        workspace, "launch", "--cluster", "local", "--stage", "pretrain", "--name", "quiet", *flags
-    )
+    with Receiver() as hook:
+        hooked = {**workspace, "env": {**workspace["env"], "M2D_TEST_WEBHOOK": hook.url}}
+        done = m2d(
+            hooked, "launch", "--cluster", "local", "--stage", "pretrain", "--name", "quiet", *flags
+        )
     assert done.returncode == 0, done.stdout + done.stderr
+    # Its webhook heard it start, checkpoint every 50 steps and finish, in that order.
+    assert [(p["event"], p.get("step")) for p in hook.posts] == [
+        ("started", None),
+        *(("checkpoint", step) for step in (50, 100, 150, 200)),
+        ("finished", 200),
+    ]
+    assert all(p["run"] == "quiet" and "/#/experiments/" in p["mlflow"] for p in hook.posts)
+    assert hook.posts[1]["checkpoint"].endswith("/quiet/checkpoint_00000050")
     lines = (done.stdout + done.stderr).splitlines()
     assert len(lines) < 40, "\n".join(lines)
     ours = (
