@@ -370,7 +370,12 @@ def log_to_mlflow(experiment: Experiment, results: dict, table: dict) -> None:
     client = MlflowClient(f"sqlite:///{experiment.out / 'mlflow.db'}")
     name = "m2d-mask-ablation"
     found = client.get_experiment_by_name(name)
-    experiment_id = found.experiment_id if found else client.create_experiment(name)
+    from infra.tracking import EXPERIMENT_KIND
+
+    if found is None:  # one of model training: MLflow's UI opens it on its runs
+        experiment_id = client.create_experiment(name, tags=dict([EXPERIMENT_KIND]))
+    else:
+        experiment_id = found.experiment_id
     key = json.dumps([vars(experiment.settings), [r.name for r in experiment.rows]], default=list)
     parent = _run_tagged(client, experiment_id, "m2d.ablation", key) or client.create_run(
         experiment_id,

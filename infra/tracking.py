@@ -553,17 +553,28 @@ def _parent_run_id(run: RunConfig) -> str | None:
     return parent
 
 
+#: MLflow's experiment type, read by its UI: an experiment of this kind opens on its
+#: training runs, not on the GenAI traces view (MLflow 3).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def _experiment_id(client, tracking: TrackingConfig) -> str:
-    """The experiment's id, creating it if missing. Two jobs starting at once may both find
-    it missing: the one whose create loses the race reads the other's."""
+    """The experiment's id, creating it (as one of model training, ``EXPERIMENT_KIND``)
+    if missing; one m2d made before, or a user's that says no kind, gets the kind too. Two
+    jobs starting at once may both find it missing: the one whose create loses the race
+    reads the other's."""
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(tracking.experiment)
     if experiment is not None:
+        if EXPERIMENT_KIND[0] not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
         return experiment.experiment_id
     try:
         return client.create_experiment(
-            tracking.experiment, artifact_location=_artifact_location(tracking.uri)
+            tracking.experiment,
+            artifact_location=_artifact_location(tracking.uri),
+            tags=dict([EXPERIMENT_KIND]),
         )
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":

@@ -1,4 +1,5 @@
-"""Two jobs that open the same new MLflow experiment at once both start."""
+"""Two jobs that open the same new MLflow experiment at once both start; the experiments m2d
+opens are marked as model training, so MLflow's UI opens them on their runs."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ class RacingClient:
         self.looks += 1
         return None if self.looks == 1 else SimpleNamespace(experiment_id="7")
 
-    def create_experiment(self, name: str, artifact_location=None) -> str:
+    def create_experiment(self, name: str, artifact_location=None, tags=None) -> str:
         raise MlflowException(f"Experiment(name={name}) already exists.", self.error_code)
 
 
@@ -36,3 +37,23 @@ def test_the_loser_of_the_create_race_uses_the_winners_experiment():
 def test_other_create_errors_are_not_swallowed():
     with pytest.raises(MlflowException):
         _experiment_id(RacingClient(INVALID_PARAMETER_VALUE), TRACKING)
+
+
+def test_an_experiment_m2d_opens_is_one_of_model_training(tmp_path):
+    """MLflow 3's UI opens an experiment of no kind on its GenAI traces ("no data"); one of
+    kind custom_model_development on its runs. New experiments get the kind, and one made
+    before (without it) gets it when m2d next opens it; a kind a user chose stays."""
+    from mlflow.tracking import MlflowClient
+
+    from infra.tracking import EXPERIMENT_KIND, Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    Tracker.start(TrackingConfig(uri=uri, experiment="new"), "r1")
+    assert client.get_experiment_by_name("new").tags[EXPERIMENT_KIND[0]] == EXPERIMENT_KIND[1]
+    old = client.create_experiment("old")
+    Tracker.start(TrackingConfig(uri=uri, experiment="old"), "r2")
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND[0]] == "custom_model_development"
+    chosen = client.create_experiment("chosen", tags={EXPERIMENT_KIND[0]: "genai_development"})
+    Tracker.start(TrackingConfig(uri=uri, experiment="chosen"), "r3")
+    assert client.get_experiment(chosen).tags[EXPERIMENT_KIND[0]] == "genai_development"
