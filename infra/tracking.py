@@ -499,7 +499,7 @@ def run_id_in(run_dir: str, storage: StorageConfig | None) -> str | None:
 def open_run(run: RunConfig, run_dir: str, name: str, tags: Mapping[str, str]) -> Tracker:
     """The MLflow run of the run folder ``run_dir``: continued (status RUNNING, ``tags``
     added) when the folder names one, else created - with the resolved config as params,
-    nested under the run it starts from - and its id written into the folder."""
+    linked to the run it starts from - and its id written into the folder."""
     run_id = run_id_in(run_dir, run.storage)
     if run_id:
         tracker = Tracker(run.tracking.uri, run_id)
@@ -508,7 +508,7 @@ def open_run(run: RunConfig, run_dir: str, name: str, tags: Mapping[str, str]) -
         return tracker
     parent = _parent_run_id(run)
     if parent:
-        tags = {**tags, "mlflow.parentRunId": parent}  # MLflow nests the SFT under it
+        tags = {**tags, **lineage_tags(run, parent)}
     tracker = Tracker.create(run, name, tags)
     fs, path = filesystem(join(run_dir, MLFLOW_RUN_FILE), run.storage)
     with fs.open(path, "w") as handle:
@@ -530,6 +530,23 @@ def end_run(run: RunConfig, run_dir: str, status: str = "FAILED") -> None:
         log.warning("could not mark the MLflow run of %s %s: %s", run_dir, status, first_line(exc))
 
 
+#: The tag naming the MLflow run whose checkpoint a run starts from (SFT from pretrain).
+#: Not ``mlflow.parentRunId``: MLflow's UI folds a child under its parent in the runs
+#: table, where an SFT run must stand as a run of its own.
+STARTED_FROM = "m2d.started_from"
+
+
+def lineage_tags(run: RunConfig, parent: str) -> dict[str, str]:
+    """The tags that link a run to ``parent``: its id, and a note (shown on the run's page)
+    with a link to it."""
+    from mlflow.tracking import MlflowClient
+
+    found = MlflowClient(tracking_uri=run.tracking.uri).get_run(parent)
+    link = f"#/experiments/{found.info.experiment_id}/runs/{parent}"
+    note = f"Started from [{found.info.run_name}]({link}), checkpoint `{run.init_from}`."
+    return {STARTED_FROM: parent, "mlflow.note.content": note}
+
+
 def _parent_run_id(run: RunConfig) -> str | None:
     """The MLflow run of the checkpoint this run starts from (``init_from``), if it is in
     this run's tracking store; read from the checkpoint's ``trainer_state.json``."""
@@ -548,7 +565,7 @@ def _parent_run_id(run: RunConfig) -> str | None:
     try:
         MlflowClient(tracking_uri=run.tracking.uri).get_run(parent)
     except MlflowException:
-        log.warning("parent MLflow run %s is not in %s; not nesting", parent, run.tracking.uri)
+        log.warning("parent MLflow run %s is not in %s; not linking", parent, run.tracking.uri)
         return None
     return parent
 

@@ -6,8 +6,8 @@ pixels (the VAE's 8x times the patch's 2x) with short captions; *checkpoint* - t
 saved one at that step; *resume* - the same run started again for SMOKE_STEPS more steps
 continues from it (the checkpoint has the new step, the same MLflow run, and each step
 is in MLflow once: a run that started over would log the first steps twice). A pretrain
-smoke run is followed by an SFT one initialised from its checkpoint, which must also be
-nested under it in MLflow.
+smoke run is followed by an SFT one initialised from its checkpoint, whose MLflow run must
+also name the pretrain's as the run it started from.
 """
 
 from __future__ import annotations
@@ -95,18 +95,20 @@ def _resumed(
     return True, f"step {SMOKE_STEPS} -> {2 * SMOKE_STEPS}, MLflow run {run_id}"
 
 
-def check_nested(sft: runs.RunRecord, pretrain: runs.RunRecord, run: RunConfig) -> Check:
-    """The SFT run's MLflow run is a child of the pretrain's."""
+def check_linked(sft: runs.RunRecord, pretrain: runs.RunRecord, run: RunConfig) -> Check:
+    """The SFT run's MLflow run names the pretrain's as the run it started from."""
     parent = getattr(_checkpoint_state(pretrain, 2 * SMOKE_STEPS), "mlflow_run_id", None)
     child = getattr(_checkpoint_state(sft, SMOKE_STEPS), "mlflow_run_id", None)
     if not (parent and child):
-        return Check("sft", "nested", False, "a run has no MLflow id")
+        return Check("sft", "linked", False, "a run has no MLflow id")
     try:
         tags = _client(run).get_run(child).data.tags
     except Exception as exc:
-        return Check("sft", "nested", False, f"cannot read run {child}: {exc}")
-    got = tags.get("mlflow.parentRunId")
-    return Check("sft", "nested", got == parent, f"parent {got}, pretrain {parent}")
+        return Check("sft", "linked", False, f"cannot read run {child}: {exc}")
+    from infra.tracking import STARTED_FROM
+
+    got = tags.get(STARTED_FROM)
+    return Check("sft", "linked", got == parent, f"parent {got}, pretrain {parent}")
 
 
 def _client(run: RunConfig):

@@ -274,7 +274,7 @@ def _smoke(ctx, run: RunConfig, assignments: tuple[str, ...]) -> None:
         sft = smoke.shrink(sft.model_copy(update={"init_from": runs.latest_checkpoint(record)}))
         sft_record = _new_record(sft, smoke.smoke_name(sft), smoke=True)
         checks += smoke.check_stage(sft_record, sft, start)
-        checks.append(smoke.check_nested(sft_record, record, sft))
+        checks.append(smoke.check_linked(sft_record, record, sft))
     click.echo(smoke.render(checks), nl=False)
     failed = [c for c in checks if not c.ok]
     if failed:

@@ -68,7 +68,7 @@ def test_smoke_pretrain_then_sft_passes_in_runs_of_its_own(workspace, mlflow_ser
     assert rows == {
         **{("pretrain", c): "PASS" for c in checks},
         **{("sft", c): "PASS" for c in checks},
-        ("sft", "nested"): "PASS",
+        ("sft", "linked"): "PASS",
     }, done.stdout
 
     records = {
@@ -98,14 +98,15 @@ def test_smoke_pretrain_then_sft_passes_in_runs_of_its_own(workspace, mlflow_ser
     assert refused.returncode == 2 and "no finished pretrain run" in refused.stderr
 
     # Independent of the table: MLflow holds the pretrain smoke's steps once each, and the
-    # SFT smoke run nested under it.
+    # SFT smoke run names it as the run it started from (a run of its own in the table).
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=mlflow_server)
     pre_id = json.loads((Path(pre["run_dir"]) / "mlflow_run.json").read_text())["run_id"]
     sft_id = json.loads((Path(sft["run_dir"]) / "mlflow_run.json").read_text())["run_id"]
     assert sorted(m.step for m in client.get_metric_history(pre_id, "loss")) == [1, 2, 3, 4]
-    assert client.get_run(sft_id).data.tags["mlflow.parentRunId"] == pre_id
+    sft_tags = client.get_run(sft_id).data.tags
+    assert sft_tags["m2d.started_from"] == pre_id and "mlflow.parentRunId" not in sft_tags
 
 
 def test_smoke_that_cannot_train_fails_its_rows_and_exits_1(workspace):

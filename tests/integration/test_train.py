@@ -136,7 +136,9 @@ def test_sft_zero3_from_pretrain_checkpoint(s3_pretrain, mlflow_server, synth_da
     assert normal and extension  # 12 per-sample draws at p = 0.5 (seed 0) give both tasks
     pretrain_state = json.loads((pretrained / "trainer_state.json").read_text())
     tags = client.get_run(state["mlflow_run_id"]).data.tags
-    assert tags["mlflow.parentRunId"] == pretrain_state["mlflow_run_id"]  # nested in MLflow
+    # Linked, not nested: MLflow's table would fold the SFT run under the pretrain one.
+    assert tags["m2d.started_from"] == pretrain_state["mlflow_run_id"]
+    assert "mlflow.parentRunId" not in tags and "Started from [" in tags["mlflow.note.content"]
     shards = sorted(
         p.name for p in (root / "sft-z3" / "checkpoint_00000006" / "deepspeed").iterdir()
     )

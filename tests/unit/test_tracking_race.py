@@ -57,3 +57,34 @@ def test_an_experiment_m2d_opens_is_one_of_model_training(tmp_path):
     chosen = client.create_experiment("chosen", tags={EXPERIMENT_KIND[0]: "genai_development"})
     Tracker.start(TrackingConfig(uri=uri, experiment="chosen"), "r3")
     assert client.get_experiment(chosen).tags[EXPERIMENT_KIND[0]] == "genai_development"
+
+
+def test_an_sft_run_is_linked_to_the_run_it_starts_from_not_nested(tmp_path):
+    """Nesting (mlflow.parentRunId) folds the SFT run under the pretrain one in MLflow's
+    runs table; a tag and a note with a link keep the lineage and the run in view."""
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    from infra.run_folder import TrainerState, write_trainer_state
+    from infra.tracking import STARTED_FROM, Tracker, open_run
+    from orchestrator import profiles
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    pretrain = Tracker.start(TrackingConfig(uri=uri, experiment="m2d"), "pre-run")
+    checkpoint = tmp_path / "pre" / "checkpoint_00000004"
+    checkpoint.mkdir(parents=True)
+    write_trainer_state(checkpoint, TrainerState(world_size=1, mlflow_run_id=pretrain.run_id))
+    clusters = Path(__file__).resolve().parents[2] / "clusters"
+    run = profiles.resolve(
+        profiles.load_profile(clusters / "local.yaml"),
+        "sft",
+        {"tracking": {"uri": uri, "experiment": "m2d"}, "storage": {"root": str(tmp_path)}},
+    ).model_copy(update={"init_from": str(checkpoint)})
+    (tmp_path / "sft").mkdir()
+    sft = open_run(run, str(tmp_path / "sft"), "sft-run", {})
+    tags = MlflowClient(uri).get_run(sft.run_id).data.tags
+    assert tags[STARTED_FROM] == pretrain.run_id and "mlflow.parentRunId" not in tags
+    experiment = MlflowClient(uri).get_experiment_by_name("m2d").experiment_id
+    link = f"[pre-run](#/experiments/{experiment}/runs/{pretrain.run_id})"
+    assert tags["mlflow.note.content"] == f"Started from {link}, checkpoint `{checkpoint}`."
