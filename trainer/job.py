@@ -10,7 +10,8 @@ starts a local Ray. The job continues the MLflow run named in ``mlflow_run.json`
 the config (the launcher opens it where it can reach the store) or opens it
 (``infra.tracking.open_run``); running it again on the same folder resumes from the latest
 checkpoint, in that same MLflow run. A run that starts from another run's checkpoint
-(``init_from``: SFT from pretrain) is nested under that run's MLflow run; every reported
+(``init_from``: SFT from pretrain) names that run's MLflow run (``m2d.started_from``, and a
+note linking to it); every reported
 checkpoint is logged there as a small JSON artifact (``checkpoints/checkpoint_NNNNNNNN.json``:
 URI, step, time) and the ``checkpoint.latest`` tag.
 
