@@ -38,7 +38,7 @@ COMMANDS = {
     "plan": ("orchestrator.commands.plan:plan", "Memory per GPU, step time and cost of a stage."),
     "relaunch": (
         "orchestrator.commands.launch:relaunch",
-        "Start a new run like an earlier one (here or on another cluster).",
+        "Start a new run like an earlier one.",
     ),
     "runs": ("orchestrator.commands.status:runs_", "Table of recent runs."),
     "sample-batch": (
