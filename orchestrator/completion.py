@@ -7,6 +7,8 @@ names. They read only folder listings - no YAML, no MLflow, no Ray - so a TAB is
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import click
 from click.shell_completion import CompletionItem
 
@@ -30,3 +32,10 @@ def run_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> li
         return []
     found = sorted(folder.glob("*.json"), key=lambda path: path.stat().st_mtime, reverse=True)
     return [CompletionItem(p.stem) for p in found if p.stem.startswith(incomplete)]
+
+
+def cluster_option(**options) -> Callable:
+    """``--cluster NAME`` (the ``cluster_name`` parameter), completing profile names; help
+    "Profile name in clusters/." unless ``options`` say otherwise."""
+    options.setdefault("help", "Profile name in clusters/.")
+    return click.option("--cluster", "cluster_name", shell_complete=cluster_names, **options)

@@ -132,12 +132,7 @@ def resize(run: RunConfig, assignments: list[str] | tuple[str, ...]) -> RunConfi
                 f"{run.recipe.global_batch // ds['micro_batch_per_gpu']}"
             )
         ds["gradient_accumulation"] = run.recipe.global_batch // per_step
-    try:
-        return RunConfig.model_validate(data)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        key = ".".join(_error_key(error))
-        raise ConfigError(f"--set: {key}: {_error_message(error, RunConfig)}") from None
+    return _validated_run(data)
 
 
 #: What a relaunch on another cluster keeps of the run: what it trains, on what, from what.
@@ -163,6 +158,11 @@ def relaunched(
             if isinstance(batch, int) and batch % per_step == 0:
                 data["deepspeed"]["gradient_accumulation"] = batch // per_step
     data = deep_merge(data, overrides)
+    return _validated_run(data)
+
+
+def _validated_run(data: dict[str, Any]) -> RunConfig:
+    """``data`` as a RunConfig; a ConfigError naming the ``--set`` key that is wrong."""
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:

@@ -23,7 +23,7 @@ import click
 from infra.processes import port_in_use
 from orchestrator import profiles
 from orchestrator.cli import UserError
-from orchestrator.completion import cluster_names
+from orchestrator.completion import cluster_option
 
 STARTUP_S = 120.0  # MLflow creates its tables on a new store first
 STOP_S = 15.0
@@ -129,13 +129,7 @@ def _wait_until_up(process: subprocess.Popen, port: int) -> None:
 
 
 @click.command()
-@click.option(
-    "--cluster",
-    "cluster_name",
-    shell_complete=cluster_names,
-    required=True,
-    help="Profile name in clusters/.",
-)
+@cluster_option(required=True)
 @click.option(
     "--port",
     default=DEFAULT_PORT,

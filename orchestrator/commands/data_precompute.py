@@ -17,19 +17,12 @@ from infra.config import STAGES, RunConfig, TrackingConfig
 from infra.job_specs import PrecomputeSpec, default_of
 from orchestrator import runs
 from orchestrator.cli import set_option
-from orchestrator.completion import cluster_names
+from orchestrator.completion import cluster_option
 from orchestrator.jobs import make_spec, run_here, spec_options
 
 
 @click.command()
-@click.option(
-    "--cluster",
-    "cluster_name",
-    shell_complete=cluster_names,
-    default="local",
-    show_default=True,
-    help="Profile.",
-)
+@cluster_option(default="local", show_default=True, help="Profile.")
 @click.option("--stage", type=click.Choice(STAGES), required=True, help="Recipe to encode for.")
 @click.option("--out", required=True, help="Output folder or s3:// prefix (new, or this job's).")
 @click.option("--manifest", default=None, help="Manifest [default: the profile's data.STAGE].")

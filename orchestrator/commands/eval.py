@@ -20,7 +20,7 @@ from infra.job_specs import EvalSpec
 from infra.storage import filesystem
 from orchestrator import runs, submit
 from orchestrator.cli import UserError, set_option
-from orchestrator.completion import cluster_names
+from orchestrator.completion import cluster_option
 from orchestrator.jobs import EVAL_JOB, eval_spec, spec_options
 from orchestrator.output import print_json
 
@@ -130,13 +130,7 @@ def render(rows: list[dict], kind: str) -> str:
 
 
 @click.command("eval")
-@click.option(
-    "--cluster",
-    "cluster_name",
-    shell_complete=cluster_names,
-    required=True,
-    help="Profile name in clusters/.",
-)
+@cluster_option(required=True)
 @click.option("--samples", help="The --out folder of `m2d sample-batch` to score.")
 @spec_options(EvalSpec, "encoder", "encoder_path", "overwrite", "seed", optional=("encoder_path",))
 @spec_options(EvalSpec, "reference", "fvd_features", "fvd_path")

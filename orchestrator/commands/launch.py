@@ -15,7 +15,7 @@ from infra.errors import ConfigError, M2DError, ServiceError, first_line
 from infra.job_entry import EXIT_USER_ERROR
 from orchestrator import profiles, ray_jobs, runs, submit
 from orchestrator.cli import set_option, verbose
-from orchestrator.completion import cluster_names, run_names
+from orchestrator.completion import cluster_option, run_names
 from orchestrator.placement import placement_lines
 
 # Credentials the workers read from their own environment, never from config.
@@ -293,9 +293,7 @@ def _follow_remote(record: runs.RunRecord) -> int:
 
 
 @click.command()
-@click.option(
-    "--cluster", "cluster_name", shell_complete=cluster_names, help="Profile name in clusters/."
-)
+@cluster_option()
 @click.option("--stage", type=click.Choice(STAGES), help="Training stage.")
 @set_option("recipe.steps=200 or deepspeed.zero_stage=3; with --resume: workers.num_workers=4")
 @click.option(
@@ -417,12 +415,9 @@ def _run_to_end(record: runs.RunRecord, run: RunConfig, follow: bool) -> None:
 
 @click.command()
 @click.argument("name", shell_complete=run_names)
-@click.option(
-    "--cluster",
-    "cluster_name",
-    shell_complete=cluster_names,
+@cluster_option(
     help="Run it on this cluster: its workers, DeepSpeed, Ray, storage and tracking; the "
-    "recipe, model, data and starting weights stay the run's.",
+    "recipe, model, data and starting weights stay the run's."
 )
 @set_option("recipe.steps=2000 or recipe.seed=1")
 @click.option("--name", "new_name", help="The new run's name (default CLUSTER-STAGE-UTCTIME).")

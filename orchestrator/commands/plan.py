@@ -13,17 +13,11 @@ import click
 from infra.config import STAGES
 from orchestrator import runs
 from orchestrator.cli import set_option
-from orchestrator.completion import cluster_names
+from orchestrator.completion import cluster_option
 
 
 @click.command()
-@click.option(
-    "--cluster",
-    "cluster_name",
-    shell_complete=cluster_names,
-    required=True,
-    help="Cluster profile name.",
-)
+@cluster_option(required=True, help="Cluster profile name.")
 @click.option("--stage", type=click.Choice(STAGES), required=True, help="Training stage.")
 @set_option("deepspeed.zero_stage=3 or workers.nodes=16")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead.")

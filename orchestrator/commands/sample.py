@@ -20,7 +20,7 @@ from infra.job_specs import CheckpointSpec, EvalSpec, SampleJobSpec
 from infra.storage import is_remote
 from orchestrator import runs, submit
 from orchestrator.cli import UserError, set_option
-from orchestrator.completion import cluster_names
+from orchestrator.completion import cluster_option
 from orchestrator.jobs import EVAL_JOB, eval_spec, parse_size, spec_options
 
 JOB_MODULE = "sampler.job"
@@ -109,13 +109,7 @@ def build_spec(run: RunConfig, references: tuple[str, ...], options: dict) -> Sa
 
 
 @click.command("sample-batch")
-@click.option(
-    "--cluster",
-    "cluster_name",
-    shell_complete=cluster_names,
-    required=True,
-    help="Profile name in clusters/.",
-)
+@cluster_option(required=True)
 @click.option(
     "--checkpoint",
     "references",

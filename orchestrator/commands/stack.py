@@ -13,7 +13,7 @@ import click
 
 from orchestrator import profiles, runs
 from orchestrator.cli import UserError
-from orchestrator.completion import cluster_names
+from orchestrator.completion import cluster_option
 from orchestrator.stack import PROFILE, Stack, read_state, write_state
 
 
@@ -38,14 +38,7 @@ def stack() -> None:
 
 
 @stack.command()
-@click.option(
-    "--cluster",
-    "cluster_name",
-    shell_complete=cluster_names,
-    default=PROFILE,
-    show_default=True,
-    help="Profile it serves.",
-)
+@cluster_option(default=PROFILE, show_default=True, help="Profile it serves.")
 @click.option("--nodes", default=1, show_default=True, type=click.IntRange(1, 8), help="Ray nodes.")
 @click.option(
     "--cpus-per-node",
