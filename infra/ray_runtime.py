@@ -21,8 +21,15 @@ LOOPBACK_IFNAME = "lo0" if sys.platform == "darwin" else "lo"
 # scrapes a local Ray's Prometheus metrics (MLflow is the dashboard) and nobody drains
 # its node, so the agents' metric exports and Ray Train's preemption watcher (a poll
 # every 5 s) would only take CPU from the workers. Measured: docs/benchmarks.md, issue 16.
+# Ray Train's controller learns of every worker event (group started, a report, the end)
+# at its next poll of the workers, every 2 s by default: a local job waits out several of
+# them at each start and end for nothing. Two workers on this host answer a poll every
+# 0.5 s in microseconds (docs/benchmarks.md, "Launch overhead"). A user's own values win.
 LOCAL_SYSTEM_CONFIG = {"worker_niceness": 0, "enable_metrics_collection": False}
-LOCAL_WORKER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+LOCAL_WORKER_ENV = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+}
 # Every 5 s the dashboard agent composes the node view of Ray's dashboard (psutil over
 # every Ray process): a burst that takes a training worker's core and holds up the other
 # rank's all-reduce. Nobody opens a local Ray's dashboard; once a minute is plenty. Read by
@@ -78,7 +85,7 @@ def init_ray(num_cpus: int | None = None, *, log_to_driver: bool = True) -> bool
             "env_vars": {
                 "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
                 **ifnames,
-                **LOCAL_WORKER_ENV,
+                **{name: os.environ.get(name, value) for name, value in LOCAL_WORKER_ENV.items()},
             }
         },
         _system_config=LOCAL_SYSTEM_CONFIG,

@@ -1,8 +1,8 @@
 """A local training job listens on loopback only: its Ray (GCS, raylet, agents, workers),
 Ray Train's workers and their torch process group (gloo, the rendezvous store). And its
 training workers run at the priority of the job that started them, not below Ray's
-daemons, with no preemption watcher beside them, and the dashboard agent's node stats come
-once a minute (``infra.ray_runtime``).
+daemons, with no preemption watcher beside them, Ray Train's controller polls them every
+0.5 s and the dashboard agent's node stats come once a minute (``infra.ray_runtime``).
 
 The real job (``python -m trainer.job`` on the `local` profile, random stories) runs until
 it has reported a step; then every listening socket of its processes and of its Ray
@@ -137,6 +137,10 @@ def test_local_job_listens_on_loopback_only(tmp_path):
         job_nice = psutil.Process(job.pid).nice()
         assert {psutil.Process(lst.pid).nice() for lst in workers} == {job_nice}
         assert "ray::PreemptionWatcher" not in {_name(p) for p in session}
+        # Ray Train's controller polls the workers every 0.5 s, not Ray's 2 s.
+        controllers = [p for p in session if _name(p).startswith("ray::TrainController")]
+        assert len(controllers) == 1, session
+        assert controllers[0].environ().get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S") == "0.5"
         # The dashboard agent composes its node stats once a minute, not every 5 s. It
         # retitles itself over its environment; the raylet that started it has the same.
         raylets = [p for p in session if _name(p) == "raylet"]
