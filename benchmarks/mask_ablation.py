@@ -489,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
         help="add the training-settings ablation under v2 (pre-training only, SFT only)",
     )
     parser.add_argument("--seeds", help="comma-separated training seeds (default 0,1)")
+    parser.add_argument("--pretrain-steps", type=int, help="pre-training steps (default 1500)")
+    parser.add_argument("--sft-steps", type=int, help="SFT steps (default 4500)")
     parser.add_argument("--doc", default=str(ROOT / "docs" / "ablation.md"))
     args = parser.parse_args(argv)
     policies = args.policies.split(",")
@@ -498,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = QUICK if args.quick else Settings()
     if args.seeds:
         settings = replace(settings, seeds=tuple(int(seed) for seed in args.seeds.split(",")))
+    for field in ("pretrain_steps", "sft_steps"):
+        if getattr(args, field) is not None:
+            settings = replace(settings, **{field: getattr(args, field)})
     rows = [Row(policy, policy) for policy in policies]
     if args.training_settings:
         rows += STAGE_ROWS

@@ -50,8 +50,8 @@ from infra.job_entry import job_main
 from infra.job_specs import FilterSpec
 from infra.logging import get_logger
 from infra.ray_runtime import ray_session
-from infra.storage import filesystem, is_remote
-from trainer.data.manifest import Clip, ShotGroup, SkipCounts, read_shot_groups
+from infra.storage import filesystem, is_remote, parent_folder
+from trainer.data.manifest import ShotGroup, SkipCounts, clip_record, read_shot_groups
 
 log = get_logger("data.filter")
 
@@ -269,35 +269,11 @@ def _output_groups(group: ShotGroup, runs: list[range], sims: list) -> list[dict
     ]
 
 
-def shot_record(clip: Clip, base: str) -> dict:
-    """A manifest row for ``clip``, its path relative to ``base`` when it lies under it."""
-    record = {
-        "path": _relative(clip.path, base),
-        "caption": clip.caption,
-        "num_frames": clip.num_frames,
-        "fps": clip.fps,
-        "width": clip.width,
-        "height": clip.height,
-    }
-    record.update({k: v for k, v in (("start", clip.start), ("end", clip.end)) if v is not None})
-    return record
-
-
-def _relative(path: str, base: str) -> str:
-    if is_remote(path) != is_remote(base):
-        return path
-    if is_remote(path):
-        prefix = base.rstrip("/") + "/"
-        return path[len(prefix) :] if path.startswith(prefix) else path
-    relative = os.path.relpath(path, base)
-    return path if relative.startswith("..") else relative
-
-
 def manifest_text(groups: list[dict], out: str) -> str:
     """The output manifest in the format ``out``'s suffix names (JSON list or JSONL)."""
-    base = _folder(out)
+    base = parent_folder(out)
     records = [
-        {**group, "shots": [shot_record(shot, base) for shot in group["shots"]]} for group in groups
+        {**group, "shots": [clip_record(shot, base) for shot in group["shots"]]} for group in groups
     ]
     if _suffix(out) == ".json":
         return json.dumps(records, indent=1) + "\n"
@@ -323,12 +299,6 @@ def histogram_png(similarities: list[float], threshold: float, title: str) -> by
     figure.savefig(buffer, format="png")
     plt.close(figure)
     return buffer.getvalue()
-
-
-def _folder(uri: str) -> str:
-    if is_remote(uri):
-        return posixpath.dirname(uri)
-    return os.path.dirname(os.path.abspath(uri.removeprefix("file://")))
 
 
 def _suffix(uri: str) -> str:

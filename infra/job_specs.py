@@ -29,6 +29,7 @@ __all__ = [
     "EvalSpec",
     "ExportSpec",
     "FilterSpec",
+    "ImportSpec",
     "InspectSpec",
     "PrecomputeSpec",
     "SampleJobSpec",
@@ -187,6 +188,20 @@ class FilterSpec(_Strict):
     experiment: str = Field("m2d-data", description="MLflow experiment.")
     num_actors: int = Field(1, description="Encoder actors (one model each).")
     batch_size: int = Field(8, description="Shots per actor batch.")
+
+
+class ImportSpec(_Strict):
+    """``python -m datajobs.import_clips``: a captioned clip list (Panda-70M's layout) as a
+    pre-training manifest."""
+
+    clips: str = Field(description="Clip list (.csv/.jsonl): videoID, timestamp, caption.")
+    videos: str | None = Field(
+        None, description="Folder or s3:// prefix of VIDEOID.mp4 (default: the list's folder)."
+    )
+    suffix: str = Field(".mp4", description="File name ending of the videos.")
+    out: str = Field(description="Pre-training manifest to write (.csv/.jsonl); never overwritten.")
+    concurrency: int = Field(4, ge=1, description="Videos read at once (Ray tasks).")
+    storage: StorageConfig | None = Field(None, description="The store of s3:// paths.")
 
 
 class PrecomputeSpec(_Strict):

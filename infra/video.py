@@ -12,6 +12,7 @@ import io
 import math
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from fractions import Fraction
 
 import av
@@ -143,6 +144,46 @@ def read_frames(
         reason = getattr(exc, "strerror", None) or str(exc)
         raise VideoError(f"{uri}: cannot decode ({reason}); re-encode or drop it") from None
     return torch.from_numpy(np.stack([found[i] for i in indices]))
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What a video file's header says: frame rate, frame size, duration in seconds."""
+
+    fps: float
+    width: int
+    height: int
+    duration: float
+
+
+def probe_video(uri: str, storage: StorageConfig | None = None) -> VideoInfo:
+    """The header of ``uri`` (local or remote; no frame decoded). Raises
+    :class:`VideoError` naming the file: ``missing``, ``zero_byte`` or ``undecodable``."""
+    fs, path = filesystem(uri, storage)
+    _check_file(fs, path, uri)
+    try:
+        options = {"block_size": _REMOTE_BLOCK_SIZE} if is_remote(uri) else {}
+        with fs.open(path, "rb", **options) as handle, av.open(handle, mode="r") as container:
+            stream = container.streams.video[0] if container.streams.video else None
+            if stream is None:
+                raise VideoError(f"{uri}: no video stream; re-encode or drop it")
+            fps = stream.average_rate or stream.guessed_rate
+            if not fps or not stream.codec_context.width:
+                raise VideoError(f"{uri}: no frame rate or size in the stream; re-encode it")
+            if stream.duration is not None:
+                duration = float(stream.duration * stream.time_base)
+            elif container.duration is not None:  # microseconds (FFmpeg's AV_TIME_BASE)
+                duration = container.duration / 1e6
+            else:
+                raise VideoError(f"{uri}: no duration in the file; re-encode it")
+            return VideoInfo(
+                float(fps), stream.codec_context.width, stream.codec_context.height, duration
+            )
+    except VideoError:
+        raise
+    except (av.error.FFmpegError, OSError, EOFError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise VideoError(f"{uri}: cannot read ({reason}); re-encode or drop it") from None
 
 
 def _check_file(fs, path: str, uri: str) -> None:

@@ -1,4 +1,4 @@
-"""``m2d data``: synthesize a small dataset and inspect manifests.
+"""``m2d data``: synthesize a small dataset, import a clip list, inspect manifests.
 
 The work runs in ``trainer.data`` job modules started as subprocesses with this Python:
 the orchestrator never imports the trainer (or torch), so the CLI stays instant.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from infra.config import StorageConfig
-from infra.job_specs import InspectSpec, SynthSpec
+from infra.job_specs import ImportSpec, InspectSpec, SynthSpec
 from orchestrator.commands.data_filter import filter_
 from orchestrator.commands.data_precompute import precompute
 from orchestrator.jobs import make_spec, object_store, parse_size, run_here, spec_options
@@ -17,7 +17,7 @@ from orchestrator.jobs import make_spec, object_store, parse_size, run_here, spe
 
 @click.group()
 def data() -> None:
-    """Synthesize and inspect training data."""
+    """Synthesize, import and inspect training data."""
 
 
 @data.command()
@@ -44,6 +44,18 @@ def inspect(manifest: str, endpoint_url: str | None, **options) -> None:
     storage = object_store(manifest, endpoint_url)
     spec = make_spec(InspectSpec, manifest=manifest, storage=storage, **options)
     run_here("datajobs.inspect_manifest", spec)
+
+
+@data.command("import")
+@click.argument("clips")
+@spec_options(ImportSpec, "out", "videos", "suffix", "concurrency")
+@spec_options(StorageConfig, "endpoint_url")
+def import_(clips: str, endpoint_url: str | None, **options) -> None:
+    """Turn a captioned clip list (Panda-70M's layout: videoID, timestamp, caption) into a
+    pre-training manifest; missing or unreadable videos are counted, not fatal."""
+    storage = object_store(clips, endpoint_url)
+    spec = make_spec(ImportSpec, clips=clips, storage=storage, **options)
+    run_here("datajobs.import_clips", spec)
 
 
 data.add_command(filter_)

@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import math
+import os
 import posixpath
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -26,7 +27,7 @@ from typing import Any
 
 from infra.config import StorageConfig
 from infra.errors import DataError, first_line
-from infra.storage import filesystem, parent_folder, resolve_relative
+from infra.storage import filesystem, is_remote, parent_folder, resolve_relative
 
 REQUIRED = ("path", "caption", "num_frames", "fps", "width", "height")
 
@@ -95,7 +96,7 @@ class _BadRow(Exception):
 
 def read_clips(uri: str, storage: StorageConfig | None = None) -> tuple[list[Clip], SkipCounts]:
     """Clips of a pre-training manifest (CSV, JSONL or Parquet) and the rows skipped."""
-    rows, columns = _read_table(uri, storage)
+    rows, columns = read_table(uri, storage)
     missing = [c for c in REQUIRED if c not in columns]
     if missing:
         raise DataError(
@@ -179,6 +180,31 @@ def _clip(row: Any, base: str) -> Clip:
     )
 
 
+def clip_record(clip: Clip, base: str) -> dict:
+    """The manifest row of ``clip`` (the reader's columns), its path relative to ``base``
+    (the written manifest's folder) when it lies under it."""
+    record = {
+        "path": _relative(clip.path, base),
+        "caption": clip.caption,
+        "num_frames": clip.num_frames,
+        "fps": clip.fps,
+        "width": clip.width,
+        "height": clip.height,
+    }
+    record.update({k: v for k, v in (("start", clip.start), ("end", clip.end)) if v is not None})
+    return record
+
+
+def _relative(path: str, base: str) -> str:
+    if is_remote(path) != is_remote(base):
+        return path
+    if is_remote(path):
+        prefix = base.rstrip("/") + "/"
+        return path[len(prefix) :] if path.startswith(prefix) else path
+    relative = os.path.relpath(path, base)
+    return path if relative.startswith("..") else relative
+
+
 def _text(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
@@ -228,7 +254,7 @@ def _suffix(uri: str) -> str:
     return posixpath.splitext(uri.split("?", 1)[0])[1].lower()
 
 
-def _read_table(uri: str, storage: StorageConfig | None) -> tuple[Iterable[dict], set[str]]:
+def read_table(uri: str, storage: StorageConfig | None) -> tuple[Iterable[dict], set[str]]:
     """Rows (dicts) and column names of a CSV, JSONL or Parquet table."""
     suffix = _suffix(uri)
     if suffix not in (".csv", ".jsonl", ".ndjson", ".parquet"):
