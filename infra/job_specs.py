@@ -33,6 +33,7 @@ __all__ = [
     "InspectSpec",
     "PrecomputeSpec",
     "SampleJobSpec",
+    "ShotsSpec",
     "SynthSpec",
     "TrainJobSpec",
     "default_of",
@@ -201,6 +202,28 @@ class ImportSpec(_Strict):
     suffix: str = Field(".mp4", description="File name ending of the videos.")
     out: str = Field(description="Pre-training manifest to write (.csv/.jsonl); never overwritten.")
     concurrency: int = Field(4, ge=1, description="Videos read at once (Ray tasks).")
+    storage: StorageConfig | None = Field(None, description="The store of s3:// paths.")
+
+
+class ShotsSpec(_Strict):
+    """``python -m datajobs.shots``: the shots of long videos, one manifest row each."""
+
+    videos: list[str] = Field(description="Videos, folders or s3:// prefixes of videos.")
+    out: str = Field(description="Shot manifest to write (.csv/.jsonl); never overwritten.")
+    detector: Literal["content", "adaptive"] = Field(
+        "content", description="PySceneDetect detector: content or adaptive."
+    )
+    threshold: float | None = Field(
+        None, gt=0, description="The detector's threshold (default: content 27, adaptive 3)."
+    )
+    verify: float = Field(
+        0.45, ge=0, le=1, description="Min colour change across a cut, 0-1 (0: every proposal)."
+    )
+    min_shot: float = Field(1.0, gt=0, description="Drop shots shorter than this (seconds).")
+    max_shot: float | None = Field(
+        None, gt=0, description="Cut longer shots into windows of this length (seconds)."
+    )
+    num_actors: int = Field(2, ge=1, description="Detector actors (one video at a time each).")
     storage: StorageConfig | None = Field(None, description="The store of s3:// paths.")
 
 

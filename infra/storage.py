@@ -131,6 +131,18 @@ def parent_folder(uri: str) -> str:
     return os.path.dirname(os.path.abspath(uri.removeprefix("file://")))
 
 
+def relative_to(path: str, base: str) -> str:
+    """``path`` as a file under ``base`` writes it (``resolve_relative``'s inverse):
+    relative where it lies under ``base``, else as it is."""
+    if is_remote(path) != is_remote(base):
+        return path
+    if is_remote(path):
+        prefix = base.rstrip("/") + "/"
+        return path[len(prefix) :] if path.startswith(prefix) else path
+    relative = os.path.relpath(path, base)
+    return path if relative.startswith("..") else relative
+
+
 def resolve_relative(path: str, base: str) -> str:
     """``path`` as written in a file under ``base``: URIs and absolute paths as they are,
     relative ones joined to ``base`` (a local folder or a URI)."""

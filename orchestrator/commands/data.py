@@ -1,4 +1,4 @@
-"""``m2d data``: synthesize a small dataset, import a clip list, inspect manifests.
+"""``m2d data``: synthesize a small dataset, find shots, import a clip list, inspect manifests.
 
 The work runs in ``trainer.data`` job modules started as subprocesses with this Python:
 the orchestrator never imports the trainer (or torch), so the CLI stays instant.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from infra.config import StorageConfig
-from infra.job_specs import ImportSpec, InspectSpec, SynthSpec
+from infra.job_specs import ImportSpec, InspectSpec, ShotsSpec, SynthSpec
 from orchestrator.commands.data_filter import filter_
 from orchestrator.commands.data_precompute import precompute
 from orchestrator.jobs import make_spec, object_store, parse_size, run_here, spec_options
@@ -56,6 +56,19 @@ def import_(clips: str, endpoint_url: str | None, **options) -> None:
     storage = object_store(clips, endpoint_url)
     spec = make_spec(ImportSpec, clips=clips, storage=storage, **options)
     run_here("datajobs.import_clips", spec)
+
+
+@data.command()
+@click.argument("videos", nargs=-1, required=True)
+@spec_options(ShotsSpec, "out", "detector", "threshold", "verify", "min_shot", "max_shot")
+@spec_options(ShotsSpec, "num_actors")
+@spec_options(StorageConfig, "endpoint_url")
+def shots(videos: tuple[str, ...], endpoint_url: str | None, **options) -> None:
+    """Find the shots of VIDEOS (files, folders or s3:// prefixes) with PySceneDetect and
+    write one manifest row per shot; a rerun of a killed job resumes it."""
+    storage = object_store(options["out"], endpoint_url)
+    spec = make_spec(ShotsSpec, videos=list(videos), storage=storage, **options)
+    run_here("datajobs.shots", spec)
 
 
 data.add_command(filter_)

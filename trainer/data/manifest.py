@@ -18,7 +18,6 @@ import csv
 import io
 import json
 import math
-import os
 import posixpath
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -27,7 +26,7 @@ from typing import Any
 
 from infra.config import StorageConfig
 from infra.errors import DataError, first_line
-from infra.storage import filesystem, is_remote, parent_folder, resolve_relative
+from infra.storage import filesystem, parent_folder, relative_to, resolve_relative
 
 REQUIRED = ("path", "caption", "num_frames", "fps", "width", "height")
 
@@ -184,7 +183,7 @@ def clip_record(clip: Clip, base: str) -> dict:
     """The manifest row of ``clip`` (the reader's columns), its path relative to ``base``
     (the written manifest's folder) when it lies under it."""
     record = {
-        "path": _relative(clip.path, base),
+        "path": relative_to(clip.path, base),
         "caption": clip.caption,
         "num_frames": clip.num_frames,
         "fps": clip.fps,
@@ -193,16 +192,6 @@ def clip_record(clip: Clip, base: str) -> dict:
     }
     record.update({k: v for k, v in (("start", clip.start), ("end", clip.end)) if v is not None})
     return record
-
-
-def _relative(path: str, base: str) -> str:
-    if is_remote(path) != is_remote(base):
-        return path
-    if is_remote(path):
-        prefix = base.rstrip("/") + "/"
-        return path[len(prefix) :] if path.startswith(prefix) else path
-    relative = os.path.relpath(path, base)
-    return path if relative.startswith("..") else relative
 
 
 def _text(value: Any) -> str:
