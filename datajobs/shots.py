@@ -161,7 +161,7 @@ class VideoShots:
 def detect(uri: str, spec: ShotsSpec, storage: StorageConfig | None) -> VideoShots:
     """Decode ``uri`` once and find its cuts. Raises VideoError (with its reason)."""
     import av
-    import cv2
+    from av.video.reformatter import VideoReformatter
 
     fs, path = filesystem(uri, storage)
     try:
@@ -181,13 +181,16 @@ def detect(uri: str, spec: ShotsSpec, storage: StorageConfig | None) -> VideoSho
             if not fps or not width:
                 raise VideoError(f"{uri}: no frame rate or size in the stream")
             finder = CutFinder(spec.detector, spec.threshold, fps, spec.verify)
+            # FFmpeg scales and converts in one pass (cheaper than converting, then resizing).
             scale = min(1.0, DETECT_WIDTH / width)
-            small = (max(1, round(width * scale)), max(1, round(height * scale)))
+            small = {"width": max(2, round(width * scale)), "height": max(2, round(height * scale))}
+            to_bgr = VideoReformatter()
             for frame in container.decode(stream):
-                image = frame.to_ndarray(format="bgr24")
-                if scale < 1.0:
-                    image = cv2.resize(image, small, interpolation=cv2.INTER_AREA)
-                finder.add(image)
+                finder.add(
+                    to_bgr.reformat(
+                        frame, format="bgr24", interpolation="AREA", **small
+                    ).to_ndarray()
+                )
     except VideoError:
         raise
     except (av.error.FFmpegError, OSError, EOFError, ValueError) as exc:
