@@ -50,7 +50,7 @@ from infra.job_entry import job_main
 from infra.job_specs import FilterSpec
 from infra.logging import get_logger
 from infra.ray_runtime import ray_session
-from infra.storage import filesystem, is_remote, parent_folder
+from infra.storage import filesystem, parent_folder, write_file
 from trainer.data.manifest import ShotGroup, SkipCounts, clip_record, read_shot_groups
 
 log = get_logger("data.filter")
@@ -337,8 +337,8 @@ def run(spec: FilterSpec) -> Result:
         f"{len(result.similarities)} adjacent pairs, {result.counts['windows_kept']} windows kept"
     )
     png = histogram_png(result.similarities, spec.threshold, title)
-    _write(spec.histogram, png, storage)
-    _write(spec.out, manifest_text(result.groups, spec.out).encode(), storage)
+    write_file(spec.histogram, png, storage)
+    write_file(spec.out, manifest_text(result.groups, spec.out).encode(), storage)
     if spec.tracking_uri:
         _track(spec, result, png)
     return result
@@ -349,17 +349,6 @@ def _embed_on_ray(
 ) -> dict[str, tuple[bytes, str]]:
     with ray_session(num_cpus=spec.num_actors + 1, log_to_driver=False):
         return embed_shots(rows, spec, storage)
-
-
-def _write(uri: str, data: bytes, storage: StorageConfig | None) -> None:
-    fs, path = filesystem(uri, storage)
-    if not is_remote(uri):
-        fs.makedirs(fs._parent(path), exist_ok=True)
-    try:
-        with fs.open(path, "wb") as handle:
-            handle.write(data)
-    except OSError as exc:
-        raise DataError(f"{uri}: cannot write ({exc})") from None
 
 
 def _track(spec: FilterSpec, result: Result, png: bytes) -> None:

@@ -41,7 +41,7 @@ from infra.errors import DataError
 from infra.job_entry import job_main
 from infra.job_specs import ImportSpec
 from infra.ray_runtime import ray_session
-from infra.storage import filesystem, is_remote, join, parent_folder, resolve_relative
+from infra.storage import filesystem, join, parent_folder, resolve_relative, write_file
 from infra.video import VideoError, VideoInfo, probe_video
 from trainer.data.manifest import Clip, SkipCounts, clip_record, read_table
 
@@ -261,7 +261,7 @@ def run(spec: ImportSpec, storage: StorageConfig | None) -> Imported:
             f"{spec.clips}: no clip could be imported ({result.summary()}); "
             "check --videos and --suffix, or the list's columns (videoID, timestamp, caption)"
         )
-    _write(spec.out, manifest_text(clips, spec.out), storage)
+    write_file(spec.out, manifest_text(clips, spec.out), storage)
     return result
 
 
@@ -276,17 +276,6 @@ def manifest_text(clips: list[Clip], out: str) -> str:
     writer.writeheader()
     writer.writerows(records)
     return buffer.getvalue()
-
-
-def _write(uri: str, text: str, storage: StorageConfig | None) -> None:
-    fs, path = filesystem(uri, storage)
-    if not is_remote(uri):
-        fs.makedirs(fs._parent(path), exist_ok=True)
-    try:
-        with fs.open(path, "w") as handle:
-            handle.write(text)
-    except OSError as exc:
-        raise DataError(f"{uri}: cannot write ({exc})") from None
 
 
 def _suffix(uri: str) -> str:

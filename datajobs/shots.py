@@ -46,7 +46,7 @@ from infra.errors import DataError
 from infra.job_entry import job_main
 from infra.job_specs import ShotsSpec
 from infra.ray_runtime import ray_session
-from infra.storage import filesystem, is_remote, parent_folder, relative_to
+from infra.storage import filesystem, is_remote, parent_folder, relative_to, write_file
 from infra.video import VideoError
 from trainer.data.manifest import SkipCounts
 
@@ -251,7 +251,7 @@ class ShotDetector:
             found = detect(row["video"], self.spec, self.storage)
         except VideoError as exc:
             return {"video": row["video"], "reason": exc.reason}
-        _write(part_uri(self.spec.out, row["video"]), json.dumps(asdict(found)), self.storage)
+        write_file(part_uri(self.spec.out, row["video"]), json.dumps(asdict(found)), self.storage)
         return {"video": row["video"], "reason": ""}
 
 
@@ -326,7 +326,7 @@ def run(spec: ShotsSpec, storage: StorageConfig | None) -> Result:
     ]
     if not rows:
         raise DataError(f"no shot found (skipped: {skips}); check the videos and --min-shot")
-    _write(spec.out, manifest_text(rows, spec.out), storage)
+    write_file(spec.out, manifest_text(rows, spec.out), storage)
     fs, path = filesystem(spec.out + ".parts", storage)
     if fs.exists(path):
         fs.rm(path, recursive=True)
@@ -367,17 +367,6 @@ def manifest_text(rows: list[dict], out: str) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
-
-
-def _write(uri: str, text: str, storage: StorageConfig | None) -> None:
-    fs, path = filesystem(uri, storage)
-    if not is_remote(uri):
-        fs.makedirs(fs._parent(path), exist_ok=True)
-    try:
-        with fs.open(path, "w") as handle:
-            handle.write(text)
-    except OSError as exc:
-        raise DataError(f"{uri}: cannot write ({exc})") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -117,6 +117,19 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
+def write_file(uri: str, data: bytes | str, storage: StorageConfig | None = None) -> None:
+    """Write ``data`` at ``uri`` (a local path, its folders made, or a URI); a failure is a
+    DataError naming the file."""
+    fs, path = filesystem(uri, storage)
+    if not is_remote(uri):
+        fs.makedirs(fs._parent(path), exist_ok=True)
+    try:
+        with fs.open(path, "wb") as handle:
+            handle.write(data.encode() if isinstance(data, str) else data)
+    except OSError as exc:
+        raise DataError(f"{uri}: cannot write ({exc})") from None
+
+
 def write_jsonl(uri: str, records: list[dict], storage: StorageConfig | None = None) -> None:
     """Write ``records`` as JSON lines at ``uri`` (a local path or a URI)."""
     fs, path = filesystem(uri, storage)
