@@ -57,9 +57,10 @@ log = get_logger("trainer.loop")
 
 _MASK63 = (1 << 63) - 1
 
-# Ray Train V2 holds one unconsumed report per worker and its controller takes them every
-# 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): reporting every step caps a run at a step per
-# 2 s. Steps between checkpoints are reported at most this often (MLflow gets every step).
+# Ray Train V2 holds one unconsumed report per worker and its controller takes them at its
+# polls, every 2 s by default (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S; a local Ray's: 0.5 s,
+# infra.ray_runtime): reporting every step caps a run at a step per poll. Steps between
+# checkpoints are reported at most this often (MLflow gets every step).
 REPORT_INTERVAL_S = 5.0
 
 

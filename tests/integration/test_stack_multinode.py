@@ -261,8 +261,10 @@ def test_two_nodes_survive_a_lost_node_then_sft_and_sampling_use_both(stack):
     assert records["nodes"][lost] == [node_ip(1), "DEAD"] and new != lost
     workers = collections.Counter(node for node, *_ in hosts_of(records, name, "RayTrainWorker"))
     # One worker per node in every attempt: the head's, the lost node's, the replacement's.
+    # How many attempts the replacement took is not promised (max_failures=3): on a loaded
+    # machine a restart can itself fail once, and the next one runs there again.
     assert set(workers) == {head, lost, new}, workers
-    assert workers[new] == 1 and workers[head] == workers[lost] + workers[new], workers
+    assert workers[lost] == 1 and workers[head] == workers[lost] + workers[new], workers
 
     from mlflow.tracking import MlflowClient
 
