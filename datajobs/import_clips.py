@@ -27,9 +27,6 @@ clip at all can be imported, nothing is written and the job exits 2 with the cou
 from __future__ import annotations
 
 import ast
-import csv
-import io
-import json
 import math
 import re
 import sys
@@ -41,11 +38,17 @@ from infra.errors import DataError
 from infra.job_entry import job_main
 from infra.job_specs import ImportSpec
 from infra.ray_runtime import ray_session
-from infra.storage import filesystem, join, parent_folder, resolve_relative, write_file
+from infra.storage import join, parent_folder, resolve_relative, write_file
 from infra.video import VideoError, VideoInfo, probe_video
-from trainer.data.manifest import Clip, SkipCounts, clip_record, read_table
+from trainer.data.manifest import (
+    Clip,
+    SkipCounts,
+    check_new_table,
+    clip_record,
+    read_table,
+    table_text,
+)
 
-OUT_SUFFIXES = (".csv", ".jsonl")
 _CLOCK = re.compile(r"(\d+:){0,2}\d+(\.\d+)?")
 COLUMNS = ("path", "caption", "num_frames", "fps", "width", "height", "start", "end")
 
@@ -237,18 +240,9 @@ def probe_on_ray(
 # -- the job -------------------------------------------------------------------------------
 
 
-def check_spec(spec: ImportSpec, storage: StorageConfig | None) -> None:
-    """Fail before any work on what the user can fix: the output's name and place."""
-    if _suffix(spec.out) not in OUT_SUFFIXES:
-        raise DataError(f"--out {spec.out}: name it .csv or .jsonl (a pre-training manifest)")
-    fs, path = filesystem(spec.out, storage)
-    if fs.exists(path):
-        raise DataError(f"--out {spec.out} already exists; remove it or choose another name")
-
-
 def run(spec: ImportSpec, storage: StorageConfig | None) -> Imported:
     """Read the list, read each video's header, write the manifest."""
-    check_spec(spec, storage)
+    check_new_table(spec.out, storage, "pre-training manifest")
     rows, _ = read_table(spec.clips, storage)
     base = parent_folder(spec.clips)
     videos = resolve_relative(spec.videos, base) if spec.videos else base
@@ -268,18 +262,7 @@ def run(spec: ImportSpec, storage: StorageConfig | None) -> Imported:
 def manifest_text(clips: list[Clip], out: str) -> str:
     """The manifest in the format ``out``'s suffix names, paths relative to its folder."""
     base = parent_folder(out)
-    records = [clip_record(clip, base) for clip in clips]
-    if _suffix(out) == ".jsonl":
-        return "".join(json.dumps(record) + "\n" for record in records)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
-    writer.writeheader()
-    writer.writerows(records)
-    return buffer.getvalue()
-
-
-def _suffix(uri: str) -> str:
-    return "." + uri.rsplit(".", 1)[-1].lower() if "." in uri.rsplit("/", 1)[-1] else ""
+    return table_text([clip_record(clip, base) for clip in clips], out, COLUMNS)
 
 
 def main(argv: list[str] | None = None) -> int:

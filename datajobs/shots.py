@@ -29,12 +29,9 @@ then the parts go.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import itertools
 import json
-import posixpath
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -47,11 +44,10 @@ from infra.job_entry import job_main
 from infra.job_specs import ShotsSpec
 from infra.ray_runtime import ray_session
 from infra.storage import filesystem, is_remote, parent_folder, relative_to, write_file
-from infra.video import VideoError
-from trainer.data.manifest import SkipCounts
+from infra.video import VideoError, opened_video, video_stream
+from trainer.data.manifest import SkipCounts, check_new_table, table_text
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".webm", ".avi", ".m4v")
-OUT_SUFFIXES = (".csv", ".jsonl")
 COLUMNS = ("path", "start", "end", "num_frames", "fps", "width", "height")
 DEFAULT_THRESHOLDS = {"content": 27.0, "adaptive": 3.0}
 #: Detector proposals within this many frames of an event's first are one event (a flash: in, out).
@@ -160,41 +156,23 @@ class VideoShots:
 
 def detect(uri: str, spec: ShotsSpec, storage: StorageConfig | None) -> VideoShots:
     """Decode ``uri`` once and find its cuts. Raises VideoError (with its reason)."""
-    import av
     from av.video.reformatter import VideoReformatter
 
-    fs, path = filesystem(uri, storage)
-    try:
-        size = fs.size(path)
-    except FileNotFoundError:
-        raise VideoError(f"{uri}: video file not found", "missing") from None
-    if not size:
-        raise VideoError(f"{uri}: video file is empty (0 bytes)", "zero_byte")
-    try:
-        with fs.open(path, "rb") as handle, av.open(handle, mode="r") as container:
-            if not container.streams.video:
-                raise VideoError(f"{uri}: no video stream")
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            fps = float(stream.average_rate or stream.guessed_rate or 0)
-            width, height = stream.codec_context.width, stream.codec_context.height
-            if not fps or not width:
-                raise VideoError(f"{uri}: no frame rate or size in the stream")
-            finder = CutFinder(spec.detector, spec.threshold, fps, spec.verify)
-            # FFmpeg scales and converts in one pass (cheaper than converting, then resizing).
-            scale = min(1.0, DETECT_WIDTH / width)
-            small = {"width": max(2, round(width * scale)), "height": max(2, round(height * scale))}
-            to_bgr = VideoReformatter()
-            for frame in container.decode(stream):
-                finder.add(
-                    to_bgr.reformat(
-                        frame, format="bgr24", interpolation="AREA", **small
-                    ).to_ndarray()
-                )
-    except VideoError:
-        raise
-    except (av.error.FFmpegError, OSError, EOFError, ValueError) as exc:
-        raise VideoError(f"{uri}: cannot decode ({exc})") from None
+    with opened_video(uri, storage) as container:
+        stream = video_stream(container, uri)
+        stream.thread_type = "AUTO"
+        fps = float(stream.average_rate or stream.guessed_rate or 0)
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if not fps or not width:
+            raise VideoError(f"{uri}: no frame rate or size in the stream; re-encode it")
+        finder = CutFinder(spec.detector, spec.threshold, fps, spec.verify)
+        # FFmpeg scales and converts in one pass (cheaper than converting, then resizing).
+        scale = min(1.0, DETECT_WIDTH / width)
+        small = {"width": max(2, round(width * scale)), "height": max(2, round(height * scale))}
+        to_bgr = VideoReformatter()
+        for frame in container.decode(stream):
+            image = to_bgr.reformat(frame, format="bgr24", interpolation="AREA", **small)
+            finder.add(image.to_ndarray())
     if not finder.frames:
         raise VideoError(f"{uri}: no frame decoded")
     return VideoShots(uri, fps, width, height, finder.frames, finder.cuts())
@@ -250,9 +228,10 @@ class ShotDetector:
         try:
             found = detect(row["video"], self.spec, self.storage)
         except VideoError as exc:
-            return {"video": row["video"], "reason": exc.reason}
-        write_file(part_uri(self.spec.out, row["video"]), json.dumps(asdict(found)), self.storage)
-        return {"video": row["video"], "reason": ""}
+            return {"video": row["video"], "reason": exc.reason, "shots": ""}
+        shots = json.dumps(asdict(found))
+        write_file(part_uri(self.spec.out, row["video"]), shots, self.storage)
+        return {"video": row["video"], "reason": "", "shots": shots}
 
 
 def part_uri(out: str, video: str) -> str:
@@ -296,11 +275,7 @@ class Result:
 
 
 def check_spec(spec: ShotsSpec, storage: StorageConfig | None) -> None:
-    if posixpath.splitext(spec.out)[1].lower() not in OUT_SUFFIXES:
-        raise DataError(f"--out {spec.out}: name it .csv or .jsonl (a shot manifest)")
-    fs, path = filesystem(spec.out, storage)
-    if fs.exists(path):
-        raise DataError(f"--out {spec.out} already exists; remove it or choose another name")
+    check_new_table(spec.out, storage, "shot manifest")
     if spec.max_shot is not None and spec.max_shot < spec.min_shot:
         raise DataError(f"--max-shot {spec.max_shot:g} is below --min-shot {spec.min_shot:g}")
 
@@ -315,7 +290,7 @@ def run(spec: ShotsSpec, storage: StorageConfig | None) -> Result:
         if row["reason"]:
             skips.add(f"video_{row['reason']}")
         else:
-            done[row["video"]] = _read_part(part_uri(spec.out, row["video"]), storage)
+            done[row["video"]] = VideoShots(**json.loads(row["shots"]))
             detected += 1
     unreadable = skips.total
     rows = [
@@ -351,22 +326,16 @@ def _read_part(uri: str, storage: StorageConfig | None) -> VideoShots | None:
     fs, path = filesystem(uri, storage)
     try:
         return VideoShots(**json.loads(fs.cat_file(path)))
-    except FileNotFoundError:
-        return None
-    except (ValueError, TypeError):  # a part cut by a kill: detect that video again
+    except (FileNotFoundError, ValueError, TypeError):  # none yet, or one cut by a kill
         return None
 
 
 def manifest_text(rows: list[dict], out: str) -> str:
+    """The manifest in the format ``out``'s suffix names, paths relative to its folder."""
     base = parent_folder(out)
-    rows = [{**row, "path": relative_to(row["path"], base)} for row in rows]
-    if out.lower().endswith(".jsonl"):
-        return "".join(json.dumps(row) + "\n" for row in rows)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
+    return table_text(
+        [{**row, "path": relative_to(row["path"], base)} for row in rows], out, COLUMNS
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,12 +8,14 @@ is what decoders produce, ``_TCHW`` is what models take.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any
 
 import av
 import numpy as np
@@ -132,18 +134,34 @@ def read_frames(
     """
     if not indices:
         raise ValueError("read_frames needs at least one frame index")
+    with opened_video(uri, storage) as container:
+        found = _decode_wanted(container, sorted(set(indices)), start or 0.0, end, uri)
+    return torch.from_numpy(np.stack([found[i] for i in indices]))
+
+
+@contextlib.contextmanager
+def opened_video(uri: str, storage: StorageConfig | None = None) -> Iterator[Any]:
+    """``uri`` (local or remote) open in PyAV for the block: the file checked first
+    (``missing``, ``zero_byte``), and a decoder or I/O failure inside the block raised as
+    a :class:`VideoError` naming the file (``undecodable``)."""
     fs, path = filesystem(uri, storage)
     _check_file(fs, path, uri)
     try:
         options = {"block_size": _REMOTE_BLOCK_SIZE} if is_remote(uri) else {}
         with fs.open(path, "rb", **options) as handle, av.open(handle, mode="r") as container:
-            found = _decode_wanted(container, sorted(set(indices)), start or 0.0, end, uri)
+            yield container
     except VideoError:
         raise
     except (av.error.FFmpegError, OSError, EOFError, ValueError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
         raise VideoError(f"{uri}: cannot decode ({reason}); re-encode or drop it") from None
-    return torch.from_numpy(np.stack([found[i] for i in indices]))
+
+
+def video_stream(container: Any, uri: str) -> Any:
+    """The container's first video stream; a VideoError when it has none."""
+    if not container.streams.video:
+        raise VideoError(f"{uri}: no video stream; re-encode or drop it")
+    return container.streams.video[0]
 
 
 @dataclass(frozen=True)
@@ -159,31 +177,20 @@ class VideoInfo:
 def probe_video(uri: str, storage: StorageConfig | None = None) -> VideoInfo:
     """The header of ``uri`` (local or remote; no frame decoded). Raises
     :class:`VideoError` naming the file: ``missing``, ``zero_byte`` or ``undecodable``."""
-    fs, path = filesystem(uri, storage)
-    _check_file(fs, path, uri)
-    try:
-        options = {"block_size": _REMOTE_BLOCK_SIZE} if is_remote(uri) else {}
-        with fs.open(path, "rb", **options) as handle, av.open(handle, mode="r") as container:
-            stream = container.streams.video[0] if container.streams.video else None
-            if stream is None:
-                raise VideoError(f"{uri}: no video stream; re-encode or drop it")
-            fps = stream.average_rate or stream.guessed_rate
-            if not fps or not stream.codec_context.width:
-                raise VideoError(f"{uri}: no frame rate or size in the stream; re-encode it")
-            if stream.duration is not None:
-                duration = float(stream.duration * stream.time_base)
-            elif container.duration is not None:  # microseconds (FFmpeg's AV_TIME_BASE)
-                duration = container.duration / 1e6
-            else:
-                raise VideoError(f"{uri}: no duration in the file; re-encode it")
-            return VideoInfo(
-                float(fps), stream.codec_context.width, stream.codec_context.height, duration
-            )
-    except VideoError:
-        raise
-    except (av.error.FFmpegError, OSError, EOFError, ValueError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise VideoError(f"{uri}: cannot read ({reason}); re-encode or drop it") from None
+    with opened_video(uri, storage) as container:
+        stream = video_stream(container, uri)
+        fps = stream.average_rate or stream.guessed_rate
+        if not fps or not stream.codec_context.width:
+            raise VideoError(f"{uri}: no frame rate or size in the stream; re-encode it")
+        if stream.duration is not None:
+            duration = float(stream.duration * stream.time_base)
+        elif container.duration is not None:  # microseconds (FFmpeg's AV_TIME_BASE)
+            duration = container.duration / 1e6
+        else:
+            raise VideoError(f"{uri}: no duration in the file; re-encode it")
+        return VideoInfo(
+            float(fps), stream.codec_context.width, stream.codec_context.height, duration
+        )
 
 
 def _check_file(fs, path: str, uri: str) -> None:
@@ -197,9 +204,7 @@ def _check_file(fs, path: str, uri: str) -> None:
 
 def _decode_wanted(container, wanted: list[int], cut: float, end: float | None, uri: str) -> dict:
     """Frames (RGB arrays) at the sorted ``wanted`` indices, seeking near the first one."""
-    stream = container.streams.video[0] if container.streams.video else None
-    if stream is None:
-        raise VideoError(f"{uri}: no video stream; re-encode or drop it")
+    stream = video_stream(container, uri)
     _set_decoder_threads(stream)
     fps = stream.average_rate or stream.guessed_rate
     if not fps:

@@ -9,7 +9,7 @@ import csv
 import pytest
 import torch
 
-from datajobs.import_clips import Listed, check_spec, clips_of, listed_clips, manifest_text
+from datajobs.import_clips import Listed, clips_of, listed_clips, manifest_text, run
 from infra.errors import DataError
 from infra.job_specs import ImportSpec
 from infra.video import VideoError, VideoInfo, probe_video, read_frames, write_video
@@ -132,12 +132,13 @@ def test_a_video_that_cannot_be_read_names_its_reason(tmp_path):
 
 
 def test_the_output_must_be_new_and_a_manifest_format(tmp_path):
+    """Refused before the clip list is read (it does not even exist here)."""
     (tmp_path / "old.csv").write_text("kept")
-    spec = ImportSpec(clips="clips.csv", out=str(tmp_path / "old.csv"))
+    spec = ImportSpec(clips=str(tmp_path / "clips.csv"), out=str(tmp_path / "old.csv"))
     with pytest.raises(DataError, match=r"old\.csv already exists"):
-        check_spec(spec, None)
+        run(spec, None)
     with pytest.raises(DataError, match=r"name it \.csv or \.jsonl"):
-        check_spec(spec.model_copy(update={"out": str(tmp_path / "new.parquet")}), None)
+        run(spec.model_copy(update={"out": str(tmp_path / "new.parquet")}), None)
     assert (tmp_path / "old.csv").read_text() == "kept"
 
 

@@ -243,6 +243,27 @@ def _suffix(uri: str) -> str:
     return posixpath.splitext(uri.split("?", 1)[0])[1].lower()
 
 
+def check_new_table(uri: str, storage: StorageConfig | None, what: str) -> None:
+    """Refuse, before any work, an output table that is not .csv/.jsonl or already exists."""
+    if _suffix(uri) not in (".csv", ".jsonl"):
+        raise DataError(f"--out {uri}: name it .csv or .jsonl (a {what})")
+    fs, path = filesystem(uri, storage)
+    if fs.exists(path):
+        raise DataError(f"--out {uri} already exists; remove it or choose another name")
+
+
+def table_text(records: list[dict], uri: str, columns: tuple[str, ...]) -> str:
+    """``records`` as the table ``uri``'s suffix names (CSV with ``columns``, or JSONL):
+    what ``read_table`` reads back."""
+    if _suffix(uri) == ".jsonl":
+        return "".join(json.dumps(record) + "\n" for record in records)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(records)
+    return buffer.getvalue()
+
+
 def read_table(uri: str, storage: StorageConfig | None) -> tuple[Iterable[dict], set[str]]:
     """Rows (dicts) and column names of a CSV, JSONL or Parquet table."""
     suffix = _suffix(uri)
